@@ -28,6 +28,13 @@ app.add_typer(db_app, name="db")
 app.add_typer(kafka_app, name="kafka")
 
 
+def _mount_component_clis() -> None:
+    # Components own their sub-commands; the core only mounts them.
+    from policy_store.cli import app as policy_app
+
+    app.add_typer(policy_app, name="policy", help="Versions, aliases, rollback and audit of policies.")
+
+
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[bold red]error:[/] {message}")
     raise typer.Exit(code)
@@ -190,9 +197,11 @@ def smoke() -> None:
         raise typer.Exit(1)
 
 
+_mount_component_clis()
+
+
 def main() -> None:  # pragma: no cover - console entry point indirection for `python -m qrloop`
     app()
-
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -26,9 +26,9 @@ def make_engine(url: str) -> Engine:
             # WAL lets readers (rewriter, canary) poll while the learner writes; foreign keys are off by
             # default in SQLite and the lineage relies on them.
             cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA busy_timeout=30000")  # first, so the WAL switch below waits for locks
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
-            cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
         return engine
@@ -46,7 +46,12 @@ def alembic_config(url: str) -> Config:
 
 def upgrade(url: str, revision: str = "head") -> None:
     if url.startswith("sqlite"):
-        make_engine(url).dispose()  # creates the parent directory
+        # Connect once so the pragmas run: the file is created in WAL mode before any second process opens it
+        # (switching a busy database to WAL fails at once instead of waiting).
+        engine = make_engine(url)
+        with engine.connect():
+            pass
+        engine.dispose()
     command.upgrade(alembic_config(url), revision)
 
 

@@ -1,0 +1,43 @@
+"""Versioned policy store: immutable versions, movable aliases, an append-only audit log, and
+content-addressed safetensors blobs. See ``store.PolicyStore``."""
+
+from policy_store.blobs import BlobStore, digest_dir, validate_weights_dir
+from policy_store.entities import AliasRecord, AuditEntry, GcReport, PolicyVersion
+from policy_store.errors import (
+    BlobError,
+    BlobIntegrityError,
+    BlobMissingError,
+    InvalidWeightsError,
+    NoPreviousVersionError,
+    PolicyStoreError,
+    UnknownAliasError,
+    UnknownVersionError,
+    UnsafeWeightsError,
+    VersionInUseError,
+    VersionNotReadyError,
+)
+from policy_store.store import PolicyStore
+from policy_store.watch import AliasWatcher
+
+__all__ = [
+    "AliasRecord",
+    "AliasWatcher",
+    "AuditEntry",
+    "BlobError",
+    "BlobIntegrityError",
+    "BlobMissingError",
+    "BlobStore",
+    "GcReport",
+    "InvalidWeightsError",
+    "NoPreviousVersionError",
+    "PolicyStore",
+    "PolicyStoreError",
+    "PolicyVersion",
+    "UnknownAliasError",
+    "UnknownVersionError",
+    "UnsafeWeightsError",
+    "VersionInUseError",
+    "VersionNotReadyError",
+    "digest_dir",
+    "validate_weights_dir",
+]

@@ -1,0 +1,219 @@
+"""``qrloop policy ...``: inspect versions and move aliases by hand.
+
+The store comes from ``qrloop.settings.get_settings()``; the schema is brought up to date first (Alembic
+``upgrade head`` is a no-op when current). Refusals (unknown version/alias, nothing to roll back to, ...)
+print one red line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from policy_store.entities import AuditEntry, PolicyVersion
+from policy_store.errors import PolicyStoreError
+from policy_store.store import PolicyStore
+
+app = typer.Typer(help="Policy versions, aliases and their audit log.", no_args_is_help=True)
+
+EXIT_REFUSED = 2
+
+
+def _stdout() -> Console:
+    # Built per command, not at import: CliRunner (and redirections) swap sys.stdout after import.
+    return Console()
+
+
+@contextmanager
+def _store() -> Iterator[PolicyStore]:
+    from qrloop.db import upgrade
+    from qrloop.settings import get_settings
+
+    settings = get_settings()
+    try:
+        upgrade(settings.db_url)
+        with PolicyStore.from_settings(settings) as store:
+            yield store
+    except PolicyStoreError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_REFUSED) from None
+
+
+def _resolve_ref(store: PolicyStore, ref: str) -> PolicyVersion:
+    """A version given as an id (``7``) or as an alias name (``production``)."""
+    return store.get(int(ref)) if ref.isdigit() else store.resolve(ref)
+
+
+def _time(at: datetime) -> str:
+    return at.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _held_by(store: PolicyStore) -> dict[int, list[str]]:
+    held: dict[int, list[str]] = {}
+    for record in store.aliases().values():
+        held.setdefault(record.version_id, []).append(record.alias)
+    return held
+
+
+def _audit_table(title: str, entries: list[AuditEntry]) -> Table:
+    table = Table(title=title)
+    for column in ("#", "at (UTC)", "action", "alias", "from", "to", "actor", "reason"):
+        table.add_column(column)
+    for e in entries:
+        table.add_row(
+            str(e.id),
+            _time(e.at),
+            e.action,
+            e.alias or "",
+            "" if e.from_version is None else str(e.from_version),
+            "" if e.to_version is None else str(e.to_version),
+            e.actor,
+            e.reason,
+        )
+    return table
+
+
+@app.command("list")
+def list_versions(
+    status: Annotated[str | None, typer.Option(help="Only versions with this status.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+) -> None:
+    """Versions, newest first, with the aliases that hold them."""
+    with _store() as store:
+        versions = store.list(status=status, limit=limit)
+        held = _held_by(store)
+    table = Table(title="policy versions")
+    for column in ("id", "parent", "created (UTC)", "kind", "status", "steps", "size", "digest", "aliases"):
+        table.add_column(column)
+    for v in versions:
+        table.add_row(
+            str(v.id),
+            "" if v.parent_id is None else str(v.parent_id),
+            _time(v.created_at),
+            v.kind,
+            v.status,
+            str(v.train_steps),
+            _size(v.size_bytes),
+            v.blob_digest[:12],
+            ", ".join(held.get(v.id, [])),
+        )
+    _stdout().print(table)
+
+
+@app.command("show")
+def show(version: Annotated[str, typer.Argument(help="Version id or alias.")]) -> None:
+    """Everything recorded about one version."""
+    with _store() as store:
+        v = _resolve_ref(store, version)
+        lineage = [p.id for p in store.lineage(v)]
+        held = _held_by(store).get(v.id, [])
+    table = Table(title=f"policy version {v.id}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    rows = {
+        "id": str(v.id),
+        "lineage": " ← ".join(map(str, lineage)),
+        "created (UTC)": _time(v.created_at),
+        "status": v.status,
+        "kind": v.kind,
+        "base model": v.base_model,
+        "train steps": str(v.train_steps),
+        "aliases": ", ".join(held),
+        "blob": f"sha256:{v.blob_digest}",
+        "blob uri": v.blob_uri,
+        "size": _size(v.size_bytes),
+        "offsets": json.dumps(v.offsets, sort_keys=True),
+        "metrics": json.dumps(v.metrics, sort_keys=True),
+        "tags": json.dumps(v.tags, sort_keys=True),
+    }
+    for key, value in rows.items():
+        table.add_row(key, value)
+    _stdout().print(table)
+
+
+@app.command("aliases")
+def aliases() -> None:
+    """Every alias and the version it points at."""
+    with _store() as store:
+        records = store.aliases()
+    table = Table(title="aliases")
+    for column in ("alias", "version", "updated (UTC)", "moves"):
+        table.add_column(column)
+    for r in records.values():
+        table.add_row(r.alias, str(r.version_id), _time(r.updated_at), str(r.generation))
+    _stdout().print(table)
+
+
+@app.command("set-alias")
+def set_alias(
+    alias: Annotated[str, typer.Argument(help="Alias to move (created if new).")],
+    version: Annotated[str, typer.Argument(help="Version id (or another alias) to point it at.")],
+    reason: Annotated[str, typer.Option(help="Why; kept in the audit log.")] = "",
+) -> None:
+    """Point an alias at a version."""
+    with _store() as store:
+        entry = store.set_alias(alias, _resolve_ref(store, version).id, reason=reason, actor="cli")
+    _stdout().print(f"{alias}: {entry.from_version} → {entry.to_version}")
+
+
+@app.command("rollback")
+def rollback(
+    alias: Annotated[str, typer.Argument(help="Alias to move back.")],
+    to: Annotated[
+        str | None, typer.Option(help="Version id to go back to (default: previous holder).")
+    ] = None,
+    reason: Annotated[str, typer.Option(help="Why; kept in the audit log.")] = "",
+) -> None:
+    """Move an alias back to its previous holder (or to --to)."""
+    with _store() as store:
+        target = None if to is None else _resolve_ref(store, to).id
+        entry = store.rollback(alias, to=target, reason=reason, actor="cli")
+    _stdout().print(f"{alias}: {entry.from_version} → {entry.to_version} (rollback)")
+
+
+@app.command("history")
+def history(alias: Annotated[str, typer.Argument(help="Alias.")]) -> None:
+    """The audit rows about one alias, newest first."""
+    with _store() as store:
+        entries = store.history(alias)
+    _stdout().print(_audit_table(f"history of {alias}", entries))
+
+
+@app.command("gc")
+def gc(
+    retention_hours: Annotated[
+        float, typer.Option(help="Keep unreferenced blobs younger than this many hours.")
+    ] = 24.0,
+    dry_run: Annotated[bool, typer.Option(help="Only report what would be removed.")] = False,
+) -> None:
+    """Remove blobs no version references (and stale temp files)."""
+    with _store() as store:
+        report = store.gc(timedelta(hours=retention_hours), actor="cli", dry_run=dry_run)
+    table = Table(title="gc (dry run)" if dry_run else "gc")
+    table.add_column("removed")
+    table.add_column("what")
+    for digest in report.removed_blobs:
+        table.add_row(f"sha256:{digest}", "blob")
+    for digest in report.removed_checkouts:
+        table.add_row(digest, "checkout")
+    for name in report.removed_temp:
+        table.add_row(name, "temp")
+    console = _stdout()
+    console.print(table)
+    console.print(f"freed {_size(report.freed_bytes)}; {report.kept_blobs} referenced blob(s) kept")
