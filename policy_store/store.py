@@ -194,7 +194,7 @@ class PolicyStore:
 
     @contextmanager
     def read_session(self) -> Iterator[Session]:
-        """A read-only session on the store's database, for tables that live beside it (the learner ledger)."""
+        """A read-only session on the store's database, for tables beside it (the learner's ledger)."""
         with self._reading() as session:
             yield session
 
@@ -235,8 +235,8 @@ class PolicyStore:
         """Store ``weights_dir`` as a new immutable version.
 
         The blob is written first (atomic, content-addressed); then one transaction inserts the version row
-        and its audit row and runs ``extra_sql(session, version_id)`` — e.g. the learner's consumer offsets — so either
-        all of it is committed or none. If anything raises, no version is visible and the blob stays
+        and its audit row and runs ``extra_sql(session, version_id)`` — e.g. the learner's consumer offsets —
+        so either all of it is committed or none. If anything raises, no version is visible and the blob stays
         unreferenced until ``gc`` removes it.
         """
         if kind not in KINDS:
