@@ -1,0 +1,136 @@
+"""``qrloop run``: the configured roles as supervised child processes, restarted with backoff when they crash.
+
+Each role is also its own command (``qrloop serve``, ``aggregate``, ``learn``, ``canary``) for deployments
+that run them as separate services; the supervisor is for a single host. A role that exits non-zero is restarted
+after an exponential backoff (1 s, 2 s, 4 s, ... capped), and the supervisor says so; a role that stayed up
+for ``healthy_after_s`` resets its backoff. SIGTERM/SIGINT stop every role (SIGTERM, then SIGKILL after the
+deadline) and the supervisor exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from qrloop.settings import REPO_ROOT
+
+log = logging.getLogger("qrloop.supervisor")
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial_s: float = 1.0
+    factor: float = 2.0
+    max_s: float = 60.0
+    healthy_after_s: float = 60.0
+
+    def delay(self, failures: int) -> float:
+        """Seconds to wait before restart number ``failures`` (1-based)."""
+        return min(self.max_s, self.initial_s * self.factor ** max(0, failures - 1))
+
+
+@dataclass
+class Supervised:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    failures: int = 0
+    restarts: int = 0
+    started_at: float = 0.0
+    restart_at: float | None = None
+    history: list[int] = field(default_factory=list)  # exit codes
+
+
+Spawner = Callable[[Supervised], subprocess.Popen[bytes]]
+
+
+def spawn_qrloop(env: Mapping[str, str] | None = None) -> Spawner:
+    def spawn(role: Supervised) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-m", "qrloop", *role.argv],
+            cwd=REPO_ROOT,
+            env=dict(env or os.environ),
+            start_new_session=True,
+        )
+
+    return spawn
+
+
+class Supervisor:
+    def __init__(self, roles: Sequence[Supervised], spawn: Spawner, backoff: Backoff = Backoff()) -> None:
+        self.roles = list(roles)
+        self.spawn = spawn
+        self.backoff = backoff
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        for role in self.roles:
+            self._launch(role)
+
+    def _launch(self, role: Supervised) -> None:
+        role.process = self.spawn(role)
+        role.started_at = time.monotonic()
+        role.restart_at = None
+        log.info("started %s (pid %d)", role.name, role.process.pid)
+
+    def tick(self, now: float | None = None) -> None:
+        """One supervision pass: notice exits, schedule and perform restarts."""
+        now = time.monotonic() if now is None else now
+        for role in self.roles:
+            process = role.process
+            if process is not None and process.poll() is not None:
+                code = process.returncode
+                role.history.append(code)
+                role.process = None
+                if now - role.started_at >= self.backoff.healthy_after_s:
+                    role.failures = 0  # it had been healthy: this is a fresh failure, not a crash loop
+                role.failures += 1
+                delay = self.backoff.delay(role.failures)
+                role.restart_at = now + delay
+                log.warning(
+                    "%s exited with code %d; restarting in %.0f s (failure %d)",
+                    role.name,
+                    code,
+                    delay,
+                    role.failures,
+                )
+            if (
+                role.process is None
+                and role.restart_at is not None
+                and now >= role.restart_at
+                and not self.stopping.is_set()
+            ):
+                role.restarts += 1
+                self._launch(role)
+
+    def stop(self, deadline_s: float = 30.0) -> None:
+        self.stopping.set()
+        for role in self.roles:
+            if role.process and role.process.poll() is None:
+                role.process.send_signal(signal.SIGTERM)
+        end = time.monotonic() + deadline_s
+        for role in self.roles:
+            if role.process is None:
+                continue
+            try:
+                role.process.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", role.name, deadline_s)
+                os.killpg(role.process.pid, signal.SIGKILL)
+                role.process.wait()
+
+    def run(self, interval_s: float = 0.5) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stopping.set())
+        self.start()
+        while not self.stopping.is_set():
+            self.tick()
+            self.stopping.wait(interval_s)
+        self.stop()

@@ -1,0 +1,56 @@
+"""The supervisor restarts crashed roles with exponential backoff and stops every role on request."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from qrloop.supervisor import Backoff, Supervised, Supervisor
+
+
+def python_spawner(scripts: dict[str, str]):  # type: ignore[no-untyped-def]
+    def spawn(role: Supervised) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-c", scripts[role.name]], start_new_session=True)
+
+    return spawn
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    backoff = Backoff(initial_s=1, factor=2, max_s=10)
+    assert [backoff.delay(n) for n in range(1, 6)] == [1, 2, 4, 8, 10]
+
+
+def test_crashing_role_is_restarted_with_backoff(tmp_path: Path) -> None:
+    counter = tmp_path / "starts"
+    crash = f"open({str(counter)!r}, 'a').write('x'); raise SystemExit(3)"
+    steady = "import time; time.sleep(60)"
+    supervisor = Supervisor(
+        [Supervised("crashy", []), Supervised("steady", [])],
+        python_spawner({"crashy": crash, "steady": steady}),
+        Backoff(initial_s=0.2, factor=2, max_s=1, healthy_after_s=60),
+    )
+    supervisor.start()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(counter.read_text() if counter.exists() else "") < 3:
+        supervisor.tick()
+        time.sleep(0.05)
+    crashy, steady = supervisor.roles
+    assert len(counter.read_text()) >= 3, "the crashing role was restarted"
+    assert crashy.history[:2] == [3, 3]
+    assert crashy.failures >= 2 and crashy.restarts >= 2
+    assert steady.restarts == 0 and steady.process is not None and steady.process.poll() is None
+    supervisor.stop(deadline_s=5)
+    assert steady.process.poll() is not None, "stop() ends the healthy role too"
+
+
+def test_stop_kills_a_role_that_ignores_sigterm() -> None:
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)"
+    supervisor = Supervisor([Supervised("stubborn", [])], python_spawner({"stubborn": stubborn}))
+    supervisor.start()
+    time.sleep(0.5)  # let it install its handler
+    started = time.monotonic()
+    supervisor.stop(deadline_s=1)
+    assert supervisor.roles[0].process is not None and supervisor.roles[0].process.poll() is not None
+    assert time.monotonic() - started < 5
