@@ -1,10 +1,10 @@
 """``qrloop run``: the configured roles as supervised child processes, restarted with backoff when they crash.
 
 Each role is also its own command (``qrloop serve``, ``aggregate``, ``learn``, ``canary``) for deployments
-that run them as separate services; the supervisor is for a single host. A role that exits non-zero is restarted
-after an exponential backoff (1 s, 2 s, 4 s, ... capped), and the supervisor says so; a role that stayed up
-for ``healthy_after_s`` resets its backoff. SIGTERM/SIGINT stop every role (SIGTERM, then SIGKILL after the
-deadline) and the supervisor exits 0.
+that run them as separate services; the supervisor is for a single host. A role that exits non-zero is
+restarted after an exponential backoff (1 s, 2 s, 4 s, ... capped), and the supervisor says so; a role that
+stayed up for ``healthy_after_s`` resets its backoff. SIGTERM/SIGINT stop every role (SIGTERM, then SIGKILL
+after the deadline) and the supervisor exits 0.
 """
 
 from __future__ import annotations
