@@ -1,0 +1,252 @@
+"""The aggregator's decisions as pure functions: join, attribution window, de-duplication, scoring.
+
+Nothing here touches Kafka or Faust, so every rule is tested with plain values. The Faust agents in
+``streams/aggregator.py`` only move these JSON-able states in and out of a changelog-backed table.
+
+Semantics (all times are *event* times, so a replay at any speed decides exactly as the live run did):
+
+- A query's **attribution window** is ``[t_query, t_query + window]``. An interaction whose event time falls
+  outside it is not attributed to the query (counted as ``outside_window``, dropped).
+- The window **closes** when the stream's watermark (the largest event time seen, see ``Watermark``) passes
+  ``t_query + window + grace``; the grace lets out-of-order deliveries still count. It closes **early** when
+  the shopper's ``SessionEnd`` has arrived and every interaction it announced is in.
+- An interaction arriving after its query closed is **late**: counted and dropped (the pair is already out).
+- The same (list, product, kind) counts once, whatever the transport duplicated.
+- Interactions may arrive before their query event (the two topics are independent); they wait in the
+  state until it arrives. A state whose query never arrives is an *orphan* and goes to the dead-letter topic
+  when it expires.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from qrloop import rewards
+from qrloop.events import Interaction, PreferencePair, QueryEvent, SessionEnd, pair_id_for
+from qrloop.settings import RewardSettings
+
+State = dict[str, Any]
+Outcome = Literal["counted", "duplicate", "outside_window", "late"]
+ORIGINAL = "original"
+KINDS = ("impression", "click", "add_to_cart", "purchase")
+
+
+def new_state(now_wall: float | None = None) -> State:
+    return {
+        "status": "open",
+        "query": None,
+        "seen": {},
+        "expected": None,
+        "created_wall": time.time() if now_wall is None else now_wall,
+        "counts": {"duplicate": 0, "outside_window": 0, "late": 0},
+    }
+
+
+def _ts(when: Any) -> float:
+    return float(when.timestamp())
+
+
+def apply_query(state: State, event: QueryEvent, window_s: float) -> State:
+    """Attach the query event. A duplicated query event changes nothing (the first one wins)."""
+    if state["query"] is None:
+        state["query"] = event.model_dump(mode="json")
+        state["t_query"] = _ts(event.event_time)
+        # Interactions that came first were held without a window to test; test them now.
+        pending = state.pop("pending", {})
+        for key, t_event in pending.items():
+            if _within(state, t_event, window_s):
+                state["seen"][key] = t_event
+            else:
+                state["counts"]["outside_window"] += 1
+    return state
+
+
+def _key(interaction: Interaction) -> str:
+    return f"{interaction.rewrite_id}|{interaction.product_id}|{interaction.kind}"
+
+
+def _within(state: State, t_event: float, window_s: float) -> bool:
+    t_query = state["t_query"]
+    return t_query <= t_event <= t_query + window_s
+
+
+def apply_interaction(state: State, interaction: Interaction, window_s: float) -> Outcome:
+    """Count one interaction into the state; say what happened to it."""
+    if state["status"] == "closed":
+        state["counts"]["late"] += 1
+        return "late"
+    key = _key(interaction)
+    t_event = _ts(interaction.event_time)
+    if key in state["seen"] or key in state.get("pending", {}):
+        state["counts"]["duplicate"] += 1
+        return "duplicate"
+    if state["query"] is None:
+        state.setdefault("pending", {})[key] = t_event
+        return "counted"
+    if not _within(state, t_event, window_s):
+        state["counts"]["outside_window"] += 1
+        return "outside_window"
+    state["seen"][key] = t_event
+    return "counted"
+
+
+def apply_session_end(state: State, end: SessionEnd) -> State:
+    state["expected"] = end.interactions_sent
+    return state
+
+
+def received(state: State) -> int:
+    """Distinct interactions received for this query, whether attributed or outside its window."""
+    return len(state["seen"]) + len(state.get("pending", {})) + state["counts"]["outside_window"]
+
+
+def is_complete(state: State) -> bool:
+    return (
+        state["query"] is not None and state["expected"] is not None and received(state) >= state["expected"]
+    )
+
+
+def is_due(state: State, watermark: float, window_s: float, grace_s: float) -> bool:
+    """Closed by time: the watermark has passed the window plus the grace period."""
+    if state["query"] is None or state["status"] == "closed":
+        return False
+    return watermark > state["t_query"] + window_s + grace_s
+
+
+def is_orphan(state: State, now_wall: float, orphan_after_s: float) -> bool:
+    """Interactions whose query event never came, after waiting long enough in wall-clock time."""
+    return state["query"] is None and now_wall - state["created_wall"] > orphan_after_s
+
+
+@dataclass(frozen=True)
+class ListFeedback:
+    """Distinct products of one list that received each kind of interaction."""
+
+    impressions: frozenset[str] = field(default_factory=frozenset)
+    clicks: frozenset[str] = field(default_factory=frozenset)
+    add_to_carts: frozenset[str] = field(default_factory=frozenset)
+    purchases: frozenset[str] = field(default_factory=frozenset)
+
+
+def feedback_by_list(state: State) -> dict[str, ListFeedback]:
+    grouped: dict[str, dict[str, set[str]]] = {}
+    for key in state["seen"]:
+        list_key, product_id, kind = key.split("|", 2)
+        grouped.setdefault(list_key, {k: set() for k in KINDS})[kind].add(product_id)
+    return {
+        list_key: ListFeedback(
+            frozenset(kinds["impression"]),
+            frozenset(kinds["click"]),
+            frozenset(kinds["add_to_cart"]),
+            frozenset(kinds["purchase"]),
+        )
+        for list_key, kinds in grouped.items()
+    }
+
+
+RelevanceFn = Callable[[str, Sequence[str]], Sequence[float]]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What closing one query produced: a pair, or a tie (counted, never emitted)."""
+
+    event_id: str
+    first: rewards.RewardComponents
+    second: rewards.RewardComponents
+    first_reward: float
+    second_reward: float
+    preference: rewards.Preference
+    pair: PreferencePair | None
+
+
+def _components(event: QueryEvent, index: int, feedback: dict[str, ListFeedback], relevance: RelevanceFn):  # type: ignore[no-untyped-def]
+    rewrite = event.rewrites[index]
+    got = feedback.get(rewrite.rewrite_id, ListFeedback())
+    shown = set(rewrite.products)
+    return rewards.components(
+        original_products=event.original_products,
+        rewrite_products=rewrite.products,
+        relevance_scores=list(relevance(event.query, rewrite.products)),
+        # Only interactions on products the list actually showed are attributable to it.
+        clicks=len(got.clicks & shown),
+        add2carts=len(got.add_to_carts & shown),
+        purchases=len(got.purchases & shown),
+    )
+
+
+def score(state: State, relevance: RelevanceFn, weights: RewardSettings) -> Scored:
+    """Score both rewrites and decide the preference (the paper's §3.2 signals, weighted by settings)."""
+    event = QueryEvent.model_validate(state["query"])
+    feedback = feedback_by_list(state)
+    first, second = (_components(event, i, feedback, relevance) for i in (0, 1))
+    first_reward, second_reward = first.combined(weights), second.combined(weights)
+    preference = rewards.prefer(first_reward, second_reward, weights.margin)
+    if " ".join(event.rewrites[0].text.lower().split()) == " ".join(event.rewrites[1].text.lower().split()):
+        preference = "tie"  # the same text as chosen and rejected teaches DPO nothing
+    pair = None
+    if preference != "tie":
+        chosen_i = 0 if preference == "first" else 1
+        chosen, rejected = event.rewrites[chosen_i], event.rewrites[1 - chosen_i]
+        chosen_c, rejected_c = (first, second) if chosen_i == 0 else (second, first)
+        chosen_r, rejected_r = (
+            (first_reward, second_reward) if chosen_i == 0 else (second_reward, first_reward)
+        )
+        pair = PreferencePair(
+            pair_id=pair_id_for(event.event_id),
+            prompt=event.query,
+            chosen=chosen.text,
+            rejected=rejected.text,
+            chosen_reward=chosen_r,
+            rejected_reward=rejected_r,
+            chosen_components=chosen_c.as_dict(),
+            rejected_components=rejected_c.as_dict(),
+            policy_version=event.policy_version,
+            arm=event.arm,
+            source_event_id=event.event_id,
+            event_time=event.event_time,
+        )
+    return Scored(event.event_id, first, second, first_reward, second_reward, preference, pair)
+
+
+def close(state: State, now_wall: float | None = None) -> State:
+    """Turn a scored state into a tombstone that still recognises late interactions for a while."""
+    return {
+        "status": "closed",
+        "query": None,
+        "seen": {},
+        "expected": None,
+        "created_wall": state["created_wall"],
+        "closed_wall": time.time() if now_wall is None else now_wall,
+        "counts": state["counts"],
+    }
+
+
+def tombstone_expired(state: State, now_wall: float, keep_s: float) -> bool:
+    return state["status"] == "closed" and now_wall - state["closed_wall"] > keep_s
+
+
+class Watermark:
+    """Stream time: the largest event time seen, advanced by wall-clock time while the stream is idle.
+
+    Idle advancement closes the last windows of a finished stream (the end of a demo, a quiet night) without
+    waiting for the next event; while events flow, only their own times move the watermark, so a fast
+    replay closes windows exactly where the live run did.
+    """
+
+    def __init__(self, idle_after_s: float = 2.0) -> None:
+        self.event_time = 0.0
+        self.wall_at_last_event = time.time()
+        self.idle_after_s = idle_after_s
+
+    def observe(self, event_time: float, now_wall: float | None = None) -> None:
+        self.event_time = max(self.event_time, event_time)
+        self.wall_at_last_event = time.time() if now_wall is None else now_wall
+
+    def current(self, now_wall: float | None = None) -> float:
+        now = time.time() if now_wall is None else now_wall
+        idle = now - self.wall_at_last_event
+        return self.event_time + (idle - self.idle_after_s if idle > self.idle_after_s else 0.0)
