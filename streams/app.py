@@ -1,0 +1,72 @@
+"""The aggregator's Faust application: app, topics and table declared in one place (Faust's examples' style).
+
+``create_app(settings)`` builds everything from the settings object, so a test or a second deployment can run
+its own instance; the module-level ``app`` is what ``faust -A streams.app worker`` and ``qrloop aggregate``
+start. The window table is changelog-backed: its state survives a restart by replaying the changelog topic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from qrloop.settings import Settings, get_settings
+
+
+@dataclass
+class AggregatorApp:
+    app: faust.App
+    settings: Settings
+    query_events: Any
+    interactions: Any
+    pairs: Any
+    dead_letter: Any
+    closes: Any
+    windows: Any
+
+
+def create_app(settings: Settings) -> AggregatorApp:
+    datadir = settings.cache_dir / "faust" / settings.streams.app_id
+    datadir.parent.mkdir(parents=True, exist_ok=True)  # Faust creates only the last level itself
+    app = faust.App(
+        settings.streams.app_id,
+        broker=f"kafka://{settings.kafka.bootstrap_servers}",
+        # Bytes in, bytes out: qrloop.events validates every message itself, so a malformed one can go to
+        # the dead-letter topic with its original bytes instead of crashing the agent in a codec.
+        key_serializer="raw",
+        value_serializer="raw",
+        web_enabled=False,
+        store="memory://",  # in-memory state, made durable by the table's changelog topic
+        topic_partitions=settings.topics.partitions,
+        topic_replication_factor=settings.topics.replication_factor,
+        topic_allow_declare=True,  # the broker refuses auto-creation; Faust declares what it owns
+        consumer_auto_offset_reset="earliest",
+        # At-least-once: faust-streaming's exactly_once has open bugs. Pairs carry a deterministic id, so a
+        # pair re-emitted after a crash is recognised downstream; exactly-once training is the learner's job.
+        processing_guarantee="at_least_once",
+        datadir=str(datadir),
+    )
+    topics = settings.topics
+    query_events = app.topic(topics.query_events, partitions=topics.partitions)
+    interactions = app.topic(topics.interactions, partitions=topics.partitions)
+    pairs = app.topic(topics.preference_pairs, partitions=topics.pair_partitions)
+    dead_letter = app.topic(topics.dead_letter, partitions=1)
+    # Close requests from the timer come back through a topic co-partitioned with the inputs, because a
+    # Faust table may only be changed inside stream iteration on the key's own partition.
+    closes = app.topic(f"{settings.streams.app_id}-closes", partitions=topics.partitions, internal=True)
+    windows = app.Table("windows", default=None, partitions=topics.partitions)
+    return AggregatorApp(app, settings, query_events, interactions, pairs, dead_letter, closes, windows)
+
+
+def default_app() -> AggregatorApp:
+    from streams.aggregator import install_agents
+
+    built = create_app(get_settings())
+    install_agents(built)
+    return built
+
+
+if __name__ == "__main__":  # pragma: no cover
+    default_app().app.main()

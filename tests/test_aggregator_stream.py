@@ -1,0 +1,253 @@
+"""The Faust aggregator through the real broker: rewards against hand-computed values, duplicates,
+out-of-order and orphaned feedback, ties, time-based closing, and bad messages dead-lettered while the
+stream goes on."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from qrloop import rewards
+from qrloop.events import (
+    DeadLetter,
+    Interaction,
+    PreferencePair,
+    QueryEvent,
+    Rewrite,
+    SessionEnd,
+    decode,
+    encode,
+    pair_id_for,
+)
+from qrloop.relevance import RelevanceModel
+from qrloop.settings import REPO_ROOT, Settings
+from qrloop.topics import ensure_topics
+from simulators.catalog import Catalog
+
+WINDOW_S = 5.0
+GRACE_S = 1.0
+
+
+@pytest.fixture
+def stream_settings(base_settings: Settings, kafka_bootstrap: str, unique_topic: str) -> Settings:
+    topics = base_settings.topics.model_copy(
+        update={
+            "query_events": f"{unique_topic}.q",
+            "interactions": f"{unique_topic}.i",
+            "preference_pairs": f"{unique_topic}.p",
+            "policy_versions": f"{unique_topic}.v",
+            "dead_letter": f"{unique_topic}.d",
+            "partitions": 2,
+        }
+    )
+    streams = base_settings.streams.model_copy(
+        update={
+            "app_id": f"{unique_topic}-agg",
+            "attribution_window_s": WINDOW_S,
+            "grace_s": GRACE_S,
+            "idle_advance_s": 1.0,
+            "tick_s": 0.2,
+            "orphan_after_s": 3.0,
+        }
+    )
+    settings = base_settings.model_copy(update={"topics": topics, "streams": streams})
+    ensure_topics(settings)
+    return settings
+
+
+def env_for(settings: Settings, tmp_path: Path) -> dict[str, str]:
+    t, s = settings.topics, settings.streams
+    return dict(
+        os.environ,
+        QRLOOP_TOPICS__QUERY_EVENTS=t.query_events,
+        QRLOOP_TOPICS__INTERACTIONS=t.interactions,
+        QRLOOP_TOPICS__PREFERENCE_PAIRS=t.preference_pairs,
+        QRLOOP_TOPICS__POLICY_VERSIONS=t.policy_versions,
+        QRLOOP_TOPICS__DEAD_LETTER=t.dead_letter,
+        QRLOOP_TOPICS__PARTITIONS=str(t.partitions),
+        QRLOOP_STREAMS__APP_ID=s.app_id,
+        QRLOOP_STREAMS__ATTRIBUTION_WINDOW_S=str(s.attribution_window_s),
+        QRLOOP_STREAMS__GRACE_S=str(s.grace_s),
+        QRLOOP_STREAMS__IDLE_ADVANCE_S=str(s.idle_advance_s),
+        QRLOOP_STREAMS__TICK_S=str(s.tick_s),
+        QRLOOP_STREAMS__ORPHAN_AFTER_S=str(s.orphan_after_s),
+        QRLOOP_CACHE_DIR=str(settings.cache_dir),
+        PYTHONUNBUFFERED="1",
+    )
+
+
+def query(
+    ids: list[str],
+    now: datetime,
+    rewrite_texts: tuple[str, str] = ("metal angle bracket", "bracket"),
+    lists: tuple[list[str], list[str], list[str]] | None = None,
+) -> QueryEvent:
+    original, first, second = lists or (ids[0:4], [ids[0], ids[4], ids[5], ids[6]], [*ids[0:3], ids[7]])
+    return QueryEvent(
+        event_id=str(uuid.uuid4()),
+        event_time=now,
+        shopper_id="s1",
+        session_id="x",
+        query="angle bracket",
+        policy_version=7,
+        arm="production",
+        original_products=original,
+        rewrites=[
+            Rewrite(rewrite_id="r1", text=rewrite_texts[0], logprob=-3.0, products=first),
+            Rewrite(rewrite_id="r2", text=rewrite_texts[1], logprob=-2.0, products=second),
+        ],
+    )
+
+
+def feedback(event: QueryEvent, rewrite_id: str, product_id: str, kind: str, after_s: float) -> Interaction:
+    return Interaction(
+        event_id=str(uuid.uuid4()),
+        query_event_id=event.event_id,
+        rewrite_id=rewrite_id,
+        product_id=product_id,
+        position=0,
+        kind=kind,  # type: ignore[arg-type]
+        event_time=event.event_time + timedelta(seconds=after_s),
+    )
+
+
+def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path: Path) -> None:
+    settings = stream_settings
+    catalog = Catalog.open(settings)
+    ids = catalog.dataset.products["product_id"].head(8).tolist()
+    now = datetime.now(UTC)
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    t = settings.topics
+
+    def send(topic: str, key: str, value: bytes) -> None:
+        producer.send(topic, key=key.encode(), value=value)
+
+    # Q1: complete feedback; one interaction arrives before its query event, one is duplicated.
+    q1 = query(ids, now)
+    e, f, g, a = ids[4], ids[5], ids[6], ids[0]
+    q1_feedback = [
+        feedback(q1, "r1", e, "click", 1),
+        feedback(q1, "r1", e, "add_to_cart", 2),
+        feedback(q1, "r1", e, "purchase", 3),
+        feedback(q1, "r1", f, "click", 1.5),
+        feedback(q1, "r2", a, "click", 1),
+        feedback(q1, "r2", g, "click", 1),  # g is not in r2's list: not attributable to r2
+    ]
+    send(t.interactions, q1.event_id, encode(q1_feedback[0]))  # before the query event
+    # Bad messages on both inputs: they must be dead-lettered and the stream must go on.
+    send(t.query_events, "bad-1", b"{not json")
+    send(t.interactions, "bad-2", b'{"schema_version": 1, "type": "interaction", "kind": "stare"}')
+    send(t.query_events, q1.event_id, encode(q1))
+    for item in [*q1_feedback[1:], q1_feedback[1]]:  # the add-to-cart is delivered twice
+        send(t.interactions, q1.event_id, encode(item))
+    end = SessionEnd(
+        query_event_id=q1.event_id,
+        shopper_id="s1",
+        interactions_sent=len(q1_feedback),
+        event_time=now + timedelta(seconds=4),
+    )
+    send(t.interactions, q1.event_id, encode(end))
+
+    # Q2: both rewrites retrieve the same list and nobody clicks: a tie, never emitted.
+    same = ids[0:4]
+    q2 = query(ids, now, ("angle bracket steel", "steel angle bracket"), (same, same, same))
+    send(t.query_events, q2.event_id, encode(q2))
+    send(
+        t.interactions,
+        q2.event_id,
+        encode(SessionEnd(query_event_id=q2.event_id, shopper_id="s1", interactions_sent=0, event_time=now)),
+    )
+
+    # Q3: no session end: closed by the watermark once the window and the grace have passed.
+    q3 = query(ids, now)
+    send(t.query_events, q3.event_id, encode(q3))
+    for product in q3.rewrites[1].products[1:]:  # r2 clearly better: three of its four products clicked
+        send(t.interactions, q3.event_id, encode(feedback(q3, "r2", product, "click", 1)))
+
+    # An orphan: feedback for a query event that never comes.
+    ghost = query(ids, now)
+    send(t.interactions, ghost.event_id, encode(feedback(ghost, "r1", e, "click", 1)))
+    producer.flush()
+
+    log = (tmp_path / "aggregator.log").open("wb")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "qrloop", "aggregate"],
+        cwd=REPO_ROOT,
+        env=env_for(settings, tmp_path),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    pairs: dict[str, PreferencePair] = {}
+    letters: list[DeadLetter] = []
+    consumer = KafkaConsumer(
+        t.preference_pairs,
+        t.dead_letter,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=500,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (len(pairs) < 2 or len(letters) < 3):
+            assert worker.poll() is None, (tmp_path / "aggregator.log").read_text()[-4000:]
+            for message in consumer:
+                if message.topic == t.preference_pairs:
+                    pair = decode(PreferencePair, message.value)
+                    pairs[pair.source_event_id] = pair
+                else:
+                    letters.append(decode(DeadLetter, message.value))
+        # A late click for the closed Q1 and a re-delivered query event must not produce anything new.
+        producer.send(
+            t.interactions, key=q1.event_id.encode(), value=encode(feedback(q1, "r2", a, "add_to_cart", 2))
+        )
+        producer.send(t.query_events, key=q1.event_id.encode(), value=encode(q1))
+        producer.flush()
+        time.sleep(3)
+        extra = [decode(PreferencePair, m.value) for m in consumer if m.topic == t.preference_pairs]
+    finally:
+        consumer.close()
+        producer.close()
+        worker.terminate()
+        worker.wait(timeout=60)
+        log.close()
+    log_text = (tmp_path / "aggregator.log").read_text()
+
+    seen = {"q1": q1.event_id in pairs, "q3": q3.event_id in pairs, "q2": q2.event_id in pairs}
+    summary = f"pairs seen {seen}, dead letters {[x.reason for x in letters]}\n"
+    assert set(pairs) == {q1.event_id, q3.event_id}, summary + log_text[-3000:]
+    assert q2.event_id not in pairs, "a tie is never emitted"
+    assert extra == [], "late and re-delivered events change nothing"
+
+    # Hand-computed components for Q1 (relevance from the same M1 the aggregator loads).
+    m1 = RelevanceModel.load(settings)
+
+    def relevance_of(products: list[str]) -> float:
+        return rewards.relevance(list(m1.score(q1.query, [catalog.text(p) for p in products])))
+
+    r1 = rewards.RewardComponents(relevance_of(q1.rewrites[0].products), 0.75, 2 / 4, 1 / 4, 1 / 4)
+    r2 = rewards.RewardComponents(relevance_of(q1.rewrites[1].products), 1 / 4, 1 / 4, 0.0, 0.0)
+    p1 = pairs[q1.event_id]
+    assert p1.pair_id == pair_id_for(q1.event_id)
+    assert (p1.chosen, p1.rejected) == ("metal angle bracket", "bracket")
+    for name, value in r1.as_dict().items():
+        assert p1.chosen_components[name] == pytest.approx(value, abs=1e-6), name
+    for name, value in r2.as_dict().items():
+        assert p1.rejected_components[name] == pytest.approx(value, abs=1e-6), name
+    assert p1.chosen_reward == pytest.approx(r1.combined(settings.rewards), abs=1e-6)
+    assert p1.policy_version == 7
+
+    reasons = sorted(letter.reason for letter in letters)
+    assert reasons == ["invalid_schema", "malformed_json", "orphan_interaction"], reasons
+    malformed = next(x for x in letters if x.reason == "malformed_json")
+    assert base64.b64decode(malformed.original) == b"{not json"
+    assert malformed.source_topic == t.query_events
