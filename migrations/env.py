@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import engine_from_config, pool
 
+from learner import ledger  # noqa: F401  (registers the learner ledger table)
 from policy_store.models import Base
 from qrloop.settings import get_settings
 

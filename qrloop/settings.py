@@ -89,6 +89,11 @@ class DPOSettings(BaseModel):
     max_grad_norm: float = Field(1.0, description="Gradient clipping.")
     publish_every: int = Field(1, description="Publish a version every N DPO steps.")
     alias: str = Field("production", description="Alias the learner moves after publishing.")
+    start_alias: str = Field("production", description="Alias whose version a fresh learner starts from.")
+    learner_name: str = Field(
+        "qrloop", description="Names this learner's lineage: it resumes from its own latest version."
+    )
+    metrics_port: int = Field(0, description="Port of the learner's /metrics (0: off).")
 
 
 class RewardSettings(BaseModel):
@@ -106,6 +111,15 @@ class StreamSettings(BaseModel):
     )
     grace_s: float = Field(10.0, description="Late interactions within this grace are still counted.")
     app_id: str = Field("qrloop-aggregator", description="Faust application id (consumer group, tables).")
+    tick_s: float = Field(0.5, description="How often the aggregator checks for windows to close.")
+    idle_advance_s: float = Field(
+        2.0, description="After this much wall time without events, stream time advances with the clock."
+    )
+    orphan_after_s: float = Field(
+        120.0, description="Interactions whose query event never arrives are dead-lettered after this long."
+    )
+    tombstone_s: float = Field(300.0, description="How long a closed window still recognises late events.")
+    metrics_port: int = Field(0, description="Port of the aggregator's /metrics (0: off).")
 
 
 class Settings(BaseSettings):

@@ -1,0 +1,295 @@
+"""The learner process, top to bottom like nanoGPT's train.py:
+
+    resume → consume pairs → (16 new ones) → one DPO step → publish weights + offsets + pair ids in one
+    transaction → commit offsets to Kafka → move the alias → announce → repeat.
+
+Exactly-once training over an at-least-once stream: the aggregator may re-emit a pair (same deterministic
+``pair_id``) and Kafka may redeliver after a crash, so the learner
+
+- keeps its consumed offsets *in the database*, in the same transaction as the version that includes them,
+  and on restart seeks to the offsets stored with its latest version (Kafka's committed offsets are written
+  afterwards, for lag monitoring only);
+- records every trained pair id in that transaction too (``learner.ledger``) and skips ids already trained.
+
+A crash anywhere (between steps, in the middle of one, in the middle of a publish) therefore loses nothing and
+trains nothing twice: what was not committed is redone from the stored offsets.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qrloop import metrics
+from qrloop.events import DeadLetter, PolicyAnnouncement, PreferencePair, SchemaError, decode, encode
+from qrloop.settings import Settings
+
+log = logging.getLogger("qrloop.learner")
+LEARNER_TAG = "learner"
+
+
+def offset_key(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
+
+
+@dataclass
+class LearnerState:
+    """What the learner resumes from; everything in it comes from the policy store."""
+
+    version: int  # the version the current weights are (parent of the next publish)
+    reference_version: int  # the version this run started from: DPO's reference model
+    steps: int  # DPO steps in this lineage so far
+    offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset to read
+    trained: set[str] = field(default_factory=set)  # pair ids already in published weights
+
+
+@dataclass
+class PendingBatch:
+    pairs: list[PreferencePair] = field(default_factory=list)
+
+    @property
+    def ids(self) -> set[str]:
+        return {p.pair_id for p in self.pairs}
+
+
+def resume_state(store: Any, settings: Settings) -> LearnerState:
+    """The latest version this learner published, or a fresh start from the alias it trains."""
+    from learner.ledger import trained_pair_ids
+
+    name = settings.dpo.learner_name
+    mine = [v for v in store.list() if v.tags.get(LEARNER_TAG) == name]
+    with store.read_session() as session:
+        trained = trained_pair_ids(session)
+    if mine:
+        latest = max(mine, key=lambda v: v.id)
+        return LearnerState(
+            version=latest.id,
+            reference_version=int(latest.tags["reference_version"]),
+            steps=latest.train_steps,
+            offsets=dict(latest.offsets),
+            trained=trained,
+        )
+    start = store.resolve(settings.dpo.start_alias)
+    return LearnerState(
+        version=start.id, reference_version=start.id, steps=start.train_steps, trained=trained
+    )
+
+
+class Learner:
+    """Owns the consumer loop; the DPO arithmetic is ``learner.dpo``'s, the storage the policy store's."""
+
+    def __init__(
+        self, settings: Settings, store: Any, core: Any, state: LearnerState, consumer: Any, producer: Any
+    ):
+        self.settings = settings
+        self.store = store
+        self.core = core
+        self.state = state
+        self.consumer = consumer
+        self.producer = producer
+        self.pending = PendingBatch()
+        self.next_offsets = dict(state.offsets)
+        self.stop_requested = threading.Event()
+        self.on_publish: Callable[[int], None] | None = None
+        self._unpublished: list[str] = []  # trained in steps not yet published (publish_every > 1)
+
+    # -- consuming ------------------------------------------------------------------------------------------
+
+    def _dead_letter(self, record: Any, reason: str, error: str) -> None:
+        import base64
+
+        letter = DeadLetter(
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+            error=error[:2000],
+            original=base64.b64encode(record.value or b"").decode(),
+        )
+        metrics.DEAD_LETTERS.labels(reason).inc()
+        self.producer.send(self.settings.topics.dead_letter, key=record.key, value=encode(letter))
+
+    def take(self, record: Any) -> None:
+        """One record from the pair topic: queue it for training, or skip it with a reason."""
+        self.next_offsets[offset_key(record.topic, record.partition)] = record.offset + 1
+        try:
+            pair = decode(PreferencePair, record.value)
+        except SchemaError as exc:
+            self._dead_letter(record, exc.reason, str(exc))
+            return
+        if pair.pair_id in self.state.trained or pair.pair_id in self.pending.ids:
+            log.info("skipping pair %s: already trained", pair.pair_id)
+            return
+        self.pending.pairs.append(pair)
+
+    # -- training and publishing ----------------------------------------------------------------------------
+
+    def step(self) -> Any:
+        batch = self.pending.pairs[: self.settings.dpo.batch_size]
+        started = time.perf_counter()
+        stats = self.core.step([(p.prompt, p.chosen, p.rejected) for p in batch])
+        seconds = time.perf_counter() - started
+        self.state.steps += 1
+        metrics.DPO_STEPS.inc()
+        metrics.DPO_STEP_SECONDS.observe(seconds)
+        metrics.DPO_LOSS.set(stats.loss)
+        metrics.DPO_MARGIN.set(stats.margin)
+        log.info(
+            "DPO step %d: loss %.4f margin %.4f (%.1f s)", self.state.steps, stats.loss, stats.margin, seconds
+        )
+        return stats
+
+    def publish(self, trained_ids: list[str], stats: Any) -> int:
+        from learner.ledger import record_pairs
+
+        settings = self.settings
+        with tempfile.TemporaryDirectory(dir=settings.cache_dir) as tmp:
+            self.core.save(Path(tmp))
+            version = self.store.publish(
+                tmp,
+                parent=self.state.version,
+                base_model=self.core.base_model,
+                train_steps=self.state.steps,
+                offsets=self.next_offsets,
+                metrics=stats.as_dict(),
+                tags={
+                    LEARNER_TAG: settings.dpo.learner_name,
+                    "reference_version": self.state.reference_version,
+                },
+                actor="learner",
+                reason=f"DPO step {self.state.steps}",
+                extra_sql=lambda session, version_id: record_pairs(session, version_id, trained_ids),
+            )
+        self.state.version = version.id
+        self.state.offsets = dict(self.next_offsets)
+        self.state.trained.update(trained_ids)
+        self._commit_kafka_offsets()
+        self._announce(
+            PolicyAnnouncement(kind="version_published", version=version.id, details=stats.as_dict())
+        )
+        previous = self._move_alias(version.id)
+        self._announce(
+            PolicyAnnouncement(
+                kind="alias_moved", version=version.id, alias=settings.dpo.alias, previous_version=previous
+            )
+        )
+        if self.on_publish:
+            self.on_publish(version.id)
+        return version.id
+
+    def _commit_kafka_offsets(self) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        offsets = {}
+        for key, offset in self.next_offsets.items():
+            topic, partition = key.rsplit(":", 1)
+            offsets[TopicPartition(topic, int(partition))] = OffsetAndMetadata(offset, "", -1)
+        if offsets:
+            self.consumer.commit(offsets)
+
+    def _move_alias(self, version_id: int) -> int | None:
+        alias = self.settings.dpo.alias
+        current = self.store.aliases().get(alias)
+        self.store.set_alias(alias, version_id, reason=f"learner published {version_id}", actor="learner")
+        metrics.ALIAS_VERSION.labels(alias).set(version_id)
+        return current.version_id if current else None
+
+    def _announce(self, note: PolicyAnnouncement) -> None:
+        self.producer.send(
+            self.settings.topics.policy_versions, key=str(note.version).encode(), value=encode(note)
+        )
+        self.producer.flush()
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def run_once(self, timeout_ms: int = 500) -> int | None:
+        """Poll once; train and publish if a batch is full. Returns the published version, if any."""
+        need = self.settings.dpo.batch_size - len(self.pending.pairs)
+        for records in self.consumer.poll(timeout_ms=timeout_ms, max_records=max(need, 1)).values():
+            for record in records:
+                self.take(record)
+        if len(self.pending.pairs) < self.settings.dpo.batch_size:
+            return None
+        batch_ids = [p.pair_id for p in self.pending.pairs[: self.settings.dpo.batch_size]]
+        stats = self.step()
+        self.pending.pairs = self.pending.pairs[self.settings.dpo.batch_size :]
+        self._unpublished.extend(batch_ids)
+        if self.state.steps % self.settings.dpo.publish_every != 0:
+            return None
+        version = self.publish(self._unpublished, stats)
+        self._unpublished = []
+        return version
+
+    def run(self) -> None:
+        while not self.stop_requested.is_set():
+            self.run_once()
+        log.info("learner stopping after step %d (version %d)", self.state.steps, self.state.version)
+
+
+def seek_to_stored_offsets(consumer: Any, settings: Settings, state: LearnerState) -> None:
+    """Assign every partition of the pair topic and seek to where the latest version's offsets say."""
+    from kafka import TopicPartition
+
+    topic = settings.topics.preference_pairs
+    partitions = consumer.partitions_for_topic(topic) or set()
+    if not partitions:
+        raise RuntimeError(f"topic {topic} does not exist; create the topics first (qrloop topics create)")
+    assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
+    consumer.assign(assigned)
+    for tp in assigned:
+        stored = state.offsets.get(offset_key(topic, tp.partition))
+        if stored is None:
+            consumer.seek_to_beginning(tp)
+        else:
+            consumer.seek(tp, stored)
+
+
+def build(settings: Settings) -> Learner:
+    from kafka import KafkaConsumer, KafkaProducer
+
+    from learner.dpo import DPOLearnerCore
+    from policy_store import PolicyStore
+
+    store = PolicyStore.from_settings(settings)
+    state = resume_state(store, settings)
+    core = DPOLearnerCore.from_versions(
+        settings, store, policy_version=state.version, reference_version=state.reference_version
+    )
+    consumer = KafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=f"{settings.dpo.learner_name}-learner",
+        enable_auto_commit=False,  # offsets live in the database with the version; see the module docstring
+        auto_offset_reset="earliest",
+        client_id=f"{settings.kafka.client_id}-learner",
+    )
+    seek_to_stored_offsets(consumer, settings, state)
+    producer = KafkaProducer(
+        bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True, acks="all"
+    )
+    return Learner(settings, store, core, state, consumer, producer)
+
+
+def run() -> None:
+    """``qrloop learn``: the long-running learner. SIGTERM/SIGINT stop it between steps."""
+    from qrloop.settings import get_settings
+
+    settings = get_settings()
+    metrics.serve_metrics(settings.dpo.metrics_port)
+    learner = build(settings)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: learner.stop_requested.set())
+    log.info(
+        "learner resuming at version %d (reference %d, step %d)",
+        learner.state.version,
+        learner.state.reference_version,
+        learner.state.steps,
+    )
+    learner.run()
