@@ -1,0 +1,129 @@
+"""The rewriter: two distinct sampled rewrites with their log-probabilities; hot swap on announcement."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from kafka import KafkaProducer
+
+from policy_store import PolicyStore
+from qrloop import db
+from qrloop.events import PolicyAnnouncement, encode
+from qrloop.models import build_tiny_policy, require_policy
+from qrloop.prompting import build_prompt
+from qrloop.serving import AnnouncementFollower, Rewriter, _completion_logprobs, load_version, normalise
+from qrloop.settings import RewriterSettings, Settings
+from qrloop.topics import ensure_topics
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tokenizer_dir = require_policy(Settings())
+    return (
+        build_tiny_policy(tmp_path_factory.mktemp("a"), tokenizer_dir, seed=1),
+        build_tiny_policy(tmp_path_factory.mktemp("b"), tokenizer_dir, seed=2),
+    )
+
+
+def fake_search(text: str) -> list[str]:
+    return [f"p{abs(hash(w)) % 50}" for w in text.split()][:10]
+
+
+def test_two_distinct_rewrites_with_their_logprobs(tiny_dirs: tuple[Path, Path]) -> None:
+    policy = load_version(tiny_dirs[0], 1)
+    rewriter = Rewriter(policy, fake_search, RewriterSettings(max_new_tokens=8))
+    torch.manual_seed(0)
+    event = rewriter.serve("angle bracket", shopper_id="s", session_id="x")
+    first, second = event.rewrites
+    assert normalise(first.text) != normalise(second.text)
+    assert event.policy_version == 1 and event.arm == "production"
+    assert event.original_products == fake_search("angle bracket")
+    assert first.products == fake_search(first.text)
+
+    assert first.logprob < 0 and second.logprob < 0
+
+
+def test_logged_logprob_is_the_policys_own(tiny_dirs: tuple[Path, Path]) -> None:
+    """What generate() reports equals a plain forward pass over the same tokens, EOS included, padding not."""
+    policy = load_version(tiny_dirs[0], 1)
+    model, tokenizer = policy.model, policy.tokenizer
+    inputs = tokenizer(build_prompt(tokenizer, "angle bracket"), return_tensors="pt")
+    torch.manual_seed(3)
+    with torch.no_grad():
+        out = model.generate(
+            **inputs,
+            do_sample=True,
+            max_new_tokens=8,
+            num_return_sequences=2,
+            pad_token_id=tokenizer.pad_token_id,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+    prompt_len = inputs.input_ids.shape[1]
+    logged = _completion_logprobs(out.sequences, out.logits, prompt_len, tokenizer.eos_token_id)
+    for row in range(2):
+        ids = out.sequences[row : row + 1]
+        generated = ids[0, prompt_len:].tolist()
+        if tokenizer.eos_token_id in generated:
+            generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+        full = torch.cat([inputs.input_ids, torch.tensor([generated])], dim=1)
+        with torch.no_grad():
+            logps = torch.log_softmax(model(full).logits[0, :-1].float(), dim=-1)
+        targets = full[0, prompt_len:]
+        expected = float(logps[prompt_len - 1 :].gather(1, targets[:, None]).sum())
+        assert float(logged[row]) == pytest.approx(expected, abs=1e-3)
+
+
+def test_swap_waits_for_the_query_in_flight(tiny_dirs: tuple[Path, Path]) -> None:
+    first = load_version(tiny_dirs[0], 1)
+    second = load_version(tiny_dirs[1], 2)
+    rewriter = Rewriter(first, fake_search, RewriterSettings(max_new_tokens=4))
+    served: list[int | None] = []
+
+    def serve_many() -> None:
+        for _ in range(6):
+            served.append(rewriter.serve("drill", shopper_id="s", session_id="x").policy_version)
+
+    thread = threading.Thread(target=serve_many)
+    thread.start()
+    time.sleep(0.05)
+    rewriter.swap(second)
+    thread.join()
+    assert served[-1] == 2 and set(served) <= {1, 2}
+    assert served == sorted(served), "once swapped, never back"
+
+
+def test_announcement_makes_the_rewriter_serve_the_new_version(
+    settings: Settings, kafka_bootstrap: str, unique_topic: str, tiny_dirs: tuple[Path, Path]
+) -> None:
+    topics = settings.topics.model_copy(update={"policy_versions": f"{unique_topic}.v"})
+    configured = settings.model_copy(update={"topics": topics})
+    ensure_topics(configured, {topics.policy_versions: 1})
+    db.upgrade(configured.db_url)
+    store = PolicyStore.from_settings(configured)
+    v1 = store.publish(tiny_dirs[0], base_model="tiny")
+    v2 = store.publish(tiny_dirs[1], base_model="tiny", parent=v1.id)
+    store.set_alias("production", v1.id)
+    rewriter = Rewriter(
+        load_version(store.load_dir(v1), v1.id), fake_search, RewriterSettings(max_new_tokens=4)
+    )
+    follower = AnnouncementFollower(configured, rewriter, "production", store).start()
+    time.sleep(1.0)  # the follower starts at the end of the topic
+    store.set_alias("production", v2.id)
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap)
+    note = PolicyAnnouncement(kind="alias_moved", version=v2.id, alias="production", previous_version=v1.id)
+    producer.send(topics.policy_versions, value=encode(note))
+    producer.flush()
+    deadline = time.monotonic() + 30
+    while rewriter.version != v2.id and time.monotonic() < deadline:
+        time.sleep(0.1)
+    follower.stop()
+    producer.close()
+    assert rewriter.version == v2.id
+    assert rewriter.serve("drill", shopper_id="s", session_id="x").policy_version == v2.id
+    assert follower.swaps and follower.swaps[0][0] == v2.id
+    store.close()
