@@ -1,19 +1,39 @@
 """One mini-batch DPO step as plain functions (TRL's loss, nanoGPT's readability).
 
-The paper's eq. 2 writes the loss with the policy's log-ratio of chosen to rejected alone. Standard DPO
-(Rafailov et al.), which the paper cites and TRL implements, measures that log-ratio *relative to a frozen
-reference policy*:
+Read top to bottom: pairs → :func:`tokenize_pairs` → :func:`sequence_logprobs` (policy and frozen
+reference) → :func:`dpo_loss` → :meth:`DPOLearnerCore.step` (backward, clip, AdamW). Kafka, the ledger and
+publishing live in ``learner.worker``; nothing here knows about them.
 
-    L = −mean log σ( β [ (log π(y⁺|x) − log π_ref(y⁺|x)) − (log π(y⁻|x) − log π_ref(y⁻|x)) ] )
+**The loss.** The paper's eq. 2 writes it with the policy's log-ratio of chosen to rejected alone:
 
-Eq. 2 is the special case of a uniform reference; keeping the reference (the version the run started from)
-is what stops an online learner from drifting arbitrarily far on a few hundred noisy pairs.
+    L = −1/B Σᵢ log σ( β log π(Q̃⁺ᵢ|Qᵢ) / π(Q̃⁻ᵢ|Qᵢ) )
 
-Tokenisation matches TRL's ``DPOTrainer`` for a plain-text dataset exactly, so the loss equals TRL's on the
-same batch (``tests/test_dpo.py`` checks to 1e-4): the completion is the text plus the EOS token, prompt and
-prompt+completion are tokenised as one string each, and the completion starts where the two diverge.
-TRL 1.16 has no public one-step API and its ``training_step`` carries Trainer machinery (accelerate, logging,
-fused heads) that cost 60% more per step on CPU in our measurement, so the loop here is our own.
+Standard DPO (Rafailov et al.), which the paper cites and TRL implements, measures that log-ratio *relative to
+a frozen reference policy* π_ref:
+
+    L = −1/B Σᵢ log σ( β [ (log π(Q̃⁺ᵢ|Qᵢ) − log π_ref(Q̃⁺ᵢ|Qᵢ)) − (log π(Q̃⁻ᵢ|Qᵢ) − log π_ref(Q̃⁻ᵢ|Qᵢ)) ] )
+
+Eq. 2 is the special case of a uniform reference (its terms cancel). Keeping the reference — the version
+the run started from — is what stops an online learner from drifting arbitrarily far on a few hundred noisy
+pairs; β sets how far. ``β (log π − log π_ref)`` of a completion is its *implicit reward*; the margin is
+chosen − rejected.
+
+**Equality with TRL** (``tests/test_dpo.py`` checks token ids, loss, rewards and gradients against
+``trl.DPOTrainer`` 1.16 with ``loss_type=["sigmoid"]``): the batch layout is TRL's
+``DataCollatorForPreference`` — 2B right-padded rows, every chosen then every rejected, with a
+``completion_mask`` — and the tokenisation is TRL's for a plain-text (already templated) prompt: prompt and
+prompt+completion are tokenised as one string each, and the completion starts where the two token lists
+diverge. Two deliberate differences:
+
+- TRL terminates completions with ``tokenizer.eos_token``. The converted SmolLM2 tokenizer reports
+  ``<|im_start|>`` there, while ``generate`` stops on ``<|im_end|>`` (see ``qrloop.prompting.end_of_turn``);
+  we terminate with the token the rewriter actually samples. The test hands TRL a tokenizer whose EOS is that
+  token, and then both produce identical ``input_ids``.
+- TRL drops examples whose prompt alone fills ``max_length``; an online step never drops a pair silently —
+  such a pair keeps no completion tokens, contributes log σ(0) to the loss and no gradient.
+
+Only the completion positions need the vocabulary projection, so :func:`sequence_logprobs` asks the model for
+logits from the first completion position on (``logits_to_keep``); prompts are most of a step's tokens.
 """
 
 from __future__ import annotations
@@ -23,28 +43,67 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from qrloop.prompting import build_prompt
+from qrloop.prompting import build_prompt, end_of_turn
 from qrloop.settings import DPOSettings
 
 Pair = tuple[str, str, str]  # (query, chosen rewrite, rejected rewrite)
+Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, completion_mask: (2B, T), chosen rows first
+
+
+def _default(name: str) -> Any:
+    return DPOSettings.model_fields[name].default
+
+
+def _help(name: str) -> str:
+    return str(DPOSettings.model_fields[name].description)
 
 
 @dataclass
 class DPOConfig:
-    beta: float = field(default=0.1, metadata={"help": "DPO temperature β."})
-    learning_rate: float = field(default=5e-6, metadata={"help": "AdamW learning rate."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
-    max_completion_tokens: int = field(default=24, metadata={"help": "Rewrites longer than this are cut."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    """Everything one DPO step depends on; defaults are ``DPOSettings``'s, so the two cannot drift apart."""
+
+    batch_size: int = field(default=_default("batch_size"), metadata={"help": _help("batch_size")})
+    beta: float = field(default=_default("beta"), metadata={"help": _help("beta")})
+    learning_rate: float = field(default=_default("learning_rate"), metadata={"help": _help("learning_rate")})
+    max_grad_norm: float = field(default=_default("max_grad_norm"), metadata={"help": _help("max_grad_norm")})
+    max_length: int | None = field(
+        default=128,
+        metadata={
+            "help": "Tokens kept per prompt+completion sequence, from the start (TRL's max_length, "
+            "keep_start); prompts are ~40 tokens and rewrites ≤ 16, so this only cuts runaway inputs. "
+            "None: no cut."
+        },
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (TRL's default, 0)."})
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "0: full fine-tuning with a frozen copy as reference. >0: train a LoRA adapter of this "
+            "rank; the reference is the same model with the adapter disabled (no second copy in memory)."
+        },
+    )
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata={"help": "Modules that get an adapter."}
+    )
 
     @classmethod
-    def from_settings(cls, dpo: DPOSettings) -> DPOConfig:
-        return cls(beta=dpo.beta, learning_rate=dpo.learning_rate, max_grad_norm=dpo.max_grad_norm)
+    def from_settings(cls, dpo: DPOSettings, **overrides: Any) -> DPOConfig:
+        values = {
+            "batch_size": dpo.batch_size,
+            "beta": dpo.beta,
+            "learning_rate": dpo.learning_rate,
+            "max_grad_norm": dpo.max_grad_norm,
+        }
+        return cls(**(values | overrides))
+
+
+# -- data: pairs → one padded tensor batch ------------------------------------------------------------------
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -57,64 +116,100 @@ def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def tokenize_pairs(
-    tokenizer: Any, pairs: Sequence[Pair], max_completion_tokens: int = 24
-) -> dict[str, torch.Tensor]:
-    """A right-padded batch of 2B sequences: every chosen, then every rejected (TRL's layout)."""
-    eos = tokenizer.eos_token
-    sequences: list[list[int]] = []
-    masks: list[list[int]] = []
+    tokenizer: Any, pairs: Sequence[Pair], max_len: int | None = None, eos_token: str | None = None
+) -> Batch:
+    """2B right-padded rows, every chosen then every rejected (TRL's layout), with a completion mask.
+
+    A row is prompt ids + completion ids, the completion being the rewrite followed by ``eos_token``
+    (default: the tokenizer's; the learner passes :func:`qrloop.prompting.end_of_turn`). Padding is always on
+    the right, whatever ``tokenizer.padding_side`` says (the rewriter's left padding is for generation): with
+    right padding real tokens keep positions 0..n-1 and causal attention never looks at the pads, so no
+    position ids are needed.
+    ``max_len`` keeps the first tokens of each row, like TRL's ``truncation_mode="keep_start"``.
+    """
+    if not pairs:
+        raise ValueError("tokenize_pairs needs at least one pair")
+    eos = eos_token if eos_token is not None else str(tokenizer.eos_token)
     chosen_rows, rejected_rows = [], []
     for query, chosen, rejected in pairs:
         prompt = build_prompt(tokenizer, query)
         prompt_ids = tokenizer(prompt)["input_ids"]
-        full = {
-            name: tokenizer(prompt + text + eos)["input_ids"]
-            for name, text in (("c", chosen), ("r", rejected))
-        }
+        chosen_ids = tokenizer(prompt + _terminated(chosen, eos))["input_ids"]
+        rejected_ids = tokenizer(prompt + _terminated(rejected, eos))["input_ids"]
+        # Tokens may merge across the prompt/completion boundary: the completion starts where the ids differ.
         prompt_len = min(
-            common_prefix_length(prompt_ids, full["c"]), common_prefix_length(prompt_ids, full["r"])
+            common_prefix_length(prompt_ids, chosen_ids), common_prefix_length(prompt_ids, rejected_ids)
         )
-        for name, rows in (("c", chosen_rows), ("r", rejected_rows)):
-            completion = full[name][prompt_len:][:max_completion_tokens]
-            rows.append((full[name][:prompt_len] + completion, [0] * prompt_len + [1] * len(completion)))
-    for ids, mask in chosen_rows + rejected_rows:
-        sequences.append(ids)
-        masks.append(mask)
-    width = max(len(s) for s in sequences)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    input_ids = torch.full((len(sequences), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    completion = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (ids, mask) in enumerate(zip(sequences, masks, strict=True)):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        attention[i, : len(ids)] = 1
-        completion[i, : len(mask)] = torch.tensor(mask)
-    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+        chosen_rows.append(_row(chosen_ids, prompt_len, max_len))
+        rejected_rows.append(_row(rejected_ids, prompt_len, max_len))
+    pad = tokenizer.pad_token_id
+    if pad is None:  # any id will do: pads are masked out of attention and of the completion
+        pad = tokenizer.convert_tokens_to_ids(eos)
+    return _pad_right(chosen_rows + rejected_rows, int(pad))
 
 
-def sequence_logprobs(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probabilities of each completion; one forward over chosen and rejected together."""
+def _terminated(text: str, eos: str) -> str:
+    return text if text.endswith(eos) else text + eos
+
+
+def _row(ids: list[int], prompt_len: int, max_len: int | None) -> tuple[list[int], list[int]]:
+    mask = [0] * prompt_len + [1] * (len(ids) - prompt_len)
+    if max_len is not None:
+        ids, mask = ids[:max_len], mask[:max_len]
+    return ids, mask
+
+
+def _pad_right(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, : len(ids)] = 1
+        completion_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+# -- model: log-probabilities of the completions ------------------------------------------------------------
+
+
+def sequence_logprobs(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each row's completion tokens → (chosen (B,), rejected (B,)).
+
+    One forward over chosen and rejected together, like TRL's concatenated forward. The token at position t is
+    predicted by the logits at t − 1, so logits are only computed from the position before the earliest
+    completion token on.
+    """
+    input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
+    width = input_ids.shape[1]
+    has_completion = completion_mask.any(dim=1)
+    # First completion position over all rows (a row cut to no completion does not hold the others back).
+    starts = completion_mask.argmax(dim=1)[has_completion]
+    first = int(starts.min()) if starts.numel() else width - 1
+    start = max(first - 1, 0)
     logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits
-    logits = logits[:, :-1].float()
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["completion_mask"][:, 1:].to(logits.dtype)
-    token_logps = torch.gather(F.log_softmax(logits, dim=-1), 2, targets.unsqueeze(-1)).squeeze(-1)
-    logps = (token_logps * mask).sum(dim=1)
-    chosen, rejected = logps.chunk(2, dim=0)
+        input_ids=input_ids,
+        attention_mask=batch["attention_mask"],
+        use_cache=False,
+        logits_to_keep=torch.arange(start, width - 1),
+    ).logits  # (2B, width − 1 − start, V): predictions for tokens start + 1 .. width − 1
+    targets = input_ids[:, start + 1 :]
+    mask = completion_mask[:, start + 1 :].to(logits.dtype)
+    # log softmax at the target only: logit − logsumexp, without materialising the full log-softmax tensor.
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+    chosen, rejected = (token_logps * mask).sum(dim=1).chunk(2, dim=0)
     return chosen, rejected
 
 
-@dataclass(frozen=True)
-class LossOutput:
-    loss: torch.Tensor
-    chosen_rewards: torch.Tensor
-    rejected_rewards: torch.Tensor
+# -- loss ---------------------------------------------------------------------------------------------------
 
-    @property
-    def margin(self) -> float:
-        return float((self.chosen_rewards - self.rejected_rewards).mean())
+
+class DPOLoss(NamedTuple):
+    loss: torch.Tensor  # scalar, differentiable
+    chosen_rewards: torch.Tensor  # (B,) β (log π − log π_ref) of the chosen rewrites, detached
+    rejected_rewards: torch.Tensor  # (B,) the same for the rejected ones
+    margin: torch.Tensor  # (B,) chosen − rejected implicit reward
 
 
 def dpo_loss(
@@ -123,58 +218,106 @@ def dpo_loss(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
-) -> LossOutput:
-    chosen_rewards = beta * (policy_chosen - ref_chosen)
-    rejected_rewards = beta * (policy_rejected - ref_rejected)
-    loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
-    return LossOutput(loss, chosen_rewards.detach(), rejected_rewards.detach())
+) -> DPOLoss:
+    """The sigmoid DPO loss, mean over the batch (see the module docstring for eq. 2)."""
+    chosen_logratios = policy_chosen - ref_chosen
+    rejected_logratios = policy_rejected - ref_rejected
+    loss = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
+    chosen_rewards = beta * chosen_logratios.detach()
+    rejected_rewards = beta * rejected_logratios.detach()
+    return DPOLoss(loss, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards)
+
+
+# -- the step -----------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class StepStats:
     loss: float
-    margin: float
+    margin: float  # mean over the batch
     chosen_reward: float
     rejected_reward: float
-    accuracy: float
+    accuracy: float  # share of pairs whose chosen reward exceeds the rejected one
     seconds: float
-    tokens: int
+    tokens: int  # non-pad tokens through the policy (prompt + completion, chosen + rejected rows)
+    grad_norm: float = 0.0  # before clipping
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
 
 
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def disable_dropout(model: Any) -> None:
+    """As TRL's default ``disable_dropout=True``: dropout would make policy and reference differ at step 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def add_lora(model: Any, config: DPOConfig) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        target_modules=list(config.lora_target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
 class DPOLearnerCore:
-    """Policy + frozen reference + a persistent AdamW: ``step(pairs)`` is one DPO update."""
+    """Policy + frozen reference + a persistent AdamW: ``step(pairs)`` is one DPO update.
+
+    ``reference`` is a separate frozen model (full fine-tuning), or None when ``policy`` is a peft LoRA model:
+    then the reference is the policy with its adapter disabled, i.e. the weights the run started from.
+    fp32 on CPU, no mixed precision, no gradient checkpointing: at 135M parameters and ~1.4k tokens a step,
+    activations are small and checkpointing would only add a third forward.
+    """
 
     def __init__(
-        self, policy: Any, reference: Any, tokenizer: Any, config: DPOConfig, base_model: str = ""
+        self, policy: Any, reference: Any | None, tokenizer: Any, config: DPOConfig, base_model: str = ""
     ) -> None:
+        if reference is None and not _is_peft(policy):
+            raise ValueError("a reference model is required unless the policy is a peft (LoRA) model")
+        if reference is policy:
+            raise ValueError("the reference must be a separate copy: freezing it would freeze the policy")
         self.policy = policy
         self.reference = reference
         self.tokenizer = tokenizer
         self.config = config
         self.base_model = base_model
-        for param in self.reference.parameters():
-            param.requires_grad_(False)
-        self.reference.eval()
+        self.eos_token = end_of_turn(tokenizer, getattr(policy, "generation_config", None))
+        self.steps = 0
+        disable_dropout(policy)
+        if reference is not None:
+            disable_dropout(reference)
+            reference.eval()
+            for param in reference.parameters():
+                param.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(
-            [p for p in self.policy.parameters() if p.requires_grad],
-            lr=config.learning_rate,
-            weight_decay=config.weight_decay,
+            self.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
 
     @classmethod
     def from_model(
         cls, policy: Any, tokenizer: Any, config: DPOConfig, base_model: str = ""
     ) -> DPOLearnerCore:
-        """Reference = a frozen copy of the starting policy."""
+        """Start a run from ``policy``: it is the reference (a frozen copy, or the adapter-disabled base)."""
+        if config.lora_r > 0:
+            return cls(add_lora(policy, config), None, tokenizer, config, base_model)
         return cls(policy, copy.deepcopy(policy), tokenizer, config, base_model)
 
     @classmethod
     def from_versions(
         cls, settings: Any, store: Any, *, policy_version: int, reference_version: int
     ) -> DPOLearnerCore:
+        """Resume a lineage: weights of ``policy_version``, reference = the version the run started from."""
         from qrloop.models import load_policy
 
         policy, tokenizer = load_policy(store.load_dir(policy_version))
@@ -182,37 +325,65 @@ class DPOLearnerCore:
             reference = copy.deepcopy(policy)
         else:
             reference, _ = load_policy(store.load_dir(reference_version))
-        tokenizer.padding_side = "right"
         base_model = store.get(policy_version).base_model
         return cls(policy, reference, tokenizer, DPOConfig.from_settings(settings.dpo), base_model)
 
-    def loss_on(self, pairs: Sequence[Pair]) -> tuple[LossOutput, dict[str, torch.Tensor]]:
-        batch = tokenize_pairs(self.tokenizer, pairs, self.config.max_completion_tokens)
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.policy.parameters() if p.requires_grad]
+
+    def tokenize(self, pairs: Sequence[Pair]) -> Batch:
+        return tokenize_pairs(self.tokenizer, pairs, self.config.max_length, self.eos_token)
+
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.reference is not None:
+            return sequence_logprobs(self.reference, batch)
+        with self.policy.disable_adapter():
+            return sequence_logprobs(self.policy, batch)
+
+    def loss(self, batch: Batch) -> DPOLoss:
         policy_chosen, policy_rejected = sequence_logprobs(self.policy, batch)
-        with torch.no_grad():
-            ref_chosen, ref_rejected = sequence_logprobs(self.reference, batch)
-        return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.config.beta), batch
+        ref_chosen, ref_rejected = self.reference_logprobs(batch)
+        return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.config.beta)
 
     def step(self, pairs: Sequence[Pair]) -> StepStats:
+        """One update on one mini-batch: forward (policy, reference), loss, backward, clip, AdamW."""
         started = time.perf_counter()
+        batch = self.tokenize(pairs)
         self.policy.train()
-        out, batch = self.loss_on(pairs)
+        out = self.loss(batch)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.max_grad_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm)
         self.optimizer.step()
         self.policy.eval()
+        self.steps += 1
         return StepStats(
             loss=float(out.loss.detach()),
-            margin=out.margin,
+            margin=float(out.margin.mean()),
             chosen_reward=float(out.chosen_rewards.mean()),
             rejected_reward=float(out.rejected_rewards.mean()),
-            accuracy=float((out.chosen_rewards > out.rejected_rewards).float().mean()),
+            accuracy=float((out.margin > 0).float().mean()),
             seconds=time.perf_counter() - started,
             tokens=int(batch["attention_mask"].sum()),
+            grad_norm=float(grad_norm),
         )
 
+    # -- resuming -------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a restart needs besides the weights: AdamW's moments and step counts, and ours."""
+        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
+
     def save(self, out_dir: Path) -> None:
-        """A standard HF directory (config, safetensors, tokenizer) that stock transformers loads."""
-        self.policy.save_pretrained(out_dir, safe_serialization=True)
+        """A standard HF directory (config, safetensors, tokenizer) that stock transformers loads.
+
+        With LoRA the adapter is merged into a copy, so what is published is a plain model either way.
+        """
+        model = copy.deepcopy(self.policy).merge_and_unload() if _is_peft(self.policy) else self.policy
+        model.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)

@@ -10,94 +10,145 @@
 | DeadLetter          | dead-letter       | original key     | every consumer  | operators                  |
 
 Query events and their feedback share a key, so with equal partition counts they meet on one partition,
-where the aggregator's table keeps their join state. Every event carries ``schema_version``; a consumer
-refuses versions it does not know (``SchemaError("unsupported_version")``) instead of guessing.
+where the aggregator's table keeps their join state. ``kafka_key()`` on each event is that key.
+
+Validation is lax where our own code builds an event (an ``int`` where a ``float`` is declared is fine) and
+strict where bytes arrive (:func:`decode`): no ``"3"`` for ``3``, no naive timestamps, no NaN, no unknown
+fields. Every message carries ``schema_version``; a consumer refuses versions it does not know
+(``SchemaError("unsupported_version")``) instead of guessing. Timestamps are timezone-aware and normalised to
+UTC, so event-time arithmetic never mixes clocks.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 SCHEMA_VERSION = 1
-# A fixed namespace: pair ids are uuid5(namespace, query event id), the same on every re-emission.
+SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
+# A fixed namespace: pair ids are uuid5(namespace, query event id), the same on every re-emission, so the
+# learner's ledger recognises a pair the aggregator sent twice.
 PAIR_NAMESPACE = uuid.UUID("6f1d2c3e-8a4b-4e1f-9c2d-7b5a3e9f1c0d")
+# The list of products shown for the shopper's own query, as opposed to one of the two rewrites.
+ORIGINAL_LIST = "original"
+# The reward signals of qrloop.rewards.RewardComponents; a pair may carry a subset (or none in tests).
+REWARD_COMPONENTS = frozenset({"relevance", "diversity", "click", "add2cart", "purchase"})
+
+Arm = Literal["production", "canary"]
+InteractionKind = Literal["impression", "click", "add_to_cart", "purchase"]
+SchemaErrorReason = Literal["malformed_json", "invalid_schema", "unsupported_version"]
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+# Aware (a naive datetime is refused: whose clock would it be?) and converted to UTC.
+UtcDatetime = Annotated[AwareDatetime, AfterValidator(lambda t: t.astimezone(UTC))]
+NonEmpty = Annotated[str, Field(min_length=1)]
+
+
 class Event(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # frozen: an event is a fact; allow_inf_nan=False: NaN would serialise as null and poison consumers.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     schema_version: int = SCHEMA_VERSION
 
+    def kafka_key(self) -> bytes | None:
+        """The record key this event is produced with (see the table above)."""
+        raise NotImplementedError
+
 
 class Rewrite(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    rewrite_id: str
-    text: str
+    rewrite_id: NonEmpty
+    text: str = Field(description="The rewritten query; may be empty when the policy produced nothing.")
     logprob: float = Field(description="Sequence log-probability under the serving policy (for OPE).")
     products: list[str] = Field(description="Product ids retrieved for the rewrite, in rank order.")
 
 
 class QueryEvent(Event):
     type: Literal["query"] = "query"
-    event_id: str
-    event_time: datetime
+    event_id: NonEmpty = Field(description="A uuid4 string from the rewriter; the record key.")
+    event_time: UtcDatetime
     shopper_id: str
     session_id: str
     query: str = Field(min_length=1)
-    policy_version: int | None
-    arm: Literal["production", "canary"] = "production"
-    original_products: list[str]
-    rewrites: list[Rewrite] = Field(min_length=2, max_length=2)
+    policy_version: int | None = Field(description="Version that wrote the rewrites; None: the base model.")
+    arm: Arm = "production"
+    original_products: list[str] = Field(description="Product ids for the query itself, in rank order.")
+    rewrites: list[Rewrite] = Field(
+        min_length=2, max_length=2, description="Exactly the two sampled rewrites."
+    )
 
-
-InteractionKind = Literal["impression", "click", "add_to_cart", "purchase"]
+    def kafka_key(self) -> bytes:
+        return self.event_id.encode()
 
 
 class Interaction(Event):
     type: Literal["interaction"] = "interaction"
-    event_id: str
-    query_event_id: str
-    rewrite_id: str = Field(description="Which list the product was shown in: a rewrite id or 'original'.")
-    product_id: str
-    position: int = Field(ge=0)
+    event_id: NonEmpty
+    query_event_id: NonEmpty
+    rewrite_id: NonEmpty = Field(
+        description=f"The list the product was shown in: a rewrite id or {ORIGINAL_LIST!r}."
+    )
+    product_id: NonEmpty
+    position: int = Field(ge=0, description="0-based rank of the product in that list.")
     kind: InteractionKind
-    event_time: datetime
+    event_time: UtcDatetime
+
+    def kafka_key(self) -> bytes:
+        # Keyed by the query, not the interaction: all feedback of one query lands on its partition.
+        return self.query_event_id.encode()
 
 
 class SessionEnd(Event):
     """The shopper left: ``interactions_sent`` distinct interactions belong to this query (early close)."""
 
     type: Literal["session_end"] = "session_end"
-    query_event_id: str
+    query_event_id: NonEmpty
     shopper_id: str
     interactions_sent: int = Field(ge=0)
-    event_time: datetime
+    event_time: UtcDatetime
+
+    def kafka_key(self) -> bytes:
+        return self.query_event_id.encode()
+
+
+def _known_components(components: dict[str, float]) -> dict[str, float]:
+    unknown = set(components) - REWARD_COMPONENTS
+    if unknown:
+        raise ValueError(f"unknown reward components {sorted(unknown)}; known: {sorted(REWARD_COMPONENTS)}")
+    return components
+
+
+Components = Annotated[dict[str, float], AfterValidator(_known_components)]
 
 
 class PreferencePair(Event):
     type: Literal["pair"] = "pair"
-    pair_id: str
-    prompt: str
+    pair_id: NonEmpty = Field(description="pair_id_for(source_event_id): stable across re-emissions.")
+    prompt: str = Field(min_length=1, description="The shopper's original query (not the templated prompt).")
     chosen: str
     rejected: str
     chosen_reward: float
     rejected_reward: float
-    chosen_components: dict[str, float]
-    rejected_components: dict[str, float]
+    chosen_components: Components
+    rejected_components: Components
     policy_version: int | None
-    arm: Literal["production", "canary"] = "production"
-    source_event_id: str
-    event_time: datetime
+    arm: Arm = "production"
+    source_event_id: NonEmpty
+    event_time: UtcDatetime
+
+    def kafka_key(self) -> bytes:
+        return self.pair_id.encode()
 
 
 class PolicyAnnouncement(Event):
@@ -107,26 +158,59 @@ class PolicyAnnouncement(Event):
     alias: str | None = None
     previous_version: int | None = None
     details: dict[str, Any] = Field(default_factory=dict)
-    at: datetime = Field(default_factory=utcnow)
+    at: UtcDatetime = Field(default_factory=utcnow)
+
+    def kafka_key(self) -> bytes:
+        return str(self.version).encode()
+
+
+def _base64(value: str) -> str:
+    try:
+        base64.b64decode(value, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"not base64: {exc}") from exc
+    return value
 
 
 class DeadLetter(Event):
     type: Literal["dead_letter"] = "dead_letter"
     source_topic: str
-    partition: int
-    offset: int
+    partition: int = Field(ge=-1, description="-1 when the message never had one (e.g. an orphan).")
+    offset: int = Field(ge=-1)
     reason: str
     error: str
-    original: str = Field(description="The original message bytes, base64.")
-    at: datetime = Field(default_factory=utcnow)
+    original: Annotated[str, AfterValidator(_base64)] = Field(description="The original bytes, base64.")
+    at: UtcDatetime = Field(default_factory=utcnow)
+
+    @classmethod
+    def of(
+        cls, source_topic: str, partition: int, offset: int, reason: str, error: str, raw: bytes | None
+    ) -> DeadLetter:
+        """Wrap a message that could not be processed; the error text is capped so a letter stays small."""
+        return cls(
+            source_topic=source_topic,
+            partition=partition,
+            offset=offset,
+            reason=reason,
+            error=error[:2000],
+            original=base64.b64encode(raw or b"").decode("ascii"),
+        )
+
+    def original_bytes(self) -> bytes:
+        return base64.b64decode(self.original)
+
+    def kafka_key(self) -> None:
+        # Producers pass the original record's key through, so a letter sits beside its source's partition.
+        return None
 
 
 class SchemaError(ValueError):
-    """A message that is not a valid event; ``reason`` is a short machine-readable label."""
+    """A message that is not a valid event; ``reason`` is a short machine-readable label for metrics."""
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
+    def __init__(self, reason: SchemaErrorReason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason: SchemaErrorReason = reason
+        self.detail = detail
 
 
 E = TypeVar("E", bound=Event)
@@ -136,8 +220,9 @@ def encode(event: Event) -> bytes:
     return event.model_dump_json().encode("utf-8")
 
 
-def _parse_json(raw: bytes | str | None) -> dict[str, Any]:
-    if raw is None:
+def _check_envelope(raw: bytes | str | None) -> None:
+    """Classify what pydantic cannot: not JSON at all, not an object, or a version this build cannot read."""
+    if raw is None or raw in (b"", ""):
         raise SchemaError("malformed_json", "empty message")
     try:
         payload = json.loads(raw)
@@ -145,31 +230,37 @@ def _parse_json(raw: bytes | str | None) -> dict[str, Any]:
         raise SchemaError("malformed_json", str(exc)) from exc
     if not isinstance(payload, dict):
         raise SchemaError("invalid_schema", f"expected a JSON object, got {type(payload).__name__}")
-    version = payload.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
+    if "schema_version" not in payload:
+        raise SchemaError("invalid_schema", "schema_version is missing")
+    version = payload["schema_version"]
+    # type() rather than isinstance(): JSON true is a bool, and True == 1 in Python.
+    if type(version) is not int or version not in SUPPORTED_VERSIONS:
         raise SchemaError(
-            "unsupported_version", f"schema_version {version!r}, this build reads {SCHEMA_VERSION}"
+            "unsupported_version",
+            f"schema_version {version!r}, this build reads {sorted(SUPPORTED_VERSIONS)}",
         )
-    return payload
 
 
 def decode(cls: type[E], raw: bytes | str | None) -> E:
-    payload = _parse_json(raw)
+    """Bytes from Kafka → a validated event of type ``cls``, or :class:`SchemaError` saying why not."""
+    _check_envelope(raw)
+    assert raw is not None
     try:
-        return cls.model_validate(payload)
+        return cls.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise SchemaError("invalid_schema", _short(exc)) from exc
 
 
 Feedback = Annotated[Interaction | SessionEnd, Field(discriminator="type")]
-_FEEDBACK = TypeAdapter(Feedback)
+_FEEDBACK: TypeAdapter[Interaction | SessionEnd] = TypeAdapter(Feedback)
 
 
 def decode_feedback(raw: bytes | str | None) -> Interaction | SessionEnd:
     """The interactions topic carries interactions and the shopper's session end, told apart by ``type``."""
-    payload = _parse_json(raw)
+    _check_envelope(raw)
+    assert raw is not None
     try:
-        return _FEEDBACK.validate_python(payload)
+        return _FEEDBACK.validate_json(raw, strict=True)
     except ValidationError as exc:
         raise SchemaError("invalid_schema", _short(exc)) from exc
 
@@ -179,4 +270,5 @@ def _short(exc: ValidationError) -> str:
 
 
 def pair_id_for(query_event_id: str) -> str:
+    """The pair id of the pair built from one query event: deterministic, so re-emissions are recognisable."""
     return str(uuid.uuid5(PAIR_NAMESPACE, query_event_id))

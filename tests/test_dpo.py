@@ -1,15 +1,27 @@
-"""The DPO loss and step: closed form, equality with TRL's DPOTrainer, and learning on a fixed batch."""
+"""The DPO loss and step: closed form, equality with TRL's DPOTrainer, learning on a fixed batch, resuming."""
 
 from __future__ import annotations
 
+import io
+import math
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from learner.dpo import DPOConfig, DPOLearnerCore, dpo_loss, sequence_logprobs, tokenize_pairs
-from qrloop.models import build_tiny_policy, load_policy, require_policy
-from qrloop.settings import Settings
+from learner.dpo import (
+    DPOConfig,
+    DPOLearnerCore,
+    dpo_loss,
+    sequence_logprobs,
+    tokenize_pairs,
+)
+from qrloop.models import build_tiny_policy, load_policy, policy_dir
+from qrloop.prompting import end_of_turn
+from qrloop.settings import DPOSettings, Settings
 
 PAIRS = [
     ("angle bracket", "metal angle bracket", "angle"),
@@ -17,46 +29,121 @@ PAIRS = [
     ("cordless drill", "20v cordless drill driver kit", "drill"),
     ("paint storage contaiers", "paint storage containers", "paint it black"),
 ]
+END = "<|im_end|>"  # what generate() stops on for SmolLM2 (its generation config's eos)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The tiny model's matmuls are microseconds; on a shared 2-core machine, waking a second OpenMP thread
+    costs more than that (20× slower steps under load), so these tests run single-threaded."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_policy(tmp_path_factory.mktemp("tiny"), require_policy(Settings()), seed=0)
+    return build_tiny_policy(tmp_path_factory.mktemp("tiny-policy"), policy_dir(Settings()), seed=0)
 
 
-def core_for(tiny_dir: Path, **config: float) -> DPOLearnerCore:
+def core_for(tiny_dir: Path, **config: Any) -> DPOLearnerCore:
     model, tokenizer = load_policy(tiny_dir)
-    tokenizer.padding_side = "right"
-    return DPOLearnerCore.from_model(model, tokenizer, DPOConfig(**config))  # type: ignore[arg-type]
+    return DPOLearnerCore.from_model(model, tokenizer, DPOConfig(**config))
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# -- the loss ------------------------------------------------------------------------------------------------
 
 
 def test_loss_closed_form() -> None:
-    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
-    rc, rr = torch.tensor([-3.5, -5.0]), torch.tensor([-3.5, -2.5])
+    pc = torch.tensor([-3.0, -5.0], requires_grad=True)
+    pr, rc, rr = torch.tensor([-4.0, -2.0]), torch.tensor([-3.5, -5.0]), torch.tensor([-3.5, -2.5])
     out = dpo_loss(pc, pr, rc, rr, beta=0.5)
-    # logits: 0.5*((0.5) - (-0.5)) = 0.5 and 0.5*((0) - (0.5)) = -0.25
-    expected = (
-        -(
-            torch.nn.functional.logsigmoid(torch.tensor(0.5))
-            + torch.nn.functional.logsigmoid(torch.tensor(-0.25))
-        )
-        / 2
-    )
-    assert float(out.loss) == pytest.approx(float(expected), abs=1e-6)
-    assert out.margin == pytest.approx((0.5 + -0.25) / 2, abs=1e-6)
+    # z = β((pc − rc) − (pr − rr)): 0.5·(0.5 − (−0.5)) = 0.5 and 0.5·(0 − 0.5) = −0.25
+    expected = -(math.log(1 / (1 + math.exp(-0.5))) + math.log(1 / (1 + math.exp(0.25)))) / 2
+    assert float(out.loss.detach()) == pytest.approx(expected, abs=1e-6)
     assert torch.allclose(out.chosen_rewards, torch.tensor([0.25, 0.0]))
     assert torch.allclose(out.rejected_rewards, torch.tensor([-0.25, 0.25]))
+    assert torch.allclose(out.margin, torch.tensor([0.5, -0.25]))
+    # dL/dpc_i = −β σ(−z_i) / B
+    out.loss.backward()
+    sig = torch.sigmoid(-torch.tensor([0.5, -0.25]))
+    assert pc.grad is not None and torch.allclose(pc.grad, -0.5 * sig / 2)
 
 
-def test_completion_mask_covers_the_rewrite_and_eos(tiny_dir: Path) -> None:
-    _, tokenizer = load_policy(tiny_dir)
-    batch = tokenize_pairs(tokenizer, PAIRS[:1])
-    completion = batch["input_ids"][0][batch["completion_mask"][0].bool()]
-    assert tokenizer.decode(completion) == "metal angle bracket" + tokenizer.eos_token
-    assert batch["input_ids"].shape[0] == 2, "chosen then rejected"
+def test_with_a_uniform_reference_it_is_the_papers_eq_2() -> None:
+    pc, pr = torch.tensor([-3.0, -7.0, -1.0]), torch.tensor([-4.0, -2.0, -1.5])
+    zero = torch.zeros(3)
+    eq2 = -F.logsigmoid(0.1 * (pc - pr)).mean()  # −1/B Σ log σ(β log π(Q⁺|Q)/π(Q⁻|Q))
+    assert float(dpo_loss(pc, pr, zero, zero, beta=0.1).loss) == pytest.approx(float(eq2), abs=1e-7)
+    # A reference that scores a pair's two rewrites alike leaves eq. 2 unchanged.
+    ref = torch.tensor([-1.0, 2.0, 0.5])
+    assert float(dpo_loss(pc, pr, ref, ref, beta=0.1).loss) == pytest.approx(float(eq2), abs=1e-7)
 
 
-def test_equals_trl_dpo_trainer_loss(tiny_dir: Path, tmp_path: Path) -> None:
+def test_config_defaults_come_from_the_settings() -> None:
+    config, settings = DPOConfig(), DPOSettings()
+    assert (config.batch_size, config.beta, config.learning_rate, config.max_grad_norm) == (
+        settings.batch_size,
+        settings.beta,
+        settings.learning_rate,
+        settings.max_grad_norm,
+    )
+    tuned = DPOConfig.from_settings(DPOSettings(beta=0.3, learning_rate=1e-4), lora_r=8)
+    assert (tuned.beta, tuned.learning_rate, tuned.lora_r) == (0.3, 1e-4, 8)
+
+
+# -- tokenisation and log-probs ------------------------------------------------------------------------------
+
+
+def test_batch_layout_and_completion_mask(tiny_dir: Path) -> None:
+    model, tokenizer = load_policy(tiny_dir)
+    assert tokenizer.padding_side == "left", "the rewriter's setting; the learner must not depend on it"
+    assert end_of_turn(tokenizer, model.generation_config) == END != tokenizer.eos_token
+    batch = tokenize_pairs(tokenizer, PAIRS, eos_token=END)
+    n = len(PAIRS)
+    assert batch["input_ids"].shape[0] == 2 * n
+    completions = [
+        tokenizer.decode(ids[mask.bool()])
+        for ids, mask in zip(batch["input_ids"], batch["completion_mask"], strict=True)
+    ]
+    assert completions == [c + END for _, c, _ in PAIRS] + [r + END for _, _, r in PAIRS]
+    # Right padding: every row's real tokens start at 0, masks are prefixes, completion ⊆ attention.
+    lengths = batch["attention_mask"].sum(dim=1)
+    for i, length in enumerate(lengths.tolist()):
+        assert batch["attention_mask"][i, :length].all() and not batch["attention_mask"][i, length:].any()
+    assert bool((batch["completion_mask"] <= batch["attention_mask"]).all())
+    # The prompt is shared by a pair's two rows.
+    prompt_len = int(batch["completion_mask"][0].argmax())
+    assert torch.equal(batch["input_ids"][0, :prompt_len], batch["input_ids"][n, :prompt_len])
+    # max_len keeps the start of each row.
+    cut = tokenize_pairs(tokenizer, PAIRS, max_len=prompt_len + 2, eos_token=END)
+    assert cut["input_ids"].shape[1] == prompt_len + 2
+    assert int(cut["completion_mask"][0].sum()) == 2
+
+
+def test_sequence_logprobs_equal_a_full_log_softmax(tiny_dir: Path) -> None:
+    model, tokenizer = load_policy(tiny_dir)
+    batch = tokenize_pairs(tokenizer, PAIRS, eos_token=END)
+    with torch.no_grad():
+        chosen, rejected = sequence_logprobs(model, batch)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    token_logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    naive = (token_logps * batch["completion_mask"][:, 1:]).sum(dim=1)
+    assert chosen.shape == rejected.shape == (len(PAIRS),)
+    assert torch.allclose(torch.cat([chosen, rejected]), naive, atol=1e-5)
+    assert bool((naive < 0).all())
+
+
+# -- equality with TRL ---------------------------------------------------------------------------------------
+
+
+def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path) -> None:
+    """Same pairs, same tiny model: identical token ids, loss to 1e-4, same rewards and gradients."""
     from datasets import Dataset
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
@@ -64,14 +151,16 @@ def test_equals_trl_dpo_trainer_loss(tiny_dir: Path, tmp_path: Path) -> None:
     from qrloop.prompting import build_prompt
 
     core = core_for(tiny_dir, beta=0.1)
-    ours, _ = core.loss_on(PAIRS)
+    batch = core.tokenize(PAIRS)
+    ours = core.loss(batch)
+    ours.loss.backward()
 
     model, tokenizer = load_policy(tiny_dir)
-    tokenizer.padding_side = "right"
     reference, _ = load_policy(tiny_dir)
-    data = Dataset.from_list(
-        [{"prompt": build_prompt(tokenizer, q), "chosen": c, "rejected": r} for q, c, r in PAIRS]
-    )
+    # TRL appends tokenizer.eos_token to plain-text completions; the converted tokenizer's EOS is
+    # <|im_start|>, so TRL gets a tokenizer whose EOS is the end of turn the rewriter samples.
+    tokenizer.eos_token = END
+    rows = [{"prompt": build_prompt(tokenizer, q), "chosen": c, "rejected": r} for q, c, r in PAIRS]
     args = TRLConfig(
         output_dir=str(tmp_path),
         beta=0.1,
@@ -82,46 +171,117 @@ def test_equals_trl_dpo_trainer_loss(tiny_dir: Path, tmp_path: Path) -> None:
         use_cpu=True,
         report_to="none",
         per_device_train_batch_size=len(PAIRS),
-        max_length=None,
-        dataset_num_proc=None,
+        max_length=core.config.max_length,
+        precompute_ref_log_probs=False,
         logging_strategy="no",
         save_strategy="no",
+        disable_tqdm=True,
     )
     trainer = DPOTrainer(
-        model=model, ref_model=reference, args=args, train_dataset=data, processing_class=tokenizer
+        model=model,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
     )
-    batch = next(iter(trainer.get_train_dataloader()))
-    with torch.no_grad():
-        theirs = trainer.compute_loss(trainer.model, batch)
-    assert float(ours.loss.detach()) == pytest.approx(float(theirs), abs=1e-4)
+
+    # 1. TRL's own tokenisation and collation of the same pairs, in order, is our batch.
+    theirs_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    for key in ("input_ids", "attention_mask", "completion_mask"):
+        assert torch.equal(theirs_batch[key], batch[key]), key
+
+    # 2. TRL's loss on that batch, and its logged rewards.
+    trainer.model.zero_grad(set_to_none=True)
+    theirs = trainer.compute_loss(trainer.model, theirs_batch)
+    theirs.backward()
+    assert float(ours.loss.detach()) == pytest.approx(float(theirs.detach()), abs=1e-4)
+    assert float(ours.loss.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
+    metrics = trainer._metrics["train" if trainer.model.training else "eval"]
+    assert metrics["rewards/chosen"][-1] == pytest.approx(float(ours.chosen_rewards.mean()), abs=1e-5)
+    assert metrics["rewards/rejected"][-1] == pytest.approx(float(ours.rejected_rewards.mean()), abs=1e-5)
+    assert metrics["rewards/margins"][-1] == pytest.approx(float(ours.margin.mean()), abs=1e-5)
+
+    # 3. The gradients, parameter by parameter (so a step with the same optimizer is the same step).
+    their_grads = dict(trainer.model.named_parameters())
+    compared = 0
+    for name, param in core.policy.named_parameters():
+        other = their_grads[name].grad
+        assert param.grad is not None and other is not None, name
+        assert torch.allclose(param.grad, other, rtol=1e-4, atol=1e-7), name
+        compared += 1
+    assert compared == len(their_grads)
+
+
+# -- learning ------------------------------------------------------------------------------------------------
 
 
 def test_steps_raise_the_margin_and_leave_the_reference_frozen(tiny_dir: Path) -> None:
     core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3)
-    reference_before = [p.detach().clone() for p in core.reference.parameters()]
-    policy_before = [p.detach().clone() for p in core.policy.parameters()]
+    reference_before, policy_before = snapshot(core.reference), snapshot(core.policy)
+    assert not any(p.requires_grad for p in core.reference.parameters())
+
     first = core.step(PAIRS)
+    # Policy = reference at the start: every implicit reward is 0 and the loss is log 2.
+    assert first.loss == pytest.approx(math.log(2), abs=1e-6)
+    assert first.margin == pytest.approx(0.0, abs=1e-6)
+    assert first.tokens == int(core.tokenize(PAIRS)["attention_mask"].sum()) and first.grad_norm > 0
     for _ in range(5):
         last = core.step(PAIRS)
     assert last.margin > first.margin + 0.05
-    assert last.loss < first.loss
-    assert all(torch.equal(a, b) for a, b in zip(reference_before, core.reference.parameters(), strict=True))
-    assert not all(torch.equal(a, b) for a, b in zip(policy_before, core.policy.parameters(), strict=True))
+    assert last.loss < first.loss - 0.01
+    assert last.accuracy == 1.0
+    assert core.steps == 6
+
+    reference_after, policy_after = snapshot(core.reference), snapshot(core.policy)
+    assert all(torch.equal(reference_before[k], reference_after[k]) for k in reference_before)
+    assert any(not torch.equal(policy_before[k], policy_after[k]) for k in policy_before)
 
 
-def test_sequence_logprobs_are_nonpositive_and_masked(tiny_dir: Path) -> None:
-    core = core_for(tiny_dir)
-    batch = tokenize_pairs(core.tokenizer, PAIRS)
+def test_lora_trains_the_adapter_against_the_disabled_base(tiny_dir: Path) -> None:
+    base, tokenizer = load_policy(tiny_dir)
     with torch.no_grad():
-        chosen, rejected = sequence_logprobs(core.policy, batch)
-    assert chosen.shape == rejected.shape == (len(PAIRS),)
-    assert bool((chosen < 0).all()) and bool((rejected < 0).all())
+        base_logps = torch.cat(sequence_logprobs(base, tokenize_pairs(tokenizer, PAIRS, eos_token=END)))
+    core = core_for(tiny_dir, beta=0.1, learning_rate=5e-3, lora_r=4)
+    assert core.reference is None
+    frozen_before = {n: p.detach().clone() for n, p in core.policy.named_parameters() if not p.requires_grad}
+    trainable = {n for n, p in core.policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+    first = core.step(PAIRS)
+    assert first.loss == pytest.approx(math.log(2), abs=1e-6), "a fresh adapter is the identity"
+    for _ in range(5):
+        last = core.step(PAIRS)
+    assert last.margin > first.margin + 0.05
+
+    params = dict(core.policy.named_parameters())
+    assert all(torch.equal(frozen_before[n], params[n]) for n in frozen_before)
+    ref = torch.cat(core.reference_logprobs(core.tokenize(PAIRS)))
+    assert torch.allclose(ref, base_logps, atol=1e-5), "the reference is the base the run started from"
 
 
 def test_optimizer_state_round_trips(tiny_dir: Path) -> None:
-    core = core_for(tiny_dir, learning_rate=1e-3)
-    core.step(PAIRS)
-    state = core.optimizer.state_dict()
-    other = core_for(tiny_dir, learning_rate=1e-3)
-    other.optimizer.load_state_dict(state)
-    assert other.optimizer.state_dict()["state"].keys() == state["state"].keys()
+    """A restarted learner with the saved weights and optimizer state takes exactly the step it would have."""
+    a = core_for(tiny_dir, learning_rate=1e-3)
+    a.step(PAIRS)
+    buffer = io.BytesIO()
+    torch.save({"weights": a.policy.state_dict(), "core": a.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    def restarted(with_state: bool) -> DPOLearnerCore:
+        policy, tokenizer = load_policy(tiny_dir)
+        policy.load_state_dict(saved["weights"])
+        reference, _ = load_policy(tiny_dir)  # the version the run started from
+        core = DPOLearnerCore(policy, reference, tokenizer, DPOConfig(learning_rate=1e-3))
+        if with_state:
+            core.load_state_dict(saved["core"])
+        return core
+
+    b, fresh = restarted(True), restarted(False)
+    assert b.steps == 1 and fresh.steps == 0
+    stats = [core.step(PAIRS) for core in (a, b, fresh)]
+    assert stats[0].loss == pytest.approx(stats[1].loss, abs=1e-7)
+    after = [snapshot(core.policy) for core in (a, b, fresh)]
+    assert all(torch.allclose(after[0][k], after[1][k], rtol=0, atol=1e-7) for k in after[0])
+    worst = max(float((after[0][k] - after[2][k]).abs().max()) for k in after[0])
+    assert worst > 1e-5, "without the optimizer state the step differs (the test would notice a no-op load)"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import pytest
 from kafka import KafkaAdminClient
 
@@ -9,8 +12,30 @@ from qrloop.settings import Settings
 from qrloop.topics import TopicLayoutError, declared_topics, ensure_topics
 
 
-def test_creates_with_configured_partitions_and_is_idempotent(
-    base_settings: Settings, kafka_bootstrap: str, unique_topic: str
+@pytest.fixture
+def admin(kafka_bootstrap: str) -> Iterator[KafkaAdminClient]:
+    client = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def cleanup(admin: KafkaAdminClient) -> Iterator[list[str]]:
+    """Topics a test created; deleted afterwards so the shared broker does not accumulate them."""
+    created: list[str] = []
+    yield created
+    present = set(admin.list_topics())
+    doomed = [t for t in created if t in present]
+    if doomed:
+        admin.delete_topics(doomed)
+
+
+def layout(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:
+    return {t["topic"]: len(t["partitions"]) for t in admin.describe_topics(names)}
+
+
+def test_creates_the_declared_topics_with_configured_partitions(
+    base_settings: Settings, admin: KafkaAdminClient, unique_topic: str, cleanup: list[str]
 ) -> None:
     topics = base_settings.topics.model_copy(
         update={
@@ -20,18 +45,56 @@ def test_creates_with_configured_partitions_and_is_idempotent(
             "policy_versions": f"{unique_topic}.v",
             "dead_letter": f"{unique_topic}.d",
             "partitions": 3,
+            "pair_partitions": 2,
         }
     )
     settings = base_settings.model_copy(update={"topics": topics})
+    assert not set(declared_topics(settings)) & set(admin.list_topics())
+    cleanup.extend(declared_topics(settings))
+
     created = ensure_topics(settings)
+
     assert sorted(created) == sorted(declared_topics(settings))
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    layout = {t["topic"]: len(t["partitions"]) for t in admin.describe_topics(created)}
-    admin.close()
-    assert layout[f"{unique_topic}.q"] == 3 and layout[f"{unique_topic}.i"] == 3
-    assert layout[f"{unique_topic}.v"] == 1
+    assert layout(admin, created) == {
+        f"{unique_topic}.q": 3,
+        f"{unique_topic}.i": 3,
+        f"{unique_topic}.p": 2,
+        f"{unique_topic}.v": 1,
+        f"{unique_topic}.d": 1,
+    }
     assert ensure_topics(settings) == created, "a second call is a no-op"
+    assert layout(admin, created)[f"{unique_topic}.q"] == 3
 
     wrong = settings.model_copy(update={"topics": topics.model_copy(update={"partitions": 5})})
-    with pytest.raises(TopicLayoutError, match="has 3 partitions, settings say 5"):
+    with pytest.raises(TopicLayoutError, match=rf"{unique_topic}\.q has 3 partitions, settings say 5"):
         ensure_topics(wrong)
+    assert layout(admin, [f"{unique_topic}.q"]) == {f"{unique_topic}.q": 3}, "a mismatch changes nothing"
+
+
+def test_bootstrap_form_needs_explicit_topics_and_races_are_harmless(
+    kafka_bootstrap: str, admin: KafkaAdminClient, unique_topic: str, cleanup: list[str]
+) -> None:
+    with pytest.raises(ValueError, match="name the topics"):
+        ensure_topics(kafka_bootstrap)
+    wanted = {f"{unique_topic}.a": 2, f"{unique_topic}.b": 1}
+    cleanup.extend(wanted)
+
+    # Several processes start at once (aggregator, learner, rewriter): all succeed, the layout is right.
+    results: list[list[str] | BaseException] = []
+
+    def racer() -> None:
+        try:
+            results.append(ensure_topics(kafka_bootstrap, wanted))
+        except BaseException as exc:
+            results.append(exc)
+
+    threads = [threading.Thread(target=racer) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert results == [list(wanted)] * 3
+    assert layout(admin, list(wanted)) == wanted
+
+    with pytest.raises(TopicLayoutError, match="has 2 partitions, settings say 4"):
+        ensure_topics(kafka_bootstrap, {f"{unique_topic}.a": 4})
