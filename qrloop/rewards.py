@@ -1,4 +1,4 @@
-"""The paper's reward signals (§2, §3.2) as pure functions: no model, no I/O.
+"""The paper's reward signals (§2, §3.2) as pure functions: no model, no I/O, no torch.
 
 For a query Q with original product list P and a rewrite's list P~:
 
@@ -6,10 +6,13 @@ For a query Q with original product list P and a rewrite's list P~:
   must never look good, and "mean of nothing" has no better value);
 - diversity   d = (|P~| − |P ∩ P~|) / |P|; when |P| = 0 the original found nothing, so every product the
   rewrite finds is new: d = 1 if P~ is non-empty, else 0. (With |P~| ≤ |P|, as with a fixed top-k,
-  d ∈ [0, 1].)
+  d ∈ [0, 1].) Lists are compared as sets: a product shown twice is one product;
 - click rate  c = clicks / |P~|, and likewise add-to-cart and purchase rates (0 for an empty list);
-- the combined reward is the weighted mean of the five (weights from settings), so it stays in [0, 1];
+- the combined reward is the weighted mean of the five (weights from settings), so it stays in [0, 1]
+  whenever d does;
 - coverage    cov = distinct relevant products over all rewrites of a query (the paper's Table 4).
+
+The Faust aggregator, the benchmarks and the canary import exactly these names.
 """
 
 from __future__ import annotations
@@ -24,22 +27,29 @@ Preference = Literal["first", "second", "tie"]
 
 
 def relevance(scores: Sequence[float]) -> float:
+    """Mean M1 score of a rewrite's products; 0.0 for an empty list (retrieving nothing is never good)."""
     return float(sum(scores) / len(scores)) if len(scores) else 0.0
 
 
 def diversity(original: Sequence[str], rewritten: Sequence[str]) -> float:
+    """Share of the rewrite's products the original did not show, relative to the original list's size."""
     rewritten_set = set(rewritten)
     if not original:
+        # Nothing was shown before, so whatever the rewrite finds is new; finding nothing adds nothing.
         return 1.0 if rewritten_set else 0.0
-    return (len(rewritten_set) - len(rewritten_set & set(original))) / len(set(original))
+    original_set = set(original)
+    return (len(rewritten_set) - len(rewritten_set & original_set)) / len(original_set)
 
 
 def rate(count: int, n_products: int) -> float:
+    """Interactions per shown product; 0.0 when nothing was shown (no list, no behaviour to reward)."""
     return count / n_products if n_products > 0 else 0.0
 
 
 @dataclass(frozen=True)
 class RewardComponents:
+    """The five signals of one rewrite's list, each in [0, 1] (diversity may exceed 1 if |P~| > |P|)."""
+
     relevance: float
     diversity: float
     click: float
@@ -47,6 +57,7 @@ class RewardComponents:
     purchase: float
 
     def combined(self, weights: RewardSettings) -> float:
+        """Weighted sum divided by the sum of weights: a weighted mean, so it stays on the signals' scale."""
         pairs = (
             (weights.relevance, self.relevance),
             (weights.diversity, self.diversity),
@@ -69,6 +80,7 @@ def components(
     add2carts: int,
     purchases: int,
 ) -> RewardComponents:
+    """All five signals of one rewrite, given what its list showed and what the shopper did with it."""
     n = len(rewrite_products)
     return RewardComponents(
         relevance=relevance(relevance_scores),
@@ -87,4 +99,5 @@ def prefer(reward_first: float, reward_second: float, margin: float) -> Preferen
 
 
 def coverage(rewrite_product_lists: Sequence[Sequence[str]], is_relevant: Callable[[str], bool]) -> int:
+    """Distinct relevant products over all rewrites of a query (the paper's Table 4)."""
     return len({p for products in rewrite_product_lists for p in products if is_relevant(p)})
