@@ -1,0 +1,331 @@
+"""``build_minielm``: the whole offline phase, top to bottom, then publish MiniELM as ``production``.
+
+    Q2Q pairs → SFT teacher T (SmolLM2-135M-Instruct) → student S (every other layer) → SFT S
+    → reverse-KL distillation T → S → Table 2 + serving time → publish S → move the alias
+
+Everything lands in ``<cache_dir>/offline/``: ``q2q/`` (pairs and their report), ``teacher/``, ``student-v/``
+(the vanilla cut: the "S V" row), ``student-init/`` (the cut of the SFT teacher), ``student-p/`` (S after
+SFT), ``minielm/`` (S after distillation, what is published) and ``report.json``. The Q2Q step is reused
+when a finished build with the same parameters is already there (M1 verifying ~5,000 pairs takes minutes).
+
+S is cut from the *SFT'd* teacher by default (``student_from="teacher"``): on a CPU budget of a few hundred
+steps, starting S from layers that already rewrite queries is what makes the published policy usable. The
+paper's setting, where S and T are independent checkpoints fine-tuned separately and only distillation links
+them, is ``student_from="vanilla"``. Either way the "S V" row of Table 2 is the cut of the *vanilla* policy
+(the paper's untrained small model), and "T→S V" is the SFT student, as in the paper.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from learner.offline import q2q as q2q_mod
+from learner.offline.distill import compare_with_gkd, distill, make_student
+from learner.offline.evaluate import OfflineMetrics, evaluate_model, format_table2, serving_times
+from learner.offline.q2q import QueryPair, build_q2q, read_pairs
+from learner.offline.sft import quiet_libraries, sample_pairs, train_sft
+from qrloop.settings import Settings
+
+BASE_MODEL = "SmolLM2-135M-Instruct/minielm"
+ACTOR = "offline-build"
+
+
+@dataclass
+class OfflineConfig:
+    """Sizes and steps of one build. Defaults fit a shared 2-core CPU in about a quarter of an hour."""
+
+    # Q2Q
+    k: int = 1  # shared relevant products per candidate pair
+    min_grade: float | None = None  # None: the data set's rule (HD: grade >= 2.67)
+    min_relevance: float | None = None
+    use_m1: bool = True  # verify graph pairs with the relevance model M1
+    m1_threshold: float = q2q_mod.M1_THRESHOLD
+    m1_max_products: int = 3
+    rebuild_q2q: bool = False  # rebuild even when a matching Q2Q build exists
+    # SFT (TRL SFTTrainer, completion-only loss)
+    teacher_steps: int = 60
+    student_steps: int = 60
+    batch_size: int = 8
+    learning_rate: float = 1e-4  # few steps: a 135M model takes 1e-4 without diverging
+    max_train_pairs: int | None = None  # None: all training pairs
+    student_from: Literal["vanilla", "teacher"] = "teacher"  # which model S's layers are cut from
+    # distillation (reverse KL)
+    distill_steps: int = 60
+    distill_learning_rate: float = 5e-5
+    on_policy_fraction: float = 0.0  # on CPU a sampled batch costs more than the step it feeds
+    # evaluation
+    eval_pairs: int = 48
+    max_new_tokens: int = 16
+    serving_queries: int = 30
+    # publishing
+    publish: bool = True
+    alias: str = "production"
+    teacher_dir: Path | None = None  # None: the prepared policy (SmolLM2-135M-Instruct)
+
+
+@dataclass
+class MiniELMReport:
+    config: dict[str, Any]
+    q2q: dict[str, Any]
+    stages_s: dict[str, float] = field(default_factory=dict)  # wall time per stage
+    training: dict[str, dict[str, Any]] = field(default_factory=dict)  # steps, first/last loss per model
+    table2: dict[str, dict[str, float]] = field(default_factory=dict)  # "T→S/P" -> metrics
+    serving: dict[str, dict[str, float]] = field(default_factory=dict)  # "T"/"S" -> median_s, tokens
+    gkd: dict[str, float] = field(default_factory=dict)
+    version: int | None = None
+    out_dir: str = ""
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for the policy store's ``metrics`` (JSON, no NaN)."""
+        flat: dict[str, float] = {}
+        for row, values in self.table2.items():
+            for name, value in values.items():
+                if name != "n":
+                    flat[f"{row.replace('→', '->')}/{name}"] = round(value, 5)
+        for model, values in self.serving.items():
+            flat[f"serving/{model}/median_s"] = round(values["median_s"], 5)
+        if "T" in self.serving and "S" in self.serving:
+            flat["serving/speedup_T_over_S"] = round(
+                self.serving["T"]["median_s"] / self.serving["S"]["median_s"], 4
+            )
+        return flat
+
+    def measured(self) -> dict[tuple[str, str], OfflineMetrics]:
+        rows: dict[tuple[str, str], OfflineMetrics] = {}
+        for row, v in self.table2.items():
+            model, variant = row.split("/")
+            rows[(model, variant)] = OfflineMetrics(
+                v["exact_match"], v["rouge_l"], v["xentropy"], v["mean_length"], int(v["n"])
+            )
+        return rows
+
+    def table(self) -> str:
+        return format_table2(self.measured())
+
+
+def offline_dir(settings: Settings) -> Path:
+    return settings.cache_dir / "offline"
+
+
+ProgressLike = Any  # rich.progress.Progress (kept untyped so the module imports without rich at type time)
+
+
+@contextmanager
+def _stage(
+    report: MiniELMReport, name: str, progress: ProgressLike | None, total: int
+) -> Iterator[Callable[..., None]]:
+    """Time a stage and give it a progress bar; yields ``advance(done, total, loss=None)``."""
+    task = progress.add_task(name, total=total) if progress is not None else None
+
+    def advance(done: int, total_: int, loss: float | None = None) -> None:
+        if progress is not None and task is not None:
+            label = f"{name} (loss {loss:.3f})" if loss is not None else name
+            progress.update(task, completed=done, total=total_, description=label)
+
+    started = time.perf_counter()
+    try:
+        yield advance
+    finally:
+        report.stages_s[name] = round(time.perf_counter() - started, 1)
+        if progress is not None and task is not None:
+            progress.update(task, completed=progress.tasks[task].total)
+
+
+def _training_summary(steps: int, losses: list[float], seconds: float) -> dict[str, Any]:
+    return {
+        "steps": steps,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "seconds": round(seconds, 1),
+    }
+
+
+def load_or_build_q2q(
+    settings: Settings, config: OfflineConfig, advance: Callable[..., None]
+) -> q2q_mod.Q2QReport:
+    """The Q2Q build in ``<offline>/q2q`` when one with these parameters finished, else a new one."""
+    out = q2q_mod.q2q_dir(settings)
+    cached = q2q_mod.load_report(out)
+    wanted = dict(
+        k=config.k,
+        min_grade=config.min_grade,
+        min_relevance=config.min_relevance,
+        use_m1=config.use_m1,
+        m1_threshold=config.m1_threshold,
+        m1_max_products=config.m1_max_products,
+    )
+    if cached is not None and not config.rebuild_q2q and _same_q2q(cached, wanted, settings):
+        return cached
+    return build_q2q(settings, **wanted, out_dir=out, progress=lambda _stage, d, t: advance(d, t))
+
+
+def _same_q2q(cached: q2q_mod.Q2QReport, wanted: dict[str, Any], settings: Settings) -> bool:
+    params = dict(cached.params)
+    if wanted["min_grade"] is None and wanted["min_relevance"] is None:
+        # "the data set's default rule": compare against what that rule resolves to
+        wanted = {
+            **wanted,
+            **dict(zip(("min_grade", "min_relevance"), q2q_mod.default_rule(cached.dataset), strict=True)),
+        }
+    return cached.dataset == settings.dataset and all(params.get(k) == v for k, v in wanted.items())
+
+
+def build_minielm(
+    settings: Settings, *, config: OfflineConfig | None = None, progress: ProgressLike | None = None
+) -> MiniELMReport:
+    """Run the offline phase and (unless ``config.publish`` is off) publish MiniELM and move the alias."""
+    with quiet_libraries():  # library progress bars would tear through the caller's rich bars
+        return _build(settings, config or OfflineConfig(), progress)
+
+
+def _build(settings: Settings, config: OfflineConfig, progress: ProgressLike | None) -> MiniELMReport:
+    from qrloop.models import require_policy
+
+    out = offline_dir(settings)
+    out.mkdir(parents=True, exist_ok=True)
+    vanilla = config.teacher_dir or require_policy(settings)
+    report = MiniELMReport(
+        config={k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}, q2q={}
+    )
+    report.out_dir = str(out)
+    seed = settings.seed
+
+    with _stage(report, "Q2Q pairs", progress, 1) as advance:
+        q2q_report = load_or_build_q2q(settings, config, advance)
+    report.q2q = q2q_report.as_dict()
+    train = sample_pairs(read_pairs(q2q_mod.q2q_dir(settings) / "train.jsonl"), config.max_train_pairs, seed)
+    evaluation = sample_pairs(read_pairs(q2q_mod.q2q_dir(settings) / "eval.jsonl"), config.eval_pairs, seed)
+
+    teacher_dir = out / "teacher"
+    with _stage(report, "SFT teacher", progress, config.teacher_steps) as advance:
+        result = train_sft(
+            vanilla,
+            train,
+            teacher_dir,
+            max_steps=config.teacher_steps,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            seed=seed,
+            progress=advance,
+        )
+    report.training["T"] = _training_summary(result.steps, result.losses, result.seconds)
+
+    # "S V" is always the cut of the vanilla policy (the paper's untrained small model); the student that is
+    # trained is that same cut, or the cut of the SFT teacher (student_from="teacher").
+    student_v = make_student(vanilla, out / "student-v")
+    student_init = (
+        student_v if config.student_from == "vanilla" else make_student(teacher_dir, out / "student-init")
+    )
+    student_p = out / "student-p"
+    with _stage(report, "SFT student", progress, config.student_steps) as advance:
+        result = train_sft(
+            student_init,
+            train,
+            student_p,
+            max_steps=config.student_steps,
+            batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            seed=seed,
+            progress=advance,
+        )
+    report.training["S"] = _training_summary(result.steps, result.losses, result.seconds)
+
+    minielm = out / "minielm"
+    with _stage(report, "distil T→S", progress, config.distill_steps) as advance:
+        distilled = distill(
+            teacher_dir,
+            student_p,
+            train,
+            minielm,
+            steps=config.distill_steps,
+            batch_size=config.batch_size,
+            learning_rate=config.distill_learning_rate,
+            on_policy_fraction=config.on_policy_fraction,
+            max_new_tokens=config.max_new_tokens,
+            seed=seed,
+            progress=advance,
+        )
+    report.training["T→S"] = _training_summary(distilled.steps, distilled.losses, distilled.seconds)
+
+    rows = {"S/V": student_v, "S/P": student_p, "T/V": vanilla, "T/P": teacher_dir, "T→S/P": minielm}
+    with _stage(report, "evaluate", progress, len(rows) + 2) as advance:
+        evaluate_all(report, rows, evaluation, settings, config, advance)
+
+    if config.publish:
+        report.version = publish_minielm(settings, minielm, teacher_dir, report, config)
+    (out / "report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False))
+    return report
+
+
+def evaluate_all(
+    report: MiniELMReport,
+    rows: dict[str, Path],
+    evaluation: list[QueryPair],
+    settings: Settings,
+    config: OfflineConfig,
+    advance: Callable[..., None],
+) -> None:
+    """Table 2 for ``rows`` ("T/P" → model dir), T vs S serving time, and the GKD(beta=1) cross-check."""
+    total = len(rows) + 2
+    for i, (row, path) in enumerate(rows.items()):
+        report.table2[row] = evaluate_model(path, evaluation, max_new_tokens=config.max_new_tokens).as_dict()
+        advance(i + 1, total)
+    report.table2["T→S/V"] = dict(report.table2["S/P"])  # the paper's T→S "V" is the SFT student
+    sampled = random.Random(settings.seed).sample(evaluation, min(config.serving_queries, len(evaluation)))
+    timed = serving_times(
+        {"T": rows["T/P"], "S": rows["T→S/P"]},
+        [p.source for p in sampled],
+        max_new_tokens=config.max_new_tokens,
+        temperature=settings.rewriter.temperature,
+        top_p=settings.rewriter.top_p,
+        seed=settings.seed,
+    )
+    report.serving = {name: asdict(t) for name, t in timed.items()}
+    advance(total - 1, total)
+    report.gkd = compare_with_gkd(rows["T/P"], rows["T→S/P"], evaluation[:4])
+    advance(total, total)
+
+
+def _layers(model_dir: Path) -> int:
+    return int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
+
+
+def publish_minielm(
+    settings: Settings, minielm: Path, teacher_dir: Path, report: MiniELMReport, config: OfflineConfig
+) -> int:
+    """Publish the distilled student as a new version and point ``config.alias`` at it; returns its id."""
+    from policy_store.store import PolicyStore
+
+    steps = sum(int(report.training[m]["steps"]) for m in ("S", "T→S"))
+    tags = {
+        "stage": "offline",
+        "dataset": report.q2q.get("dataset"),
+        "q2q_train_pairs": report.q2q.get("train"),
+        "teacher_layers": _layers(teacher_dir),
+        "student_layers": _layers(minielm),
+        "student_from": config.student_from,
+        "distillation": "reverse KL (MiniLLM eq. 1)",
+    }
+    reason = "offline MiniELM build: Q2Q SFT + reverse-KL distillation (learner/offline)"
+    store = PolicyStore.from_settings(settings)
+    try:
+        version = store.publish(
+            minielm,
+            base_model=BASE_MODEL,
+            train_steps=steps,
+            metrics=report.metrics(),
+            tags=tags,
+            actor=ACTOR,
+            reason=reason,
+        )
+        store.set_alias(config.alias, version.id, reason=reason, actor=ACTOR)
+    finally:
+        store.close()
+    return version.id

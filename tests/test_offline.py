@@ -1,0 +1,247 @@
+"""The offline phase: Q2Q graph, reverse KL, the student cut, SFT and distillation on tiny real models.
+
+Tiny = ``build_tiny_policy``: a random 2-layer Llama with the real SmolLM2 tokenizer and chat template, so the
+prompt, tokenization, TRL and generation paths are the real ones at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from learner.offline import q2q
+from learner.offline.distill import (
+    compare_with_gkd,
+    distill,
+    forward_kl,
+    kept_layers,
+    make_student,
+    mean_reverse_kl,
+    reverse_kl,
+    token_ids_match,
+)
+from learner.offline.q2q import QueryPair
+from learner.offline.sft import collate, completion_loss, end_of_turn, prompt_completion_rows, train_sft
+from qrloop.data import is_heldout
+from qrloop.models import build_tiny_policy, load_policy, require_policy
+from qrloop.settings import Settings
+
+PAIRS = [
+    QueryPair("drill bit set", "drill bits", "graph", 1, "train"),
+    QueryPair("paint roler", "paint roller", "spelling", 0, "train"),
+    QueryPair("pvc compression coupling", "compression coupling", "graph", 2, "train"),
+    QueryPair("toungh groove", "tongue and groove", "spelling", 0, "train"),
+]
+
+
+def _query(base: str, heldout: bool) -> str:
+    """A query string on the wanted side of the held-out split (the split hashes the text)."""
+    for i in itertools.count():
+        text = f"{base} {i}"
+        if is_heldout(text) == heldout:
+            return text
+    raise AssertionError("unreachable")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_policy(tmp_path_factory.mktemp("tiny"), require_policy(Settings()), seed=0)
+
+
+# ------------------------------------------------------------------------------------------------ Q2Q graph
+
+
+@pytest.fixture(scope="module")
+def triples() -> tuple[pd.DataFrame, dict[str, str]]:
+    q = {
+        "cd": _query("cordless drill", heldout=False),
+        "dc": _query("drill cordless", heldout=False),
+        "pd": _query("power drill", heldout=False),
+        "hm": _query("hammer", heldout=False),
+        "held": _query("drill driver", heldout=True),
+    }
+    rows = [
+        ("cd", "p1", 3.0), ("cd", "p2", 3.0), ("cd", "p3", 2.33),
+        ("dc", "p1", 3.0), ("dc", "p2", 2.67), ("dc", "p3", 3.0),
+        ("pd", "p2", 3.0), ("pd", "p4", 1.0),
+        ("hm", "p4", 3.0),
+        ("held", "p1", 3.0), ("held", "p2", 3.0),
+    ]  # fmt: skip
+    frame = pd.DataFrame(
+        {
+            "query": [q[k] for k, _, _ in rows],
+            "product_id": [p for _, p, _ in rows],
+            "grade": [g for _, _, g in rows],
+            "relevance": [(g - 1.0) / 2.0 for _, _, g in rows],  # HD's mapping to [0, 1]
+        }
+    )
+    return frame, q
+
+
+def _pairs(frame: pd.DataFrame) -> set[tuple[str, str, int]]:
+    return set(zip(frame["query_a"], frame["query_b"], frame["shared"], strict=True))
+
+
+def test_graph_pairs_respect_k_threshold_and_heldout(triples: tuple[pd.DataFrame, dict[str, str]]) -> None:
+    frame, q = triples
+    cd, dc, pd_, held = q["cd"], q["dc"], q["pd"], q["held"]
+    edges = q2q.relevant_edges(frame, min_grade=2.67)
+    found = q2q.shared_product_pairs(edges, k=1)
+    # sorted by text: "cordless…" < "drill cordless…" < "drill driver…" < "power…"
+    assert _pairs(found) == {
+        (cd, dc, 2),
+        (cd, pd_, 1),
+        (dc, pd_, 1),
+        (cd, held, 2),
+        (dc, held, 2),
+        (held, pd_, 1),
+    }
+    assert _pairs(q2q.drop_heldout(found)) == {(cd, dc, 2), (cd, pd_, 1), (dc, pd_, 1)}
+    assert _pairs(q2q.drop_heldout(q2q.shared_product_pairs(edges, k=2))) == {(cd, dc, 2)}
+    # a stricter grade: dc's p2 (2.67) drops out, so cd/dc share only p1 and dc/pd nothing
+    strict = q2q.drop_heldout(q2q.shared_product_pairs(q2q.relevant_edges(frame, min_grade=3.0), k=1))
+    assert _pairs(strict) == {(cd, dc, 1), (cd, pd_, 1)}
+    # the [0, 1] rule: relevance >= 0.6 is grade >= 2.2, which lets cd's p3 (2.33) in
+    loose = q2q.drop_heldout(q2q.shared_product_pairs(q2q.relevant_edges(frame, min_relevance=0.6), k=1))
+    assert _pairs(loose) == {(cd, dc, 3), (cd, pd_, 1), (dc, pd_, 1)}
+    # the hammer shares only an irrelevant (grade 1) product with the power drill: never a pair
+    assert not any(q["hm"] in pair for pair in _pairs(found))
+
+
+def test_directed_pairs_split_by_unordered_pair_and_keep_heldout_out(
+    triples: tuple[pd.DataFrame, dict[str, str]],
+) -> None:
+    frame, q = triples
+    graph = q2q.drop_heldout(q2q.shared_product_pairs(q2q.relevant_edges(frame, min_grade=2.67), k=1))
+    spelling = q2q.drop_identical(
+        q2q.drop_heldout(
+            pd.DataFrame(
+                {
+                    "query_a": ["cordles drill", q["held"], "Power  Drill"],
+                    "query_b": [q["cd"], "drill driver", "power drill"],
+                }
+            )
+        )
+    )
+    assert list(spelling["query_a"]) == ["cordles drill"]  # held-out and identical spelling pairs are gone
+    pairs = q2q.directed_pairs(graph, spelling, eval_fraction=0.5)
+    assert len(pairs) == 2 * 3 + 1
+    assert all(q["held"] not in (p.source, p.target) for p in pairs)
+    by_direction = {(p.source, p.target): p for p in pairs}
+    for p in pairs:
+        if p.origin == "graph":
+            assert by_direction[(p.target, p.source)].split == p.split  # both directions on one side
+    assert ("cordles drill", q["cd"]) in by_direction and (q["cd"], "cordles drill") not in by_direction
+    assert q2q.pair_split("a b", "c") == q2q.pair_split("C", " A  b")
+
+
+def test_relevance_verifier_checks_the_partners_other_products() -> None:
+    products = {"drill": ["cordless drill kit", "drill bits"], "driver": ["drill bits", "impact driver"]}
+
+    def overlap(query: str, texts: Sequence[str]) -> np.ndarray:  # a plain scorer: 1 if a word is shared
+        return np.array([float(bool(set(query.split()) & set(t.split()))) for t in texts])
+
+    verifier = q2q.relevance_verifier(overlap, products, threshold=0.5)
+    assert not verifier("drill", "driver")  # "impact driver" shares no word with "drill"
+    equivalent = {"drill": ["drill driver kit", "drill bits"], "driver": ["drill bits", "drill driver"]}
+    assert q2q.relevance_verifier(overlap, equivalent, threshold=0.5)("drill", "driver")
+
+
+# ---------------------------------------------------------------------------------------------- reverse KL
+
+
+def test_reverse_kl_matches_hand_computation_and_is_not_symmetric() -> None:
+    p_s = torch.tensor([0.5, 0.25, 0.25])
+    p_t = torch.tensor([0.25, 0.5, 0.25])
+    s_logits, t_logits = p_s.log().view(1, 1, 3), p_t.log().view(1, 1, 3)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    by_hand = 0.5 * math.log(0.5 / 0.25) + 0.25 * math.log(0.25 / 0.5) + 0.25 * math.log(1.0)
+    assert float(reverse_kl(s_logits, t_logits, mask)) == pytest.approx(by_hand, abs=1e-6)
+    assert float(reverse_kl(s_logits, s_logits, mask)) == pytest.approx(0.0, abs=1e-7)
+    # asymmetric pair: S puts mass where T has little
+    q_s, q_t = torch.tensor([0.9, 0.05, 0.05]), torch.tensor([0.4, 0.3, 0.3])
+    rev = float(reverse_kl(q_s.log().view(1, 1, 3), q_t.log().view(1, 1, 3), mask))
+    fwd = float(forward_kl(q_s.log().view(1, 1, 3), q_t.log().view(1, 1, 3), mask))
+    by_hand = 0.9 * math.log(0.9 / 0.4) + 2 * 0.05 * math.log(0.05 / 0.3)
+    assert rev == pytest.approx(by_hand, abs=1e-6)
+    assert abs(rev - fwd) > 0.05
+
+
+def test_reverse_kl_averages_over_masked_tokens_only() -> None:
+    s = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [5.0, -5.0]]])
+    t = torch.tensor([[[0.0, 2.0], [0.0, 0.0], [-5.0, 5.0]]])
+    mask = torch.tensor([[True, True, False]])
+    per_token = [float(reverse_kl(s[:, i : i + 1], t[:, i : i + 1], mask[:, :1])) for i in range(2)]
+    assert float(reverse_kl(s, t, mask)) == pytest.approx(sum(per_token) / 2, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- student
+
+
+def test_student_keeps_every_other_layer_exactly(tiny: Path, tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(tiny))
+    config.num_hidden_layers = 4
+    torch.manual_seed(1)
+    teacher = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    teacher.save_pretrained(tmp_path / "teacher")
+    AutoTokenizer.from_pretrained(str(tiny)).save_pretrained(tmp_path / "teacher")
+
+    student_dir = make_student(tmp_path / "teacher", tmp_path / "student")
+    student, _ = load_policy(student_dir)
+    assert kept_layers(4) == [0, 2] and student.config.num_hidden_layers == 2
+    t_state, s_state = teacher.state_dict(), student.state_dict()
+    for new, old in enumerate([0, 2]):
+        for name, value in s_state.items():
+            if name.startswith(f"model.layers.{new}."):
+                source = name.replace(f"model.layers.{new}.", f"model.layers.{old}.", 1)
+                assert torch.equal(value, t_state[source]), name
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.equal(s_state[name], t_state[name])
+    assert [layer.self_attn.layer_idx for layer in student.model.layers] == [0, 1]  # KV cache indices
+    texts = ["cordless drill 20v", "toungh groove <|im_end|>", "Ünïcode ½ inch"]
+    assert token_ids_match(tiny, student_dir, texts)  # the real SmolLM2 tokenizer's ids
+    student.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)  # the cache works
+
+
+# ------------------------------------------------------------------------------------- SFT and distillation
+
+
+def test_sft_lowers_the_loss_on_its_training_pairs(tiny: Path, tmp_path: Path) -> None:
+    model, tokenizer = load_policy(tiny)
+    eos = end_of_turn(model, tokenizer)
+    assert eos == "<|im_end|>"  # what generate stops on, not the GGUF tokenizer's "<|im_start|>"
+    batch = collate(tokenizer, prompt_completion_rows(PAIRS, tokenizer, eos))
+    assert batch["completion_mask"].sum(1).tolist() == [
+        len(tokenizer(p.target + eos)["input_ids"]) for p in PAIRS
+    ]  # exactly target + end of turn is learned
+    before = completion_loss(model, tokenizer, PAIRS, eos)
+    result = train_sft(tiny, PAIRS, tmp_path / "sft", max_steps=4, batch_size=4, learning_rate=2e-3)
+    trained, trained_tok = load_policy(tmp_path / "sft")
+    after = completion_loss(trained, trained_tok, PAIRS, eos)
+    assert result.steps == 4 and after < before - 0.1, (before, after)
+    assert result.losses[0] == pytest.approx(before, rel=1e-3)  # TRL's masked loss is ours
+
+
+def test_distillation_lowers_reverse_kl_and_gkd_beta1_matches(tiny: Path, tmp_path: Path) -> None:
+    other = build_tiny_policy(tmp_path / "other", tiny, seed=1)
+    student_dir = make_student(other, tmp_path / "student")  # 1 layer, different weights from the teacher
+    teacher, tokenizer = load_policy(tiny)
+    batch = collate(tokenizer, prompt_completion_rows(PAIRS, tokenizer, end_of_turn(teacher, tokenizer)))
+    before = mean_reverse_kl(teacher, load_policy(student_dir)[0], batch)
+    result = distill(
+        tiny, student_dir, PAIRS, tmp_path / "distilled", steps=4, batch_size=4, learning_rate=3e-3
+    )
+    after = mean_reverse_kl(teacher, load_policy(tmp_path / "distilled")[0], batch)
+    assert result.steps == 4 and after < 0.7 * before, (before, after)
+
+    gkd = compare_with_gkd(tiny, student_dir, PAIRS)
+    assert gkd["ours"] > 0 and gkd["abs_diff"] < 1e-6, gkd
