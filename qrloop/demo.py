@@ -1,0 +1,377 @@
+"""``qrloop demo``: the whole online loop on simulated traffic, as separate processes, with live progress.
+
+    shoppers ──HTTP──▶ rewriter ──▶ query-events ─┐
+        └────────────────────────▶ interactions ──┴─▶ aggregator ──▶ preference-pairs ──▶ learner ──▶ store
+
+Each demo run is isolated: its own topics (suffixed with the run id), its own SQLite policy store under
+``<cache_dir>/runs/<run id>/`` and its own Faust application id, so runs never see each other's events. The
+blob directory is shared (content-addressed, so identical weights are stored once). This process only
+watches the topics, shows progress and, at the end, prints the versions and draws the reward curve.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from qrloop.settings import REPO_ROOT, Settings
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunLayout:
+    run_id: str
+    run_dir: Path
+    env: dict[str, str]
+    settings: Settings
+    rewriter_port: int
+
+
+def make_run(base: Settings, run_id: str | None = None) -> RunLayout:
+    run_id = run_id or time.strftime("%Y%m%d-%H%M%S")
+    run_dir = base.cache_dir / "runs" / run_id
+    run_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f".{run_id}"
+    topics = base.topics
+    overrides = {
+        "QRLOOP_DATABASE_URL": f"sqlite:///{run_dir / 'qrloop.db'}",
+        "QRLOOP_BLOB_DIR": str(base.blob_dir),
+        "QRLOOP_TOPICS__QUERY_EVENTS": topics.query_events + suffix,
+        "QRLOOP_TOPICS__INTERACTIONS": topics.interactions + suffix,
+        "QRLOOP_TOPICS__PREFERENCE_PAIRS": topics.preference_pairs + suffix,
+        "QRLOOP_TOPICS__POLICY_VERSIONS": topics.policy_versions + suffix,
+        "QRLOOP_TOPICS__DEAD_LETTER": topics.dead_letter + suffix,
+        "QRLOOP_STREAMS__APP_ID": f"{base.streams.app_id}-{run_id}",
+        "QRLOOP_DPO__LEARNER_NAME": f"demo-{run_id}",
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QRLOOP_") or k in ("QRLOOP_CONFIG",)}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("QRLOOP_")})
+    env.update(overrides)
+    env["PYTHONUNBUFFERED"] = "1"
+    settings = base.model_copy(
+        update={
+            "database_url": overrides["QRLOOP_DATABASE_URL"],
+            "topics": base.topics.model_copy(
+                update={
+                    "query_events": overrides["QRLOOP_TOPICS__QUERY_EVENTS"],
+                    "interactions": overrides["QRLOOP_TOPICS__INTERACTIONS"],
+                    "preference_pairs": overrides["QRLOOP_TOPICS__PREFERENCE_PAIRS"],
+                    "policy_versions": overrides["QRLOOP_TOPICS__POLICY_VERSIONS"],
+                    "dead_letter": overrides["QRLOOP_TOPICS__DEAD_LETTER"],
+                }
+            ),
+            "streams": base.streams.model_copy(update={"app_id": overrides["QRLOOP_STREAMS__APP_ID"]}),
+            "dpo": base.dpo.model_copy(update={"learner_name": overrides["QRLOOP_DPO__LEARNER_NAME"]}),
+        }
+    )
+    return RunLayout(run_id, run_dir, env, settings, free_port())
+
+
+def publish_starting_policy(run: RunLayout, base: Settings, start_dir: Path | None = None) -> int:
+    """Version 1 of the run: ``start_dir`` if given, else the offline MiniELM when the default store has one,
+    else the base SmolLM2."""
+    from policy_store import PolicyStore
+    from policy_store.errors import PolicyStoreError
+    from qrloop import db, models
+
+    source_dir, base_model, tags = models.require_policy(base), "SmolLM2-135M-Instruct", {"stage": "base"}
+    if start_dir is not None:
+        source_dir, base_model, tags = start_dir, str(start_dir), {"stage": "given"}
+    try:
+        if start_dir is not None:
+            raise PolicyStoreError("a starting directory was given")
+        home = PolicyStore.from_settings(base)
+        production = home.resolve("production")
+        if production.tags.get("stage") == "offline":
+            source_dir, base_model = home.load_dir(production), production.base_model
+            tags = {"stage": "offline", "from_version": production.id}
+        home.close()
+    except PolicyStoreError:
+        pass
+    except Exception:  # the default store may simply not exist yet
+        pass
+    db.upgrade(run.settings.db_url)
+    store = PolicyStore.from_settings(run.settings)
+    version = store.publish(
+        source_dir, base_model=base_model, tags=tags, actor="demo", reason="starting policy"
+    )
+    store.set_alias("production", version.id, reason="demo start", actor="demo")
+    store.close()
+    return version.id
+
+
+@dataclass
+class Role:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+
+def start_role(role: Role, run: RunLayout) -> None:
+    role.log_path = run.run_dir / f"{role.name}.log"
+    log = role.log_path.open("wb")
+    # A new session per role: Ctrl-C in the terminal reaches the demo, which then stops every role itself.
+    role.process = subprocess.Popen(
+        [sys.executable, "-m", "qrloop", *role.argv],
+        cwd=REPO_ROOT,
+        env=run.env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def stop_roles(roles: list[Role], deadline_s: float = 30.0) -> None:
+    for role in roles:
+        if role.process and role.process.poll() is None:
+            role.process.send_signal(signal.SIGTERM)
+    end = time.monotonic() + deadline_s
+    for role in roles:
+        if role.process is None:
+            continue
+        try:
+            role.process.wait(timeout=max(0.1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(role.process.pid, signal.SIGKILL)
+            role.process.wait()
+
+
+@contextmanager
+def running(roles: list[Role], run: RunLayout) -> Iterator[list[Role]]:
+    try:
+        for role in roles:
+            start_role(role, run)
+        yield roles
+    finally:
+        stop_roles(roles)
+
+
+@dataclass
+class Progress:
+    """What the demo has seen on the topics so far."""
+
+    queries: int = 0
+    pairs: int = 0
+    versions: list[int] = field(default_factory=list)
+    chosen: list[float] = field(default_factory=list)
+    rejected: list[float] = field(default_factory=list)
+    pair_versions: list[int | None] = field(default_factory=list)
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    started: float = field(default_factory=time.monotonic)
+    served_versions: list[int | None] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    chosen_texts: list[str] = field(default_factory=list)
+    rejected_texts: list[str] = field(default_factory=list)
+    run: RunLayout | None = None
+
+    def table(self, total: int, batch: int) -> Table:
+        elapsed = time.monotonic() - self.started
+        rate = self.queries / elapsed if elapsed > 0 else 0.0
+        eta = (total - self.queries) / rate if rate > 0 else float("nan")
+        mean = sum(self.recent) / len(self.recent) if self.recent else float("nan")
+        table = Table(title="qrloop demo", show_header=False)
+        table.add_row("queries served", f"{self.queries}/{total}")
+        table.add_row("preference pairs", f"{self.pairs}")
+        table.add_row("DPO steps / versions", f"{len(self.versions)} (one per {batch} pairs)")
+        table.add_row("serving version", f"{self.versions[-1] if self.versions else 1}")
+        table.add_row("moving mean chosen reward (32)", f"{mean:.3f}")
+        table.add_row("elapsed / ETA", f"{elapsed:,.0f} s / {eta:,.0f} s")
+        return table
+
+
+def watch_topics(run: RunLayout) -> Any:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(
+        bootstrap_servers=run.settings.kafka.bootstrap_servers,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        client_id="qrloop-demo-monitor",
+    )
+    topics = run.settings.topics
+    consumer.subscribe([topics.query_events, topics.preference_pairs, topics.policy_versions])
+    return consumer
+
+
+def absorb(progress: Progress, run: RunLayout, records: dict[Any, list[Any]]) -> None:
+    from qrloop.events import PolicyAnnouncement, PreferencePair, QueryEvent, decode
+
+    topics = run.settings.topics
+    for tp, messages in records.items():
+        for message in messages:
+            if tp.topic == topics.query_events:
+                progress.queries += 1
+                progress.served_versions.append(decode(QueryEvent, message.value).policy_version)
+            elif tp.topic == topics.preference_pairs:
+                pair = decode(PreferencePair, message.value)
+                progress.pairs += 1
+                progress.chosen.append(pair.chosen_reward)
+                progress.rejected.append(pair.rejected_reward)
+                progress.pair_versions.append(pair.policy_version)
+                progress.prompts.append(pair.prompt)
+                progress.chosen_texts.append(pair.chosen)
+                progress.rejected_texts.append(pair.rejected)
+                progress.recent.append(pair.chosen_reward)
+            elif tp.topic == topics.policy_versions:
+                note = decode(PolicyAnnouncement, message.value)
+                if note.kind == "version_published":
+                    progress.versions.append(note.version)
+
+
+def plot_rewards(progress: Progress, path: Path, window: int = 5) -> Path:
+    """Chosen and rejected rewards over the run, smoothed with a moving average (the paper's Figure 4)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    def smooth(values: list[float]) -> Any:
+        if len(values) < window:
+            return np.array(values)
+        return np.convolve(values, np.ones(window) / window, mode="valid")
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for values, label in ((progress.chosen, "chosen"), (progress.rejected, "rejected")):
+        smoothed = smooth(values)
+        ax.plot(np.arange(len(smoothed)) + (len(values) - len(smoothed)), smoothed, label=label)
+    ax.set_xlabel("preference pair (arrival order)")
+    ax.set_ylabel(f"reward (moving average, window {window})")
+    ax.set_title("qrloop online DPO: rewards of chosen and rejected rewrites")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def ensure_broker(settings: Settings, console: Console) -> None:
+    from qrloop.doctor import check_kafka
+
+    if check_kafka(settings).ok:
+        return
+    console.print("[yellow]no broker answering; starting the local one (scripts/kafka.sh start)[/]")
+    subprocess.run(["bash", str(REPO_ROOT / "scripts" / "kafka.sh"), "start"], check=True)
+
+
+def run_demo(
+    base: Settings, queries: int, console: Console, run_id: str | None = None, start_dir: Path | None = None
+) -> Progress:
+    from qrloop import data, models
+    from qrloop.topics import ensure_topics
+
+    ensure_broker(base, console)
+    data.prepare(base)
+    if not models.is_policy_prepared(base):
+        with console.status("preparing the policy model (once)..."):
+            models.prepare_policy(base)
+    run = make_run(base, run_id)
+    start_version = publish_starting_policy(run, base, start_dir)
+    ensure_topics(run.settings)
+    console.print(f"run [bold]{run.run_id}[/]: store {run.settings.db_url}, logs in {run.run_dir}")
+    console.print(f"starting policy: version {start_version}")
+    url = f"http://127.0.0.1:{run.rewriter_port}"
+    roles = [
+        Role("aggregator", ["aggregate"]),
+        Role("learner", ["learn"]),
+        Role("rewriter", ["serve", "--port", str(run.rewriter_port)]),
+        Role("shoppers", ["shop", "--queries", str(queries), "--rewriter", url, "--wait-ready", "120"]),
+    ]
+    progress = Progress()
+    batch = run.settings.dpo.batch_size
+    consumer = watch_topics(run)
+    try:
+        with (
+            running(roles, run),
+            Live(progress.table(queries, batch), console=console, refresh_per_second=2) as live,
+        ):
+            quiet_since: float | None = None
+            while True:
+                absorb(progress, run, consumer.poll(timeout_ms=500))
+                live.update(progress.table(queries, batch))
+                for role in roles:
+                    code = role.process.poll() if role.process else None
+                    if code is not None and (role.name != "shoppers" or code != 0):
+                        raise RuntimeError(f"the {role.name} exited with code {code}; see {role.log_path}")
+                shoppers_done = roles[-1].process is not None and roles[-1].process.poll() is not None
+                expected_steps = progress.pairs // batch
+                if shoppers_done and len(progress.versions) >= expected_steps:
+                    # Let the aggregator close the last windows, then stop once nothing more arrives.
+                    quiet_since = quiet_since or time.monotonic()
+                    if time.monotonic() - quiet_since > run.settings.streams.idle_advance_s + 8:
+                        break
+                else:
+                    quiet_since = None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: every process was stopped[/]")
+    finally:
+        consumer.close()
+    progress.run = run
+    finish(run, progress, console)
+    return progress
+
+
+def finish(run: RunLayout, progress: Progress, console: Console) -> Path:
+    from policy_store import PolicyStore
+
+    store = PolicyStore.from_settings(run.settings)
+    table = Table("version", "parent", "steps", "loss", "margin", "created")
+    for version in sorted(store.list(), key=lambda v: v.id):
+        m = version.metrics
+        table.add_row(
+            str(version.id),
+            str(version.parent_id or "-"),
+            str(version.train_steps),
+            f"{m['loss']:.4f}" if "loss" in m else "-",
+            f"{m['margin']:.4f}" if "margin" in m else "-",
+            version.created_at.strftime("%H:%M:%S"),
+        )
+    store.close()
+    console.print(table)
+    png = plot_rewards(progress, run.run_dir / "rewards.png")
+    summary = summarise(progress, run.settings.dpo.batch_size)
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    console.print(
+        f"pairs {progress.pairs}, steps {len(progress.versions)}; mean chosen reward, first vs last quarter: "
+        f"{summary['chosen_first_quarter']:.3f} -> {summary['chosen_last_quarter']:.3f}; curve: {png}"
+    )
+    return png
+
+
+def summarise(progress: Progress, batch: int) -> dict[str, Any]:
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else float("nan")
+
+    quarter = max(1, len(progress.chosen) // 4)
+    return {
+        "queries": progress.queries,
+        "pairs": progress.pairs,
+        "versions": progress.versions,
+        "chosen_first_quarter": mean(progress.chosen[:quarter]),
+        "chosen_last_quarter": mean(progress.chosen[-quarter:]),
+        "rejected_first_quarter": mean(progress.rejected[:quarter]),
+        "rejected_last_quarter": mean(progress.rejected[-quarter:]),
+        "batch_size": batch,
+    }
