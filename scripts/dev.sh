@@ -12,7 +12,8 @@ case "$cmd" in
   setup) bash scripts/setup.sh "$@" ;;
   demo)
     bash scripts/setup.sh
-    exec .venv/bin/qrloop smoke "$@"
+    .venv/bin/qrloop smoke
+    exec .venv/bin/qrloop demo "$@"
     ;;
   test)
     bash scripts/setup.sh
