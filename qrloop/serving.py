@@ -25,7 +25,7 @@ import torch
 from qrloop import metrics
 from qrloop.events import PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
 from qrloop.models import load_policy
-from qrloop.prompting import build_prompt
+from qrloop.prompting import build_prompt, end_of_turn
 from qrloop.settings import RewriterSettings, Settings
 
 log = logging.getLogger("qrloop.rewriter")
@@ -102,7 +102,9 @@ class Rewriter:
                 output_logits=True,
             )
         prompt_len = inputs.input_ids.shape[1]
-        logps = _completion_logprobs(out.sequences, out.logits, prompt_len, tokenizer.eos_token_id)
+        # The token generate() stops on, which for the converted SmolLM2 is not the tokenizer's EOS.
+        stop_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer, policy.model.generation_config))
+        logps = _completion_logprobs(out.sequences, out.logits, prompt_len, stop_id)
         texts = tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
         return [(" ".join(t.split()), float(lp)) for t, lp in zip(texts, logps, strict=True)]
 

@@ -14,7 +14,7 @@ from policy_store import PolicyStore
 from qrloop import db
 from qrloop.events import PolicyAnnouncement, encode
 from qrloop.models import build_tiny_policy, require_policy
-from qrloop.prompting import build_prompt
+from qrloop.prompting import build_prompt, end_of_turn
 from qrloop.serving import AnnouncementFollower, Rewriter, _completion_logprobs, load_version, normalise
 from qrloop.settings import RewriterSettings, Settings
 from qrloop.topics import ensure_topics
@@ -64,12 +64,13 @@ def test_logged_logprob_is_the_policys_own(tiny_dirs: tuple[Path, Path]) -> None
             output_logits=True,
         )
     prompt_len = inputs.input_ids.shape[1]
-    logged = _completion_logprobs(out.sequences, out.logits, prompt_len, tokenizer.eos_token_id)
+    stop_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer, model.generation_config))
+    logged = _completion_logprobs(out.sequences, out.logits, prompt_len, stop_id)
     for row in range(2):
         ids = out.sequences[row : row + 1]
         generated = ids[0, prompt_len:].tolist()
-        if tokenizer.eos_token_id in generated:
-            generated = generated[: generated.index(tokenizer.eos_token_id) + 1]
+        if stop_id in generated:
+            generated = generated[: generated.index(stop_id) + 1]
         full = torch.cat([inputs.input_ids, torch.tensor([generated])], dim=1)
         with torch.no_grad():
             logps = torch.log_softmax(model(full).logits[0, :-1].float(), dim=-1)
