@@ -103,16 +103,7 @@ class Learner:
     # -- consuming ------------------------------------------------------------------------------------------
 
     def _dead_letter(self, record: Any, reason: str, error: str) -> None:
-        import base64
-
-        letter = DeadLetter(
-            source_topic=record.topic,
-            partition=record.partition,
-            offset=record.offset,
-            reason=reason,
-            error=error[:2000],
-            original=base64.b64encode(record.value or b"").decode(),
-        )
+        letter = DeadLetter.of(record.topic, record.partition, record.offset, reason, error, record.value)
         metrics.DEAD_LETTERS.labels(reason).inc()
         self.producer.send(self.settings.topics.dead_letter, key=record.key, value=encode(letter))
 

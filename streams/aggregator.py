@@ -12,7 +12,6 @@ query and its feedback meet on the same partition, where the table's changelog p
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import time
@@ -67,14 +66,7 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
 
     async def dead_letter(event: Any, reason: str, error: str) -> None:
         message = event.message
-        letter = DeadLetter(
-            source_topic=message.topic,
-            partition=message.partition,
-            offset=message.offset,
-            reason=reason,
-            error=error[:2000],
-            original=base64.b64encode(message.value or b"").decode(),
-        )
+        letter = DeadLetter.of(message.topic, message.partition, message.offset, reason, error, message.value)
         metrics.DEAD_LETTERS.labels(reason).inc()
         await built.dead_letter.send(key=message.key, value=encode(letter))
 
@@ -156,13 +148,13 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
                 await finalize(key, state, "window")
 
     async def dead_letter_orphan(key: str, pending_key: str) -> None:
-        letter = DeadLetter(
-            source_topic=settings.topics.interactions,
-            partition=-1,
-            offset=-1,
-            reason="orphan_interaction",
-            error=f"no query event {key} arrived within {settings.streams.orphan_after_s} s",
-            original=base64.b64encode(pending_key.encode()).decode(),
+        letter = DeadLetter.of(
+            settings.topics.interactions,
+            -1,
+            -1,
+            "orphan_interaction",
+            f"no query event {key} arrived within {settings.streams.orphan_after_s} s",
+            pending_key.encode(),
         )
         metrics.DEAD_LETTERS.labels("orphan_interaction").inc()
         await built.dead_letter.send(key=key.encode(), value=encode(letter))
