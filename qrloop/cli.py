@@ -30,11 +30,13 @@ app.add_typer(kafka_app, name="kafka")
 
 def _mount_component_clis() -> None:
     # Components own their sub-commands; the core only mounts them.
+    from learner.offline.cli import app as offline_app
     from policy_store.cli import app as policy_app
     from simulators.cli import app as sim_app
 
     app.add_typer(policy_app, name="policy", help="Versions, aliases, rollback and audit of policies.")
     app.add_typer(sim_app, name="sim", help="The simulated search engine, shoppers and judge.")
+    app.add_typer(offline_app, name="offline", help="The offline phase: Q2Q, SFT, distillation, MiniELM.")
 
 
 def fail(message: str, code: int = 2) -> None:

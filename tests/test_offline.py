@@ -245,3 +245,57 @@ def test_distillation_lowers_reverse_kl_and_gkd_beta1_matches(tiny: Path, tmp_pa
 
     gkd = compare_with_gkd(tiny, student_dir, PAIRS)
     assert gkd["ours"] > 0 and gkd["abs_diff"] < 1e-6, gkd
+
+
+# ------------------------------------------------------------------------------------------------ publishing
+
+
+def _table2(student_xentropy: float, teacher_xentropy: float) -> dict[str, dict[str, float]]:
+    row = {"exact_match": 0.0, "rouge_l": 0.0, "mean_length": 3.0, "n": 4.0}
+    return {"T→S/P": {**row, "xentropy": student_xentropy}, "T/P": {**row, "xentropy": teacher_xentropy}}
+
+
+def test_the_best_rule_publishes_the_model_with_the_lower_evaluation_cross_entropy() -> None:
+    from learner.offline.build import choose_published
+
+    assert choose_published(_table2(2.0, 3.0), "best") == "T→S/P"
+    assert choose_published(_table2(6.4, 2.9), "best") == "T/P"
+    assert choose_published(_table2(3.0, 3.0), "best") == "T→S/P", "a tie goes to the smaller model"
+    assert choose_published(_table2(6.4, 2.9), "student") == "T→S/P"
+    with pytest.raises(ValueError, match="publish_model"):
+        choose_published(_table2(1.0, 2.0), "largest")
+
+
+def test_publish_existing_publishes_the_chosen_directory_and_moves_the_alias(
+    tiny: Path, tmp_path: Path, sqlite_url: str
+) -> None:
+    import json
+    import shutil
+    from dataclasses import asdict
+
+    from learner.offline.build import MiniELMReport, offline_dir, publish_existing
+    from policy_store import PolicyStore
+    from qrloop import db
+
+    settings = Settings(cache_dir=tmp_path, database_url=sqlite_url, blob_dir=tmp_path / "blobs")
+    out = offline_dir(settings)
+    shutil.copytree(tiny, out / "teacher")
+    make_student(tiny, out / "minielm")  # 1 layer: distinguishable from the 2-layer teacher
+    report = MiniELMReport(config={"student_from": "teacher"}, q2q={"dataset": "homedepot", "train": 4})
+    report.table2, report.training = _table2(6.4, 2.9), {"S": {"steps": 3}, "T→S": {"steps": 5}}
+    report.out_dir = str(out)
+    (out / "report.json").write_text(json.dumps(asdict(report)))
+    db.upgrade(sqlite_url)
+
+    published = publish_existing(settings, "best", alias="production")
+
+    store = PolicyStore.from_settings(settings)
+    try:
+        version = store.resolve("production")
+        assert version.id == published.version and published.published == "T/P"
+        assert version.tags["published"] == "T/P" and version.tags["stage"] == "offline"
+        assert version.tags["published_layers"] == 2 and version.tags["student_layers"] == 1
+        assert "teacher is published" in store.history("production")[0].reason
+    finally:
+        store.close()
+    assert json.loads((out / "report.json").read_text())["published"] == "T/P"

@@ -66,6 +66,10 @@ class OfflineConfig:
     serving_queries: int = 30
     # publishing
     publish: bool = True
+    # Which model becomes the policy: the distilled student, the SFT teacher, or whichever of the two has
+    # the lower cross-entropy on the evaluation pairs. "best" exists because a CPU budget of a few hundred
+    # steps can leave the student worse than its teacher, and a worse starting policy is not worth its speed.
+    publish_model: Literal["best", "student", "teacher"] = "best"
     alias: str = "production"
     teacher_dir: Path | None = None  # None: the prepared policy (SmolLM2-135M-Instruct)
 
@@ -80,6 +84,7 @@ class MiniELMReport:
     serving: dict[str, dict[str, float]] = field(default_factory=dict)  # "T"/"S" -> median_s, tokens
     gkd: dict[str, float] = field(default_factory=dict)
     version: int | None = None
+    published: str = ""  # the Table 2 row that was published: "T→S/P" (the student) or "T/P" (the teacher)
     out_dir: str = ""
 
     def metrics(self) -> dict[str, float]:
@@ -259,7 +264,9 @@ def _build(settings: Settings, config: OfflineConfig, progress: ProgressLike | N
         evaluate_all(report, rows, evaluation, settings, config, advance)
 
     if config.publish:
-        report.version = publish_minielm(settings, minielm, teacher_dir, report, config)
+        row = choose_published(report.table2, config.publish_model)
+        report.published = row
+        report.version = publish_minielm(settings, PUBLISHED_DIRS[row](out), teacher_dir, report, config)
     (out / "report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False))
     return report
 
@@ -293,6 +300,44 @@ def evaluate_all(
     advance(total, total)
 
 
+PUBLISHED_DIRS: dict[str, Callable[[Path], Path]] = {
+    "T→S/P": lambda out: out / "minielm",
+    "T/P": lambda out: out / "teacher",
+}
+
+
+def choose_published(table2: dict[str, dict[str, float]], rule: str) -> str:
+    """The Table 2 row to publish: the student ("T→S/P"), the teacher ("T/P"), or for ``"best"`` the one with
+    the lower evaluation cross-entropy (ties go to the student, the smaller and faster model)."""
+    if rule == "student":
+        return "T→S/P"
+    if rule == "teacher":
+        return "T/P"
+    if rule != "best":
+        raise ValueError(f"publish_model must be 'best', 'student' or 'teacher', not {rule!r}")
+    student, teacher = table2["T→S/P"]["xentropy"], table2["T/P"]["xentropy"]
+    return "T→S/P" if student <= teacher else "T/P"
+
+
+def publish_existing(settings: Settings, rule: str = "best", alias: str = "production") -> MiniELMReport:
+    """Publish from the finished build in ``<cache_dir>/offline`` without retraining (e.g. another rule)."""
+    out = offline_dir(settings)
+    path = out / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no finished offline build in {out}; run `qrloop offline build` first")
+    raw = json.loads(path.read_text())
+    fields = {k: raw[k] for k in MiniELMReport.__dataclass_fields__ if k in raw}
+    report = MiniELMReport(**fields)
+    config = OfflineConfig(**{k: v for k, v in raw["config"].items() if k in ("student_from",)})
+    config.alias = alias
+    report.published = choose_published(report.table2, rule)
+    report.version = publish_minielm(
+        settings, PUBLISHED_DIRS[report.published](out), out / "teacher", report, config
+    )
+    path.write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False))
+    return report
+
+
 def _layers(model_dir: Path) -> int:
     return int(json.loads((model_dir / "config.json").read_text())["num_hidden_layers"])
 
@@ -300,7 +345,8 @@ def _layers(model_dir: Path) -> int:
 def publish_minielm(
     settings: Settings, minielm: Path, teacher_dir: Path, report: MiniELMReport, config: OfflineConfig
 ) -> int:
-    """Publish the distilled student as a new version and point ``config.alias`` at it; returns its id."""
+    """Publish ``minielm`` (the distilled student, or the teacher when the build chose it) as a new version
+    and point ``config.alias`` at it; returns its id."""
     from policy_store.store import PolicyStore
 
     steps = sum(int(report.training[m]["steps"]) for m in ("S", "T→S"))
@@ -309,11 +355,15 @@ def publish_minielm(
         "dataset": report.q2q.get("dataset"),
         "q2q_train_pairs": report.q2q.get("train"),
         "teacher_layers": _layers(teacher_dir),
-        "student_layers": _layers(minielm),
+        "student_layers": _layers(Path(report.out_dir) / "minielm") if report.out_dir else _layers(minielm),
         "student_from": config.student_from,
         "distillation": "reverse KL (MiniLLM eq. 1)",
+        "published": report.published or "T→S/P",
+        "published_layers": _layers(minielm),
     }
     reason = "offline MiniELM build: Q2Q SFT + reverse-KL distillation (learner/offline)"
+    if report.published == "T/P":
+        reason += "; the SFT teacher is published: it beat the distilled student on evaluation cross-entropy"
     store = PolicyStore.from_settings(settings)
     try:
         version = store.publish(

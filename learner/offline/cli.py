@@ -84,6 +84,9 @@ def build(
     rebuild_q2q: bool = typer.Option(False, help="Rebuild Q2Q even when a matching build exists."),
     student_from: str = typer.Option("teacher", help="Cut the student from the SFT 'teacher' or 'vanilla'."),
     publish: bool = typer.Option(True, help="Publish MiniELM and move the alias."),
+    publish_model: str = typer.Option(
+        "best", help="Publish the 'student', the 'teacher', or the 'best' by evaluation cross-entropy."
+    ),
     alias: str = typer.Option("production", help="Alias to point at the published MiniELM."),
     teacher_dir: Path = typer.Option(None, help="Teacher checkpoint (default: the prepared SmolLM2)."),
 ) -> None:
@@ -106,6 +109,7 @@ def build(
         eval_pairs=eval_pairs,
         serving_queries=serving_queries,
         publish=publish,
+        publish_model=publish_model,  # type: ignore[arg-type]
         alias=alias,
         teacher_dir=teacher_dir,
     )
@@ -120,8 +124,21 @@ def build(
         f"GKD(beta=1) vs ours |diff| {report.gkd['abs_diff']:.2e}"
     )
     if report.version is not None:
-        console.print(f"[green]published[/] version {report.version} as '{alias}'")
+        console.print(f"[green]published[/] {report.published} as version {report.version} ('{alias}')")
     console.print_json(json.dumps({"stages_s": report.stages_s, "training": report.training}))
+
+
+@app.command("publish")
+def publish(
+    model: str = typer.Option("best", help="'student', 'teacher', or 'best' by evaluation cross-entropy."),
+    alias: str = typer.Option("production", help="Alias to point at the published model."),
+) -> None:
+    """Publish from the finished build in <cache_dir>/offline without retraining."""
+    from learner.offline.build import publish_existing
+
+    report = publish_existing(get_settings(), model, alias)
+    console.print(report.table(), soft_wrap=True)
+    console.print(f"[green]published[/] {report.published} as version {report.version} ('{alias}')")
 
 
 if __name__ == "__main__":
