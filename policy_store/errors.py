@@ -27,6 +27,10 @@ class VersionInUseError(PolicyStoreError):
     """The version is held by an alias; move the alias first (or pass ``force=True``)."""
 
 
+class StaleVerdictError(PolicyStoreError):
+    """A canary verdict names alias holders that have moved since the analysis; nothing was changed."""
+
+
 class InvalidWeightsError(PolicyStoreError, ValueError):
     """The directory to publish is not a safetensors HF model / PEFT adapter directory."""
 

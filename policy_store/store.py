@@ -50,6 +50,7 @@ from policy_store.entities import (
 from policy_store.errors import (
     NoPreviousVersionError,
     PolicyStoreError,
+    StaleVerdictError,
     UnknownAliasError,
     UnknownVersionError,
     VersionInUseError,
@@ -551,6 +552,83 @@ class PolicyStore:
                 to_version=vid,
                 details=data,
             )
+
+    def conclude_canary(
+        self,
+        canary_version: VersionRef,
+        verdict: Literal["promote", "rollback"],
+        *,
+        production_version: VersionRef,
+        details: Mapping[str, Any] | None = None,
+        production_alias: str = "production",
+        canary_alias: str = "canary",
+        reason: str = "",
+        actor: str = "canary",
+    ) -> builtins.list[AuditEntry]:
+        """Act on a canary's final verdict in one transaction, so a crash never leaves half of it.
+
+        Writes the verdict's audit row, then either *promotes* (``production_alias`` → the canary version)
+        or *rolls back* (``canary_alias`` → production's version, and the canary version is marked
+        rejected). The analysis compared ``canary_version`` with ``production_version``; if either alias
+        has moved since (say the learner published a newer candidate), the verdict is about versions no
+        longer served and :class:`StaleVerdictError` is raised with nothing changed. Returns the audit rows.
+        """
+        cid, pid = _version_id(canary_version), _version_id(production_version)
+        data = {"verdict": verdict, "passed": verdict == "promote", **_json_object("details", details)}
+        with self._writing() as session:
+            # Versions before aliases, the order set_alias and reject lock in.
+            canary_row = self._version_row(session, cid, lock="update" if verdict == "rollback" else "share")
+            self._ready_version(session, pid, force=False)
+            held = {
+                alias: self._alias_row(session, alias, lock=True).version_id
+                for alias in (production_alias, canary_alias)
+            }
+            if held != {production_alias: pid, canary_alias: cid}:
+                raise StaleVerdictError(
+                    f"verdict on canary {cid} vs production {pid}, but the aliases now hold {held}"
+                )
+            entries = [
+                self._audit(
+                    session,
+                    "canary_verdict",
+                    actor=actor,
+                    reason=reason,
+                    alias=canary_alias,
+                    from_version=pid,
+                    to_version=cid,
+                    details=data,
+                )
+            ]
+            if verdict == "promote":
+                if canary_row.status != "ready":
+                    raise VersionNotReadyError(f"version {cid} is {canary_row.status}; it cannot be promoted")
+                entries.append(
+                    self._move_alias(session, production_alias, cid, "set_alias", actor=actor, reason=reason)
+                )
+            else:
+                entries.append(
+                    self._move_alias(session, canary_alias, pid, "set_alias", actor=actor, reason=reason)
+                )
+                holders = session.scalars(
+                    sa.select(SqlPolicyAlias.alias).where(SqlPolicyAlias.version_id == cid)
+                )
+                held_by = sorted(holders)
+                if held_by:  # another alias (not ours) serves it: rejecting would strand that alias
+                    raise VersionInUseError(f"version {cid} is also held by {', '.join(held_by)}")
+                previous = canary_row.status
+                canary_row.status = "rejected"
+                entries.append(
+                    self._audit(
+                        session,
+                        "reject",
+                        actor=actor,
+                        reason=reason,
+                        to_version=cid,
+                        details={"from_status": previous, "to_status": "rejected", "held_by": held_by},
+                    )
+                )
+            session.flush()
+            return entries
 
     # ------------------------------------------------------------------------------------------------- blobs
 

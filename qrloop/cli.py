@@ -32,10 +32,12 @@ def _mount_component_clis() -> None:
     # Components own their sub-commands; the core only mounts them.
     from learner.offline.cli import app as offline_app
     from policy_store.cli import app as policy_app
+    from qrloop.canary_cli import app as canary_app
     from simulators.cli import app as sim_app
 
     app.add_typer(policy_app, name="policy", help="Versions, aliases, rollback and audit of policies.")
     app.add_typer(sim_app, name="sim", help="The simulated search engine, shoppers and judge.")
+    app.add_typer(canary_app, name="canary", help="Canary promotion: run the job, show its status.")
     app.add_typer(offline_app, name="offline", help="The offline phase: Q2Q, SFT, distillation, MiniELM.")
 
 

@@ -6,6 +6,7 @@
 | Interaction         | interactions      | query_event_id   | shoppers        | aggregator                 |
 | SessionEnd          | interactions      | query_event_id   | shoppers        | aggregator (early close)   |
 | PreferencePair      | preference-pairs  | pair_id          | aggregator      | learner                    |
+| QueryOutcome        | query-outcomes    | query_event_id   | aggregator      | canary job                 |
 | PolicyAnnouncement  | policy-versions   | version          | learner, canary | rewriter, dashboards       |
 | DeadLetter          | dead-letter       | original key     | every consumer  | operators                  |
 
@@ -72,6 +73,11 @@ class Rewrite(BaseModel):
     text: str = Field(description="The rewritten query; may be empty when the policy produced nothing.")
     logprob: float = Field(description="Sequence log-probability under the serving policy (for OPE).")
     products: list[str] = Field(description="Product ids retrieved for the rewrite, in rank order.")
+    reference_logprob: float | None = Field(
+        None,
+        description="Log-probability of the same tokens under the production policy, logged when the canary "
+        "arm served the rewrite (the canary's KL guard); None otherwise.",
+    )
 
 
 class QueryEvent(Event):
@@ -149,6 +155,29 @@ class PreferencePair(Event):
 
     def kafka_key(self) -> bytes:
         return self.pair_id.encode()
+
+
+class QueryOutcome(Event):
+    """What one scored query earned, per arm: the canary's samples (ties included, which pairs omit)."""
+
+    type: Literal["outcome"] = "outcome"
+    query_event_id: NonEmpty
+    event_time: UtcDatetime = Field(description="The query's event time (the canary's windows use it).")
+    policy_version: int | None
+    arm: Arm
+    reward: float = Field(description="Mean combined reward of the two rewrites.")
+    relevance: float = Field(description="Mean relevance component of the two rewrites (the hacking guard).")
+    rewards: list[float] = Field(min_length=2, max_length=2, description="Each rewrite's combined reward.")
+    logprobs: list[float] = Field(
+        min_length=2, max_length=2, description="Each rewrite's logged log-probability under its policy."
+    )
+    kl_to_reference: float | None = Field(
+        None, description="Mean log π(rewrite) − log π_production(rewrite) when logged (canary arm)."
+    )
+    tie: bool = Field(description="The two rewards were within the margin: no pair was emitted.")
+
+    def kafka_key(self) -> bytes:
+        return self.query_event_id.encode()
 
 
 class PolicyAnnouncement(Event):
@@ -272,3 +301,19 @@ def _short(exc: ValidationError) -> str:
 def pair_id_for(query_event_id: str) -> str:
     """The pair id of the pair built from one query event: deterministic, so re-emissions are recognisable."""
     return str(uuid.uuid5(PAIR_NAMESPACE, query_event_id))
+
+
+# The traffic log of export/replay/evaluate: query events and their feedback, one JSON object per line, told
+# apart by ``type`` (the schema's own JSON, so a log line is byte-for-byte what the topic carried).
+Logged = Annotated[QueryEvent | Interaction | SessionEnd, Field(discriminator="type")]
+_LOGGED: TypeAdapter[QueryEvent | Interaction | SessionEnd] = TypeAdapter(Logged)
+
+
+def decode_logged(raw: bytes | str | None) -> QueryEvent | Interaction | SessionEnd:
+    """One line of a traffic log → a query event, an interaction or a session end (strict, as on the wire)."""
+    _check_envelope(raw)
+    assert raw is not None
+    try:
+        return _LOGGED.validate_json(raw, strict=True)
+    except ValidationError as exc:
+        raise SchemaError("invalid_schema", _short(exc)) from exc

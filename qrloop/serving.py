@@ -4,10 +4,17 @@
 around it: an HTTP endpoint the search front end (here: the simulated shoppers) calls, the Kafka producer of
 query events, and the thread that follows policy announcements. A new version is loaded in that background
 thread and swapped in under a lock *between* queries, so no query is dropped or served by a half-loaded model.
+
+Canary arms: ``ArmedRewriter`` holds a production and a canary ``Rewriter``. While the ``canary`` alias points
+at a version other than production's, a share of shoppers (a stable hash of the shopper id, salted with the
+canary version) is served by the canary; every ``QueryEvent`` records its ``arm`` and ``policy_version``, and
+canary rewrites also log their log-probability under the production policy (the canary job's KL guard).
+``ArmsFollower`` follows both aliases and the canary job's share steps on the policy-versions topic.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
@@ -18,15 +25,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 from qrloop import metrics
-from qrloop.events import PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
+from qrloop.events import Arm, PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
 from qrloop.models import load_policy
 from qrloop.prompting import build_prompt, end_of_turn
-from qrloop.settings import RewriterSettings, Settings
+from qrloop.settings import CanarySettings, RewriterSettings, Settings
 
 log = logging.getLogger("qrloop.rewriter")
 SearchFn = Callable[[str], list[str]]
@@ -65,6 +72,25 @@ def _completion_logprobs(
     return token_logprobs.masked_fill(after_eos, 0.0).sum(dim=1)
 
 
+def _reference_logprobs(
+    reference: LoadedPolicy, sequences: torch.Tensor, prompt_len: int, eos_id: int
+) -> torch.Tensor:
+    """The same completions' log-probabilities under another policy (one forward pass, no sampling).
+
+    The padding generate() appends after a finished completion needs no attention mask: the model is causal,
+    so it cannot influence the tokens up to the EOS, and ``_completion_logprobs`` ignores it.
+    """
+    with torch.no_grad():
+        logits = reference.model(sequences).logits[:, prompt_len - 1 : -1]
+    return _completion_logprobs(sequences, list(logits.unbind(dim=1)), prompt_len, eos_id)
+
+
+class Sampled(NamedTuple):
+    text: str
+    logprob: float
+    reference_logprob: float | None = None
+
+
 class Rewriter:
     """Two distinct rewrites from one ``generate(num_return_sequences=2)`` call, and their products."""
 
@@ -81,12 +107,18 @@ class Rewriter:
     def version(self) -> int | None:
         return self._policy.version
 
+    @property
+    def policy(self) -> LoadedPolicy:
+        return self._policy
+
     def swap(self, policy: LoadedPolicy) -> None:
         """Replace the policy; waits for the query in flight, so each query sees exactly one version."""
         with self._lock:
             self._policy = policy
 
-    def _sample(self, policy: LoadedPolicy, query: str) -> list[tuple[str, float]]:
+    def _sample(
+        self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None
+    ) -> list[Sampled]:
         tokenizer = policy.tokenizer
         inputs = tokenizer(build_prompt(tokenizer, query), return_tensors="pt")
         with torch.no_grad():
@@ -106,13 +138,19 @@ class Rewriter:
         stop_id = tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer, policy.model.generation_config))
         logps = _completion_logprobs(out.sequences, out.logits, prompt_len, stop_id)
         texts = tokenizer.batch_decode(out.sequences[:, prompt_len:], skip_special_tokens=True)
-        return [(" ".join(t.split()), float(lp)) for t, lp in zip(texts, logps, strict=True)]
+        refs: list[float | None] = [None] * len(texts)
+        if reference is not None:
+            refs = [float(x) for x in _reference_logprobs(reference, out.sequences, prompt_len, stop_id)]
+        rows = zip(texts, logps, refs, strict=True)
+        return [Sampled(" ".join(t.split()), float(lp), ref) for t, lp, ref in rows]
 
-    def sample_rewrites(self, policy: LoadedPolicy, query: str) -> list[tuple[str, float]]:
-        first = self._sample(policy, query)
+    def sample_rewrites(
+        self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None
+    ) -> list[Sampled]:
+        first = self._sample(policy, query, reference)
         if normalise(first[0][0]) == normalise(first[1][0]):
             # Identical rewrites teach DPO nothing; one resample usually separates them.
-            second = self._sample(policy, query)
+            second = self._sample(policy, query, reference)
             distinct = [r for r in second if normalise(r[0]) != normalise(first[0][0])]
             if distinct:
                 return [first[0], distinct[0]]
@@ -126,10 +164,14 @@ class Rewriter:
         session_id: str,
         arm: str = "production",
         event_time: datetime | None = None,
+        policy: LoadedPolicy | None = None,
+        reference: LoadedPolicy | None = None,
     ) -> QueryEvent:
+        """Serve one query. ``policy``: a snapshot the caller already chose (else the current one);
+        ``reference``: also log each rewrite's log-probability under that policy."""
         with self._lock:
-            policy = self._policy
-            rewrites = self.sample_rewrites(policy, query)
+            policy = policy or self._policy
+            rewrites = self.sample_rewrites(policy, query, reference)
         k = self.config.top_k_products
         return QueryEvent(
             event_id=str(uuid.uuid4()),
@@ -146,8 +188,9 @@ class Rewriter:
                     text=text,
                     logprob=logprob,
                     products=self.search(text)[:k] if text else [],
+                    reference_logprob=reference_logprob,
                 )
-                for i, (text, logprob) in enumerate(rewrites)
+                for i, (text, logprob, reference_logprob) in enumerate(rewrites)
             ],
         )
 
@@ -208,6 +251,192 @@ class AnnouncementFollower:
         log.info("now serving version %d (loaded in %.2f s)", version.id, time.perf_counter() - started)
 
 
+def arm_bucket(key: str, salt: str) -> float:
+    """A stable point in [0, 1) for ``key``: the same shopper gets the same arm for one canary version.
+
+    Salting with the canary version gives each new canary a fresh sample of shoppers, so the same people
+    are not always the ones trying untested policies.
+    """
+    digest = hashlib.sha256(f"{salt}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def assign_arm(shopper_id: str, session_id: str, canary_version: int | None, share: float) -> Arm:
+    """``canary`` for a ``share`` of shoppers (anonymous ones by session). Because the bucket is fixed, a
+    share stepped up from 10% to 25% keeps every shopper who already was in the canary arm in it."""
+    key = shopper_id if shopper_id and shopper_id != "anonymous" else session_id
+    return "canary" if arm_bucket(key, f"canary-{canary_version}") < share else "production"
+
+
+class ArmedRewriter:
+    """Production and canary ``Rewriter``s; each query is served by exactly one arm and one version.
+
+    The pair of policies and the share are read together under one lock, then the query is served from
+    that snapshot, so a swap of either arm (or a share step) takes effect between queries, never within one.
+    The canary arm is live only while it holds another version than production.
+    """
+
+    def __init__(self, production: Rewriter, share: float, canary: LoadedPolicy | None = None) -> None:
+        self.production = production
+        self.canary: Rewriter | None = None
+        self._share = share
+        self._lock = threading.Lock()
+        if canary is not None:
+            self.set_canary(canary, share)
+
+    @property
+    def version(self) -> int | None:
+        return self.production.version
+
+    @property
+    def share(self) -> float:
+        return self._share
+
+    @property
+    def canary_version(self) -> int | None:
+        """The version the canary arm serves, or None while it is not live."""
+        with self._lock:
+            return self._live_canary(self.production.policy)
+
+    def _live_canary(self, production: LoadedPolicy) -> int | None:
+        canary = self.canary.policy if self.canary is not None else None
+        return canary.version if canary is not None and canary.version != production.version else None
+
+    def loaded(self, version: int) -> LoadedPolicy | None:
+        """An already-loaded policy of ``version`` (a promotion or a roll back reuses the other arm's)."""
+        for rewriter in (self.production, self.canary):
+            if rewriter is not None and rewriter.version == version:
+                return rewriter.policy
+        return None
+
+    def swap_production(self, policy: LoadedPolicy) -> None:
+        with self._lock:
+            self.production.swap(policy)
+
+    def set_canary(self, policy: LoadedPolicy, share: float) -> None:
+        with self._lock:
+            if self.canary is None:
+                p = self.production
+                self.canary = Rewriter(policy, p.search, p.config, p._generator_seed)
+            else:
+                self.canary.swap(policy)
+            self._share = share
+
+    def set_share(self, version: int, share: float) -> bool:
+        """Step the canary's share; ignored (False) when ``version`` is not the canary being served."""
+        with self._lock:
+            if self.canary is None or self.canary.version != version:
+                return False
+            self._share = share
+            return True
+
+    def arms(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "production_version": self.production.version,
+                "canary_version": self._live_canary(self.production.policy),
+                "share": self._share,
+            }
+
+    def serve(
+        self,
+        query: str,
+        *,
+        shopper_id: str,
+        session_id: str,
+        arm: str | None = None,
+        event_time: datetime | None = None,
+    ) -> QueryEvent:
+        """Serve from the shopper's arm (or from ``arm`` when the caller forces one and it is live)."""
+        with self._lock:
+            production = self.production.policy
+            canary = self.canary.policy if self.canary is not None else None
+            live = self._live_canary(production)
+            share = self._share
+        if arm is None:
+            arm = assign_arm(shopper_id, session_id, live, share) if live is not None else "production"
+        if arm == "canary" and live is not None and self.canary is not None:
+            return self.canary.serve(
+                query,
+                shopper_id=shopper_id,
+                session_id=session_id,
+                arm="canary",
+                event_time=event_time,
+                policy=canary,
+                reference=production,
+            )
+        return self.production.serve(
+            query,
+            shopper_id=shopper_id,
+            session_id=session_id,
+            arm="production",
+            event_time=event_time,
+            policy=production,
+        )
+
+
+class ArmsFollower(AnnouncementFollower):
+    """Follows both aliases and the canary job's verdicts for an ``ArmedRewriter``, in one consumer thread."""
+
+    def __init__(self, settings: Settings, armed: ArmedRewriter, store: Any) -> None:
+        super().__init__(settings, armed.production, settings.canary.production_alias, store)
+        self.armed = armed
+        self.config: CanarySettings = settings.canary
+
+    def _handle(self, raw: bytes) -> None:
+        try:
+            note = decode(PolicyAnnouncement, raw)
+        except SchemaError:
+            log.warning("ignoring an unreadable policy announcement")
+            return
+        try:
+            self._apply(note)
+        except Exception:  # a bad announcement must not kill the thread that follows all the others
+            log.exception("could not apply announcement %s", note.model_dump_json())
+
+    def _apply(self, note: PolicyAnnouncement) -> None:
+        from qrloop.canary_job import canary_share
+
+        if note.kind == "canary_verdict" and "share" in note.details:
+            if self.armed.set_share(note.version, float(note.details["share"])):
+                log.info("canary %d now serves %.0f%% of shoppers", note.version, 100 * self.armed.share)
+            return
+        if note.kind != "alias_moved":
+            return
+        if note.alias == self.config.production_alias and note.version != self.armed.production.version:
+            self._swap(note.version, self.armed.swap_production, self.config.production_alias)
+        elif note.alias == self.config.canary_alias and (
+            self.armed.canary is None or note.version != self.armed.canary.version
+        ):
+            share = canary_share(self.store, note.version, self.config)
+            self._swap(note.version, lambda p: self.armed.set_canary(p, share), self.config.canary_alias)
+
+    def _swap(self, version_id: int, install: Callable[[LoadedPolicy], None], alias: str) -> None:
+        started = time.perf_counter()
+        loaded = self.armed.loaded(version_id)
+        if loaded is None:
+            version = self.store.get(version_id)
+            loaded = load_version(self.store.load_dir(version), version.id)
+        install(loaded)
+        self.swaps.append((version_id, time.perf_counter() - started))
+        metrics.ALIAS_VERSION.labels(alias).set(version_id)
+        log.info("%s arm now serves version %d (%.2f s)", alias, version_id, time.perf_counter() - started)
+
+
+def start_arms(settings: Settings, production: Rewriter, store: Any) -> ArmedRewriter:
+    """The production rewriter plus the canary arm as the store has it now (alias and current share)."""
+    from qrloop.canary_job import canary_share
+
+    config = settings.canary
+    armed = ArmedRewriter(production, config.share_steps[0])
+    holder = store.aliases().get(config.canary_alias)
+    if holder is not None and holder.version_id != production.version:
+        loaded = load_version(store.load_dir(store.get(holder.version_id)), holder.version_id)
+        armed.set_canary(loaded, canary_share(store, holder.version_id, config))
+        metrics.ALIAS_VERSION.labels(config.canary_alias).set(holder.version_id)
+    return armed
+
+
 def _json_response(
     handler: BaseHTTPRequestHandler, status: int, body: Any, content_type: str = "application/json"
 ) -> None:
@@ -222,18 +451,20 @@ def _json_response(
 class RewriterService:
     """The serving process: HTTP in, QueryEvent published to Kafka and returned to the caller."""
 
-    def __init__(self, settings: Settings, rewriter: Rewriter, producer: Any) -> None:
+    def __init__(self, settings: Settings, rewriter: Rewriter | ArmedRewriter, producer: Any) -> None:
         self.settings = settings
         self.rewriter = rewriter
         self.producer = producer
 
     def handle(self, request: dict[str, Any]) -> QueryEvent:
-        event = self.rewriter.serve(
-            str(request["query"]),
-            shopper_id=str(request.get("shopper_id", "anonymous")),
-            session_id=str(request.get("session_id", uuid.uuid4())),
-            arm=str(request.get("arm", "production")),
-        )
+        query = str(request["query"])
+        shopper_id = str(request.get("shopper_id", "anonymous"))
+        session_id = str(request.get("session_id", uuid.uuid4()))
+        if request.get("arm"):  # an explicit arm is honoured (a forced canary query, a test)
+            arm = str(request["arm"])
+            event = self.rewriter.serve(query, shopper_id=shopper_id, session_id=session_id, arm=arm)
+        else:  # otherwise the arms decide
+            event = self.rewriter.serve(query, shopper_id=shopper_id, session_id=session_id)
         # Keyed by event id: interactions are keyed the same way, so both meet on one partition.
         self.producer.send(
             self.settings.topics.query_events, key=event.event_id.encode(), value=encode(event)
@@ -263,7 +494,8 @@ class RewriterService:
                 if self.path == "/healthz":
                     _json_response(self, 200, {"ok": True})
                 elif self.path == "/readyz":
-                    _json_response(self, 200, {"ok": True, "version": service.rewriter.version})
+                    arms = service.rewriter.arms() if isinstance(service.rewriter, ArmedRewriter) else {}
+                    _json_response(self, 200, {"ok": True, "version": service.rewriter.version, **arms})
                 elif self.path == "/metrics":
                     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -291,14 +523,20 @@ def run(port: int, alias: str = "production") -> None:
     store = PolicyStore.from_settings(settings)
     version = store.resolve(alias)
     engine = SearchEngine.open(settings)
-    rewriter = Rewriter(
+    production = Rewriter(
         load_version(store.load_dir(version), version.id), engine.search, settings.rewriter, settings.seed
     )
     metrics.ALIAS_VERSION.labels(alias).set(version.id)
     producer = KafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True, acks="all", linger_ms=5
     )
-    follower = AnnouncementFollower(settings, rewriter, alias, store).start()
+    rewriter: Rewriter | ArmedRewriter = production
+    follower: AnnouncementFollower
+    if settings.canary.enabled and alias == settings.canary.production_alias:
+        rewriter = start_arms(settings, production, store)
+        follower = ArmsFollower(settings, rewriter, store).start()
+    else:
+        follower = AnnouncementFollower(settings, production, alias, store).start()
     service = RewriterService(settings, rewriter, producer)
     server = service.http_server(port)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())

@@ -59,6 +59,9 @@ class TopicSettings(BaseModel):
         1, description="Partitions of the pair topic (one learner reads it in order)."
     )
     replication_factor: int = Field(1, description="Replication factor (1 on the single-node broker).")
+    query_outcomes: str = Field(
+        "qrloop.query-outcomes", description="QueryOutcome per scored query (ties too), read by the canary."
+    )
 
 
 class ModelSettings(BaseModel):
@@ -122,6 +125,42 @@ class StreamSettings(BaseModel):
     metrics_port: int = Field(0, description="Port of the aggregator's /metrics (0: off).")
 
 
+class CanarySettings(BaseModel):
+    enabled: bool = Field(
+        True, description="Serve a share of traffic from the 'canary' alias when it differs from production."
+    )
+    production_alias: str = Field(
+        "production", description="Alias the canary is compared with / promoted to."
+    )
+    canary_alias: str = Field("canary", description="Alias the learner publishes candidates to.")
+    interval_s: float = Field(60.0, description="How often the canary job analyses the last window.")
+    window_s: float = Field(
+        300.0, description="Event-time window of query outcomes each analysis compares (per arm)."
+    )
+    share_steps: list[float] = Field(
+        [0.1, 0.25, 0.5],
+        description="Traffic shares of the canary arm, stepped up after each inconclusive healthy analysis.",
+    )
+    min_samples: int = Field(30, description="Queries per arm in the window before any verdict.")
+    alpha: float = Field(0.05, description="Significance level of the two-sided Mann-Whitney U test.")
+    min_effect: float = Field(0.02, description="Smallest mean reward difference that counts as a verdict.")
+    relevance_floor: float = Field(
+        0.95, description="Canary's mean relevance must stay above this fraction of production's."
+    )
+    max_kl: float = Field(
+        5.0, description="Max mean log-ratio (nats) of canary rewrites to the production policy."
+    )
+    max_windows: int = Field(10, description="Inconclusive analyses before a conservative roll back.")
+
+    @model_validator(mode="after")
+    def _check_steps(self) -> CanarySettings:
+        # The arm assignment relies on shares only growing: a shopper in the canary stays in it.
+        steps = self.share_steps
+        if not steps or any(not 0 < s <= 1 for s in steps) or steps != sorted(set(steps)):
+            raise ValueError(f"canary.share_steps must be increasing shares in (0, 1], got {steps}")
+        return self
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="QRLOOP_",
@@ -145,6 +184,7 @@ class Settings(BaseSettings):
     dpo: DPOSettings = Field(default_factory=DPOSettings)
     rewards: RewardSettings = Field(default_factory=RewardSettings)
     streams: StreamSettings = Field(default_factory=StreamSettings)
+    canary: CanarySettings = Field(default_factory=CanarySettings)
 
     @classmethod
     def settings_customise_sources(

@@ -32,6 +32,7 @@ def declared_topics(settings: Settings) -> dict[str, int]:
         t.preference_pairs: t.pair_partitions,
         t.policy_versions: 1,  # announcements are totally ordered
         t.dead_letter: 1,  # low volume, read by people in arrival order
+        t.query_outcomes: 1,  # one per query; the canary job reads them in order
     }
 
 

@@ -72,6 +72,10 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
 
     async def finalize(key: str, state: attribution.State, reason: str) -> None:
         scored = attribution.score(state, relevance_fn(), settings.rewards)
+        if built.outcomes is not None:
+            # Every scored query, ties included, is a sample of its arm for the canary's analysis.
+            outcome = attribution.outcome(state, scored)
+            await built.outcomes.send(key=outcome.kafka_key(), value=encode(outcome))
         if scored.pair is None:
             metrics.TIES.inc()
         else:

@@ -25,6 +25,7 @@ class AggregatorApp:
     dead_letter: Any
     closes: Any
     windows: Any
+    outcomes: Any = None  # per-query outcomes for the canary (QueryOutcome)
 
 
 def create_app(settings: Settings) -> AggregatorApp:
@@ -57,7 +58,10 @@ def create_app(settings: Settings) -> AggregatorApp:
     # Faust table may only be changed inside stream iteration on the key's own partition.
     closes = app.topic(f"{settings.streams.app_id}-closes", partitions=topics.partitions, internal=True)
     windows = app.Table("windows", default=None, partitions=topics.partitions)
-    return AggregatorApp(app, settings, query_events, interactions, pairs, dead_letter, closes, windows)
+    outcomes = app.topic(topics.query_outcomes, partitions=1)
+    return AggregatorApp(
+        app, settings, query_events, interactions, pairs, dead_letter, closes, windows, outcomes=outcomes
+    )
 
 
 def default_app() -> AggregatorApp:

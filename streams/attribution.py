@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from qrloop import rewards
-from qrloop.events import Interaction, PreferencePair, QueryEvent, SessionEnd, pair_id_for
+from qrloop.events import Interaction, PreferencePair, QueryEvent, QueryOutcome, SessionEnd, pair_id_for
 from qrloop.settings import RewardSettings
 
 State = dict[str, Any]
@@ -210,6 +210,35 @@ def score(state: State, relevance: RelevanceFn, weights: RewardSettings) -> Scor
             event_time=event.event_time,
         )
     return Scored(event.event_id, first, second, first_reward, second_reward, preference, pair)
+
+
+def outcome(state: State, scored: Scored) -> QueryOutcome:
+    """The query's per-arm sample for the canary: emitted for every scored query, ties included.
+
+    Built from the state's JSON form of the query event (``score`` has validated it already).
+    """
+    query = state["query"]
+    rewrites = query["rewrites"]
+    logprobs = [float(r["logprob"]) for r in rewrites]
+    references = [r.get("reference_logprob") for r in rewrites]
+    # log π_served − log π_production of the served tokens: its mean estimates KL(canary ‖ production).
+    kl = (
+        sum(lp - ref for lp, ref in zip(logprobs, references, strict=True)) / len(logprobs)
+        if all(ref is not None for ref in references)
+        else None
+    )
+    return QueryOutcome(
+        query_event_id=scored.event_id,
+        event_time=query["event_time"],
+        policy_version=query["policy_version"],
+        arm=query.get("arm", "production"),
+        reward=(scored.first_reward + scored.second_reward) / 2,
+        relevance=(scored.first.relevance + scored.second.relevance) / 2,
+        rewards=[scored.first_reward, scored.second_reward],
+        logprobs=logprobs,
+        kl_to_reference=kl,
+        tie=scored.pair is None,
+    )
 
 
 def close(state: State, now_wall: float | None = None) -> State:

@@ -44,6 +44,7 @@ def test_creates_the_declared_topics_with_configured_partitions(
             "preference_pairs": f"{unique_topic}.p",
             "policy_versions": f"{unique_topic}.v",
             "dead_letter": f"{unique_topic}.d",
+            "query_outcomes": f"{unique_topic}.o",
             "partitions": 3,
             "pair_partitions": 2,
         }
@@ -61,6 +62,7 @@ def test_creates_the_declared_topics_with_configured_partitions(
         f"{unique_topic}.p": 2,
         f"{unique_topic}.v": 1,
         f"{unique_topic}.d": 1,
+        f"{unique_topic}.o": 1,
     }
     assert ensure_topics(settings) == created, "a second call is a no-op"
     assert layout(admin, created)[f"{unique_topic}.q"] == 3
