@@ -1,0 +1,941 @@
+"""Figures of the online loop (issue #6, "Benchmark"), each sub-command measured side by side in one run.
+
+    .venv/bin/python benchmarks/bench_online.py table3 --run ~/.cache/qrloop/runs/<id> [--queries 200]
+    .venv/bin/python benchmarks/bench_online.py speed [--queries 20] [--agg-queries 100]
+    .venv/bin/python benchmarks/bench_online.py latency --run ~/.cache/qrloop/runs/<id>
+
+``table3`` — the paper's Table 3 (five online metrics) and Table 4 (product coverage) on held-out queries.
+  Queries: a seeded sample of the catalog's *labelled held-out* queries (``qrloop.data.is_heldout``: the
+  learner and the simulated shoppers never saw them). Policies: the run's starting version and its last one
+  (from the run's own store; ``--versions FIRST,LAST`` to pick others). Each policy samples two rewrites per
+  query through ``Rewriter.serve`` (temperature / top-p from settings) with the *same* torch seed per query
+  for both policies, and retrieves the top 10 for the query and each rewrite. Per rewrite:
+  relevance r = mean M1(query, product) (``qrloop.rewards.relevance``); diversity d against the original
+  query's list; click / add2cart / purchase rates = the click-model judge's *analytic expected* counts
+  (``ClickModelJudge.expected``, human label where raters judged the pair, else M1) divided by the list's
+  length, averaged over a fixed seeded set of ``--profiles`` shopper profiles. No sampling of clicks: the
+  expectation has no judge noise, so what differs between the rows is the policies (and their sampling).
+  A query's figure is the mean of its two rewrites. The combined reward is the settings' weighted mean.
+  Coverage (Table 4): distinct relevant products over both rewrites' lists, mean per query; relevant = the
+  human label passes the data set's rule (``learner.offline.q2q.default_rule``: Home Depot grade ≥ 2.67),
+  else, for unlabelled pairs, M1 ≥ ``--m1-threshold`` (0.5). Noise vs gain: a paired bootstrap 95% CI
+  (10,000 resamples of the queries) and a paired t-test of the per-query combined-reward difference
+  (last − first); the rewrite sampling itself is the remaining noise, which is why both policies share the
+  per-query seed.
+
+``speed`` — (a) the rewriter: ``Rewriter.serve`` (two sampled rewrites in one ``generate`` with logits for
+  the log-probabilities, a resample when the two coincide, and three searches) against bare
+  ``model.generate(num_return_sequences=2)`` on the same prompts with the same seed, alternating which runs
+  first per query; medians over ``--queries`` after two untimed warm-ups. Policy: the default store's
+  ``production`` (or ``--policy-dir``).
+  (b) the aggregator: the real Faust worker (``qrloop aggregate``, a subprocess on unique topics) against a
+  raw kafka-python consume + produce pass-through (also a subprocess) of the *same* messages on the same
+  broker. ``--agg-queries`` synthetic query events (real training queries, real search results, feedback
+  from the click-model judge through ``ShopperTraffic``, as the shoppers emit it: impressions, clicks, carts,
+  purchases, jittered, 2% duplicated, plus each query's ``SessionEnd``) are produced after both consumers are
+  warm (the Faust worker has scored a few warm-up queries, so M1 is loaded). Time: from the first produce
+  until the last query's ``QueryOutcome`` is on its topic (every scored query emits one, ties included),
+  vs until the pass-through has re-produced the last message. Feedback messages per second are compared.
+  A third row runs the pure path in-process on the same messages (decode, ``streams.attribution`` join /
+  dedupe / score with a fresh M1 cache, encode the outcome) so the Faust + Kafka share can be told from the
+  scoring cost.
+  The DPO step is *not* re-measured here: ``benchmarks/bench_dpo.py`` prints ours vs TRL's
+  ``training_step`` vs LoRA vs the fp32 matmul bound on the same batch.
+
+``latency`` — from a finished demo run's artefacts: for each DPO step (version v ≥ 2 of the run's store),
+  the 16th pair is the message just before the offset stored with v on the run's preference-pairs topic
+  (``<topic>.<run id>``, see ``qrloop.demo.make_run``); its Kafka timestamp is the start. The ends: the
+  version's ``alias_moved`` announcement on the policy-versions topic, the rewriter's "now serves version v"
+  log line (the swap itself), and the first QueryEvent on the query-events topic with that
+  ``policy_version`` (which also waits for the next shopper to arrive). Median and max over the steps.
+
+The machine is shared (2 cores): ``--threads`` (default 1) sets torch's threads, and the load average is
+printed before and after every sub-command; timings move with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qrloop.settings import REPO_ROOT, Settings, get_settings
+
+METRICS = ("relevance", "diversity", "click", "add2cart", "purchase")
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+def run_settings(settings: Settings, run_dir: Path) -> Settings:
+    """The demo run's settings: its own SQLite store, its topics suffixed with the run id."""
+    suffix = f".{run_dir.name}"
+    t = settings.topics
+    topics = t.model_copy(
+        update={
+            name: getattr(t, name) + suffix
+            for name in ("query_events", "interactions", "preference_pairs", "policy_versions", "dead_letter")
+        }
+    )
+    return settings.model_copy(
+        update={"database_url": f"sqlite:///{run_dir / 'qrloop.db'}", "topics": topics}
+    )
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------- table3
+
+
+@dataclass
+class QueryScores:
+    """One policy on one query: the mean of its two rewrites' metrics, and its coverage."""
+
+    metrics: dict[str, float]
+    combined: float
+    coverage: int
+    rewrites: tuple[str, str]
+
+
+@dataclass
+class PolicyRun:
+    version: int
+    scores: list[QueryScores] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def mean(self, name: str) -> float:
+        return float(np.mean([s.metrics[name] for s in self.scores]))
+
+    def combined(self) -> np.ndarray:
+        return np.array([s.combined for s in self.scores])
+
+    def coverage(self) -> float:
+        return float(np.mean([s.coverage for s in self.scores]))
+
+
+def sample_heldout(catalog: Any, n: int, seed: int) -> list[str]:
+    """A seeded sample of labelled held-out queries (never trained on), in a fixed order."""
+    from qrloop.data import is_heldout
+
+    heldout = catalog.dataset.heldout_queries
+    labelled = heldout[heldout["n_labels"] > 0]
+    queries = sorted(str(q) for q in labelled["query"])
+    rng = np.random.default_rng(seed)
+    chosen = [queries[i] for i in sorted(rng.choice(len(queries), size=min(n, len(queries)), replace=False))]
+    assert all(is_heldout(q) for q in chosen), "the split rule and the prepared split disagree"
+    return chosen
+
+
+def grade_lookup(catalog: Any, queries: Sequence[str]) -> dict[tuple[str, str], float]:
+    """(normalised query, product) → the data set's own grade, for the sampled queries."""
+    from qrloop.data import normalise_query
+
+    ds = catalog.dataset
+    wanted = {normalise_query(q) for q in queries}
+    q = ds.queries[ds.queries["query"].map(normalise_query).isin(wanted)][["query_id", "query"]]
+    labels = ds.labels.merge(q, on="query_id")
+    return {
+        (normalise_query(qq), str(p)): float(g)
+        for qq, p, g in zip(labels["query"], labels["product_id"], labels["grade"], strict=True)
+    }
+
+
+def relevance_rule(
+    catalog: Any, grades: dict[tuple[str, str], float], m1: Any, m1_threshold: float
+) -> Callable[[str], Any]:
+    """query → (product id → relevant?) with the data set's label rule, else M1 ≥ threshold."""
+    from learner.offline.q2q import default_rule
+    from qrloop.data import normalise_query
+
+    min_grade, min_relevance = default_rule(catalog.dataset.name)
+
+    def for_query(query: str) -> Callable[[str], bool]:
+        key = normalise_query(query)
+
+        def relevant(pid: str) -> bool:
+            if min_grade is not None and (key, pid) in grades:
+                return grades[(key, pid)] >= min_grade - 1e-6
+            label = catalog.grade(query, pid)
+            if label is not None and min_relevance is not None:
+                return label >= min_relevance - 1e-6
+            return float(m1.score(query, [catalog.text(pid)])[0]) >= m1_threshold
+
+        return relevant
+
+    return for_query
+
+
+@dataclass
+class Evaluator:
+    """Scores one served QueryEvent with M1, the analytic click model and the profiles."""
+
+    settings: Settings
+    catalog: Any
+    m1: Any
+    judge: Any
+    profiles: list[Any]
+    relevant_for: Callable[[str], Callable[[str], bool]]
+
+    def rewrite_metrics(self, query: str, original: list[str], products: list[str]) -> dict[str, float]:
+        from qrloop import rewards
+
+        shown = self.catalog.products(products)
+        scores = self.m1.score(query, [p.text for p in shown]).tolist() if shown else []
+        expected = [self.judge.expected(profile, query, shown) for profile in self.profiles]
+        n = len(products)
+        return {
+            "relevance": rewards.relevance(scores),
+            "diversity": rewards.diversity(original, products),
+            "click": float(np.mean([rewards.rate(e["clicks"], n) for e in expected])),  # type: ignore[arg-type]
+            "add2cart": float(np.mean([rewards.rate(e["add_to_carts"], n) for e in expected])),  # type: ignore[arg-type]
+            "purchase": float(np.mean([rewards.rate(e["purchases"], n) for e in expected])),  # type: ignore[arg-type]
+        }
+
+    def score(self, event: Any) -> QueryScores:
+        from qrloop import rewards
+
+        lists = [list(r.products) for r in event.rewrites]
+        per = [self.rewrite_metrics(event.query, list(event.original_products), ps) for ps in lists]
+        combined = [rewards.RewardComponents(**m).combined(self.settings.rewards) for m in per]
+        return QueryScores(
+            metrics={name: float(np.mean([m[name] for m in per])) for name in METRICS},
+            combined=float(np.mean(combined)),
+            coverage=rewards.coverage(lists, self.relevant_for(event.query)),
+            rewrites=(event.rewrites[0].text, event.rewrites[1].text),
+        )
+
+
+def serve_seeded(rewriter: Any, query: str, seed: int) -> Any:
+    import torch
+
+    torch.manual_seed(seed)
+    return rewriter.serve(query, shopper_id="bench", session_id=f"bench-{seed}")
+
+
+def evaluate_policy(
+    settings: Settings, store: Any, version: int, queries: Sequence[str], search: Any, evaluator: Evaluator
+) -> PolicyRun:
+    from qrloop.serving import Rewriter, load_version
+
+    policy = load_version(store.load_dir(store.get(version)), version)
+    rewriter = Rewriter(policy, search, settings.rewriter, settings.seed)
+    run = PolicyRun(version)
+    started = time.perf_counter()
+    for i, query in enumerate(queries):
+        run.scores.append(evaluator.score(serve_seeded(rewriter, query, settings.seed + i)))
+    run.seconds = time.perf_counter() - started
+    return run
+
+
+def pick_versions(store: Any, spec: str | None) -> tuple[int, int]:
+    if spec:
+        first, last = (int(x) for x in spec.split(","))
+        return first, last
+    ids = [v.id for v in store.list(newest_first=False)]
+    if len(ids) < 2:
+        raise SystemExit(f"the run's store holds {len(ids)} version(s): nothing to compare")
+    return ids[0], ids[-1]
+
+
+def paired_stats(first: np.ndarray, last: np.ndarray, seed: int, resamples: int = 10_000) -> dict[str, float]:
+    """Mean of last − first per query, its paired bootstrap 95% CI and the paired t-test's p-value."""
+    from scipy import stats
+
+    diff = last - first
+    rng = np.random.default_rng(seed)
+    boot = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    p = float(stats.ttest_rel(last, first).pvalue) if len(diff) > 1 and diff.std() > 0 else float("nan")
+    return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "p": p}
+
+
+def gain(first: float, last: float) -> str:
+    return f"{(last - first) / first * 100:+.1f}%" if first else "n/a"
+
+
+def print_table3(runs: Sequence[PolicyRun]) -> None:
+    first, last = runs
+    print(f"\n{'policy':<12} {'relevance':>9} {'diversity':>9} {'click':>7} {'add2cart':>8} {'purchase':>8}")
+    for run in runs:
+        cells = " ".join(f"{run.mean(m):>{max(7, len(m))}.4f}" for m in METRICS)
+        print(f"{'v' + str(run.version):<12} {cells}")
+    gains = " ".join(f"{gain(first.mean(m), last.mean(m)):>{max(7, len(m))}}" for m in METRICS)
+    print(f"{'gain':<12} {gains}")
+
+
+def print_table4(runs: Sequence[PolicyRun]) -> None:
+    first, last = runs
+    print(f"\n{'policy':<12} {'coverage (relevant products / query, both rewrites)':>52}")
+    for run in runs:
+        print(f"{'v' + str(run.version):<12} {run.coverage():>52.3f}")
+    print(f"{'gain':<12} {gain(first.coverage(), last.coverage()):>52}")
+
+
+def print_paired(runs: Sequence[PolicyRun], seed: int) -> None:
+    first, last = runs
+    s = paired_stats(first.combined(), last.combined(), seed)
+    print(
+        f"\ncombined reward: v{first.version} {first.combined().mean():.4f}, v{last.version} "
+        f"{last.combined().mean():.4f}; per-query difference {s['mean']:+.4f}, paired bootstrap 95% CI "
+        f"[{s['low']:+.4f}, {s['high']:+.4f}], paired t-test p = {s['p']:.3f}"
+    )
+    verdict = "a gain" if s["low"] > 0 else "a loss" if s["high"] < 0 else "not distinguishable from noise"
+    print(f"→ {verdict} at 95% over {len(first.scores)} queries")
+    same = sum(a.rewrites == b.rewrites for a, b in zip(first.scores, last.scores, strict=True))
+    print(f"queries whose two rewrites are identical under both policies (same seed): {same}")
+
+
+def cmd_table3(args: argparse.Namespace) -> None:
+    from policy_store import PolicyStore
+    from qrloop.relevance import RelevanceModel
+    from simulators.catalog import Catalog
+    from simulators.judge import ClickModelJudge, labelled_or_model
+    from simulators.profiles import ProfilePool
+    from simulators.search import SearchEngine
+
+    settings = get_settings()
+    run_dir = Path(args.run).expanduser()
+    store = PolicyStore.from_settings(run_settings(settings, run_dir))
+    versions = pick_versions(store, args.versions)
+    catalog = Catalog.open(settings)
+    queries = sample_heldout(catalog, args.queries, args.seed)
+    m1 = RelevanceModel.load(settings)
+    set_threads(args.threads)  # after M1: its loader applies the settings' own thread count
+    judge = ClickModelJudge(labelled_or_model(catalog, m1.score))
+    pool = ProfilePool(args.seed, args.profiles, list(catalog.brands())[:50])
+    evaluator = Evaluator(
+        settings,
+        catalog,
+        m1,
+        judge,
+        pool.profiles,
+        relevance_rule(catalog, grade_lookup(catalog, queries), m1, args.m1_threshold),
+    )
+    engine = SearchEngine.open(settings, dataset=catalog.dataset)
+    print(f"== table3: run {run_dir.name}, versions {versions[0]} → {versions[1]} (M1 = {m1.kind}) ==")
+    print(
+        f"{len(queries)} labelled held-out queries (seed {args.seed}), {args.profiles} profiles, "
+        f"temperature {settings.rewriter.temperature}, top-p {settings.rewriter.top_p}, "
+        f"top-{settings.rewriter.top_k_products}"
+    )
+    print(load_average())
+    runs = []
+    for version in versions:
+        runs.append(evaluate_policy(settings, store, version, queries, engine.search, evaluator))
+        print(f"v{version}: {runs[-1].seconds:.1f} s ({runs[-1].seconds / len(queries):.2f} s / query)")
+    print_table3(runs)
+    print_table4(runs)
+    print_paired(runs, args.seed)
+    print(load_average())
+    store.close()
+
+
+# -------------------------------------------------------------------------------------------------- speed
+
+
+def production_dir(settings: Settings, policy_dir: str | None) -> tuple[Path, int | None]:
+    if policy_dir:
+        return Path(policy_dir).expanduser(), None
+    from policy_store import PolicyStore
+
+    store = PolicyStore.from_settings(settings)
+    version = store.resolve("production")
+    path = store.load_dir(version)
+    store.close()
+    return path, version.id
+
+
+def bare_generate(policy: Any, query: str, config: Any) -> list[str]:
+    import torch
+
+    from qrloop.prompting import build_prompt
+
+    tokenizer = policy.tokenizer
+    inputs = tokenizer(build_prompt(tokenizer, query), return_tensors="pt")
+    with torch.no_grad():
+        out = policy.model.generate(
+            **inputs,
+            do_sample=True,
+            temperature=config.temperature,
+            top_p=config.top_p,
+            max_new_tokens=config.max_new_tokens,
+            num_return_sequences=2,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return list(tokenizer.batch_decode(out[:, inputs.input_ids.shape[1] :], skip_special_tokens=True))
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    started = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - started, result
+
+
+def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int) -> None:
+    import torch
+
+    from qrloop.serving import Rewriter, load_version, normalise
+    from simulators.catalog import Catalog
+    from simulators.search import SearchEngine
+    from simulators.shoppers import training_queries
+
+    path, version = production_dir(settings, policy_dir)
+    catalog = Catalog.open(settings)
+    engine = SearchEngine.open(settings, dataset=catalog.dataset)
+    rewriter = Rewriter(load_version(path, version), engine.search, settings.rewriter, seed)
+    pool = [q for _, q in training_queries(catalog, 5)]
+    queries = [pool[i] for i in np.random.default_rng(seed).choice(len(pool), size=n + 2, replace=False)]
+    serve_s, bare_s, search_s, resampled = [], [], [], 0
+    for i, query in enumerate(queries):
+
+        def serve(q: str = query, s: int = seed + i) -> Any:
+            return serve_seeded(rewriter, q, s)
+
+        def bare(q: str = query, s: int = seed + i) -> list[str]:
+            torch.manual_seed(s)
+            return bare_generate(rewriter.policy, q, settings.rewriter)
+
+        order = [(serve_s, serve), (bare_s, bare)] if i % 2 == 0 else [(bare_s, bare), (serve_s, serve)]
+        results = [(sink, *timed(fn)) for sink, fn in order]
+        if i < 2:
+            continue  # warm-up
+        for sink, seconds, _ in results:
+            sink.append(seconds)
+        texts = next(r for s, _, r in results if s is bare_s)
+        resampled += normalise(texts[0]) == normalise(texts[1])
+        search_s.append(timed(lambda q=query: [engine.search(x) for x in (q, q, q)])[0])
+    print(f"\n== (a) rewriter, policy {path} (version {version}), {n} training queries, medians ==")
+    print(f"{'path':<46} {'median ms':>10} {'p90 ms':>8}")
+    for name, values in (
+        ("Rewriter.serve (2 rewrites + logprobs + search)", serve_s),
+        ("bare generate(num_return_sequences=2)", bare_s),
+        ("3 searches alone", search_s),
+    ):
+        print(f"{name:<46} {median(values) * 1000:>10.1f} {np.percentile(values, 90) * 1000:>8.1f}")
+    print(
+        f"serve / bare: {median(serve_s) / median(bare_s):.2f}x; queries where the two samples coincided "
+        f"(serve resamples once): {resampled}/{n}"
+    )
+
+
+@dataclass
+class Traffic:
+    """Synthetic query events and their feedback, as the shoppers process would send them."""
+
+    events: list[Any]
+    feedback: list[list[Any]]  # per event: interactions then its SessionEnd
+
+    @property
+    def n_feedback(self) -> int:
+        return sum(len(f) for f in self.feedback)
+
+    def messages(self) -> Iterable[tuple[str, bytes, bytes]]:
+        """(which topic: 'q' or 'i', key, value) in the order the shoppers would send them."""
+        from qrloop.events import encode
+
+        for event, feedback in zip(self.events, self.feedback, strict=True):
+            key = event.event_id.encode()
+            yield "q", key, encode(event)
+            for item in feedback:
+                yield "i", key, encode(item)
+
+
+def make_traffic(settings: Settings, catalog: Any, judge: Any, n: int, seed: int) -> Traffic:
+    from datetime import UTC
+
+    from qrloop.events import QueryEvent, Rewrite
+    from simulators.driver import feedback_events, lists_of
+    from simulators.search import SearchEngine
+    from simulators.shoppers import ShopperTraffic
+
+    engine = SearchEngine.open(settings, dataset=catalog.dataset)
+    traffic = ShopperTraffic(settings, catalog, judge, seed=seed)
+    events, feedback = [], []
+    for i in range(n):
+        _, query, profile = traffic.next_query()
+        words = query.split()
+        texts = (query.lower(), " ".join(words[:-1]) or query) if len(words) > 1 else (query, f"{query} set")
+        event = QueryEvent(
+            event_id=str(uuid.uuid4()),
+            event_time=datetime.now(UTC),
+            shopper_id=profile.shopper_id,
+            session_id=f"bench-{i}",
+            query=query,
+            policy_version=1,
+            original_products=engine.search(query),
+            rewrites=[
+                Rewrite(rewrite_id=f"r{j + 1}", text=t, logprob=-1.0, products=engine.search(t))
+                for j, t in enumerate(texts)
+            ],
+        )
+        interactions, end = feedback_events(event, traffic.interactions(profile, query, lists_of(event)))
+        events.append(event)
+        feedback.append([*interactions, end])
+    return Traffic(events, feedback)
+
+
+def bench_settings(settings: Settings, prefix: str) -> Settings:
+    topics = settings.topics.model_copy(
+        update={
+            "query_events": f"{prefix}.q",
+            "interactions": f"{prefix}.i",
+            "preference_pairs": f"{prefix}.p",
+            "policy_versions": f"{prefix}.v",
+            "dead_letter": f"{prefix}.d",
+            "query_outcomes": f"{prefix}.o",
+        }
+    )
+    streams = settings.streams.model_copy(update={"app_id": f"{prefix}-agg"})
+    return settings.model_copy(update={"topics": topics, "streams": streams})
+
+
+def worker_env(settings: Settings, threads: int) -> dict[str, str]:
+    t = settings.topics
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QRLOOP_TOPICS__")}
+    env.update(
+        QRLOOP_TOPICS__QUERY_EVENTS=t.query_events,
+        QRLOOP_TOPICS__INTERACTIONS=t.interactions,
+        QRLOOP_TOPICS__PREFERENCE_PAIRS=t.preference_pairs,
+        QRLOOP_TOPICS__POLICY_VERSIONS=t.policy_versions,
+        QRLOOP_TOPICS__DEAD_LETTER=t.dead_letter,
+        QRLOOP_TOPICS__QUERY_OUTCOMES=t.query_outcomes,
+        QRLOOP_STREAMS__APP_ID=settings.streams.app_id,
+        QRLOOP_MODELS__TORCH_THREADS=str(threads),
+        OMP_NUM_THREADS=str(threads),
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def tail_consumer(bootstrap: str, topic: str, partitions: int) -> Any:
+    """A consumer positioned at the end of ``topic``: it sees only what is produced from now on."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    parts = [TopicPartition(topic, p) for p in range(partitions)]
+    consumer.assign(parts)
+    consumer.seek_to_end(*parts)
+    for part in parts:
+        consumer.position(part)  # resolve the end offset now, before anything is produced
+    return consumer
+
+
+def wait_for(consumer: Any, done: Callable[[Any], bool], timeout_s: float, alive: Callable[[], bool]) -> bool:
+    """Poll until ``done(record)`` has returned True for the last needed record; False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive():
+            raise RuntimeError("the worker under test died; see its log")
+        for records in consumer.poll(timeout_ms=100).values():
+            for record in records:
+                if done(record):
+                    return True
+    return False
+
+
+def produce(producer: Any, topics: dict[str, str], messages: Iterable[tuple[str, bytes, bytes]]) -> None:
+    for which, key, value in messages:
+        producer.send(topics[which], key=key, value=value)
+    producer.flush()
+
+
+def outcome_counter(ids: set[str]) -> Callable[[Any], bool]:
+    from qrloop.events import QueryOutcome, decode
+
+    def done(record: Any) -> bool:
+        ids.discard(decode(QueryOutcome, record.value).query_event_id)
+        return not ids
+
+    return done
+
+
+def count_to(n: int) -> Callable[[Any], bool]:
+    seen = [0]
+
+    def done(_record: Any) -> bool:
+        seen[0] += 1
+        return seen[0] >= n
+
+    return done
+
+
+@dataclass
+class Worker:
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> None:
+        if self.alive():
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_worker(argv: list[str], env: dict[str, str], log: Path) -> Worker:
+    with log.open("wb") as out:
+        process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return Worker(process, log)
+
+
+def time_faust(settings: Settings, warm: Traffic, measured: Traffic, threads: int, tmp: Path) -> float:
+    from kafka import KafkaProducer
+
+    bootstrap, t = settings.kafka.bootstrap_servers, settings.topics
+    topics = {"q": t.query_events, "i": t.interactions}
+    worker = start_worker(
+        [sys.executable, "-m", "qrloop", "aggregate"], worker_env(settings, threads), tmp / "aggregator.log"
+    )
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    outcomes = tail_consumer(bootstrap, t.query_outcomes, 1)
+    try:
+        produce(producer, topics, warm.messages())
+        done = outcome_counter({e.event_id for e in warm.events})
+        if not wait_for(outcomes, done, 300, worker.alive):
+            raise RuntimeError("the aggregator did not score the warm-up queries in 300 s")
+        started = time.perf_counter()
+        produce(producer, topics, measured.messages())
+        done = outcome_counter({e.event_id for e in measured.events})
+        if not wait_for(outcomes, done, 600, worker.alive):
+            raise RuntimeError("the aggregator did not score every measured query in 600 s")
+        return time.perf_counter() - started
+    finally:
+        outcomes.close()
+        producer.close()
+        worker.stop()
+
+
+def time_raw(settings: Settings, prefix: str, warm: Traffic, measured: Traffic, tmp: Path) -> float:
+    from kafka import KafkaProducer
+
+    from qrloop.topics import ensure_topics
+
+    bootstrap, partitions = settings.kafka.bootstrap_servers, settings.topics.partitions
+    topics = {"q": f"{prefix}.raw-q", "i": f"{prefix}.raw-i"}
+    out_topic = f"{prefix}.raw-out"
+    ensure_topics(bootstrap, {topics["q"]: partitions, topics["i"]: partitions, out_topic: partitions})
+    argv = [sys.executable, __file__, "_passthrough", "--bootstrap", bootstrap, "--out", out_topic]
+    worker = start_worker([*argv, topics["q"], topics["i"]], dict(os.environ), tmp / "passthrough.log")
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    out = tail_consumer(bootstrap, out_topic, partitions)
+    try:
+        warm_n = len(warm.events) + warm.n_feedback
+        produce(producer, topics, warm.messages())
+        if not wait_for(out, count_to(warm_n), 120, worker.alive):
+            raise RuntimeError("the pass-through did not copy the warm-up messages in 120 s")
+        started = time.perf_counter()
+        produce(producer, topics, measured.messages())
+        if not wait_for(out, count_to(len(measured.events) + measured.n_feedback), 600, worker.alive):
+            raise RuntimeError("the pass-through did not copy every measured message in 600 s")
+        return time.perf_counter() - started
+    finally:
+        out.close()
+        producer.close()
+        worker.stop()
+
+
+def time_pure(settings: Settings, warm: Traffic, measured: Traffic) -> float:
+    """The aggregator's decisions without Kafka or Faust: decode, join, dedupe, M1, score, outcome."""
+    from qrloop.events import Interaction, QueryEvent, decode, decode_feedback, encode
+    from streams import attribution
+    from streams.aggregator import make_relevance_fn
+
+    relevance = make_relevance_fn(settings)  # a fresh M1 cache, as the worker's
+    window_s = settings.streams.attribution_window_s
+
+    def run(traffic: Traffic) -> None:
+        for event, feedback in zip(traffic.events, traffic.feedback, strict=True):
+            state = attribution.apply_query(
+                attribution.new_state(), decode(QueryEvent, encode(event)), window_s
+            )
+            for raw in (encode(item) for item in feedback):
+                item = decode_feedback(raw)
+                if isinstance(item, Interaction):
+                    attribution.apply_interaction(state, item, window_s)
+                else:
+                    attribution.apply_session_end(state, item)
+            encode(attribution.outcome(state, attribution.score(state, relevance, settings.rewards)))
+
+    run(warm)
+    return timed(lambda: run(measured))[0]
+
+
+def delete_topics(bootstrap: str, prefix: str) -> None:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        mine = [t for t in admin.list_topics() if t.startswith(prefix)]
+        if mine:
+            admin.delete_topics(mine)
+    except Exception as exc:  # the figures are out already; leftover topics are only clutter
+        print(f"(could not delete the benchmark's topics: {exc})")
+    finally:
+        admin.close()
+
+
+def bench_aggregator(settings: Settings, n: int, n_warm: int, threads: int, seed: int) -> None:
+    from qrloop.relevance import RelevanceModel
+    from qrloop.topics import ensure_topics
+    from simulators.catalog import Catalog
+    from simulators.judge import ClickModelJudge, labelled_or_model
+
+    prefix = f"bench-online-{uuid.uuid4().hex[:8]}"
+    settings = bench_settings(settings, prefix)
+    catalog = Catalog.open(settings)
+    judge = ClickModelJudge(labelled_or_model(catalog, RelevanceModel.load(settings).score))
+    warm, measured = (make_traffic(settings, catalog, judge, k, seed + j) for j, k in enumerate((n_warm, n)))
+    ensure_topics(settings)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
+            faust_s = time_faust(settings, warm, measured, threads, Path(tmp))
+            raw_s = time_raw(settings, prefix, warm, measured, Path(tmp))
+    finally:
+        delete_topics(settings.kafka.bootstrap_servers, prefix)
+        shutil.rmtree(settings.cache_dir / "faust" / settings.streams.app_id, ignore_errors=True)
+    pure_s = time_pure(settings, warm, measured)
+    feedback = measured.n_feedback
+    print(
+        f"\n== (b) aggregator, {n} queries, {feedback} feedback messages (+{n} query events), "
+        f"{settings.topics.partitions} partitions =="
+    )
+    print(f"{'path':<60} {'seconds':>8} {'feedback msgs/s':>16}")
+    faust = "Faust aggregator (join, dedupe, M1, score, emit outcome)"
+    print(f"{faust:<60} {faust_s:>8.2f} {feedback / faust_s:>16.0f}")
+    print(
+        f"{'raw kafka-python consume + produce, same messages':<60} {raw_s:>8.2f} {feedback / raw_s:>16.0f}"
+    )
+    pure = "pure attribution + scoring in-process (no Kafka, no Faust)"
+    print(f"{pure:<60} {pure_s:>8.2f} {feedback / pure_s:>16.0f}")
+    print(
+        f"raw / Faust throughput: {faust_s / raw_s:.1f}x; the pure path (mostly M1 on unseen products) is "
+        f"{pure_s / faust_s:.0%} of the Faust time"
+    )
+
+
+def cmd_speed(args: argparse.Namespace) -> None:
+    settings = get_settings()
+    set_threads(args.threads)
+    print(load_average())
+    if args.queries > 0:
+        bench_rewriter(settings, args.policy_dir, args.queries, args.seed)
+    if args.agg_queries > 0:
+        bench_aggregator(settings, args.agg_queries, args.warm_queries, args.threads, args.seed)
+    print("\n(DPO step: see benchmarks/bench_dpo.py — ours vs TRL vs LoRA vs the fp32 matmul bound)")
+    print(load_average())
+
+
+def cmd_passthrough(args: argparse.Namespace) -> None:
+    """The raw baseline's process: consume the inputs, produce every message unchanged to ``--out``."""
+    from kafka import KafkaConsumer, KafkaProducer
+
+    consumer = KafkaConsumer(
+        *args.topics,
+        bootstrap_servers=args.bootstrap,
+        group_id=f"passthrough-{uuid.uuid4().hex[:8]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    producer = KafkaProducer(bootstrap_servers=args.bootstrap, acks="all", linger_ms=5)
+    try:
+        while True:
+            for records in consumer.poll(timeout_ms=100).values():
+                for record in records:
+                    producer.send(args.out, key=record.key, value=record.value)
+            producer.flush()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        producer.close()
+        consumer.close()
+
+
+# ------------------------------------------------------------------------------------------------ latency
+
+
+def read_topic(bootstrap: str, topic: str) -> list[Any]:
+    """Every record of ``topic`` from the beginning, in offset order per partition."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
+    try:
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise SystemExit(f"topic {topic} does not exist on {bootstrap}")
+        parts = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        ends = consumer.end_offsets(parts)
+        records: list[Any] = []
+        while any(consumer.position(p) < ends[p] for p in parts):
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+SWAP_LINE = re.compile(r"^(\S+ \S+) INFO qrloop\.rewriter: .*(?:serves|serving) version (\d+)")
+
+
+def swap_times(log: Path) -> dict[int, float]:
+    """version → epoch seconds of the rewriter's swap log line (local time, as logging wrote it)."""
+    found: dict[int, float] = {}
+    if not log.is_file():
+        return found
+    for line in log.read_text(errors="replace").splitlines():
+        match = SWAP_LINE.match(line)
+        if match:
+            when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            found.setdefault(int(match.group(2)), when)
+    return found
+
+
+def first_served(records: Sequence[Any]) -> dict[int, float]:
+    from qrloop.events import QueryEvent, SchemaError, decode
+
+    found: dict[int, float] = {}
+    for record in records:
+        try:
+            version = decode(QueryEvent, record.value).policy_version
+        except SchemaError:
+            continue
+        if version is not None:
+            found[version] = min(found.get(version, float("inf")), record.timestamp / 1000)
+    return found
+
+
+def announced(records: Sequence[Any], alias: str) -> dict[int, float]:
+    from qrloop.events import PolicyAnnouncement, SchemaError, decode
+
+    found: dict[int, float] = {}
+    for record in records:
+        try:
+            note = decode(PolicyAnnouncement, record.value)
+        except SchemaError:
+            continue
+        if note.kind == "alias_moved" and note.alias == alias:
+            found.setdefault(note.version, record.timestamp / 1000)
+    return found
+
+
+def sixteenth_pairs(store: Any, pairs: Sequence[Any], topic: str) -> dict[int, float]:
+    """version → Kafka timestamp of the last pair its step consumed (the offset stored with it, minus one)."""
+    by_offset = {(r.partition, r.offset): r.timestamp / 1000 for r in pairs}
+    found: dict[int, float] = {}
+    for version in store.list(newest_first=False):
+        for key, offset in version.offsets.items():
+            name, _, partition = key.rpartition(":")
+            if name == topic and (int(partition), offset - 1) in by_offset:
+                found[version.id] = by_offset[(int(partition), offset - 1)]
+    return found
+
+
+def cmd_latency(args: argparse.Namespace) -> None:
+    from policy_store import PolicyStore
+
+    base = get_settings()
+    run_dir = Path(args.run).expanduser()
+    settings = run_settings(base, run_dir)
+    bootstrap, t = settings.kafka.bootstrap_servers, settings.topics
+    store = PolicyStore.from_settings(settings)
+    starts = sixteenth_pairs(store, read_topic(bootstrap, t.preference_pairs), t.preference_pairs)
+    store.close()
+    ends = {
+        "announced": announced(read_topic(bootstrap, t.policy_versions), settings.dpo.alias),
+        "swapped (log)": swap_times(run_dir / "rewriter.log"),
+        "first served": first_served(read_topic(bootstrap, t.query_events)),
+    }
+    print(f"== latency: run {run_dir.name}, 16th pair of each step → new version served ==")
+    print(f"{'version':>7} " + " ".join(f"{name + ' s':>16}" for name in ends))
+    deltas: dict[str, list[float]] = {name: [] for name in ends}
+    for version, start in sorted(starts.items()):
+        cells = []
+        for name, times in ends.items():
+            delta = times[version] - start if version in times else None
+            if delta is not None:
+                deltas[name].append(delta)
+            cells.append(f"{delta:>16.2f}" if delta is not None else f"{'—':>16}")
+        print(f"{version:>7} " + " ".join(cells))
+    for label, fn in (("median", median), ("max", max)):
+        row = [f"{fn(v):>16.2f}" if v else f"{'—':>16}" for v in deltas.values()]
+        print(f"{label:>7} " + " ".join(row))
+    print(
+        "(the step itself — DPO, publish, announce — is inside 'announced'; 'first served' also waits for "
+        "the next shopper's query)"
+    )
+
+
+# --------------------------------------------------------------------------------------------------- main
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = root.add_subparsers(dest="command", required=True)
+    t3 = sub.add_parser("table3", help="Table 3 and Table 4 on held-out queries: first vs last version")
+    t3.add_argument("--run", required=True, help="a demo run's directory (~/.cache/qrloop/runs/<id>)")
+    t3.add_argument("--queries", type=int, default=200)
+    t3.add_argument("--versions", help="FIRST,LAST (default: the run's first and last versions)")
+    t3.add_argument("--profiles", type=int, default=20, help="shopper profiles the expectations average")
+    t3.add_argument(
+        "--m1-threshold", type=float, default=0.5, help="coverage: M1 score of a relevant product"
+    )
+    t3.set_defaults(fn=cmd_table3)
+    speed = sub.add_parser("speed", help="rewriter vs bare generate; Faust aggregator vs raw kafka-python")
+    speed.add_argument("--queries", type=int, default=20, help="rewriter queries (0: skip)")
+    speed.add_argument("--policy-dir", help="an HF policy directory (default: the store's production)")
+    speed.add_argument("--agg-queries", type=int, default=100, help="aggregator queries (0: skip)")
+    speed.add_argument("--warm-queries", type=int, default=4, help="untimed queries before each measurement")
+    speed.set_defaults(fn=cmd_speed)
+    lat = sub.add_parser("latency", help="16th pair → new version served, from a demo run's artefacts")
+    lat.add_argument("--run", required=True)
+    lat.set_defaults(fn=cmd_latency)
+    passthrough = sub.add_parser("_passthrough", help="internal: the raw baseline's process")
+    passthrough.add_argument("--bootstrap", required=True)
+    passthrough.add_argument("--out", required=True)
+    passthrough.add_argument("topics", nargs="+")
+    passthrough.set_defaults(fn=cmd_passthrough)
+    for p in (t3, speed, lat):
+        p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+        p.add_argument("--seed", type=int, default=1234)
+    return root
+
+
+def main() -> None:
+    args = parser().parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
