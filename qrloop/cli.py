@@ -263,11 +263,14 @@ def shop(
 @app.command()
 def demo(
     queries: int = typer.Option(320, help="Simulated queries to run through the loop."),
+    warm_start_steps: int = typer.Option(
+        40, help="SFT steps of the one-time warm start when no offline policy is published (0: none)."
+    ),
 ) -> None:
     """The online loop end to end on simulated traffic, with live progress and a reward curve."""
     from qrloop.demo import run_demo
 
-    run_demo(get_settings(), queries, console)
+    run_demo(get_settings(), queries, console, warm_start_steps=warm_start_steps)
 
 
 topics_app = typer.Typer(help="Kafka topics of the online loop.", no_args_is_help=True)
