@@ -315,13 +315,13 @@ def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
             "cache_dir": tmp_path,
             "database_url": sqlite_url,
             "blob_dir": tmp_path / "blobs",
-            "models": base.models.model_copy(update={"policy_dir": tiny}),
         }
     )
+    (tmp_path / "data").symlink_to(base.cache_dir / "data")  # the prepared data set, read only
     db.upgrade(sqlite_url)
     assert offline_policy_version(settings) is None, "an empty store has no offline policy"
 
-    version_id = warm_start(settings, steps=2, batch_size=2)
+    version_id = warm_start(settings, steps=2, batch_size=2, base_dir=tiny)
 
     assert offline_policy_version(settings) == version_id
     store = PolicyStore.from_settings(settings)

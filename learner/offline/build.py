@@ -385,11 +385,16 @@ WARM_START_TAG = "warm start"
 
 
 def warm_start(
-    settings: Settings, *, steps: int = 40, batch_size: int = 8, progress: ProgressLike | None = None
+    settings: Settings,
+    *,
+    steps: int = 40,
+    batch_size: int = 8,
+    base_dir: Path | None = None,
+    progress: ProgressLike | None = None,
 ) -> int:
     """A quick stand-in for the full build, for a machine that has none yet: SFT the base policy on the
     unverified Q2Q pairs (graph + spelling, no M1 pass: that pass alone takes minutes) for ``steps`` steps and
-    publish it as ``production``. Returns the version id.
+    publish it as ``production``. ``base_dir`` defaults to the prepared SmolLM2. Returns the version id.
 
     Vanilla SmolLM2 answers a query like a chat ("Sure! Here are..."); a few dozen SFT steps are enough to
     teach it the format (a short query back), which is what the online loop needs to start from. The full
@@ -409,7 +414,7 @@ def warm_start(
                 progress.update(task, completed=done, total=total, description=label)
 
         result = train_sft(
-            require_policy(settings),
+            base_dir or require_policy(settings),
             train,
             out / "policy",
             max_steps=steps,
