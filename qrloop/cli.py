@@ -263,11 +263,22 @@ def shop(
 @app.command()
 def demo(
     queries: int = typer.Option(320, help="Simulated queries to run through the loop."),
+    warm_start_steps: int = typer.Option(
+        40, help="SFT steps of the one-time warm start when no offline policy is published (0: none)."
+    ),
+    learning_rate: float = typer.Option(
+        3e-5,
+        help="DPO learning rate of the demo's learner. Higher than dpo.learning_rate (5e-6, for a daemon "
+        "that runs for days) so that 20 steps move the policy visibly; QRLOOP_DPO__LEARNING_RATE wins.",
+    ),
 ) -> None:
     """The online loop end to end on simulated traffic, with live progress and a reward curve."""
+    import os
+
     from qrloop.demo import run_demo
 
-    run_demo(get_settings(), queries, console)
+    os.environ.setdefault("QRLOOP_DPO__LEARNING_RATE", str(learning_rate))  # the roles read the environment
+    run_demo(get_settings(), queries, console, warm_start_steps=warm_start_steps)
 
 
 topics_app = typer.Typer(help="Kafka topics of the online loop.", no_args_is_help=True)

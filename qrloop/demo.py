@@ -61,6 +61,7 @@ def make_run(base: Settings, run_id: str | None = None) -> RunLayout:
         "QRLOOP_TOPICS__PREFERENCE_PAIRS": topics.preference_pairs + suffix,
         "QRLOOP_TOPICS__POLICY_VERSIONS": topics.policy_versions + suffix,
         "QRLOOP_TOPICS__DEAD_LETTER": topics.dead_letter + suffix,
+        "QRLOOP_TOPICS__QUERY_OUTCOMES": topics.query_outcomes + suffix,
         "QRLOOP_STREAMS__APP_ID": f"{base.streams.app_id}-{run_id}",
         "QRLOOP_DPO__LEARNER_NAME": f"demo-{run_id}",
     }
@@ -68,6 +69,10 @@ def make_run(base: Settings, run_id: str | None = None) -> RunLayout:
     env.update({k: v for k, v in os.environ.items() if k.startswith("QRLOOP_")})
     env.update(overrides)
     env["PYTHONUNBUFFERED"] = "1"
+    # Four roles share the machine's cores. Torch's default of one OpenMP thread per core in every process
+    # oversubscribes them, and a thread team waiting on a busy core spins: measured on 2 cores, a query took
+    # a median of 3.4 s to serve with 2 threads while other jobs ran, and 0.68 s with 1.
+    env.setdefault("OMP_NUM_THREADS", "1")
     settings = base.model_copy(
         update={
             "database_url": overrides["QRLOOP_DATABASE_URL"],
@@ -78,6 +83,7 @@ def make_run(base: Settings, run_id: str | None = None) -> RunLayout:
                     "preference_pairs": overrides["QRLOOP_TOPICS__PREFERENCE_PAIRS"],
                     "policy_versions": overrides["QRLOOP_TOPICS__POLICY_VERSIONS"],
                     "dead_letter": overrides["QRLOOP_TOPICS__DEAD_LETTER"],
+                    "query_outcomes": overrides["QRLOOP_TOPICS__QUERY_OUTCOMES"],
                 }
             ),
             "streams": base.streams.model_copy(update={"app_id": overrides["QRLOOP_STREAMS__APP_ID"]}),
@@ -85,6 +91,45 @@ def make_run(base: Settings, run_id: str | None = None) -> RunLayout:
         }
     )
     return RunLayout(run_id, run_dir, env, settings, free_port())
+
+
+def offline_policy_version(base: Settings) -> int | None:
+    """The default store's ``production`` version when the offline phase published it, else None."""
+    from policy_store import PolicyStore
+
+    try:
+        store = PolicyStore.from_settings(base)
+    except Exception:  # no default store yet: nothing was published
+        return None
+    try:
+        production = store.resolve("production")
+        return production.id if production.tags.get("stage") == "offline" else None
+    except Exception:
+        return None
+    finally:
+        store.close()
+
+
+def ensure_starting_policy(base: Settings, console: Console, warm_start_steps: int) -> None:
+    """Without an offline policy the loop would start from vanilla SmolLM2, which chats instead of rewriting;
+    a short SFT warm start (once per machine, a few minutes) gives it the format first."""
+    if warm_start_steps <= 0 or offline_policy_version(base) is not None:
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+    from rich.progress import Progress as Bars
+
+    from learner.offline.build import warm_start
+    from qrloop import db
+
+    console.print(
+        "[yellow]no offline policy published yet[/]: a warm start first "
+        f"({warm_start_steps} SFT steps on Q2Q pairs, once; `qrloop offline build` does the full phase)"
+    )
+    db.upgrade(base.db_url)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Bars(*columns, console=console) as bars:
+        version = warm_start(base, steps=warm_start_steps, progress=bars)
+    console.print(f"warm start published as version {version} ('production') in {base.db_url}")
 
 
 def publish_starting_policy(run: RunLayout, base: Settings, start_dir: Path | None = None) -> int:
@@ -178,6 +223,10 @@ class Progress:
     rejected: list[float] = field(default_factory=list)
     pair_versions: list[int | None] = field(default_factory=list)
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=32))
+    # Per scored query (ties included): the serving version and the mean reward of its two rewrites. This is
+    # the policy's own reward; chosen/rejected rewards only describe the queries that made a pair.
+    query_rewards: list[float] = field(default_factory=list)
+    reward_versions: list[int | None] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     served_versions: list[int | None] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
@@ -189,13 +238,16 @@ class Progress:
         elapsed = time.monotonic() - self.started
         rate = self.queries / elapsed if elapsed > 0 else 0.0
         eta = (total - self.queries) / rate if rate > 0 else float("nan")
-        mean = sum(self.recent) / len(self.recent) if self.recent else float("nan")
+        recent = self.query_rewards[-64:]
+        mean = sum(recent) / len(recent) if recent else float("nan")
+        first = self.query_rewards[:64]
+        start = sum(first) / len(first) if first else float("nan")
         table = Table(title="qrloop demo", show_header=False)
         table.add_row("queries served", f"{self.queries}/{total}")
         table.add_row("preference pairs", f"{self.pairs}")
         table.add_row("DPO steps / versions", f"{len(self.versions)} (one per {batch} pairs)")
         table.add_row("serving version", f"{self.versions[-1] if self.versions else 1}")
-        table.add_row("moving mean chosen reward (32)", f"{mean:.3f}")
+        table.add_row("mean reward per query: first 64 / last 64", f"{start:.3f} / {mean:.3f}")
         table.add_row("elapsed / ETA", f"{elapsed:,.0f} s / {eta:,.0f} s")
         return table
 
@@ -210,12 +262,14 @@ def watch_topics(run: RunLayout) -> Any:
         client_id="qrloop-demo-monitor",
     )
     topics = run.settings.topics
-    consumer.subscribe([topics.query_events, topics.preference_pairs, topics.policy_versions])
+    consumer.subscribe(
+        [topics.query_events, topics.preference_pairs, topics.policy_versions, topics.query_outcomes]
+    )
     return consumer
 
 
 def absorb(progress: Progress, run: RunLayout, records: dict[Any, list[Any]]) -> None:
-    from qrloop.events import PolicyAnnouncement, PreferencePair, QueryEvent, decode
+    from qrloop.events import PolicyAnnouncement, PreferencePair, QueryEvent, QueryOutcome, decode
 
     topics = run.settings.topics
     for tp, messages in records.items():
@@ -233,10 +287,22 @@ def absorb(progress: Progress, run: RunLayout, records: dict[Any, list[Any]]) ->
                 progress.chosen_texts.append(pair.chosen)
                 progress.rejected_texts.append(pair.rejected)
                 progress.recent.append(pair.chosen_reward)
+            elif tp.topic == topics.query_outcomes:
+                outcome = decode(QueryOutcome, message.value)
+                progress.query_rewards.append(outcome.reward)
+                progress.reward_versions.append(outcome.policy_version)
             elif tp.topic == topics.policy_versions:
                 note = decode(PolicyAnnouncement, message.value)
                 if note.kind == "version_published":
                     progress.versions.append(note.version)
+
+
+def smooth_over(values: list[float], window: int) -> Any:
+    import numpy as np
+
+    if len(values) < window:
+        return np.array(values)
+    return np.convolve(values, np.ones(window) / window, mode="valid")
 
 
 def plot_rewards(progress: Progress, path: Path, window: int = 5) -> Path:
@@ -252,15 +318,22 @@ def plot_rewards(progress: Progress, path: Path, window: int = 5) -> Path:
             return np.array(values)
         return np.convolve(values, np.ones(window) / window, mode="valid")
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, per_query) = plt.subplots(2, 1, figsize=(8, 7))
     for values, label in ((progress.chosen, "chosen"), (progress.rejected, "rejected")):
         smoothed = smooth(values)
         ax.plot(np.arange(len(smoothed)) + (len(values) - len(smoothed)), smoothed, label=label)
     ax.set_xlabel("preference pair (arrival order)")
-    ax.set_ylabel(f"reward (moving average, window {window})")
+    ax.set_ylabel(f"reward (moving average, {window})")
     ax.set_title("qrloop online DPO: rewards of chosen and rejected rewrites")
     ax.legend()
     ax.grid(alpha=0.3)
+    wide = 4 * window  # per-query rewards vary with the query far more than with the policy
+    values = progress.query_rewards
+    smoothed = smooth_over(values, wide)
+    per_query.plot(np.arange(len(smoothed)) + (len(values) - len(smoothed)), smoothed, color="tab:green")
+    per_query.set_xlabel("scored query (arrival order, ties included)")
+    per_query.set_ylabel(f"mean reward of both rewrites ({wide})")
+    per_query.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -277,7 +350,12 @@ def ensure_broker(settings: Settings, console: Console) -> None:
 
 
 def run_demo(
-    base: Settings, queries: int, console: Console, run_id: str | None = None, start_dir: Path | None = None
+    base: Settings,
+    queries: int,
+    console: Console,
+    run_id: str | None = None,
+    start_dir: Path | None = None,
+    warm_start_steps: int = 0,
 ) -> Progress:
     from qrloop import data, models
     from qrloop.topics import ensure_topics
@@ -287,6 +365,8 @@ def run_demo(
     if not models.is_policy_prepared(base):
         with console.status("preparing the policy model (once)..."):
             models.prepare_policy(base)
+    if start_dir is None:
+        ensure_starting_policy(base, console, warm_start_steps)
     run = make_run(base, run_id)
     start_version = publish_starting_policy(run, base, start_dir)
     ensure_topics(run.settings)
@@ -350,14 +430,29 @@ def finish(run: RunLayout, progress: Progress, console: Console) -> Path:
         )
     store.close()
     console.print(table)
+    console.print(reward_by_version(progress))
     png = plot_rewards(progress, run.run_dir / "rewards.png")
     summary = summarise(progress, run.settings.dpo.batch_size)
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(
-        f"pairs {progress.pairs}, steps {len(progress.versions)}; mean chosen reward, first vs last quarter: "
+        f"queries {progress.queries}, pairs {progress.pairs}, DPO steps {len(progress.versions)}; "
+        f"mean reward per query, first vs last quarter: {summary['reward_first_quarter']:.3f} -> "
+        f"{summary['reward_last_quarter']:.3f} ({summary['reward_gain_pct']:+.1f}%); chosen "
         f"{summary['chosen_first_quarter']:.3f} -> {summary['chosen_last_quarter']:.3f}; curve: {png}"
     )
     return png
+
+
+def reward_by_version(progress: Progress) -> Table:
+    """Mean reward per query grouped by the version that served it: does each new version earn more?"""
+    by_version: dict[int | None, list[float]] = {}
+    for version, reward in zip(progress.reward_versions, progress.query_rewards, strict=True):
+        by_version.setdefault(version, []).append(reward)
+    table = Table("served by version", "queries", "mean reward", title="reward per query by serving version")
+    for version in sorted(by_version, key=lambda v: -1 if v is None else v):
+        rewards = by_version[version]
+        table.add_row(str(version), str(len(rewards)), f"{sum(rewards) / len(rewards):.4f}")
+    return table
 
 
 def summarise(progress: Progress, batch: int) -> dict[str, Any]:
@@ -365,7 +460,12 @@ def summarise(progress: Progress, batch: int) -> dict[str, Any]:
         return sum(values) / len(values) if values else float("nan")
 
     quarter = max(1, len(progress.chosen) // 4)
+    per_query = max(1, len(progress.query_rewards) // 4)
+    first, last = mean(progress.query_rewards[:per_query]), mean(progress.query_rewards[-per_query:])
     return {
+        "reward_first_quarter": first,
+        "reward_last_quarter": last,
+        "reward_gain_pct": 100 * (last - first) / first if first else float("nan"),
         "queries": progress.queries,
         "pairs": progress.pairs,
         "versions": progress.versions,

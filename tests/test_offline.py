@@ -299,3 +299,37 @@ def test_publish_existing_publishes_the_chosen_directory_and_moves_the_alias(
     finally:
         store.close()
     assert json.loads((out / "report.json").read_text())["published"] == "T/P"
+
+
+def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
+    tiny: Path, tmp_path: Path, sqlite_url: str
+) -> None:
+    from learner.offline.build import WARM_START_TAG, warm_start
+    from policy_store import PolicyStore
+    from qrloop import db
+    from qrloop.demo import offline_policy_version
+
+    base = Settings()
+    settings = base.model_copy(
+        update={
+            "cache_dir": tmp_path,
+            "database_url": sqlite_url,
+            "blob_dir": tmp_path / "blobs",
+        }
+    )
+    (tmp_path / "data").symlink_to(base.cache_dir / "data")  # the prepared data set, read only
+    db.upgrade(sqlite_url)
+    assert offline_policy_version(settings) is None, "an empty store has no offline policy"
+
+    version_id = warm_start(settings, steps=2, batch_size=2, base_dir=tiny)
+
+    assert offline_policy_version(settings) == version_id
+    store = PolicyStore.from_settings(settings)
+    try:
+        version = store.get(version_id)
+        assert version.tags["published"] == WARM_START_TAG and version.train_steps == 2
+        assert version.tags["q2q_train_pairs"] > 1000, "graph and spelling pairs of the real data set"
+    finally:
+        store.close()
+    pairs = q2q.read_pairs(tmp_path / "offline" / "warm-start" / "q2q" / "train.jsonl")
+    assert pairs and not any(is_heldout(p.source) or is_heldout(p.target) for p in pairs)

@@ -61,6 +61,10 @@ def test_sixty_four_queries_train_and_serve_new_versions(
     margin = float(((policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)).mean())
     assert margin > 0.0, f"implicit reward margin {margin}"
 
+    # Every query was scored once (ties too), and the demo attributes each reward to its serving version.
+    assert len(progress.query_rewards) == 64 and all(0.0 <= r <= 1.0 for r in progress.query_rewards)
+    assert set(progress.reward_versions) <= {v.id for v in versions}
+
     # The rewriter picked up new versions after their announcements.
     served = {v for v in progress.served_versions if v is not None}
     assert served & {v.id for v in trained}, f"the rewriter only ever served {served}"

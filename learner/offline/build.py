@@ -379,3 +379,78 @@ def publish_minielm(
     finally:
         store.close()
     return version.id
+
+
+WARM_START_TAG = "warm start"
+
+
+def warm_start(
+    settings: Settings,
+    *,
+    steps: int = 40,
+    batch_size: int = 8,
+    base_dir: Path | None = None,
+    progress: ProgressLike | None = None,
+) -> int:
+    """A quick stand-in for the full build, for a machine that has none yet: SFT the base policy on the
+    unverified Q2Q pairs (graph + spelling, no M1 pass: that pass alone takes minutes) for ``steps`` steps and
+    publish it as ``production``. ``base_dir`` defaults to the prepared SmolLM2. Returns the version id.
+
+    Vanilla SmolLM2 answers a query like a chat ("Sure! Here are..."); a few dozen SFT steps are enough to
+    teach it the format (a short query back), which is what the online loop needs to start from. The full
+    ``qrloop offline build`` (teacher, student, distillation, Table 2) replaces it whenever it is run.
+    """
+    from qrloop.models import require_policy
+
+    out = offline_dir(settings) / "warm-start"
+    with quiet_libraries():
+        report = build_q2q(settings, use_m1=False, out_dir=out / "q2q")
+        train = read_pairs(out / "q2q" / "train.jsonl")
+        task = progress.add_task("warm start: SFT", total=steps) if progress is not None else None
+
+        def advance(done: int, total: int, loss: float | None = None) -> None:
+            if progress is not None and task is not None:
+                label = f"warm start: SFT (loss {loss:.3f})" if loss is not None else "warm start: SFT"
+                progress.update(task, completed=done, total=total, description=label)
+
+        result = train_sft(
+            base_dir or require_policy(settings),
+            train,
+            out / "policy",
+            max_steps=steps,
+            batch_size=batch_size,
+            learning_rate=OfflineConfig.learning_rate,
+            seed=settings.seed,
+            progress=advance,
+        )
+    return _publish_warm_start(settings, out / "policy", report, result.steps, result.losses)
+
+
+def _publish_warm_start(
+    settings: Settings, policy: Path, q2q_report: q2q_mod.Q2QReport, steps: int, losses: list[float]
+) -> int:
+    from policy_store.store import PolicyStore
+
+    reason = f"{WARM_START_TAG}: {steps} SFT steps on unverified Q2Q pairs (no offline build yet)"
+    store = PolicyStore.from_settings(settings)
+    try:
+        version = store.publish(
+            policy,
+            base_model=BASE_MODEL,
+            train_steps=steps,
+            metrics={"sft/first_loss": round(losses[0], 5), "sft/last_loss": round(losses[-1], 5)}
+            if losses
+            else {},
+            tags={
+                "stage": "offline",
+                "published": WARM_START_TAG,
+                "dataset": q2q_report.dataset,
+                "q2q_train_pairs": q2q_report.train,
+            },
+            actor=ACTOR,
+            reason=reason,
+        )
+        store.set_alias("production", version.id, reason=reason, actor=ACTOR)
+    finally:
+        store.close()
+    return version.id
