@@ -18,7 +18,9 @@ trains nothing twice: what was not committed is redone from the stored offsets.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -99,6 +101,12 @@ class Learner:
         self.stop_requested = threading.Event()
         self.on_publish: Callable[[int], None] | None = None
         self._unpublished: list[str] = []  # trained in steps not yet published (publish_every > 1)
+        # Held for the whole publish (weights, DB transaction, offsets, alias, announcements): a stop past its
+        # deadline may abandon a DPO step, never a publish half-announced.
+        self.publishing = threading.Lock()
+        self.finished = threading.Event()
+        self._reward_avg: dict[str, float] = {}
+        self._lag_checked = 0.0
 
     # -- consuming ------------------------------------------------------------------------------------------
 
@@ -119,11 +127,16 @@ class Learner:
             log.info("skipping pair %s: already trained", pair.pair_id)
             return
         self.pending.pairs.append(pair)
+        # Exponential moving average (about the last 32 pairs) of the chosen reward, per arm.
+        previous = self._reward_avg.get(pair.arm, pair.chosen_reward)
+        self._reward_avg[pair.arm] = previous + (pair.chosen_reward - previous) / 32
+        metrics.REWARD_AVG.labels(pair.arm).set(self._reward_avg[pair.arm])
 
     # -- training and publishing ----------------------------------------------------------------------------
 
     def step(self) -> Any:
         batch = self.pending.pairs[: self.settings.dpo.batch_size]
+        log.info("DPO step %d started on %d pairs", self.state.steps + 1, len(batch))
         started = time.perf_counter()
         stats = self.core.step([(p.prompt, p.chosen, p.rejected) for p in batch])
         seconds = time.perf_counter() - started
@@ -138,6 +151,10 @@ class Learner:
         return stats
 
     def publish(self, trained_ids: list[str], stats: Any) -> int:
+        with self.publishing:
+            return self._publish(trained_ids, stats)
+
+    def _publish(self, trained_ids: list[str], stats: Any) -> int:
         from learner.ledger import record_pairs
 
         settings = self.settings
@@ -207,6 +224,7 @@ class Learner:
         for records in self.consumer.poll(timeout_ms=timeout_ms, max_records=max(need, 1)).values():
             for record in records:
                 self.take(record)
+        self._update_lag()
         if len(self.pending.pairs) < self.settings.dpo.batch_size:
             return None
         batch_ids = [p.pair_id for p in self.pending.pairs[: self.settings.dpo.batch_size]]
@@ -219,10 +237,77 @@ class Learner:
         self._unpublished = []
         return version
 
+    def _update_lag(self, every_s: float = 5.0) -> None:
+        """Records on the pair topic not yet consumed (end offset − position), at most every ``every_s``."""
+        if time.monotonic() - self._lag_checked < every_s:
+            return
+        self._lag_checked = time.monotonic()
+        assigned = list(self.consumer.assignment())
+        if not assigned:
+            return
+        ends = self.consumer.end_offsets(assigned)
+        lag = sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in assigned)
+        metrics.CONSUMER_LAG.labels("learner", self.settings.topics.preference_pairs).set(lag)
+
     def run(self) -> None:
         while not self.stop_requested.is_set():
             self.run_once()
         log.info("learner stopping after step %d (version %d)", self.state.steps, self.state.version)
+        self.finished.set()
+
+    # -- signals --------------------------------------------------------------------------------------------
+
+    def request_stop(self, deadline_s: float) -> None:
+        """SIGTERM: stop after the step in progress; past ``deadline_s`` abandon it and exit 0.
+
+        Abandoning is safe because nothing of a step is visible before its publish, whose weights, offsets
+        and pair ids are one transaction: the restarted learner seeks to the stored offsets and redoes it.
+        A publish in progress is waited for (``self.publishing``), so the alias and announcements follow.
+        """
+        if self.stop_requested.is_set():
+            return
+        self.stop_requested.set()
+        log.info("stop requested: finishing the step in progress (deadline %.0f s)", deadline_s)
+
+        def watchdog() -> None:
+            if self.finished.wait(deadline_s):
+                return
+            with self.publishing:
+                log.warning(
+                    "stop deadline of %.0f s passed: abandoning the step in progress; nothing of it was "
+                    "committed, the next start redoes it from version %d's offsets",
+                    deadline_s,
+                    self.state.version,
+                )
+                logging.shutdown()
+                os._exit(0)
+
+        threading.Thread(target=watchdog, name="stop-watchdog", daemon=True).start()
+
+    def reload(self, fresh: Settings) -> None:
+        """SIGHUP: apply the settings that are safe to change between steps (see ``RELOADABLE``)."""
+        from qrloop import logs
+
+        logs.set_level(fresh.logging.level)
+        changes = {
+            k: getattr(fresh.dpo, k)
+            for k in RELOADABLE
+            if getattr(fresh.dpo, k) != getattr(self.settings.dpo, k)
+        }
+        self.settings.dpo = self.settings.dpo.model_copy(update=changes)
+        config = getattr(self.core, "config", None)
+        for name, value in changes.items():
+            if config is not None and hasattr(config, name):
+                setattr(config, name, value)
+            if name == "learning_rate":
+                for group in self.core.optimizer.param_groups:
+                    group["lr"] = value
+        log.info("settings reloaded: log level %s, %s", fresh.logging.level, changes or "no DPO change")
+
+
+# Safe to change in a running learner: they act from the next step on and change nothing already published.
+# Topics, database, lineage name, batch size and aliases are not: they change what the stored offsets mean.
+RELOADABLE = ("beta", "learning_rate", "max_grad_norm", "publish_every", "stop_deadline_s")
 
 
 def seek_to_stored_offsets(consumer: Any, settings: Settings, state: LearnerState) -> None:
@@ -269,14 +354,39 @@ def build(settings: Settings) -> Learner:
 
 
 def run() -> None:
-    """``qrloop learn``: the long-running learner. SIGTERM/SIGINT stop it between steps."""
-    from qrloop.settings import get_settings
+    """``qrloop learn``: the long-running learner, its probes and metrics on ``dpo.metrics_port``.
+
+    SIGTERM/SIGINT: stop after the step in progress, or abandon it past ``dpo.stop_deadline_s`` (exit 0
+    either way); SIGHUP: reload the log level and the ``RELOADABLE`` DPO settings.
+    """
+    from qrloop import health
+    from qrloop.settings import Settings, get_settings
 
     settings = get_settings()
-    metrics.serve_metrics(settings.dpo.metrics_port)
-    learner = build(settings)
+    loaded: dict[str, Learner] = {}
+
+    def model_check() -> str:
+        if "learner" not in loaded:
+            raise RuntimeError("loading the policy and reference models")
+        return f"version {loaded['learner'].state.version} loaded"
+
+    health.serve(
+        settings.dpo.metrics_port,
+        {
+            "broker": health.kafka_check(settings.kafka.bootstrap_servers),
+            "database": health.database_check(settings.db_url),
+            "model": model_check,
+        },
+        role="learner",
+    )
+    # Until the loop runs there is nothing to finish: a stop while loading the models just exits.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: learner.stop_requested.set())
+        signal.signal(sig, lambda *_: sys.exit(0))
+    learner = loaded["learner"] = build(settings)
+    metrics.ALIAS_VERSION.labels(settings.dpo.alias).set(learner.state.version)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: learner.request_stop(learner.settings.dpo.stop_deadline_s))
+    signal.signal(signal.SIGHUP, lambda *_: learner.reload(Settings()))
     log.info(
         "learner resuming at version %d (reference %d, step %d)",
         learner.state.version,
@@ -284,3 +394,5 @@ def run() -> None:
         learner.state.steps,
     )
     learner.run()
+    learner.consumer.close()
+    learner.producer.close()

@@ -207,9 +207,11 @@ def smoke() -> None:
 
 
 def _logging() -> None:
-    import logging
+    from qrloop import logs
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # settings.logging: text or JSON lines (QRLOOP_LOGGING__FORMAT=json; `qrloop run --log-format json`).
+    config = get_settings().logging
+    logs.configure(config.level, config.format)
 
 
 @app.command()
@@ -230,8 +232,10 @@ def aggregate() -> None:
     from streams.aggregator import run
 
     _logging()
-    # Faust's App.main() reads its own command line; give it the worker command.
-    sys.argv = [sys.argv[0], "worker", "--loglevel", "info"]
+    # Faust's App.main() reads its own command line; give it the worker command. --without-web: Faust's
+    # worker CLI would otherwise turn its web server on (0.0.0.0:6066) whatever the app says, and a second
+    # aggregator on the host would then fail to bind; /metrics and the health probes are our own server.
+    sys.argv = [sys.argv[0], "worker", "--loglevel", "info", "--without-web"]
     run()
 
 
@@ -292,6 +296,118 @@ def topics_create() -> None:
 
     for name in ensure_topics(get_settings()):
         console.print(f"[green]ok[/] {name}")
+
+
+# --- the daemon: every role, supervised (qrloop/daemon.py) ------------------------------------------------
+
+
+@app.command("run")
+def run_cmd(
+    roles: str = typer.Option(
+        "",
+        help="Comma-separated roles (serve,aggregate,learn,canary) or 'all'; default: settings.daemon.roles.",
+    ),
+    log_format: str = typer.Option("", help="text or json (default: settings.logging.format)."),
+) -> None:
+    """Start the roles as supervised processes (restarted with backoff); SIGTERM stops them all."""
+    import os
+
+    from qrloop import daemon, logs
+
+    if log_format:
+        if log_format not in ("text", "json"):
+            fail("--log-format is text or json")
+        os.environ["QRLOOP_LOGGING__FORMAT"] = log_format
+        get_settings.cache_clear()
+    settings = get_settings()
+    logs.configure(settings.logging.level, settings.logging.format)
+    try:
+        chosen = daemon.resolve_roles(roles or settings.daemon.roles)
+    except ValueError as exc:
+        fail(str(exc))
+    raise typer.Exit(daemon.run(settings, chosen))
+
+
+# --- logged traffic: export, replay, off-policy evaluation (qrloop/replay.py) ----------------------------
+
+
+@app.command("export")
+def export_cmd(
+    out: str = typer.Argument(..., help="Log file to write: .jsonl, or .parquet."),
+) -> None:
+    """Write the query events and interactions on the topics as one replayable log, in event-time order."""
+    from pathlib import Path
+
+    from qrloop.replay import export_log
+
+    report = export_log(get_settings(), Path(out))
+    console.print(
+        f"[green]exported[/] {report.queries} query events, {report.interactions} interactions, "
+        f"{report.session_ends} session ends to {report.path}"
+        + (f" ([yellow]{report.skipped} unreadable records skipped[/])" if report.skipped else "")
+    )
+
+
+@app.command("replay")
+def replay_cmd(
+    source: str = typer.Argument(..., help="A .jsonl or .parquet log, or kafka:TOPIC[,TOPIC][:START-END]."),
+    rate: float = typer.Option(0.0, help="Events per second (0: as fast as possible)."),
+    dead_letter: bool = typer.Option(
+        False, "--dead-letter", help="Send malformed entries to the dead-letter topic instead of stopping."
+    ),
+    in_process: bool = typer.Option(
+        False,
+        "--in-process",
+        help="Attribute the log here (the aggregator's functions, event-time order) and publish the "
+        "preference pairs instead of the raw events: bit-reproducible training, no aggregator needed.",
+    ),
+) -> None:
+    """Re-publish a traffic log to the configured topics in event-time order."""
+    from qrloop.replay import LogFormatError, replay
+
+    try:
+        report = replay(get_settings(), source, rate, dead_letter, in_process)
+    except (LogFormatError, FileNotFoundError, ValueError) as exc:
+        fail(f"{exc}" + ("" if dead_letter else "\n(--dead-letter sends bad entries aside and goes on)"))
+    topics = ", ".join(f"{n} to {t}" for t, n in report.by_topic.items()) or "nothing"
+    console.print(
+        f"[green]replayed[/] {report.published} events ({topics}) in {report.seconds:.1f} s "
+        f"({report.rate:,.0f}/s)"
+        + (f", {report.dead_lettered} dead-lettered" if report.dead_lettered else "")
+    )
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    candidate: str = typer.Option(..., "--candidate", help="Version id or alias in the policy store."),
+    log_file: str = typer.Option(..., "--log", help="A .jsonl or .parquet log, or kafka:TOPIC[:START-END]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
+) -> None:
+    """Off-policy estimate (IPS, SNIPS) of a candidate version's reward on logged traffic."""
+    from qrloop.replay import LogFormatError, evaluate
+
+    try:
+        result = evaluate(get_settings(), candidate, log_file)
+    except (LogFormatError, FileNotFoundError, ValueError) as exc:
+        fail(str(exc))
+    if as_json:
+        console.print_json(json.dumps(result.as_dict()))
+        return
+    est = result.estimate
+    table = Table("estimator", "value", "95% CI", title=f"off-policy evaluation of {result.candidate}")
+    table.add_row("logged (on-policy) mean reward", f"{result.logged_mean_reward:.4f}", "")
+    table.add_row("IPS", f"{est.ips:.4f}", f"[{est.ips_ci[0]:.4f}, {est.ips_ci[1]:.4f}]")
+    table.add_row("SNIPS", f"{est.snips:.4f}", f"[{est.snips_ci[0]:.4f}, {est.snips_ci[1]:.4f}]")
+    console.print(table)
+    versions = ", ".join(f"{v}: {n}" for v, n in result.serving_versions.items())
+    console.print(
+        f"{result.queries} queries, {est.n} logged rewrites (serving versions {versions}); effective sample "
+        f"size {est.ess:.1f}, largest weight {est.max_weight_share:.0%} of the total, mean weight "
+        f"{result.mean_weight:.2f} (1 when the log covers the candidate), mean log-ratio "
+        f"{result.mean_log_ratio:+.2f}"
+    )
+    if est.warning:
+        err.print(f"[bold yellow]warning:[/] {est.warning}")
 
 
 _mount_component_clis()

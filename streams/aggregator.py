@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from qrloop import metrics
+from qrloop import health, metrics
 from qrloop.events import (
     DeadLetter,
     Interaction,
@@ -190,5 +191,40 @@ def run() -> None:
     from streams.app import default_app
 
     built = default_app()
-    metrics.serve_metrics(built.settings.streams.metrics_port)
+    settings = built.settings
+    health.serve(
+        settings.streams.metrics_port,
+        {
+            "broker": health.kafka_check(settings.kafka.bootstrap_servers),
+            "model": lambda: relevance_model_check(settings),
+        },
+        role="aggregator",
+    )
+    # SIGHUP (Faust handles TERM/INT itself): reward weights and margin act from the next scored window.
+    signal.signal(signal.SIGHUP, lambda *_: reload(built))
     built.app.main()
+
+
+def relevance_model_check(settings: Any) -> str:
+    """M1 loads on the first window scored; ready means its files (or the fallback encoder's) are there."""
+    from qrloop.models import encoder_dir
+
+    m1 = settings.models.relevance_dir
+    if m1 is not None and m1.is_dir():
+        return f"M1 at {m1}"
+    fallback = encoder_dir(settings)
+    if not fallback.is_dir():
+        raise FileNotFoundError(f"neither M1 ({m1}) nor the encoder ({fallback}) is there")
+    return f"cosine fallback at {fallback}"
+
+
+def reload(built: AggregatorApp) -> None:
+    """Reload what is safe mid-stream: reward weights and tie margin, and the log level. Windows, grace and
+    topics are not reloaded: open windows were opened under the old ones."""
+    from qrloop import logs
+    from qrloop.settings import Settings
+
+    fresh = Settings()
+    built.settings.rewards = fresh.rewards
+    logs.set_level(fresh.logging.level)
+    log.info("settings reloaded: rewards %s, log level %s", fresh.rewards.model_dump(), fresh.logging.level)
