@@ -58,6 +58,7 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
     watermark = attribution.Watermark(settings.streams.idle_advance_s)
     close_requested: set[str] = set()
     scorer: dict[str, attribution.RelevanceFn] = {}
+    finalizing: set[str] = set()  # keys whose window is being scored and emitted right now
 
     def relevance_fn() -> attribution.RelevanceFn:
         # Loaded on first use: the worker joins its group quickly and pays for M1 only when it scores.
@@ -72,11 +73,20 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
         await built.dead_letter.send(key=message.key, value=encode(letter))
 
     async def finalize(key: str, state: attribution.State, reason: str) -> None:
+        # The sends below yield to the event loop before the window is tombstoned; meanwhile the timer may
+        # request the same close again or a late event may complete the window. One finalize per key at a
+        # time, or the pair is emitted twice. (The tombstone is written after the sends, so a crash in between
+        # re-emits the same pair id on redelivery instead of losing it.)
+        if key in finalizing:
+            return
+        finalizing.add(key)
+        try:
+            await _finalize(key, state, reason)
+        finally:
+            finalizing.discard(key)
+
+    async def _finalize(key: str, state: attribution.State, reason: str) -> None:
         scored = attribution.score(state, relevance_fn(), settings.rewards)
-        if built.outcomes is not None:
-            # Every scored query, ties included, is a sample of its arm for the canary's analysis.
-            outcome = attribution.outcome(state, scored)
-            await built.outcomes.send(key=outcome.kafka_key(), value=encode(outcome))
         if scored.pair is None:
             metrics.TIES.inc()
         else:
@@ -85,6 +95,12 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
         metrics.WINDOWS_CLOSED.labels(reason).inc()
         windows[key] = attribution.close(state)
         close_requested.discard(key)
+        if built.outcomes is not None:
+            # Every scored query, ties included, is a sample of its arm for the canary's analysis. Sent after
+            # the tombstone: awaiting it earlier let a re-delivered query event re-open the window (measured
+            # in tests/test_aggregator_stream.py). A crash here loses one canary sample, never a pair.
+            outcome = attribution.outcome(state, scored)
+            await built.outcomes.send(key=outcome.kafka_key(), value=encode(outcome))
         log.info(
             "closed %s (%s): rewards %.3f / %.3f -> %s",
             key,
@@ -145,7 +161,7 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
                 continue
             if reason == "purge" and state["status"] == "closed":
                 del windows[key]
-            elif reason == "orphan" and state["query"] is None:
+            elif reason == "orphan" and state["status"] == "open" and state["query"] is None:
                 for pending_key in state.get("pending", {}):
                     await dead_letter_orphan(key, pending_key)
                 del windows[key]
@@ -170,7 +186,7 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
         now = time.time()
         stream_time = watermark.current(now)
         for key, state in list(windows.items()):
-            if state is None or key in close_requested:
+            if state is None or key in close_requested or key in finalizing:
                 continue
             reason = None
             if attribution.is_due(state, stream_time, window_s, grace_s):

@@ -117,8 +117,17 @@ def is_due(state: State, watermark: float, window_s: float, grace_s: float) -> b
 
 
 def is_orphan(state: State, now_wall: float, orphan_after_s: float) -> bool:
-    """Interactions whose query event never came, after waiting long enough in wall-clock time."""
-    return state["query"] is None and now_wall - state["created_wall"] > orphan_after_s
+    """Interactions whose query event never came, after waiting long enough in wall-clock time.
+
+    Only an *open* window can be an orphan: a closed window's tombstone also has no query (it is dropped to
+    keep the tombstone small), and purging it as an orphan let a re-delivered query event open the window
+    again and emit a second, different pair for the same query.
+    """
+    return (
+        state["status"] == "open"
+        and state["query"] is None
+        and now_wall - state["created_wall"] > orphan_after_s
+    )
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,9 @@ def test_late_events_after_close_are_counted_and_dropped() -> None:
     assert state["counts"]["late"] == 1
     assert not attribution.tombstone_expired(state, now_wall=100.0, keep_s=300.0)
     assert attribution.tombstone_expired(state, now_wall=400.0, keep_s=300.0)
+    # A tombstone has no query either, but it is not an orphan: purging it early would let a re-delivered
+    # query event open the window again and emit a second pair for the same query.
+    assert not attribution.is_orphan(state, now_wall=400.0, orphan_after_s=120.0)
 
 
 def test_score_matches_hand_computed_rewards() -> None:
