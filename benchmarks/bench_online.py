@@ -125,7 +125,7 @@ class QueryScores:
 
 @dataclass
 class PolicyRun:
-    version: int
+    version: int | str  # a store version, or a name (the offline sub-command's "T/P", ...)
     scores: list[QueryScores] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -241,11 +241,22 @@ def serve_seeded(rewriter: Any, query: str, seed: int) -> Any:
 def evaluate_policy(
     settings: Settings, store: Any, version: int, queries: Sequence[str], search: Any, evaluator: Evaluator
 ) -> PolicyRun:
+    return evaluate_dir(settings, store.load_dir(store.get(version)), version, queries, search, evaluator)
+
+
+def evaluate_dir(
+    settings: Settings,
+    path: Path,
+    name: int | str,
+    queries: Sequence[str],
+    search: Any,
+    evaluator: Evaluator,
+) -> PolicyRun:
     from qrloop.serving import Rewriter, load_version
 
-    policy = load_version(store.load_dir(store.get(version)), version)
+    policy = load_version(path, name if isinstance(name, int) else None)
     rewriter = Rewriter(policy, search, settings.rewriter, settings.seed)
-    run = PolicyRun(version)
+    run = PolicyRun(name)
     started = time.perf_counter()
     for i, query in enumerate(queries):
         run.scores.append(evaluator.score(serve_seeded(rewriter, query, settings.seed + i)))
@@ -354,6 +365,51 @@ def cmd_table3(args: argparse.Namespace) -> None:
     print_paired(runs, args.seed)
     print(load_average())
     store.close()
+
+
+def cmd_offline(args: argparse.Namespace) -> None:
+    """The online reward of the offline phase's models (issue #8): each HF directory in ``--dirs`` serves the
+    same held-out queries with the same seeds, scored exactly as ``table3`` scores versions."""
+    from qrloop.relevance import RelevanceModel
+    from simulators.catalog import Catalog
+    from simulators.judge import ClickModelJudge, labelled_or_model
+    from simulators.profiles import ProfilePool
+    from simulators.search import SearchEngine
+
+    settings = get_settings()
+    offline = settings.cache_dir / "offline"
+    named = [item.split("=", 1) for item in args.dirs.split(",")]
+    catalog = Catalog.open(settings)
+    queries = sample_heldout(catalog, args.queries, args.seed)
+    m1 = RelevanceModel.load(settings)
+    set_threads(args.threads)
+    judge = ClickModelJudge(labelled_or_model(catalog, m1.score))
+    pool = ProfilePool(args.seed, args.profiles, list(catalog.brands())[:50])
+    rule = relevance_rule(catalog, grade_lookup(catalog, queries), m1, args.m1_threshold)
+    evaluator = Evaluator(settings, catalog, m1, judge, pool.profiles, rule)
+    engine = SearchEngine.open(settings, dataset=catalog.dataset)
+    print(f"== offline models online: {len(queries)} labelled held-out queries (seed {args.seed}) ==")
+    print(load_average())
+    print(
+        f"\n{'model':<8} {'relevance':>9} {'diversity':>9} {'click':>7} {'add2cart':>8} {'purchase':>8}"
+        f" {'combined':>8} {'coverage':>8} {'s/query':>7}"
+    )
+    for name, path in named:
+        folder = Path(path).expanduser()
+        run = evaluate_dir(
+            settings,
+            folder if folder.is_absolute() else offline / folder,
+            name,
+            queries,
+            engine.search,
+            evaluator,
+        )
+        cells = " ".join(f"{run.mean(m):>{max(7, len(m))}.4f}" for m in METRICS)
+        print(
+            f"{name:<8} {cells} {run.combined().mean():>8.4f} {run.coverage():>8.2f}"
+            f" {run.seconds / len(queries):>7.2f}"
+        )
+    print(load_average())
 
 
 # -------------------------------------------------------------------------------------------------- speed
@@ -912,6 +968,18 @@ def parser() -> argparse.ArgumentParser:
         "--m1-threshold", type=float, default=0.5, help="coverage: M1 score of a relevant product"
     )
     t3.set_defaults(fn=cmd_table3)
+    off = sub.add_parser("offline", help="online reward of the offline phase's models on held-out queries")
+    off.add_argument(
+        "--dirs",
+        default="T/V=../models/smollm2-135m-instruct,T/P=teacher,S/P=student-p,T→S/P=minielm",
+        help="NAME=DIR,...; relative DIRs are under <cache_dir>/offline",
+    )
+    off.add_argument("--queries", type=int, default=40)
+    off.add_argument("--profiles", type=int, default=20)
+    off.add_argument("--m1-threshold", type=float, default=0.5)
+    off.add_argument("--threads", type=int, default=1)
+    off.add_argument("--seed", type=int, default=1234)
+    off.set_defaults(fn=cmd_offline)
     speed = sub.add_parser("speed", help="rewriter vs bare generate; Faust aggregator vs raw kafka-python")
     speed.add_argument("--queries", type=int, default=20, help="rewriter queries (0: skip)")
     speed.add_argument("--policy-dir", help="an HF policy directory (default: the store's production)")
