@@ -106,7 +106,6 @@ class Learner:
         self.publishing = threading.Lock()
         self.finished = threading.Event()
         self._reward_avg: dict[str, float] = {}
-        self._lag_checked = 0.0
 
     # -- consuming ------------------------------------------------------------------------------------------
 
@@ -237,17 +236,20 @@ class Learner:
         self._unpublished = []
         return version
 
-    def _update_lag(self, every_s: float = 5.0) -> None:
-        """Records on the pair topic not yet consumed (end offset − position), at most every ``every_s``."""
-        if time.monotonic() - self._lag_checked < every_s:
-            return
-        self._lag_checked = time.monotonic()
-        assigned = list(self.consumer.assignment())
-        if not assigned:
-            return
-        ends = self.consumer.end_offsets(assigned)
-        lag = sum(max(0, ends[tp] - self.consumer.position(tp)) for tp in assigned)
-        metrics.CONSUMER_LAG.labels("learner", self.settings.topics.preference_pairs).set(lag)
+    def _update_lag(self) -> None:
+        """Per partition of the pair topic, records not yet consumed (end offset − position), every poll.
+
+        The end offset is the high watermark of the partition's last fetch response, which kafka-python
+        keeps, so a poll costs no extra request; only before the first fetch answers is it asked for.
+        """
+        assigned = sorted(self.consumer.assignment())
+        ends: dict[Any, int | None] = {tp: self.consumer.highwater(tp) for tp in assigned}
+        unknown = [tp for tp, end in ends.items() if end is None]
+        if unknown:
+            ends.update(self.consumer.end_offsets(unknown))
+        for tp in assigned:
+            lag = max(0, int(ends[tp] or 0) - self.consumer.position(tp))
+            metrics.CONSUMER_LAG.labels("learner", tp.topic, str(tp.partition)).set(lag)
 
     def run(self) -> None:
         while not self.stop_requested.is_set():

@@ -19,7 +19,7 @@ The decision is a pure function of the two arms' per-query samples so it is test
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -71,66 +71,54 @@ def analyse(
 ) -> Analysis:
     n_p, n_c = len(production.rewards), len(canary.rewards)
     mean_p, mean_c = _mean(production.rewards), _mean(canary.rewards)
-    base = {
-        "n_production": n_p,
-        "n_canary": n_c,
-        "mean_production": mean_p,
-        "mean_canary": mean_c,
-        "effect": mean_c - mean_p if n_p and n_c else float("nan"),
-    }
+    # Every verdict carries the sample sizes and means; each branch below fills in what it measured.
+    base = Analysis(
+        verdict="continue",
+        reason="",
+        n_production=n_p,
+        n_canary=n_c,
+        mean_production=mean_p,
+        mean_canary=mean_c,
+        effect=mean_c - mean_p if n_p and n_c else float("nan"),
+        p_value=None,
+        relevance_ratio=None,
+        mean_kl=None,
+    )
     if n_p < policy.min_samples or n_c < policy.min_samples:
-        return Analysis(
-            "continue",
-            f"need {policy.min_samples} queries per arm",
-            p_value=None,
-            relevance_ratio=None,
-            mean_kl=None,
-            **base,
-        )
+        return replace(base, reason=f"need {policy.min_samples} queries per arm")
 
     rel_p, rel_c = _mean(production.relevance), _mean(canary.relevance)
     relevance_ratio = rel_c / rel_p if rel_p > 0 else float("inf")
     mean_kl = _mean(canary.kl_to_reference) if len(canary.kl_to_reference) else None
-    guards = {"relevance_ratio": relevance_ratio, "mean_kl": mean_kl}
+    guarded = replace(base, relevance_ratio=relevance_ratio, mean_kl=mean_kl)
     if relevance_ratio < policy.relevance_floor:
-        return Analysis(
-            "rollback",
-            f"relevance guard: canary at {relevance_ratio:.0%} of production "
+        return replace(
+            guarded,
+            verdict="rollback",
+            reason=f"relevance guard: canary at {relevance_ratio:.0%} of production "
             f"(floor {policy.relevance_floor:.0%})",
-            p_value=None,
-            **guards,
-            **base,
         )
     if mean_kl is not None and mean_kl > policy.max_kl:
-        return Analysis(
-            "rollback",
-            f"KL guard: {mean_kl:.2f} nats from the reference (max {policy.max_kl})",
-            p_value=None,
-            **guards,
-            **base,
+        return replace(
+            guarded,
+            verdict="rollback",
+            reason=f"KL guard: {mean_kl:.2f} nats from the reference (max {policy.max_kl})",
         )
 
     p_value = float(mannwhitneyu(canary.rewards, production.rewards, alternative="two-sided").pvalue)
     effect = mean_c - mean_p
+    tested = replace(guarded, p_value=p_value)
     if p_value < policy.alpha and effect >= policy.min_effect:
-        return Analysis(
-            "promote", f"better by {effect:+.3f} (p={p_value:.3g})", p_value=p_value, **guards, **base
-        )
+        return replace(tested, verdict="promote", reason=f"better by {effect:+.3f} (p={p_value:.3g})")
     if p_value < policy.alpha and effect <= -policy.min_effect:
-        return Analysis(
-            "rollback", f"worse by {effect:+.3f} (p={p_value:.3g})", p_value=p_value, **guards, **base
-        )
+        return replace(tested, verdict="rollback", reason=f"worse by {effect:+.3f} (p={p_value:.3g})")
     if windows_so_far + 1 >= policy.max_windows:
-        return Analysis(
-            "rollback",
-            f"no significant improvement after {policy.max_windows} windows",
-            p_value=p_value,
-            **guards,
-            **base,
+        return replace(
+            tested,
+            verdict="rollback",
+            reason=f"no significant improvement after {policy.max_windows} windows",
         )
-    return Analysis(
-        "continue", f"not yet significant ({effect:+.3f}, p={p_value:.3g})", p_value=p_value, **guards, **base
-    )
+    return replace(tested, reason=f"not yet significant ({effect:+.3f}, p={p_value:.3g})")
 
 
 def next_share(current: float, steps: Sequence[float]) -> float:

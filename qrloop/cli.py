@@ -418,4 +418,4 @@ def main() -> None:  # pragma: no cover - console entry point indirection for `p
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

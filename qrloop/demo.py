@@ -149,7 +149,7 @@ def publish_starting_policy(run: RunLayout, base: Settings, start_dir: Path | No
         production = home.resolve("production")
         if production.tags.get("stage") == "offline":
             source_dir, base_model = home.load_dir(production), production.base_model
-            tags = {"stage": "offline", "from_version": production.id}
+            tags = {"stage": "offline", "from_version": str(production.id)}
         home.close()
     except PolicyStoreError:
         pass

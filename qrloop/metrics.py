@@ -19,7 +19,9 @@ DPO_STEP_SECONDS = Histogram(
 DPO_LOSS = Gauge("qrloop_dpo_loss", "Loss of the last DPO step")
 DPO_MARGIN = Gauge("qrloop_dpo_margin", "Mean implicit-reward margin (chosen - rejected) of the last step")
 ALIAS_VERSION = Gauge("qrloop_alias_version", "Version an alias points at", ["alias"])
-CONSUMER_LAG = Gauge("qrloop_consumer_lag", "Messages not yet consumed", ["role", "topic"])
+CONSUMER_LAG = Gauge(
+    "qrloop_consumer_lag", "Messages not yet consumed (end offset - position)", ["role", "topic", "partition"]
+)
 REWARD_AVG = Gauge("qrloop_reward_moving_average", "Moving average of the chosen reward", ["arm"])
 
 

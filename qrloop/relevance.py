@@ -261,7 +261,7 @@ def heldout_queries(dataset: Dataset, max_queries: int | None, seed: int) -> lis
 # --- metrics ------------------------------------------------------------------------------------------------
 
 
-def ndcg_at_k(relevance_in_ranked_order: Sequence[float], k: int = 10) -> float:
+def ndcg_at_k(relevance_in_ranked_order: Sequence[float] | np.ndarray, k: int = 10) -> float:
     """NDCG@k of a ranking given its items' true gains in ranked order (ideal = the same gains sorted)."""
     gains = np.asarray(relevance_in_ranked_order, dtype=np.float64)
     discounts = 1.0 / np.log2(np.arange(2, k + 2))
@@ -314,15 +314,15 @@ def _batches(lengths: Sequence[int], batch_size: int, epochs: int, seed: int) ->
     (about a third of a step on CPU with random batches). Sorting happens within windows of 16 batches, and
     the batches are shuffled again, so the order stays random at the scale that matters to SGD."""
     rng = np.random.default_rng(seed)
-    lengths = np.asarray(lengths)
+    sizes = np.asarray(lengths)
     window = batch_size * 16
     out: list[np.ndarray] = []
     for _ in range(epochs):
-        order = rng.permutation(len(lengths))
+        order = rng.permutation(len(sizes))
         epoch: list[np.ndarray] = []
         for start in range(0, len(order), window):
             chunk = order[start : start + window]
-            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            chunk = chunk[np.argsort(sizes[chunk], kind="stable")]
             epoch.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
         out.extend(epoch[i] for i in rng.permutation(len(epoch)))
     return out

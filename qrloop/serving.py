@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from qrloop import metrics
+from qrloop import health, metrics
 from qrloop.events import Arm, PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
 from qrloop.models import load_policy
 from qrloop.prompting import build_prompt, end_of_turn
@@ -116,6 +116,11 @@ class Rewriter:
         with self._lock:
             self._policy = policy
 
+    def reconfigure(self, config: RewriterSettings) -> None:
+        """Replace the sampling settings; like ``swap``, between queries, so no query mixes two configs."""
+        with self._lock:
+            self.config = config
+
     def _sample(
         self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None
     ) -> list[Sampled]:
@@ -180,7 +185,7 @@ class Rewriter:
             session_id=session_id,
             query=query,
             policy_version=policy.version,
-            arm=arm,  # type: ignore[arg-type]
+            arm=arm,
             original_products=self.search(query)[:k],
             rewrites=[
                 Rewrite(
@@ -308,6 +313,13 @@ class ArmedRewriter:
             if rewriter is not None and rewriter.version == version:
                 return rewriter.policy
         return None
+
+    def reconfigure(self, config: RewriterSettings) -> None:
+        """New sampling settings for both arms (a canary created later copies production's)."""
+        with self._lock:
+            for rewriter in (self.production, self.canary):
+                if rewriter is not None:
+                    rewriter.reconfigure(config)
 
     def swap_production(self, policy: LoadedPolicy) -> None:
         with self._lock:
@@ -448,13 +460,57 @@ def _json_response(
     handler.wfile.write(data)
 
 
-class RewriterService:
-    """The serving process: HTTP in, QueryEvent published to Kafka and returned to the caller."""
+# Safe to change in a running rewriter: they act from the next query and change nothing already served.
+# Not the products per list (rewards of lists of other lengths are not comparable), nor topics, aliases or
+# the database; the canary's share is the canary job's to step (its audit log is the state), not a setting.
+RELOADABLE = ("temperature", "top_p", "max_new_tokens")
 
-    def __init__(self, settings: Settings, rewriter: Rewriter | ArmedRewriter, producer: Any) -> None:
+
+class RewriterService:
+    """The serving process: HTTP in, QueryEvent published to Kafka and returned to the caller.
+
+    ``/readyz`` runs ``checks`` (in ``run``: the broker and the policy store's database, as the other roles'
+    probes do) plus the model check: ready only when a query could be served *and* its event published.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        rewriter: Rewriter | ArmedRewriter,
+        producer: Any,
+        checks: Mapping[str, health.Check] | None = None,
+    ) -> None:
         self.settings = settings
         self.rewriter = rewriter
         self.producer = producer
+        self.probes = health.Probes({**(checks or {}), "model": self._model_check})
+
+    def _model_check(self) -> str:
+        if self.rewriter.version is None:
+            return "base model loaded"
+        return f"version {self.rewriter.version} loaded"
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        ok, checks = self.probes.ready()
+        arms = self.rewriter.arms() if isinstance(self.rewriter, ArmedRewriter) else {}
+        return ok, {"ok": ok, "role": "rewriter", "version": self.rewriter.version, **arms, "checks": checks}
+
+    def reload(self, fresh: Settings) -> dict[str, Any]:
+        """SIGHUP: the log level and the ``RELOADABLE`` rewriter settings, from the next query on."""
+        from qrloop import logs
+
+        logs.set_level(fresh.logging.level)
+        current = self.settings.rewriter
+        changes = {
+            k: getattr(fresh.rewriter, k)
+            for k in RELOADABLE
+            if getattr(fresh.rewriter, k) != getattr(current, k)
+        }
+        if changes:
+            self.settings.rewriter = current.model_copy(update=changes)
+            self.rewriter.reconfigure(self.settings.rewriter)
+        log.info("settings reloaded: log level %s, %s", fresh.logging.level, changes or "no rewriter change")
+        return changes
 
     def handle(self, request: dict[str, Any]) -> QueryEvent:
         query = str(request["query"])
@@ -494,8 +550,8 @@ class RewriterService:
                 if self.path == "/healthz":
                     _json_response(self, 200, {"ok": True})
                 elif self.path == "/readyz":
-                    arms = service.rewriter.arms() if isinstance(service.rewriter, ArmedRewriter) else {}
-                    _json_response(self, 200, {"ok": True, "version": service.rewriter.version, **arms})
+                    ok, body = service.readiness()
+                    _json_response(self, 200 if ok else 503, body)
                 elif self.path == "/metrics":
                     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -537,9 +593,14 @@ def run(port: int, alias: str = "production") -> None:
         follower = ArmsFollower(settings, rewriter, store).start()
     else:
         follower = AnnouncementFollower(settings, production, alias, store).start()
-    service = RewriterService(settings, rewriter, producer)
+    checks = {
+        "broker": health.kafka_check(settings.kafka.bootstrap_servers),
+        "database": health.database_check(settings.db_url),
+    }
+    service = RewriterService(settings, rewriter, producer, checks)
     server = service.http_server(port)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    signal.signal(signal.SIGHUP, lambda *_: service.reload(Settings()))
     log.info("serving alias %r (version %d) on 127.0.0.1:%d", alias, version.id, port)
     try:
         server.serve_forever(poll_interval=0.2)

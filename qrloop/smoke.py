@@ -60,7 +60,9 @@ def database_round_trip(settings: Settings) -> str:
     try:
         metadata.create_all(engine)
         with engine.begin() as conn:
-            row_id = conn.execute(table.insert().values(note=note)).inserted_primary_key[0]
+            inserted = conn.execute(table.insert().values(note=note)).inserted_primary_key
+            assert inserted is not None  # an INSERT always has a primary key
+            row_id = inserted[0]
         with engine.connect() as conn:
             read = conn.execute(select(table.c.note).where(table.c.id == row_id)).scalar_one()
         if read != note:

@@ -51,16 +51,51 @@ class Supervised:
 Spawner = Callable[[Supervised], subprocess.Popen[bytes]]
 
 
-def spawn_qrloop(env: Mapping[str, str] | None = None) -> Spawner:
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel send ``sig`` to the child when its parent dies; None off Linux.
+
+    Each role runs in its own session (so a Ctrl-C in the daemon's terminal reaches the daemon only, which
+    then stops the roles in order); but then a SIGKILLed daemon would leave its roles running, orphaned, still
+    holding their ports and consumer groups. SIGTERM lets each role stop as it does under the supervisor.
+    The death signal follows the *thread* that forked, which is the supervisor's main loop.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)  # resolved here: the child should do as little as possible
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != parent:  # the parent died between fork and prctl: the signal will never come
+            os._exit(0)
+
+    return preexec
+
+
+def spawn_command(command: Sequence[str], env: Mapping[str, str] | None = None) -> Spawner:
+    """Each role is ``command`` + its argv, in its own session, sent SIGTERM if the supervisor dies."""
+    preexec = die_with_parent()
+
     def spawn(role: Supervised) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
-            [sys.executable, "-m", "qrloop", *role.argv],
+            [*command, *role.argv],
             cwd=REPO_ROOT,
             env=dict(env or os.environ),
             start_new_session=True,
+            preexec_fn=preexec,
         )
 
     return spawn
+
+
+def spawn_qrloop(env: Mapping[str, str] | None = None) -> Spawner:
+    return spawn_command([sys.executable, "-m", "qrloop"], env)
 
 
 class Supervisor:

@@ -172,7 +172,7 @@ class Scored:
     pair: PreferencePair | None
 
 
-def _components(event: QueryEvent, index: int, feedback: dict[str, ListFeedback], relevance: RelevanceFn):  # type: ignore[no-untyped-def]
+def _components(event: QueryEvent, index: int, feedback: dict[str, ListFeedback], relevance: RelevanceFn):  # type: ignore[no-untyped-def,unused-ignore]
     rewrite = event.rewrites[index]
     got = feedback.get(rewrite.rewrite_id, ListFeedback())
     shown = set(rewrite.products)

@@ -191,3 +191,40 @@ def test_exactly_once_across_kill_minus_nine(learner_settings: Settings, tmp_pat
     assert [v.train_steps for v in mine] == list(range(1, 7)), "six steps of sixteen, none repeated or lost"
     assert [v.parent_id for v in mine[1:]] == [v.id for v in mine[:-1]]
     store.close()
+
+
+def pair_lags(settings: Settings) -> dict[str, float]:
+    """``qrloop_consumer_lag{role="learner"}`` per partition of the pair topic, as /metrics shows it."""
+    from prometheus_client import REGISTRY
+
+    return {
+        sample.labels["partition"]: sample.value
+        for family in REGISTRY.collect()
+        if family.name == "qrloop_consumer_lag"
+        for sample in family.samples
+        if sample.labels["role"] == "learner" and sample.labels["topic"] == settings.topics.preference_pairs
+    }
+
+
+def test_consumer_lag_counts_waiting_pairs_down_to_zero(learner_settings: Settings) -> None:
+    settings = learner_settings.model_copy(
+        update={"dpo": learner_settings.dpo.model_copy(update={"batch_size": 4})}
+    )
+    publish_pairs(settings, [pair(n) for n in range(12)])
+    learner = build(settings)
+    lags: list[float] = []
+    versions = []
+    deadline = time.monotonic() + 120
+    while len(versions) < 3 and time.monotonic() < deadline:
+        published = learner.run_once(timeout_ms=500)
+        lags.append(sum(pair_lags(settings).values()))
+        if published:
+            versions.append(published)
+    for _ in range(3):  # a few more polls: a fetch after the last record brings the end offset up to date
+        learner.run_once(timeout_ms=300)
+    lags.append(sum(pair_lags(settings).values()))
+    learner.consumer.close()
+    assert len(versions) == 3, "12 pairs in batches of 4"
+    assert lags[0] > 0 and max(lags) <= 12, lags  # the first poll takes one batch; the rest wait
+    assert lags[-1] == 0, lags
+    assert set(pair_lags(settings)) == {str(p) for p in range(settings.topics.pair_partitions)}

@@ -128,3 +128,131 @@ def test_announcement_makes_the_rewriter_serve_the_new_version(
     assert rewriter.serve("drill", shopper_id="s", session_id="x").policy_version == v2.id
     assert follower.swaps and follower.swaps[0][0] == v2.id
     store.close()
+
+
+def test_readyz_fails_on_an_unreachable_broker_or_database(
+    settings: Settings, kafka_bootstrap: str, tiny_dirs: tuple[Path, Path]
+) -> None:
+    """The rewriter is ready only when it can serve *and* publish: the real broker and database pass, an
+    address where nothing listens fails its check by name (503)."""
+    import json
+
+    from qrloop import health
+    from qrloop.demo import free_port
+    from qrloop.serving import RewriterService
+    from tests.test_daemon import get
+
+    rewriter = Rewriter(load_version(tiny_dirs[0], 1), fake_search, RewriterSettings(max_new_tokens=4))
+    closed = free_port()  # nothing listens there
+    cases = {
+        "all reachable": {
+            "broker": health.kafka_check(kafka_bootstrap),
+            "database": health.database_check(settings.db_url),
+        },
+        "broker down": {
+            "broker": health.kafka_check(f"127.0.0.1:{closed}"),
+            "database": health.database_check(settings.db_url),
+        },
+        "database down": {
+            "broker": health.kafka_check(kafka_bootstrap),
+            "database": health.database_check(
+                f"postgresql+psycopg://qrloop:qrloop@127.0.0.1:{closed}/qrloop"
+            ),
+        },
+    }
+    results = {}
+    for name, checks in cases.items():
+        server = RewriterService(settings, rewriter, producer=None, checks=checks).http_server(0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            status, body = get(f"http://127.0.0.1:{server.server_address[1]}/readyz")
+            results[name] = (status, json.loads(body))
+        finally:
+            server.shutdown()
+            server.server_close()
+    status, body = results["all reachable"]
+    assert status == 200 and body["role"] == "rewriter" and body["version"] == 1
+    assert set(body["checks"]) == {"broker", "database", "model"}
+    assert all(c["ok"] for c in body["checks"].values())
+    for name, failing in (("broker down", "broker"), ("database down", "database")):
+        status, body = results[name]
+        assert status == 503 and body["ok"] is False, name
+        assert [k for k, c in body["checks"].items() if not c["ok"]] == [failing], (name, body)
+
+
+def test_sighup_reloads_sampling_settings_and_log_level(
+    base_settings: Settings, kafka_bootstrap: str, unique_topic: str, tmp_path: Path
+) -> None:
+    """``qrloop serve`` on the real broker and store: /readyz checks all three; after the config file caps
+    rewrites at 2 tokens and SIGHUP, every rewrite has at most 2 tokens and DEBUG lines appear."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from qrloop.demo import free_port
+    from qrloop.models import load_policy
+    from qrloop.settings import REPO_ROOT
+    from tests.test_daemon import get, isolated_env, store_settings, wait_for
+
+    tiny = build_tiny_policy(tmp_path / "tiny", require_policy(base_settings), seed=3)
+    settings = store_settings(base_settings, unique_topic, tmp_path, tiny)
+    _, tokenizer = load_policy(tiny)
+    config = tmp_path / "qrloop.toml"
+    config.write_text("[rewriter]\nmax_new_tokens = 12\n")
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    # The level must come from the file (the environment would win over it), so that its change can show.
+    env = {k: v for k, v in isolated_env(settings, unique_topic).items() if k != "QRLOOP_LOGGING__LEVEL"}
+    env["QRLOOP_CONFIG"] = str(config)
+    with log_path.open("wb") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "qrloop", "serve", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+
+    def lengths(n: int) -> list[int]:
+        """Token counts of the rewrites of ``n`` queries served now."""
+        counts = []
+        for _ in range(n):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/rewrite",
+                data=json.dumps({"query": "cordless drill"}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                event = json.loads(response.read())
+            counts += [
+                len(tokenizer(r["text"], add_special_tokens=False)["input_ids"]) for r in event["rewrites"]
+            ]
+        return counts
+
+    try:
+        wait_for(lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 120, "/readyz", log_path)
+        body = json.loads(get(f"http://127.0.0.1:{port}/readyz")[1])
+        assert set(body["checks"]) == {"broker", "database", "model"} and all(
+            c["ok"] for c in body["checks"].values()
+        )
+        before = lengths(3)
+        assert max(before) > 4, "a random tiny model runs past 2 tokens: the cap below is what stops it"
+
+        config.write_text("[rewriter]\nmax_new_tokens = 2\ntemperature = 0.7\n[logging]\nlevel = 'DEBUG'\n")
+        server.send_signal(signal.SIGHUP)
+        expected = "settings reloaded: log level DEBUG, {'temperature': 0.7, 'max_new_tokens': 2}"
+        wait_for(lambda: expected in log_path.read_text(errors="replace"), 30, "the reload", log_path)
+        assert server.poll() is None, "SIGHUP does not stop the rewriter"
+        after = lengths(3)
+        # Two generated tokens; re-tokenising their decoded text may split a token that decoded oddly.
+        assert max(after) <= 4, (before, after)
+        assert "DEBUG qrloop" in log_path.read_text(errors="replace"), "the log level was reloaded"
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -54,3 +56,47 @@ def test_stop_kills_a_role_that_ignores_sigterm() -> None:
     supervisor.stop(deadline_s=1)
     assert supervisor.roles[0].process is not None and supervisor.roles[0].process.poll() is not None
     assert time.monotonic() - started < 5
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie nobody reaped has exited)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def test_roles_get_sigterm_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """Roles run in their own sessions; without a parent-death signal a SIGKILLed daemon orphans them."""
+    pid_file, stopped = tmp_path / "role.pid", tmp_path / "role.stopped"
+    role = (
+        "import os, signal, sys, time\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        f"def stop(*_): open({str(stopped)!r}, 'w').write('TERM'); sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "time.sleep(120)\n"
+    )
+    daemon_code = (
+        "import sys\n"
+        "from qrloop.supervisor import Supervised, Supervisor, spawn_command\n"
+        f"Supervisor([Supervised('role', [])], spawn_command([sys.executable, '-c', {role!r}])).run()\n"
+    )
+    daemon = subprocess.Popen([sys.executable, "-c", daemon_code], cwd=Path(__file__).parents[1])
+    try:
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() or not pid_file.read_text():
+            assert time.monotonic() < deadline and daemon.poll() is None, "the role never started"
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        assert running(child)
+        daemon.kill()
+        daemon.wait()
+        deadline = time.monotonic() + 5
+        while running(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(child), "the role outlived its SIGKILLed supervisor"
+        assert stopped.read_text() == "TERM", "it was stopped by SIGTERM, so it could stop cleanly"
+    finally:
+        if pid_file.exists() and pid_file.read_text() and running(int(pid_file.read_text())):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)

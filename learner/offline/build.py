@@ -158,7 +158,7 @@ def load_or_build_q2q(
     """The Q2Q build in ``<offline>/q2q`` when one with these parameters finished, else a new one."""
     out = q2q_mod.q2q_dir(settings)
     cached = q2q_mod.load_report(out)
-    wanted = dict(
+    wanted: dict[str, Any] = dict(
         k=config.k,
         min_grade=config.min_grade,
         min_relevance=config.min_relevance,

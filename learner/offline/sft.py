@@ -186,7 +186,7 @@ def sft_config(
 def _progress_callback(progress: Progress | None, losses: list[float], max_steps: int) -> Any:
     from transformers import TrainerCallback
 
-    class _Report(TrainerCallback):  # type: ignore[misc]
+    class _Report(TrainerCallback):  # type: ignore[misc,unused-ignore]
         def on_log(
             self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
         ) -> None:
