@@ -69,8 +69,25 @@ def resume_state(store: Any, settings: Settings) -> LearnerState:
     mine = [v for v in store.list() if v.tags.get(LEARNER_TAG) == name]
     with store.read_session() as session:
         trained = trained_pair_ids(session)
-    if mine:
-        latest = max(mine, key=lambda v: v.id)
+    latest = max(mine, key=lambda v: v.id) if mine else None
+    if latest is not None and latest.status == "rejected":
+        # The canary job rolled this lineage back: start again from the alias it trains from, and keep the
+        # consumed offsets and pair ids, so the pairs that produced the rejected weights are not replayed.
+        start = store.resolve(settings.dpo.start_alias)
+        log.warning(
+            "version %d was rejected; rebasing on %s (version %d)",
+            latest.id,
+            settings.dpo.start_alias,
+            start.id,
+        )
+        return LearnerState(
+            version=start.id,
+            reference_version=start.id,
+            steps=start.train_steps,
+            offsets=dict(latest.offsets),
+            trained=trained,
+        )
+    if latest is not None:
         return LearnerState(
             version=latest.id,
             reference_version=int(latest.tags["reference_version"]),
@@ -226,6 +243,7 @@ class Learner:
         self._update_lag()
         if len(self.pending.pairs) < self.settings.dpo.batch_size:
             return None
+        self._rebase_if_rejected()
         batch_ids = [p.pair_id for p in self.pending.pairs[: self.settings.dpo.batch_size]]
         stats = self.step()
         self.pending.pairs = self.pending.pairs[self.settings.dpo.batch_size :]
@@ -235,6 +253,28 @@ class Learner:
         version = self.publish(self._unpublished, stats)
         self._unpublished = []
         return version
+
+    def _rebase_if_rejected(self) -> None:
+        """Before a step: when the weights being trained belong to a version the canary job rejected, load
+        the start alias's version instead (a new reference and optimizer too), rather than keep improving a
+        policy that shoppers already measured as worse. One database read per step."""
+        from learner.dpo import DPOLearnerCore
+
+        if self.store.get(self.state.version).status != "rejected":
+            return
+        start = self.store.resolve(self.settings.dpo.start_alias)
+        log.warning(
+            "version %d was rejected; rebasing on %s (version %d)",
+            self.state.version,
+            self.settings.dpo.start_alias,
+            start.id,
+        )
+        self._unpublished = []  # steps on the rejected weights are discarded with them
+        self.core = DPOLearnerCore.from_versions(
+            self.settings, self.store, policy_version=start.id, reference_version=start.id
+        )
+        self.state.version = self.state.reference_version = start.id
+        self.state.steps = start.train_steps
 
     def _update_lag(self) -> None:
         """Per partition of the pair topic, records not yet consumed (end offset − position), every poll.

@@ -16,7 +16,7 @@ import pytest
 from kafka import KafkaProducer
 
 from learner.ledger import SqlTrainedPair
-from learner.worker import LEARNER_TAG, build
+from learner.worker import LEARNER_TAG, build, resume_state
 from policy_store import PolicyStore
 from qrloop import db
 from qrloop.events import PreferencePair, encode, pair_id_for
@@ -228,3 +228,41 @@ def test_consumer_lag_counts_waiting_pairs_down_to_zero(learner_settings: Settin
     assert lags[0] > 0 and max(lags) <= 12, lags  # the first poll takes one batch; the rest wait
     assert lags[-1] == 0, lags
     assert set(pair_lags(settings)) == {str(p) for p in range(settings.topics.pair_partitions)}
+
+
+def test_a_rejected_lineage_is_abandoned_for_the_start_alias(learner_settings: Settings) -> None:
+    # The canary flow: the learner publishes candidates to 'canary' and starts from 'production'.
+    settings = learner_settings.model_copy(
+        update={"dpo": learner_settings.dpo.model_copy(update={"alias": "canary"})}
+    )
+    publish_pairs(settings, [pair(n) for n in range(48)])
+    learner = build(settings)
+
+    def next_version() -> int:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            published = learner.run_once(timeout_ms=500)
+            if published:
+                return published
+        raise AssertionError("no version within 120 s")
+
+    first = next_version()
+    store = PolicyStore.from_settings(settings)
+    # What the canary job's rollback does: canary back to production's version, the candidate rejected.
+    store.set_alias("canary", 1, reason="rollback", actor="test")
+    store.reject(first, reason="worse than production", actor="test")
+
+    second = next_version()
+    rebased = store.get(second)
+    assert rebased.parent_id == 1 and rebased.tags["reference_version"] == 1, "trained from production again"
+    assert rebased.train_steps == 1
+    topic_key = f"{settings.topics.preference_pairs}:0"
+    assert rebased.offsets[topic_key] == 32, "the rejected version's pairs are not replayed"
+    learner.consumer.close()
+
+    # A restarted learner whose latest version was rejected rebases the same way, from the stored offsets.
+    store.set_alias("canary", 1, reason="rollback", actor="test")
+    store.reject(second, reason="worse again", actor="test")
+    state = resume_state(store, settings)
+    assert (state.version, state.reference_version, state.offsets[topic_key]) == (1, 1, 32)
+    store.close()
