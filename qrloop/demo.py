@@ -4,8 +4,8 @@
         └────────────────────────▶ interactions ──┴─▶ aggregator ──▶ preference-pairs ──▶ learner ──▶ store
 
 Each demo run is isolated: its own topics (suffixed with the run id), its own SQLite policy store under
-``<cache_dir>/runs/<run id>/`` and its own Faust application id, so runs never see each other's events. The
-blob directory is shared (content-addressed, so identical weights are stored once). This process only
+``<cache_dir>/runs/<run id>/`` with the run's weights beside it (``blobs/``), and its own Faust application
+id, so runs never see each other's events and deleting a run's directory frees its disk. This process only
 watches the topics, shows progress and, at the end, prints the versions and draws the reward curve.
 """
 
@@ -55,7 +55,10 @@ def make_run(base: Settings, run_id: str | None = None) -> RunLayout:
     topics = base.topics
     overrides = {
         "QRLOOP_DATABASE_URL": f"sqlite:///{run_dir / 'qrloop.db'}",
-        "QRLOOP_BLOB_DIR": str(base.blob_dir),
+        # Weights of a run live with the run: a version is a 540 MB blob, a 1,000-query run publishes dozens,
+        # and `rm -r <run dir>` must free them. A blob directory shared between stores would also let one
+        # store's `policy gc` delete blobs that only another store references.
+        "QRLOOP_BLOB_DIR": str(run_dir / "blobs"),
         "QRLOOP_TOPICS__QUERY_EVENTS": topics.query_events + suffix,
         "QRLOOP_TOPICS__INTERACTIONS": topics.interactions + suffix,
         "QRLOOP_TOPICS__PREFERENCE_PAIRS": topics.preference_pairs + suffix,
@@ -76,6 +79,7 @@ def make_run(base: Settings, run_id: str | None = None) -> RunLayout:
     settings = base.model_copy(
         update={
             "database_url": overrides["QRLOOP_DATABASE_URL"],
+            "blob_dir": run_dir / "blobs",
             "topics": base.topics.model_copy(
                 update={
                     "query_events": overrides["QRLOOP_TOPICS__QUERY_EVENTS"],
