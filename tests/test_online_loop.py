@@ -7,6 +7,7 @@ often retrieve identical lists, and the production margin would turn many of tho
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,4 @@ def test_sixty_four_queries_train_and_serve_new_versions(
     served = {v for v in progress.served_versions if v is not None}
     assert served & {v.id for v in trained}, f"the rewriter only ever served {served}"
     store.close()
+    shutil.rmtree(progress.run.run_dir)  # the run's weights (about 30 MB a version) live in it
