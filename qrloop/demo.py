@@ -400,7 +400,8 @@ def run_demo(
                     if code is not None and (role.name != "shoppers" or code != 0):
                         raise RuntimeError(f"the {role.name} exited with code {code}; see {role.log_path}")
                 shoppers_done = roles[-1].process is not None and roles[-1].process.poll() is not None
-                expected_steps = progress.pairs // batch
+                # Versions published, not steps: with dpo.publish_every = N only every N-th step publishes.
+                expected_steps = progress.pairs // batch // run.settings.dpo.publish_every
                 if shoppers_done and len(progress.versions) >= expected_steps:
                     # Let the aggregator close the last windows, then stop once nothing more arrives.
                     quiet_since = quiet_since or time.monotonic()
