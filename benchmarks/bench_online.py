@@ -322,34 +322,45 @@ def print_paired(runs: Sequence[PolicyRun], seed: int) -> None:
     print(f"queries whose two rewrites are identical under both policies (same seed): {same}")
 
 
-def cmd_table3(args: argparse.Namespace) -> None:
-    from policy_store import PolicyStore
+@dataclass
+class HeldoutSetup:
+    """What ``table3`` and ``offline`` share: the held-out queries, the scorer and the search engine."""
+
+    queries: list[str]
+    evaluator: Evaluator
+    search: Any
+    m1_kind: str
+
+
+def heldout_setup(settings: Settings, args: argparse.Namespace) -> HeldoutSetup:
     from qrloop.relevance import RelevanceModel
     from simulators.catalog import Catalog
     from simulators.judge import ClickModelJudge, labelled_or_model
     from simulators.profiles import ProfilePool
     from simulators.search import SearchEngine
 
-    settings = get_settings()
-    run_dir = Path(args.run).expanduser()
-    store = PolicyStore.from_settings(run_settings(settings, run_dir))
-    versions = pick_versions(store, args.versions)
     catalog = Catalog.open(settings)
     queries = sample_heldout(catalog, args.queries, args.seed)
     m1 = RelevanceModel.load(settings)
     set_threads(args.threads)  # after M1: its loader applies the settings' own thread count
     judge = ClickModelJudge(labelled_or_model(catalog, m1.score))
     pool = ProfilePool(args.seed, args.profiles, list(catalog.brands())[:50])
-    evaluator = Evaluator(
-        settings,
-        catalog,
-        m1,
-        judge,
-        pool.profiles,
-        relevance_rule(catalog, grade_lookup(catalog, queries), m1, args.m1_threshold),
-    )
+    rule = relevance_rule(catalog, grade_lookup(catalog, queries), m1, args.m1_threshold)
+    evaluator = Evaluator(settings, catalog, m1, judge, pool.profiles, rule)
     engine = SearchEngine.open(settings, dataset=catalog.dataset)
-    print(f"== table3: run {run_dir.name}, versions {versions[0]} → {versions[1]} (M1 = {m1.kind}) ==")
+    return HeldoutSetup(list(queries), evaluator, engine.search, m1.kind)
+
+
+def cmd_table3(args: argparse.Namespace) -> None:
+    from policy_store import PolicyStore
+
+    settings = get_settings()
+    run_dir = Path(args.run).expanduser()
+    store = PolicyStore.from_settings(run_settings(settings, run_dir))
+    versions = pick_versions(store, args.versions)
+    setup = heldout_setup(settings, args)
+    queries, m1_kind = setup.queries, setup.m1_kind
+    print(f"== table3: run {run_dir.name}, versions {versions[0]} → {versions[1]} (M1 = {m1_kind}) ==")
     print(
         f"{len(queries)} labelled held-out queries (seed {args.seed}), {args.profiles} profiles, "
         f"temperature {settings.rewriter.temperature}, top-p {settings.rewriter.top_p}, "
@@ -358,7 +369,7 @@ def cmd_table3(args: argparse.Namespace) -> None:
     print(load_average())
     runs = []
     for version in versions:
-        runs.append(evaluate_policy(settings, store, version, queries, engine.search, evaluator))
+        runs.append(evaluate_policy(settings, store, version, queries, setup.search, setup.evaluator))
         print(f"v{version}: {runs[-1].seconds:.1f} s ({runs[-1].seconds / len(queries):.2f} s / query)")
     print_table3(runs)
     print_table4(runs)
@@ -370,24 +381,11 @@ def cmd_table3(args: argparse.Namespace) -> None:
 def cmd_offline(args: argparse.Namespace) -> None:
     """The online reward of the offline phase's models (issue #8): each HF directory in ``--dirs`` serves the
     same held-out queries with the same seeds, scored exactly as ``table3`` scores versions."""
-    from qrloop.relevance import RelevanceModel
-    from simulators.catalog import Catalog
-    from simulators.judge import ClickModelJudge, labelled_or_model
-    from simulators.profiles import ProfilePool
-    from simulators.search import SearchEngine
-
     settings = get_settings()
     offline = settings.cache_dir / "offline"
     named = [item.split("=", 1) for item in args.dirs.split(",")]
-    catalog = Catalog.open(settings)
-    queries = sample_heldout(catalog, args.queries, args.seed)
-    m1 = RelevanceModel.load(settings)
-    set_threads(args.threads)
-    judge = ClickModelJudge(labelled_or_model(catalog, m1.score))
-    pool = ProfilePool(args.seed, args.profiles, list(catalog.brands())[:50])
-    rule = relevance_rule(catalog, grade_lookup(catalog, queries), m1, args.m1_threshold)
-    evaluator = Evaluator(settings, catalog, m1, judge, pool.profiles, rule)
-    engine = SearchEngine.open(settings, dataset=catalog.dataset)
+    setup = heldout_setup(settings, args)
+    queries = setup.queries
     print(f"== offline models online: {len(queries)} labelled held-out queries (seed {args.seed}) ==")
     print(load_average())
     print(
@@ -401,8 +399,8 @@ def cmd_offline(args: argparse.Namespace) -> None:
             folder if folder.is_absolute() else offline / folder,
             name,
             queries,
-            engine.search,
-            evaluator,
+            setup.search,
+            setup.evaluator,
         )
         cells = " ".join(f"{run.mean(m):>{max(7, len(m))}.4f}" for m in METRICS)
         print(

@@ -73,13 +73,7 @@ def resume_state(store: Any, settings: Settings) -> LearnerState:
     if latest is not None and latest.status == "rejected":
         # The canary job rolled this lineage back: start again from the alias it trains from, and keep the
         # consumed offsets and pair ids, so the pairs that produced the rejected weights are not replayed.
-        start = store.resolve(settings.dpo.start_alias)
-        log.warning(
-            "version %d was rejected; rebasing on %s (version %d)",
-            latest.id,
-            settings.dpo.start_alias,
-            start.id,
-        )
+        start = rebase_target(store, settings, rejected=latest.id)
         return LearnerState(
             version=start.id,
             reference_version=start.id,
@@ -99,6 +93,14 @@ def resume_state(store: Any, settings: Settings) -> LearnerState:
     return LearnerState(
         version=start.id, reference_version=start.id, steps=start.train_steps, trained=trained
     )
+
+
+def rebase_target(store: Any, settings: Settings, *, rejected: int) -> Any:
+    """The version a learner restarts from after the canary job rejected ``rejected``: the start alias's."""
+    start = store.resolve(settings.dpo.start_alias)
+    alias = settings.dpo.start_alias
+    log.warning("version %d was rejected; rebasing on %s (version %d)", rejected, alias, start.id)
+    return start
 
 
 class Learner:
@@ -262,13 +264,7 @@ class Learner:
 
         if self.store.get(self.state.version).status != "rejected":
             return
-        start = self.store.resolve(self.settings.dpo.start_alias)
-        log.warning(
-            "version %d was rejected; rebasing on %s (version %d)",
-            self.state.version,
-            self.settings.dpo.start_alias,
-            start.id,
-        )
+        start = rebase_target(self.store, self.settings, rejected=self.state.version)
         self._unpublished = []  # steps on the rejected weights are discarded with them
         self.core = DPOLearnerCore.from_versions(
             self.settings, self.store, policy_version=start.id, reference_version=start.id

@@ -277,12 +277,9 @@ def demo(
     ),
 ) -> None:
     """The online loop end to end on simulated traffic, with live progress and a reward curve."""
-    import os
-
     from qrloop.demo import run_demo
 
-    os.environ.setdefault("QRLOOP_DPO__LEARNING_RATE", str(learning_rate))  # the roles read the environment
-    run_demo(get_settings(), queries, console, warm_start_steps=warm_start_steps)
+    run_demo(get_settings(), queries, console, warm_start_steps=warm_start_steps, learning_rate=learning_rate)
 
 
 topics_app = typer.Typer(help="Kafka topics of the online loop.", no_args_is_help=True)

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ class RunLayout:
     rewriter_port: int
 
 
-def make_run(base: Settings, run_id: str | None = None) -> RunLayout:
+def make_run(base: Settings, run_id: str | None = None, learning_rate: float | None = None) -> RunLayout:
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S")
     run_dir = base.cache_dir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +75,8 @@ def make_run(base: Settings, run_id: str | None = None) -> RunLayout:
     # oversubscribes them, and a thread team waiting on a busy core spins: measured on 2 cores, a query took
     # a median of 3.4 s to serve with 2 threads while other jobs ran, and 0.68 s with 1.
     env.setdefault("OMP_NUM_THREADS", "1")
+    if learning_rate is not None:  # the demo's own default; QRLOOP_DPO__LEARNING_RATE in the environment wins
+        env.setdefault("QRLOOP_DPO__LEARNING_RATE", str(learning_rate))
     settings = base.model_copy(
         update={
             "database_url": overrides["QRLOOP_DATABASE_URL"],
@@ -140,25 +141,22 @@ def publish_starting_policy(run: RunLayout, base: Settings, start_dir: Path | No
     """Version 1 of the run: ``start_dir`` if given, else the offline MiniELM when the default store has one,
     else the base SmolLM2."""
     from policy_store import PolicyStore
-    from policy_store.errors import PolicyStoreError
     from qrloop import db, models
 
-    source_dir, base_model, tags = models.require_policy(base), "SmolLM2-135M-Instruct", {"stage": "base"}
+    offline = offline_policy_version(base) if start_dir is None else None
     if start_dir is not None:
         source_dir, base_model, tags = start_dir, str(start_dir), {"stage": "given"}
-    try:
-        if start_dir is not None:
-            raise PolicyStoreError("a starting directory was given")
+    elif offline is not None:
         home = PolicyStore.from_settings(base)
-        production = home.resolve("production")
-        if production.tags.get("stage") == "offline":
+        try:
+            production = home.get(offline)
             source_dir, base_model = home.load_dir(production), production.base_model
-            tags = {"stage": "offline", "from_version": str(production.id)}
-        home.close()
-    except PolicyStoreError:
-        pass
-    except Exception:  # the default store may simply not exist yet
-        pass
+        finally:
+            home.close()
+        tags = {"stage": "offline", "from_version": str(offline)}
+    else:
+        source_dir, base_model = models.require_policy(base), "SmolLM2-135M-Instruct"
+        tags = {"stage": "base"}
     db.upgrade(run.settings.db_url)
     store = PolicyStore.from_settings(run.settings)
     version = store.publish(
@@ -226,7 +224,6 @@ class Progress:
     chosen: list[float] = field(default_factory=list)
     rejected: list[float] = field(default_factory=list)
     pair_versions: list[int | None] = field(default_factory=list)
-    recent: deque[float] = field(default_factory=lambda: deque(maxlen=32))
     # Per scored query (ties included): the serving version and the mean reward of its two rewrites. This is
     # the policy's own reward; chosen/rejected rewards only describe the queries that made a pair.
     query_rewards: list[float] = field(default_factory=list)
@@ -290,7 +287,6 @@ def absorb(progress: Progress, run: RunLayout, records: dict[Any, list[Any]]) ->
                 progress.prompts.append(pair.prompt)
                 progress.chosen_texts.append(pair.chosen)
                 progress.rejected_texts.append(pair.rejected)
-                progress.recent.append(pair.chosen_reward)
             elif tp.topic == topics.query_outcomes:
                 outcome = decode(QueryOutcome, message.value)
                 progress.query_rewards.append(outcome.reward)
@@ -301,12 +297,15 @@ def absorb(progress: Progress, run: RunLayout, records: dict[Any, list[Any]]) ->
                     progress.versions.append(note.version)
 
 
-def smooth_over(values: list[float], window: int) -> Any:
+def plot_smoothed(ax: Any, values: list[float], window: int, **style: Any) -> None:
+    """Moving average of ``values`` over ``window``, each point drawn at the last value it covers."""
     import numpy as np
 
     if len(values) < window:
-        return np.array(values)
-    return np.convolve(values, np.ones(window) / window, mode="valid")
+        smoothed = np.array(values)
+    else:
+        smoothed = np.convolve(values, np.ones(window) / window, mode="valid")
+    ax.plot(np.arange(len(smoothed)) + (len(values) - len(smoothed)), smoothed, **style)
 
 
 def plot_rewards(progress: Progress, path: Path, window: int = 5) -> Path:
@@ -315,26 +314,17 @@ def plot_rewards(progress: Progress, path: Path, window: int = 5) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    def smooth(values: list[float]) -> Any:
-        if len(values) < window:
-            return np.array(values)
-        return np.convolve(values, np.ones(window) / window, mode="valid")
 
     fig, (ax, per_query) = plt.subplots(2, 1, figsize=(8, 7))
     for values, label in ((progress.chosen, "chosen"), (progress.rejected, "rejected")):
-        smoothed = smooth(values)
-        ax.plot(np.arange(len(smoothed)) + (len(values) - len(smoothed)), smoothed, label=label)
+        plot_smoothed(ax, values, window, label=label)
     ax.set_xlabel("preference pair (arrival order)")
     ax.set_ylabel(f"reward (moving average, {window})")
     ax.set_title("qrloop online DPO: rewards of chosen and rejected rewrites")
     ax.legend()
     ax.grid(alpha=0.3)
     wide = 4 * window  # per-query rewards vary with the query far more than with the policy
-    values = progress.query_rewards
-    smoothed = smooth_over(values, wide)
-    per_query.plot(np.arange(len(smoothed)) + (len(values) - len(smoothed)), smoothed, color="tab:green")
+    plot_smoothed(per_query, progress.query_rewards, wide, color="tab:green")
     per_query.set_xlabel("scored query (arrival order, ties included)")
     per_query.set_ylabel(f"mean reward of both rewrites ({wide})")
     per_query.grid(alpha=0.3)
@@ -360,6 +350,7 @@ def run_demo(
     run_id: str | None = None,
     start_dir: Path | None = None,
     warm_start_steps: int = 0,
+    learning_rate: float | None = None,
 ) -> Progress:
     from qrloop import data, models
     from qrloop.topics import ensure_topics
@@ -371,7 +362,7 @@ def run_demo(
             models.prepare_policy(base)
     if start_dir is None:
         ensure_starting_policy(base, console, warm_start_steps)
-    run = make_run(base, run_id)
+    run = make_run(base, run_id, learning_rate)
     start_version = publish_starting_policy(run, base, start_dir)
     ensure_topics(run.settings)
     console.print(f"run [bold]{run.run_id}[/]: store {run.settings.db_url}, logs in {run.run_dir}")

@@ -359,9 +359,8 @@ def fit_cross_encoder(
     batches = _batches(_lengths(pairs), batch_size, epochs, seed)
     scheduler = _schedule(optimizer, len(batches))
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    loss_value = float("nan")
-    network.train()
-    for step, idx in enumerate(batches, start=1):
+
+    def loss_of(idx: np.ndarray) -> Any:
         features = tokenizer(
             [pairs.queries[i] for i in idx],
             [pairs.texts[i] for i in idx],
@@ -371,7 +370,26 @@ def fit_cross_encoder(
             return_tensors="pt",
         )
         logits = network(**features).logits.squeeze(-1)
-        loss = loss_fn(logits, torch.from_numpy(pairs.targets[idx]))
+        return loss_fn(logits, torch.from_numpy(pairs.targets[idx]))
+
+    network.train()
+    loss_value = _run_steps(batches, loss_of, optimizer, scheduler, progress)
+    network.eval()
+    model.save_pretrained(str(out_dir), create_model_card=False)
+    return loss_value
+
+
+def _run_steps(
+    batches: list[np.ndarray],
+    loss_of: Callable[[np.ndarray], Any],
+    optimizer: Any,
+    scheduler: Any,
+    progress: Progress | None,
+) -> float:
+    """One optimiser step per batch of pair indices (both model kinds train this way); the last loss."""
+    loss_value = float("nan")
+    for step, idx in enumerate(batches, start=1):
+        loss = loss_of(idx)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -379,8 +397,6 @@ def fit_cross_encoder(
         loss_value = loss.item()
         if progress:
             progress(step, len(batches), loss_value)
-    network.eval()
-    model.save_pretrained(str(out_dir), create_model_card=False)
     return loss_value
 
 
@@ -406,20 +422,15 @@ def fit_bi_encoder(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     batches = _batches(_lengths(pairs), batch_size, epochs, seed)
     scheduler = _schedule(optimizer, len(batches))
-    loss_value = float("nan")
-    model.train()
-    for step, idx in enumerate(batches, start=1):
+
+    def loss_of(idx: np.ndarray) -> Any:
         queries = model(model.preprocess([pairs.queries[i] for i in idx]))["sentence_embedding"]
         products = model(model.preprocess([pairs.texts[i] for i in idx]))["sentence_embedding"]
         cosine = torch.nn.functional.cosine_similarity(queries, products)
-        loss = torch.nn.functional.mse_loss(cosine, torch.from_numpy(pairs.targets[idx]))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        loss_value = loss.item()
-        if progress:
-            progress(step, len(batches), loss_value)
+        return torch.nn.functional.mse_loss(cosine, torch.from_numpy(pairs.targets[idx]))
+
+    model.train()
+    loss_value = _run_steps(batches, loss_of, optimizer, scheduler, progress)
     model.eval()
     model.save(str(out_dir), create_model_card=False)
     return loss_value

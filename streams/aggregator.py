@@ -97,8 +97,8 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
         close_requested.discard(key)
         if built.outcomes is not None:
             # Every scored query, ties included, is a sample of its arm for the canary's analysis. Sent after
-            # the tombstone: awaiting it earlier let a re-delivered query event re-open the window (measured
-            # in tests/test_aggregator_stream.py). A crash here loses one canary sample, never a pair.
+            # the tombstone, so a redelivery after a crash never counts a query twice in the canary's
+            # statistics; the price is at most one lost sample, never a lost pair.
             outcome = attribution.outcome(state, scored)
             await built.outcomes.send(key=outcome.kafka_key(), value=encode(outcome))
         log.info(

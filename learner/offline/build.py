@@ -123,10 +123,8 @@ ProgressLike = Any  # rich.progress.Progress (kept untyped so the module imports
 
 
 @contextmanager
-def _stage(
-    report: MiniELMReport, name: str, progress: ProgressLike | None, total: int
-) -> Iterator[Callable[..., None]]:
-    """Time a stage and give it a progress bar; yields ``advance(done, total, loss=None)``."""
+def _bar(name: str, progress: ProgressLike | None, total: int) -> Iterator[Callable[..., None]]:
+    """A progress bar (or nothing without ``progress``); yields ``advance(done, total, loss=None)``."""
     task = progress.add_task(name, total=total) if progress is not None else None
 
     def advance(done: int, total_: int, loss: float | None = None) -> None:
@@ -134,13 +132,24 @@ def _stage(
             label = f"{name} (loss {loss:.3f})" if loss is not None else name
             progress.update(task, completed=done, total=total_, description=label)
 
-    started = time.perf_counter()
     try:
         yield advance
     finally:
-        report.stages_s[name] = round(time.perf_counter() - started, 1)
         if progress is not None and task is not None:
             progress.update(task, completed=progress.tasks[task].total)
+
+
+@contextmanager
+def _stage(
+    report: MiniELMReport, name: str, progress: ProgressLike | None, total: int
+) -> Iterator[Callable[..., None]]:
+    """Time a stage of the build into ``report.stages_s`` and give it a progress bar."""
+    started = time.perf_counter()
+    try:
+        with _bar(name, progress, total) as advance:
+            yield advance
+    finally:
+        report.stages_s[name] = round(time.perf_counter() - started, 1)
 
 
 def _training_summary(steps: int, losses: list[float], seconds: float) -> dict[str, Any]:
@@ -347,8 +356,6 @@ def publish_minielm(
 ) -> int:
     """Publish ``minielm`` (the distilled student, or the teacher when the build chose it) as a new version
     and point ``config.alias`` at it; returns its id."""
-    from policy_store.store import PolicyStore
-
     steps = sum(int(report.training[m]["steps"]) for m in ("S", "T→S"))
     tags = {
         "stage": "offline",
@@ -364,18 +371,33 @@ def publish_minielm(
     reason = "offline MiniELM build: Q2Q SFT + reverse-KL distillation (learner/offline)"
     if report.published == "T/P":
         reason += "; the SFT teacher is published: it beat the distilled student on evaluation cross-entropy"
+    return _publish_as(settings, minielm, config.alias, steps, report.metrics(), tags, reason)
+
+
+def _publish_as(
+    settings: Settings,
+    model_dir: Path,
+    alias: str,
+    steps: int,
+    metrics: dict[str, float],
+    tags: dict[str, Any],
+    reason: str,
+) -> int:
+    """Publish ``model_dir`` as a new version and point ``alias`` at it; returns the version id."""
+    from policy_store.store import PolicyStore
+
     store = PolicyStore.from_settings(settings)
     try:
         version = store.publish(
-            minielm,
+            model_dir,
             base_model=BASE_MODEL,
             train_steps=steps,
-            metrics=report.metrics(),
+            metrics=metrics,
             tags=tags,
             actor=ACTOR,
             reason=reason,
         )
-        store.set_alias(config.alias, version.id, reason=reason, actor=ACTOR)
+        store.set_alias(alias, version.id, reason=reason, actor=ACTOR)
     finally:
         store.close()
     return version.id
@@ -406,51 +428,24 @@ def warm_start(
     with quiet_libraries():
         report = build_q2q(settings, use_m1=False, out_dir=out / "q2q")
         train = read_pairs(out / "q2q" / "train.jsonl")
-        task = progress.add_task("warm start: SFT", total=steps) if progress is not None else None
-
-        def advance(done: int, total: int, loss: float | None = None) -> None:
-            if progress is not None and task is not None:
-                label = f"warm start: SFT (loss {loss:.3f})" if loss is not None else "warm start: SFT"
-                progress.update(task, completed=done, total=total, description=label)
-
-        result = train_sft(
-            base_dir or require_policy(settings),
-            train,
-            out / "policy",
-            max_steps=steps,
-            batch_size=batch_size,
-            learning_rate=OfflineConfig.learning_rate,
-            seed=settings.seed,
-            progress=advance,
-        )
-    return _publish_warm_start(settings, out / "policy", report, result.steps, result.losses)
-
-
-def _publish_warm_start(
-    settings: Settings, policy: Path, q2q_report: q2q_mod.Q2QReport, steps: int, losses: list[float]
-) -> int:
-    from policy_store.store import PolicyStore
-
-    reason = f"{WARM_START_TAG}: {steps} SFT steps on unverified Q2Q pairs (no offline build yet)"
-    store = PolicyStore.from_settings(settings)
-    try:
-        version = store.publish(
-            policy,
-            base_model=BASE_MODEL,
-            train_steps=steps,
-            metrics={"sft/first_loss": round(losses[0], 5), "sft/last_loss": round(losses[-1], 5)}
-            if losses
-            else {},
-            tags={
-                "stage": "offline",
-                "published": WARM_START_TAG,
-                "dataset": q2q_report.dataset,
-                "q2q_train_pairs": q2q_report.train,
-            },
-            actor=ACTOR,
-            reason=reason,
-        )
-        store.set_alias("production", version.id, reason=reason, actor=ACTOR)
-    finally:
-        store.close()
-    return version.id
+        with _bar("warm start: SFT", progress, steps) as advance:
+            result = train_sft(
+                base_dir or require_policy(settings),
+                train,
+                out / "policy",
+                max_steps=steps,
+                batch_size=batch_size,
+                learning_rate=OfflineConfig.learning_rate,
+                seed=settings.seed,
+                progress=advance,
+            )
+    losses = result.losses
+    metrics = {"sft/first_loss": round(losses[0], 5), "sft/last_loss": round(losses[-1], 5)} if losses else {}
+    tags = {
+        "stage": "offline",
+        "published": WARM_START_TAG,
+        "dataset": report.dataset,
+        "q2q_train_pairs": report.train,
+    }
+    reason = f"{WARM_START_TAG}: {result.steps} SFT steps on unverified Q2Q pairs (no offline build yet)"
+    return _publish_as(settings, out / "policy", "production", result.steps, metrics, tags, reason)
