@@ -166,7 +166,12 @@ def _bi_encoder_scorer(encoder: Any, cached_texts: int = 20_000) -> Scorer:
     vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def encode(texts: list[str]) -> np.ndarray:
-        return np.asarray(encoder.encode(texts, normalize_embeddings=True, show_progress_bar=False))
+        # One text per forward pass: in a padded batch an embedding differs in its last bits with the batch's
+        # other texts, so with a cache a product's score would depend on what was scored before it, and two
+        # replays of one log (which interleave partitions differently) would not give bit-identical rewards.
+        return np.asarray(
+            encoder.encode(texts, batch_size=1, normalize_embeddings=True, show_progress_bar=False)
+        )
 
     def score(query: str, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -179,7 +184,9 @@ def _bi_encoder_scorer(encoder: Any, cached_texts: int = 20_000) -> Scorer:
         products = np.stack([vectors[t] for t in texts])
         while len(vectors) > cached_texts:
             vectors.popitem(last=False)
-        return np.clip(products @ encoded[0], 0.0, 1.0).astype(np.float64)
+        # Row by row, not ``products @ query``: a matrix-vector product's summation order (and so its last
+        # bits) changes with the number of rows.
+        return np.clip((products * encoded[0]).sum(axis=1), 0.0, 1.0).astype(np.float64)
 
     return score
 

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from qrloop.data import Dataset, is_heldout
-from qrloop.relevance import KINDS, Kind, RelevanceModel, ndcg_at_k, train_relevance
+from qrloop.relevance import KINDS, Kind, RelevanceModel, cosine_scorer, ndcg_at_k, train_relevance
 from qrloop.settings import Settings
 from simulators.catalog import Catalog, Product
 from simulators.judge import ClickModelJudge, ClickModelParams
@@ -403,6 +403,15 @@ def test_relevance_model_falls_back_to_cosine(
     )
     assert scores.shape == (3,) and np.all((scores >= 0) & (scores <= 1))
     assert scores[0] > scores[1], "a drill is closer to 'cordless drill' than a hose"
+
+
+def test_a_products_score_does_not_depend_on_what_was_scored_before(base_settings: Settings) -> None:
+    # Replays of one log must give bit-identical rewards, whichever order the partitions interleave in.
+    texts = ["Simpson Strong-Tie 12-Gauge Angle Galvanized Steel", "garden hose 50 ft", "angle bracket"]
+    together = cosine_scorer(base_settings)("angle bracket", texts)
+    fresh = cosine_scorer(base_settings)
+    one_by_one = [float(fresh("angle bracket", [t])[0]) for t in reversed(texts)][::-1]
+    assert together.tolist() == one_by_one
 
 
 def test_relevance_cache_is_lru_and_score_many_keeps_order() -> None:
