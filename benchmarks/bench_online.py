@@ -44,7 +44,7 @@
 
 ``latency`` — from a finished demo run's artefacts: for each DPO step (version v ≥ 2 of the run's store),
   the 16th pair is the message just before the offset stored with v on the run's preference-pairs topic
-  (``<topic>.<run id>``, see ``qrloop.demo.make_run``); its Kafka timestamp is the start. The ends: the
+  (``<topic>.<run id>``, see ``qrloop.cli.demo.make_run``); its Kafka timestamp is the start. The ends: the
   version's ``alias_moved`` announcement on the policy-versions topic, the rewriter's "now serves version v"
   log line (the swap itself), and the first QueryEvent on the query-events topic with that
   ``policy_version`` (which also waits for the next shopper to arrive). Median and max over the steps.
@@ -73,6 +73,7 @@ from typing import Any
 
 import numpy as np
 
+from qrloop.runs import open_store
 from qrloop.settings import REPO_ROOT, Settings, get_settings
 
 METRICS = ("relevance", "diversity", "click", "add2cart", "purchase")
@@ -333,8 +334,8 @@ class HeldoutSetup:
 
 
 def heldout_setup(settings: Settings, args: argparse.Namespace) -> HeldoutSetup:
+    from qrloop.catalog import Catalog
     from qrloop.relevance import RelevanceModel
-    from simulators.catalog import Catalog
     from simulators.judge import ClickModelJudge, labelled_or_model
     from simulators.profiles import ProfilePool
     from simulators.search import SearchEngine
@@ -352,11 +353,10 @@ def heldout_setup(settings: Settings, args: argparse.Namespace) -> HeldoutSetup:
 
 
 def cmd_table3(args: argparse.Namespace) -> None:
-    from policy_store import PolicyStore
 
     settings = get_settings()
     run_dir = Path(args.run).expanduser()
-    store = PolicyStore.from_settings(run_settings(settings, run_dir))
+    store = open_store(run_settings(settings, run_dir))
     versions = pick_versions(store, args.versions)
     setup = heldout_setup(settings, args)
     queries, m1_kind = setup.queries, setup.m1_kind
@@ -416,9 +416,8 @@ def cmd_offline(args: argparse.Namespace) -> None:
 def production_dir(settings: Settings, policy_dir: str | None) -> tuple[Path, int | None]:
     if policy_dir:
         return Path(policy_dir).expanduser(), None
-    from policy_store import PolicyStore
 
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     version = store.resolve("production")
     path = store.load_dir(version)
     store.close()
@@ -454,8 +453,8 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int) -> None:
     import torch
 
+    from qrloop.catalog import Catalog
     from qrloop.serving import Rewriter, load_version, normalise
-    from simulators.catalog import Catalog
     from simulators.search import SearchEngine
     from simulators.shoppers import training_queries
 
@@ -760,9 +759,9 @@ def delete_topics(bootstrap: str, prefix: str) -> None:
 
 
 def bench_aggregator(settings: Settings, n: int, n_warm: int, threads: int, seed: int) -> None:
+    from qrloop.catalog import Catalog
     from qrloop.relevance import RelevanceModel
     from qrloop.topics import ensure_topics
-    from simulators.catalog import Catalog
     from simulators.judge import ClickModelJudge, labelled_or_model
 
     prefix = f"bench-online-{uuid.uuid4().hex[:8]}"
@@ -917,13 +916,12 @@ def sixteenth_pairs(store: Any, pairs: Sequence[Any], topic: str) -> dict[int, f
 
 
 def cmd_latency(args: argparse.Namespace) -> None:
-    from policy_store import PolicyStore
 
     base = get_settings()
     run_dir = Path(args.run).expanduser()
     settings = run_settings(base, run_dir)
     bootstrap, t = settings.kafka.bootstrap_servers, settings.topics
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     starts = sixteenth_pairs(store, read_topic(bootstrap, t.preference_pairs), t.preference_pairs)
     store.close()
     ends = {

@@ -3,15 +3,15 @@
     .venv/bin/python benchmarks/bench_ope.py --run ~/.cache/qrloop/runs/<id> [--candidate V] [--queries 40]
 
 Method, on a finished demo run (its own SQLite store and its topics, the default names suffixed with the run
-id, see ``qrloop.demo.make_run``):
+id, see ``qrloop.cli.demo.make_run``):
 
-1. **The log.** Both input topics of the run are read up to their end offsets (``qrloop.replay.read_topics``,
+1. **The log.** Both input topics of the run are read up to their end offsets (``streams.replay.read_topics``,
    what ``qrloop export`` and ``kafka:TOPIC`` sources use). Kept: the first ``--queries`` query events (in
    event time) served by version 1 (the run's start) and their interactions and session ends.
-2. **Off-policy.** ``qrloop.replay.evaluate_events`` on that log, exactly ``qrloop evaluate``: the
+2. **Off-policy.** ``qrloop.cli.evaluate.evaluate_events`` on that log, exactly ``qrloop evaluate``: the
    aggregator's attribution gives each logged rewrite its reward, the candidate's log-probability of the
    logged text is teacher-forced (``model_scorer``), then IPS and SNIPS with 95% intervals and the ESS
-   (``qrloop.ope``). The logged mean reward is version 1's own on-policy value.
+   (``learner.ope``). The logged mean reward is version 1's own on-policy value.
 3. **On-policy.** The candidate serves every logged query in this process (``qrloop.serving.Rewriter``,
    temperature and top-p from settings, the run's search engine ``simulators.search.SearchEngine``), the
    *same* shopper (the logged ``shopper_id``'s profile from the simulator's pool) reacts through the demo's
@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from qrloop.runs import open_store
 from qrloop.settings import Settings, get_settings
 
 Z_95 = 1.959963984540054
@@ -85,7 +86,7 @@ def mean_ci(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
 def logged_traffic(settings: Settings, version: int, cap: int) -> list[Any]:
     """The first ``cap`` query events served by ``version`` and their feedback, from the run's topics."""
     from qrloop.events import QueryEvent
-    from qrloop.replay import in_event_time_order, parse, read_topics
+    from streams.replay import in_event_time_order, parse, read_topics
 
     t = settings.topics
     events = parse(read_topics(settings.kafka.bootstrap_servers, [t.query_events, t.interactions])).events
@@ -172,10 +173,10 @@ def main() -> None:
 
     import torch
 
-    from policy_store import PolicyStore
+    from learner.ope import model_scorer
+    from qrloop.catalog import Catalog
+    from qrloop.cli.evaluate import evaluate_events
     from qrloop.events import QueryEvent
-    from qrloop.replay import evaluate_events, model_scorer
-    from simulators.catalog import Catalog
     from simulators.judge import ClickModelJudge
     from simulators.search import SearchEngine
     from simulators.shoppers import ShopperTraffic
@@ -185,7 +186,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"before: {load_average()}")
     settings = run_settings(get_settings(), args.run.expanduser())
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     candidate = args.candidate or max(v.id for v in store.list())
     dirs = {v: store.load_dir(store.get(v)) for v in {1, candidate}}
     store.close()
@@ -252,7 +253,7 @@ def main() -> None:
 
 def logged_rewards(events: Sequence[Any], relevance: Any, settings: Settings) -> list[tuple[float, float]]:
     """The logged rewrites' rewards per query, as ``evaluate_events`` computes them (the aggregator's)."""
-    from qrloop.replay import attribute
+    from streams.replay import attribute
 
     return [
         (c.scored.first_reward, c.scored.second_reward) for c in attribute(events, relevance, settings).closed

@@ -42,7 +42,7 @@ from rich.table import Table
 from sqlalchemy import create_engine, make_url, text
 
 from policy_store import PolicyStore
-from qrloop.db import upgrade
+from policy_store.db import upgrade
 from qrloop.settings import get_settings
 
 T = TypeVar("T")

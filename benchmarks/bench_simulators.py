@@ -20,10 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from learner.offline.relevance import evaluate, heldout_queries
 from qrloop import rewards
-from qrloop.relevance import RelevanceModel, cosine_scorer, evaluate, heldout_queries
+from qrloop.catalog import Catalog
+from qrloop.relevance import RelevanceModel, cosine_scorer
 from qrloop.settings import Settings, get_settings
-from simulators.catalog import Catalog
 from simulators.judge import ClickModelJudge, labelled_or_model
 from simulators.profiles import ProfilePool
 from simulators.search import BACKENDS, DEFAULT_BACKEND, SearchEngine, ensure_index

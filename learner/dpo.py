@@ -48,8 +48,10 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from policy_store import PolicyStore
+from qrloop.models import load_policy
 from qrloop.prompting import build_prompt, end_of_turn
-from qrloop.settings import DPOSettings
+from qrloop.settings import DPOSettings, Settings
 
 Pair = tuple[str, str, str]  # (query, chosen rewrite, rejected rewrite)
 Batch = dict[str, torch.Tensor]  # input_ids, attention_mask, completion_mask: (2B, T), chosen rows first
@@ -67,7 +69,6 @@ def _help(name: str) -> str:
 class DPOConfig:
     """Everything one DPO step depends on; defaults are ``DPOSettings``'s, so the two cannot drift apart."""
 
-    batch_size: int = field(default=_default("batch_size"), metadata={"help": _help("batch_size")})
     beta: float = field(default=_default("beta"), metadata={"help": _help("beta")})
     learning_rate: float = field(default=_default("learning_rate"), metadata={"help": _help("learning_rate")})
     max_grad_norm: float = field(default=_default("max_grad_norm"), metadata={"help": _help("max_grad_norm")})
@@ -95,7 +96,6 @@ class DPOConfig:
     @classmethod
     def from_settings(cls, dpo: DPOSettings, **overrides: Any) -> DPOConfig:
         values = {
-            "batch_size": dpo.batch_size,
             "beta": dpo.beta,
             "learning_rate": dpo.learning_rate,
             "max_grad_norm": dpo.max_grad_norm,
@@ -258,7 +258,7 @@ def disable_dropout(model: Any) -> None:
 
 
 def add_lora(model: Any, config: DPOConfig) -> Any:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # only LoRA runs pay for peft's import
 
     lora = LoraConfig(
         r=config.lora_r,
@@ -315,11 +315,9 @@ class DPOLearnerCore:
 
     @classmethod
     def from_versions(
-        cls, settings: Any, store: Any, *, policy_version: int, reference_version: int
+        cls, settings: Settings, store: PolicyStore, *, policy_version: int, reference_version: int
     ) -> DPOLearnerCore:
         """Resume a lineage: weights of ``policy_version``, reference = the version the run started from."""
-        from qrloop.models import load_policy
-
         policy, tokenizer = load_policy(store.load_dir(policy_version))
         if reference_version == policy_version:
             reference = copy.deepcopy(policy)

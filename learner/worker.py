@@ -29,9 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qrloop import metrics
-from qrloop.events import DeadLetter, PolicyAnnouncement, PreferencePair, SchemaError, decode, encode
-from qrloop.settings import Settings
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import OffsetAndMetadata
+
+from learner.dpo import DPOLearnerCore, StepStats
+from learner.ledger import record_pairs, trained_pair_ids
+from policy_store import PolicyStore, PolicyVersion
+from qrloop import health, logs, metrics
+from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, decode, encode
+from qrloop.reload import on_sighup
+from qrloop.runs import open_store
+from qrloop.settings import Settings, get_settings
+from qrloop.topics import make_producer, send_dead_letter
 
 log = logging.getLogger("qrloop.learner")
 LEARNER_TAG = "learner"
@@ -61,10 +71,8 @@ class PendingBatch:
         return {p.pair_id for p in self.pairs}
 
 
-def resume_state(store: Any, settings: Settings) -> LearnerState:
+def resume_state(store: PolicyStore, settings: Settings) -> LearnerState:
     """The latest version this learner published, or a fresh start from the alias it trains."""
-    from learner.ledger import trained_pair_ids
-
     name = settings.dpo.learner_name
     mine = [v for v in store.list() if v.tags.get(LEARNER_TAG) == name]
     with store.read_session() as session:
@@ -95,7 +103,7 @@ def resume_state(store: Any, settings: Settings) -> LearnerState:
     )
 
 
-def rebase_target(store: Any, settings: Settings, *, rejected: int) -> Any:
+def rebase_target(store: PolicyStore, settings: Settings, *, rejected: int) -> PolicyVersion:
     """The version a learner restarts from after the canary job rejected ``rejected``: the start alias's."""
     start = store.resolve(settings.dpo.start_alias)
     alias = settings.dpo.start_alias
@@ -107,7 +115,13 @@ class Learner:
     """Owns the consumer loop; the DPO arithmetic is ``learner.dpo``'s, the storage the policy store's."""
 
     def __init__(
-        self, settings: Settings, store: Any, core: Any, state: LearnerState, consumer: Any, producer: Any
+        self,
+        settings: Settings,
+        store: PolicyStore,
+        core: DPOLearnerCore,
+        state: LearnerState,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
     ):
         self.settings = settings
         self.store = store
@@ -128,18 +142,13 @@ class Learner:
 
     # -- consuming ------------------------------------------------------------------------------------------
 
-    def _dead_letter(self, record: Any, reason: str, error: str) -> None:
-        letter = DeadLetter.of(record.topic, record.partition, record.offset, reason, error, record.value)
-        metrics.DEAD_LETTERS.labels(reason).inc()
-        self.producer.send(self.settings.topics.dead_letter, key=record.key, value=encode(letter))
-
-    def take(self, record: Any) -> None:
+    def take(self, record: ConsumerRecord) -> None:
         """One record from the pair topic: queue it for training, or skip it with a reason."""
         self.next_offsets[offset_key(record.topic, record.partition)] = record.offset + 1
         try:
             pair = decode(PreferencePair, record.value)
         except SchemaError as exc:
-            self._dead_letter(record, exc.reason, str(exc))
+            send_dead_letter(self.producer, self.settings, record, exc.reason, str(exc))
             return
         if pair.pair_id in self.state.trained or pair.pair_id in self.pending.ids:
             log.info("skipping pair %s: already trained", pair.pair_id)
@@ -152,7 +161,7 @@ class Learner:
 
     # -- training and publishing ----------------------------------------------------------------------------
 
-    def step(self) -> Any:
+    def step(self) -> StepStats:
         batch = self.pending.pairs[: self.settings.dpo.batch_size]
         log.info("DPO step %d started on %d pairs", self.state.steps + 1, len(batch))
         started = time.perf_counter()
@@ -168,13 +177,11 @@ class Learner:
         )
         return stats
 
-    def publish(self, trained_ids: list[str], stats: Any) -> int:
+    def publish(self, trained_ids: list[str], stats: StepStats) -> int:
         with self.publishing:
             return self._publish(trained_ids, stats)
 
-    def _publish(self, trained_ids: list[str], stats: Any) -> int:
-        from learner.ledger import record_pairs
-
+    def _publish(self, trained_ids: list[str], stats: StepStats) -> int:
         settings = self.settings
         with tempfile.TemporaryDirectory(dir=settings.cache_dir) as tmp:
             self.core.save(Path(tmp))
@@ -211,9 +218,6 @@ class Learner:
         return version.id
 
     def _commit_kafka_offsets(self) -> None:
-        from kafka import TopicPartition
-        from kafka.structs import OffsetAndMetadata
-
         offsets = {}
         for key, offset in self.next_offsets.items():
             topic, partition = key.rsplit(":", 1)
@@ -260,8 +264,6 @@ class Learner:
         """Before a step: when the weights being trained belong to a version the canary job rejected, load
         the start alias's version instead (a new reference and optimizer too), rather than keep improving a
         policy that shoppers already measured as worse. One database read per step."""
-        from learner.dpo import DPOLearnerCore
-
         if self.store.get(self.state.version).status != "rejected":
             return
         start = rebase_target(self.store, self.settings, rejected=self.state.version)
@@ -324,8 +326,6 @@ class Learner:
 
     def reload(self, fresh: Settings) -> None:
         """SIGHUP: apply the settings that are safe to change between steps (see ``RELOADABLE``)."""
-        from qrloop import logs
-
         logs.set_level(fresh.logging.level)
         changes = {
             k: getattr(fresh.dpo, k)
@@ -348,10 +348,8 @@ class Learner:
 RELOADABLE = ("beta", "learning_rate", "max_grad_norm", "publish_every", "stop_deadline_s")
 
 
-def seek_to_stored_offsets(consumer: Any, settings: Settings, state: LearnerState) -> None:
+def seek_to_stored_offsets(consumer: KafkaConsumer, settings: Settings, state: LearnerState) -> None:
     """Assign every partition of the pair topic and seek to where the latest version's offsets say."""
-    from kafka import TopicPartition
-
     topic = settings.topics.preference_pairs
     partitions = consumer.partitions_for_topic(topic) or set()
     if not partitions:
@@ -367,12 +365,7 @@ def seek_to_stored_offsets(consumer: Any, settings: Settings, state: LearnerStat
 
 
 def build(settings: Settings) -> Learner:
-    from kafka import KafkaConsumer, KafkaProducer
-
-    from learner.dpo import DPOLearnerCore
-    from policy_store import PolicyStore
-
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     state = resume_state(store, settings)
     core = DPOLearnerCore.from_versions(
         settings, store, policy_version=state.version, reference_version=state.reference_version
@@ -385,9 +378,7 @@ def build(settings: Settings) -> Learner:
         client_id=f"{settings.kafka.client_id}-learner",
     )
     seek_to_stored_offsets(consumer, settings, state)
-    producer = KafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True, acks="all"
-    )
+    producer = make_producer(settings)
     return Learner(settings, store, core, state, consumer, producer)
 
 
@@ -397,9 +388,6 @@ def run() -> None:
     SIGTERM/SIGINT: stop after the step in progress, or abandon it past ``dpo.stop_deadline_s`` (exit 0
     either way); SIGHUP: reload the log level and the ``RELOADABLE`` DPO settings.
     """
-    from qrloop import health
-    from qrloop.settings import Settings, get_settings
-
     settings = get_settings()
     loaded: dict[str, Learner] = {}
 
@@ -424,7 +412,7 @@ def run() -> None:
     metrics.ALIAS_VERSION.labels(settings.dpo.alias).set(learner.state.version)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: learner.request_stop(learner.settings.dpo.stop_deadline_s))
-    signal.signal(signal.SIGHUP, lambda *_: learner.reload(Settings()))
+    on_sighup(learner.reload)
     log.info(
         "learner resuming at version %d (reference %d, step %d)",
         learner.state.version,

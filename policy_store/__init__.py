@@ -18,11 +18,9 @@ from policy_store.errors import (
     VersionNotReadyError,
 )
 from policy_store.store import PolicyStore
-from policy_store.watch import AliasWatcher
 
 __all__ = [
     "AliasRecord",
-    "AliasWatcher",
     "AuditEntry",
     "BlobError",
     "BlobIntegrityError",

@@ -1,14 +1,15 @@
 """``qrloop policy ...``: inspect versions and move aliases by hand.
 
-The store comes from ``qrloop.settings.get_settings()``; the schema is brought up to date first (Alembic
-``upgrade head`` is a no-op when current). Refusals (unknown version/alias, nothing to roll back to, ...)
-print one red line and exit with status 2.
+The store comes from whoever mounts the commands: :func:`build_app` takes a factory that opens it (the
+``qrloop`` root opens the one its settings name, schema brought up to date first), so this package reads no
+application settings. Refusals (unknown version/alias, nothing to roll back to, ...) print one red line and
+exit with status 2.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Annotated
@@ -21,7 +22,7 @@ from policy_store.entities import AuditEntry, PolicyVersion
 from policy_store.errors import PolicyStoreError
 from policy_store.store import PolicyStore
 
-app = typer.Typer(help="Policy versions, aliases and their audit log.", no_args_is_help=True)
+StoreFactory = Callable[[], PolicyStore]
 
 EXIT_REFUSED = 2
 
@@ -31,15 +32,23 @@ def _stdout() -> Console:
     return Console()
 
 
-@contextmanager
-def _store() -> Iterator[PolicyStore]:
-    from qrloop.db import upgrade
-    from qrloop.settings import get_settings
+def build_app(open_store: StoreFactory) -> typer.Typer:
+    """The ``policy`` commands over the store ``open_store()`` returns (called once per command)."""
+    app = typer.Typer(
+        help="Policy versions, aliases and their audit log.",
+        no_args_is_help=True,
+        context_settings={"obj": open_store},  # each command's ctx.obj
+    )
+    for name, command in COMMANDS.items():
+        app.command(name)(command)
+    return app
 
-    settings = get_settings()
+
+@contextmanager
+def _store(ctx: typer.Context) -> Iterator[PolicyStore]:
+    open_store: StoreFactory = ctx.obj
     try:
-        upgrade(settings.db_url)
-        with PolicyStore.from_settings(settings) as store:
+        with open_store() as store:
             yield store
     except PolicyStoreError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
@@ -89,13 +98,13 @@ def _audit_table(title: str, entries: list[AuditEntry]) -> Table:
     return table
 
 
-@app.command("list")
 def list_versions(
+    ctx: typer.Context,
     status: Annotated[str | None, typer.Option(help="Only versions with this status.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
 ) -> None:
     """Versions, newest first, with the aliases that hold them."""
-    with _store() as store:
+    with _store(ctx) as store:
         versions = store.list(status=status, limit=limit)
         held = _held_by(store)
     table = Table(title="policy versions")
@@ -116,10 +125,9 @@ def list_versions(
     _stdout().print(table)
 
 
-@app.command("show")
-def show(version: Annotated[str, typer.Argument(help="Version id or alias.")]) -> None:
+def show(ctx: typer.Context, version: Annotated[str, typer.Argument(help="Version id or alias.")]) -> None:
     """Everything recorded about one version."""
-    with _store() as store:
+    with _store(ctx) as store:
         v = _resolve_ref(store, version)
         lineage = [p.id for p in store.lineage(v)]
         held = _held_by(store).get(v.id, [])
@@ -147,10 +155,9 @@ def show(version: Annotated[str, typer.Argument(help="Version id or alias.")]) -
     _stdout().print(table)
 
 
-@app.command("aliases")
-def aliases() -> None:
+def aliases(ctx: typer.Context) -> None:
     """Every alias and the version it points at."""
-    with _store() as store:
+    with _store(ctx) as store:
         records = store.aliases()
     table = Table(title="aliases")
     for column in ("alias", "version", "updated (UTC)", "moves"):
@@ -160,20 +167,20 @@ def aliases() -> None:
     _stdout().print(table)
 
 
-@app.command("set-alias")
 def set_alias(
+    ctx: typer.Context,
     alias: Annotated[str, typer.Argument(help="Alias to move (created if new).")],
     version: Annotated[str, typer.Argument(help="Version id (or another alias) to point it at.")],
     reason: Annotated[str, typer.Option(help="Why; kept in the audit log.")] = "",
 ) -> None:
     """Point an alias at a version."""
-    with _store() as store:
+    with _store(ctx) as store:
         entry = store.set_alias(alias, _resolve_ref(store, version).id, reason=reason, actor="cli")
     _stdout().print(f"{alias}: {entry.from_version} → {entry.to_version}")
 
 
-@app.command("rollback")
 def rollback(
+    ctx: typer.Context,
     alias: Annotated[str, typer.Argument(help="Alias to move back.")],
     to: Annotated[
         str | None, typer.Option(help="Version id to go back to (default: previous holder).")
@@ -181,29 +188,28 @@ def rollback(
     reason: Annotated[str, typer.Option(help="Why; kept in the audit log.")] = "",
 ) -> None:
     """Move an alias back to its previous holder (or to --to)."""
-    with _store() as store:
+    with _store(ctx) as store:
         target = None if to is None else _resolve_ref(store, to).id
         entry = store.rollback(alias, to=target, reason=reason, actor="cli")
     _stdout().print(f"{alias}: {entry.from_version} → {entry.to_version} (rollback)")
 
 
-@app.command("history")
-def history(alias: Annotated[str, typer.Argument(help="Alias.")]) -> None:
+def history(ctx: typer.Context, alias: Annotated[str, typer.Argument(help="Alias.")]) -> None:
     """The audit rows about one alias, newest first."""
-    with _store() as store:
+    with _store(ctx) as store:
         entries = store.history(alias)
     _stdout().print(_audit_table(f"history of {alias}", entries))
 
 
-@app.command("gc")
 def gc(
+    ctx: typer.Context,
     retention_hours: Annotated[
         float, typer.Option(help="Keep unreferenced blobs younger than this many hours.")
     ] = 24.0,
     dry_run: Annotated[bool, typer.Option(help="Only report what would be removed.")] = False,
 ) -> None:
     """Remove blobs no version references (and stale temp files)."""
-    with _store() as store:
+    with _store(ctx) as store:
         report = store.gc(timedelta(hours=retention_hours), actor="cli", dry_run=dry_run)
     table = Table(title="gc (dry run)" if dry_run else "gc")
     table.add_column("removed")
@@ -217,3 +223,14 @@ def gc(
     console = _stdout()
     console.print(table)
     console.print(f"freed {_size(report.freed_bytes)}; {report.kept_blobs} referenced blob(s) kept")
+
+
+COMMANDS: dict[str, Callable[..., None]] = {
+    "list": list_versions,
+    "show": show,
+    "aliases": aliases,
+    "set-alias": set_alias,
+    "rollback": rollback,
+    "history": history,
+    "gc": gc,
+}

@@ -1,4 +1,7 @@
-"""Database plumbing shared by the policy store and the CLI: engines and Alembic, configured from settings."""
+"""Database plumbing of the policy store: engines and Alembic migrations, for a URL the caller gives.
+
+Like MLflow's ``SqlAlchemyStore(db_uri)``, nothing here reads the application's settings: the composition
+root passes the URL in."""
 
 from __future__ import annotations
 
@@ -9,9 +12,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 
-from qrloop.settings import REPO_ROOT
-
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIGRATIONS_DIR = REPO_ROOT / "migrations"
 
 
 def make_engine(url: str) -> Engine:

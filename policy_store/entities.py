@@ -49,7 +49,7 @@ class PolicyVersion:
 
 @dataclass(frozen=True, slots=True)
 class AliasRecord:
-    """``alias → version``; ``generation`` counts the moves, so a watcher can tell that something moved."""
+    """``alias → version``; ``generation`` counts the moves."""
 
     alias: str
     version_id: int

@@ -125,8 +125,7 @@ class SqlPolicyAlias(Base):
     alias: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
     version_id: Mapped[int] = mapped_column(sa.ForeignKey("policy_versions.id"), index=True)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
-    # Bumped on every move under the row lock, so sum(generation) strictly grows with each committed move:
-    # the one-number change check that watchers poll.
+    # Bumped on every move under the row lock: how many times the alias moved (`qrloop policy aliases`).
     generation: Mapped[int] = mapped_column(sa.Integer, default=1)
 
     def to_entity(self) -> AliasRecord:

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -38,6 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from policy_store.blobs import BlobStore, digest_dir
+from policy_store.db import make_engine
 from policy_store.entities import (
     KINDS,
     STATUSES,
@@ -57,10 +58,6 @@ from policy_store.errors import (
     VersionNotReadyError,
 )
 from policy_store.models import SqlAuditEntry, SqlPolicyAlias, SqlPolicyVersion, utcnow
-from qrloop.db import make_engine
-
-if TYPE_CHECKING:
-    from qrloop.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -167,11 +164,6 @@ class PolicyStore:
         self._write_sessions = sessionmaker(
             self._engine.execution_options(qrloop_write=True), expire_on_commit=False
         )
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> PolicyStore:
-        assert settings.blob_dir is not None  # filled in by the settings validator
-        return cls(settings.db_url, settings.blob_dir)
 
     @property
     def blob_dir(self) -> Path:
@@ -354,11 +346,6 @@ class PolicyStore:
         with self._reading() as session:
             rows = session.scalars(sa.select(SqlPolicyAlias).order_by(SqlPolicyAlias.alias))
             return {row.alias: row.to_entity() for row in rows}
-
-    def alias_generation(self) -> int:
-        """One number that grows with every committed alias move: the cheap query watchers poll."""
-        with self._reading() as session:
-            return int(session.scalar(sa.select(sa.func.sum(SqlPolicyAlias.generation))) or 0)
 
     def history(self, alias: str) -> builtins.list[AuditEntry]:
         """Audit rows about ``alias``, newest first."""

@@ -1,3 +1,3 @@
-from qrloop.cli import app
+from qrloop.cli.main import app
 
 app()

@@ -25,14 +25,22 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
+
+from policy_store import AliasRecord, AuditEntry, PolicyStore, PolicyStoreError
 from qrloop import metrics
 from qrloop.canary import Analysis, ArmSamples, CanaryPolicy, analyse, next_share
-from qrloop.events import DeadLetter, PolicyAnnouncement, QueryOutcome, SchemaError, decode, encode
-from qrloop.settings import CanarySettings, Settings
+from qrloop.events import PolicyAnnouncement, QueryOutcome, SchemaError, decode, encode
+from qrloop.runs import open_store
+from qrloop.settings import CanarySettings, Settings, get_settings
+from qrloop.topics import ensure_topics, make_producer, send_dead_letter
 
 log = logging.getLogger("qrloop.canary")
 Action = Literal["idle", "promote", "continue", "rollback"]
@@ -139,11 +147,11 @@ def decide(
 # ------------------------------------------------------------------------------------ state from the store
 
 
-def _verdicts(store: Any, version: int, alias: str) -> list[Any]:
+def _verdicts(store: PolicyStore, version: int, alias: str) -> list[AuditEntry]:
     return [e for e in store.audit(action="canary_verdict", version=version, limit=None) if e.alias == alias]
 
 
-def canary_share(store: Any, version: int, config: CanarySettings) -> float:
+def canary_share(store: PolicyStore, version: int, config: CanarySettings) -> float:
     """The share ``version`` is served at: the last verdict's share, else the first step."""
     for entry in _verdicts(store, version, config.canary_alias):  # newest first
         share = entry.details.get("share")
@@ -152,7 +160,7 @@ def canary_share(store: Any, version: int, config: CanarySettings) -> float:
     return config.share_steps[0]
 
 
-def canary_state(store: Any, config: CanarySettings) -> CanaryState | None:
+def canary_state(store: PolicyStore, config: CanarySettings) -> CanaryState | None:
     """The canary's state as the store has it; None when there is no production alias yet."""
     aliases = store.aliases()
     production = aliases.get(config.production_alias)
@@ -177,9 +185,7 @@ class CanaryJob:
     """One analysis per ``tick()``: read new outcomes, decide, act, announce. Not thread-safe: one tick at a
     time (the scheduler runs it with ``max_instances=1``)."""
 
-    def __init__(self, settings: Settings, store: Any, producer: Any) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-
+    def __init__(self, settings: Settings, store: PolicyStore, producer: KafkaProducer) -> None:
         self.settings = settings
         self.config = settings.canary
         self.store = store
@@ -227,15 +233,11 @@ class CanaryJob:
                 read += len(batch)
         return read
 
-    def _take(self, record: Any) -> None:
+    def _take(self, record: ConsumerRecord) -> None:
         try:
             self.window.add(decode(QueryOutcome, record.value))
         except SchemaError as exc:
-            letter = DeadLetter.of(
-                record.topic, record.partition, record.offset, exc.reason, str(exc), record.value
-            )
-            metrics.DEAD_LETTERS.labels(exc.reason).inc()
-            self.producer.send(self.settings.topics.dead_letter, key=record.key, value=encode(letter))
+            send_dead_letter(self.producer, self.settings, record, exc.reason, str(exc))
 
     def tick(self) -> Decision | None:
         """Analyse the current window and act on the verdict. None when there is no production alias."""
@@ -255,8 +257,6 @@ class CanaryJob:
         return decision
 
     def act(self, state: CanaryState, decision: Decision) -> None:
-        from policy_store import PolicyStoreError
-
         assert state.canary_version is not None
         config, canary, production = self.config, state.canary_version, state.production_version
         reason = f"{decision.action}: {decision.reason}"
@@ -273,6 +273,7 @@ class CanaryJob:
                     actor=ACTOR,
                 )
             else:
+                assert decision.action != "idle"  # tick() acts on every verdict but idle
                 self.store.conclude_canary(
                     canary,
                     decision.action,
@@ -314,12 +315,9 @@ def _moved(alias: str, version: int, previous: int) -> PolicyAnnouncement:
     return PolicyAnnouncement(kind="alias_moved", version=version, alias=alias, previous_version=previous)
 
 
-def build_scheduler(job: CanaryJob, interval_s: float) -> Any:
+def build_scheduler(job: CanaryJob, interval_s: float) -> BackgroundScheduler:
     """A background APScheduler running ``job.tick`` every ``interval_s``: one worker thread, one tick at a
     time, and ticks missed while one ran are coalesced into one (an analysis of "now" supersedes them)."""
-    from apscheduler.executors.pool import ThreadPoolExecutor
-    from apscheduler.schedulers.background import BackgroundScheduler
-
     scheduler = BackgroundScheduler(
         executors={"default": ThreadPoolExecutor(max_workers=1)},
         job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
@@ -329,7 +327,7 @@ def build_scheduler(job: CanaryJob, interval_s: float) -> Any:
     return scheduler
 
 
-def _safe_tick(job: CanaryJob) -> Any:
+def _safe_tick(job: CanaryJob) -> Callable[[], None]:
     def tick() -> None:
         try:
             job.tick()
@@ -339,9 +337,9 @@ def _safe_tick(job: CanaryJob) -> Any:
     return tick
 
 
-def summary(store: Any, config: CanarySettings, limit: int = 5) -> dict[str, Any]:
+def summary(store: PolicyStore, config: CanarySettings, limit: int = 5) -> dict[str, Any]:
     """What ``qrloop canary status`` shows: aliases, share and the latest verdicts with their statistics."""
-    aliases: Mapping[str, Any] = store.aliases()
+    aliases: Mapping[str, AliasRecord] = store.aliases()
     state = canary_state(store, config)
     verdicts = [
         e
@@ -365,18 +363,10 @@ def summary(store: Any, config: CanarySettings, limit: int = 5) -> dict[str, Any
 
 def run() -> None:
     """``qrloop canary run``: the canary job until SIGTERM/SIGINT (a tick in flight is finished first)."""
-    from kafka import KafkaProducer
-
-    from policy_store import PolicyStore
-    from qrloop.settings import get_settings
-    from qrloop.topics import ensure_topics
-
     settings = get_settings()
     ensure_topics(settings)
-    store = PolicyStore.from_settings(settings)
-    producer = KafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True, acks="all"
-    )
+    store = open_store(settings)
+    producer = make_producer(settings)
     job = CanaryJob(settings, store, producer)
     scheduler = build_scheduler(job, settings.canary.interval_s)
     stop = threading.Event()

@@ -23,6 +23,10 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import sqlalchemy as sa
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.engine import make_url
+
 log = logging.getLogger("qrloop.health")
 Check = Callable[[], str]
 
@@ -46,9 +50,6 @@ def kafka_check(bootstrap_servers: str, timeout_s: float = 1.0) -> Check:
 
 def database_check(url: str) -> Check:
     """``select 1`` through a small dedicated engine (the role's own pool stays untouched)."""
-    import sqlalchemy as sa
-    from sqlalchemy.engine import make_url
-
     engine = sa.create_engine(url)
 
     def check() -> str:
@@ -93,8 +94,6 @@ def serve(port: int, checks: Mapping[str, Check], role: str = "") -> ThreadingHT
     """Start the endpoints on 127.0.0.1:port in a daemon thread; port 0: none (returns None)."""
     if not port:
         return None
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
     probes = Probes(checks)
 
     class Handler(BaseHTTPRequestHandler):

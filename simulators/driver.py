@@ -19,10 +19,15 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
 
+from kafka import KafkaProducer
+
+from qrloop.catalog import Catalog
 from qrloop.events import Interaction, QueryEvent, SessionEnd, encode
-from qrloop.settings import Settings
+from qrloop.settings import Settings, get_settings
+from qrloop.topics import make_producer
+from simulators.judge import ClickModelJudge
+from simulators.shoppers import ShopperTraffic, SimInteraction
 
 log = logging.getLogger("qrloop.shoppers")
 
@@ -38,7 +43,9 @@ def ask_rewriter(
         return QueryEvent.model_validate_json(response.read())
 
 
-def feedback_events(event: QueryEvent, simulated: list[Any]) -> tuple[list[Interaction], SessionEnd]:
+def feedback_events(
+    event: QueryEvent, simulated: list[SimInteraction]
+) -> tuple[list[Interaction], SessionEnd]:
     """Map the simulator's interactions onto the wire schema, in the simulator's delivery order."""
     interactions = [
         Interaction(
@@ -70,7 +77,9 @@ def lists_of(event: QueryEvent) -> dict[str, list[str]]:
 
 
 class ShopperDriver:
-    def __init__(self, settings: Settings, rewriter_url: str, producer: Any, traffic: Any) -> None:
+    def __init__(
+        self, settings: Settings, rewriter_url: str, producer: KafkaProducer, traffic: ShopperTraffic
+    ) -> None:
         self.settings = settings
         self.rewriter_url = rewriter_url
         self.producer = producer
@@ -98,26 +107,16 @@ class ShopperDriver:
 
 
 def build(settings: Settings, rewriter_url: str) -> ShopperDriver:
-    from kafka import KafkaProducer
-
-    from simulators.catalog import Catalog
-    from simulators.judge import ClickModelJudge
-    from simulators.shoppers import ShopperTraffic
-
     catalog = Catalog.open(settings)
     traffic = ShopperTraffic(
         settings, catalog, ClickModelJudge.default(settings, catalog), seed=settings.seed
     )
-    producer = KafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True, acks="all"
-    )
+    producer = make_producer(settings)
     return ShopperDriver(settings, rewriter_url, producer, traffic)
 
 
 def run(queries: int, rewriter_url: str, rate_per_s: float = 0.0) -> None:
     """``qrloop shop``: send ``queries`` simulated shoppers through the rewriter."""
-    from qrloop.settings import get_settings
-
     driver = build(get_settings(), rewriter_url)
     for n, event in enumerate(driver.run(queries, rate_per_s), start=1):
         log.info(

@@ -45,8 +45,10 @@ from typing import Literal, Protocol
 
 import numpy as np
 
+from qrloop.catalog import Catalog, Product
+from qrloop.models import load_policy
+from qrloop.relevance import RelevanceModel
 from qrloop.settings import Settings
-from simulators.catalog import Catalog, Product
 from simulators.profiles import INCOMES, Profile
 
 StageKind = Literal["click", "add_to_cart", "purchase"]
@@ -188,8 +190,6 @@ class ClickModelJudge:
         cls, settings: Settings, catalog: Catalog, params: ClickModelParams | None = None
     ) -> ClickModelJudge:
         """Human labels where raters judged the pair, M1 (or its logged cosine fallback) elsewhere."""
-        from qrloop.relevance import RelevanceModel
-
         model = RelevanceModel.load(settings)
         return cls(labelled_or_model(catalog, model.score), params or ClickModelParams())
 
@@ -316,9 +316,7 @@ Completion = Callable[[str], str]
 
 def local_completion(model_dir: str | Path, max_new_tokens: int = 6) -> Completion:
     """Greedy replies from a local transformers causal LM, through its chat template."""
-    import torch
-
-    from qrloop.models import load_policy
+    import torch  # only a judge backed by a local LM needs torch
 
     model, tokenizer = load_policy(Path(model_dir))
 
@@ -338,7 +336,7 @@ def local_completion(model_dir: str | Path, max_new_tokens: int = 6) -> Completi
 
 def http_completion(url: str, model: str = "judge", timeout_s: float = 10.0) -> Completion:
     """Any OpenAI-compatible endpoint: POST {url}/v1/chat/completions, temperature 0, a few tokens."""
-    import httpx
+    import httpx  # an optional dependency: only a judge behind an HTTP endpoint needs it
 
     endpoint = f"{url.rstrip('/')}/v1/chat/completions"
 

@@ -28,8 +28,8 @@ from typing import Literal
 
 import numpy as np
 
+from qrloop.catalog import Catalog
 from qrloop.settings import Settings
-from simulators.catalog import Catalog
 from simulators.judge import Judge, Outcome
 from simulators.profiles import Profile, ProfilePool
 

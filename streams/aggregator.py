@@ -19,7 +19,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from qrloop import health, metrics
+from qrloop import health, logs, metrics, topics
+from qrloop.catalog import Catalog
 from qrloop.events import (
     DeadLetter,
     Interaction,
@@ -30,17 +31,17 @@ from qrloop.events import (
     decode_feedback,
     encode,
 )
+from qrloop.models import encoder_dir
+from qrloop.relevance import RelevanceModel
+from qrloop.settings import Settings, get_settings
 from streams import attribution
-from streams.app import AggregatorApp
+from streams.app import AggregatorApp, create_app
 
 log = logging.getLogger("qrloop.aggregator")
 
 
-def make_relevance_fn(settings: Any) -> attribution.RelevanceFn:
+def make_relevance_fn(settings: Settings) -> attribution.RelevanceFn:
     """M1 over the catalog's product texts (the fine-tuned model, or the logged cosine fallback)."""
-    from qrloop.relevance import RelevanceModel
-    from simulators.catalog import Catalog
-
     catalog = Catalog.open(settings)
     model = RelevanceModel.load(settings)
 
@@ -68,9 +69,9 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
 
     async def dead_letter(event: Any, reason: str, error: str) -> None:
         message = event.message
-        letter = DeadLetter.of(message.topic, message.partition, message.offset, reason, error, message.value)
-        metrics.DEAD_LETTERS.labels(reason).inc()
-        await built.dead_letter.send(key=message.key, value=encode(letter))
+        await built.dead_letter.send(
+            key=message.key, value=encode(topics.dead_letter(message, reason, error))
+        )
 
     async def finalize(key: str, state: attribution.State, reason: str) -> None:
         # The sends below yield to the event loop before the window is tombstoned; meanwhile the timer may
@@ -202,10 +203,15 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
                 )
 
 
+def default_app() -> AggregatorApp:
+    """The app of the configured settings with its agents installed (what ``qrloop aggregate`` starts)."""
+    built = create_app(get_settings())
+    install_agents(built)
+    return built
+
+
 def run() -> None:
     """Start the aggregator worker (``qrloop aggregate``)."""
-    from streams.app import default_app
-
     built = default_app()
     settings = built.settings
     health.serve(
@@ -221,10 +227,8 @@ def run() -> None:
     built.app.main()
 
 
-def relevance_model_check(settings: Any) -> str:
+def relevance_model_check(settings: Settings) -> str:
     """M1 loads on the first window scored; ready means its files (or the fallback encoder's) are there."""
-    from qrloop.models import encoder_dir
-
     m1 = settings.models.relevance_dir
     if m1 is not None and m1.is_dir():
         return f"M1 at {m1}"
@@ -237,10 +241,11 @@ def relevance_model_check(settings: Any) -> str:
 def reload(built: AggregatorApp) -> None:
     """Reload what is safe mid-stream: reward weights and tie margin, and the log level. Windows, grace and
     topics are not reloaded: open windows were opened under the old ones."""
-    from qrloop import logs
-    from qrloop.settings import Settings
-
     fresh = Settings()
     built.settings.rewards = fresh.rewards
     logs.set_level(fresh.logging.level)
     log.info("settings reloaded: rewards %s, log level %s", fresh.rewards.model_dump(), fresh.logging.level)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    default_app().app.main()

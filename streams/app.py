@@ -1,8 +1,10 @@
 """The aggregator's Faust application: app, topics and table declared in one place (Faust's examples' style).
 
 ``create_app(settings)`` builds everything from the settings object, so a test or a second deployment can run
-its own instance; the module-level ``app`` is what ``faust -A streams.app worker`` and ``qrloop aggregate``
-start. The window table is changelog-backed: its state survives a restart by replaying the changelog topic.
+its own instance. This module only declares: the agents that run on it are installed by
+``streams.aggregator`` (which imports this module, never the reverse; ``qrloop aggregate`` and
+``python -m streams.aggregator worker`` start it). The window table is changelog-backed: its state survives a
+restart by replaying the changelog topic.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 
 import faust
 
-from qrloop.settings import Settings, get_settings
+from qrloop.settings import Settings
 
 
 @dataclass
@@ -62,15 +64,3 @@ def create_app(settings: Settings) -> AggregatorApp:
     return AggregatorApp(
         app, settings, query_events, interactions, pairs, dead_letter, closes, windows, outcomes=outcomes
     )
-
-
-def default_app() -> AggregatorApp:
-    from streams.aggregator import install_agents
-
-    built = create_app(get_settings())
-    install_agents(built)
-    return built
-
-
-if __name__ == "__main__":  # pragma: no cover
-    default_app().app.main()

@@ -7,9 +7,9 @@ A *traffic log* is query events, interactions and session ends, one event per li
   start of the export) and writes them as one log, merged into event-time order.
 - :func:`replay` publishes a log to the input topics in event-time order, at a rate or as fast as possible.
 - :func:`attribute` is the aggregator's decision procedure run here, on a log: the pure functions of
-  ``streams.attribution`` applied in event-time order. ``evaluate`` scores rewrites with it; ``replay
-  --in-process`` publishes its pairs instead of the raw events.
-- :func:`evaluate` is off-policy evaluation (``qrloop.ope``) of a candidate version on a log.
+  ``streams.attribution`` applied in event-time order. ``qrloop evaluate`` (``qrloop.cli.evaluate``:
+  off-policy evaluation with ``learner.ope``) scores rewrites with it; ``replay --in-process`` publishes its
+  pairs instead of the raw events.
 
 **What makes a replay deterministic.** Every decision of the aggregator is taken in *event* time: a window is
 ``[t_query, t_query + window]``, it closes early when the shopper's ``SessionEnd`` says all feedback is in, or
@@ -31,7 +31,6 @@ Two things the Faust worker does *not* make reproducible, and the in-process pat
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -40,8 +39,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
 from qrloop.events import (
-    DeadLetter,
     Interaction,
     PreferencePair,
     QueryEvent,
@@ -51,6 +51,9 @@ from qrloop.events import (
     encode,
 )
 from qrloop.settings import Settings
+from qrloop.topics import make_producer, send_dead_letter
+from streams import attribution
+from streams.aggregator import make_relevance_fn
 
 log = logging.getLogger("qrloop.replay")
 
@@ -71,6 +74,14 @@ class RawRecord:
     position: int  # 1-based line (or row) number in a file, the offset in a topic
     value: bytes
     key: bytes | None = None
+
+    @property
+    def topic(self) -> str:  # where it came from, as a dead letter names it
+        return self.source
+
+    @property
+    def offset(self) -> int:
+        return self.position
 
     def where(self) -> str:
         if self.partition < 0:
@@ -131,7 +142,7 @@ def read_jsonl(path: Path) -> Iterator[RawRecord]:
 
 
 def read_parquet(path: Path) -> Iterator[RawRecord]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # here, not at the top: only Parquet logs pay for pyarrow's import
 
     table = pq.read_table(path, columns=["event"])
     for number, value in enumerate(table.column("event").to_pylist(), start=1):
@@ -204,8 +215,6 @@ def read_topics(
 
     The end is fixed before reading, so an export of a live topic terminates and is a consistent snapshot.
     """
-    from kafka import KafkaConsumer, TopicPartition
-
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None, client_id="qrloop-export"
     )
@@ -303,26 +312,19 @@ def publish(
     events: Sequence[LoggedEvent | PreferencePair],
     rate: float = 0.0,
     bad: Sequence[tuple[RawRecord, SchemaError]] = (),
-    producer: Any = None,
+    producer: KafkaProducer | None = None,
 ) -> ReplayReport:
     """Send events in the given order, each with its own key; bad records go to the dead-letter topic.
 
     The producer is idempotent with acks=all, so records of one partition are stored in send order.
     """
-    from kafka import KafkaProducer
-
     own = producer is None
-    producer = producer or KafkaProducer(
-        bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True, acks="all", linger_ms=5
-    )
+    producer = producer or make_producer(settings, linger_ms=5)
     started = time.monotonic()
     by_topic: dict[str, int] = {}
     try:
         for record, error in bad:
-            letter = DeadLetter.of(
-                record.source, record.partition, record.position, error.reason, str(error), record.value
-            )
-            producer.send(settings.topics.dead_letter, key=record.key, value=encode(letter))
+            send_dead_letter(producer, settings, record, error.reason, str(error))
         for event in paced(events, rate):
             topic = topic_of(event, settings)
             producer.send(topic, key=event.kafka_key(), value=encode(event))
@@ -340,15 +342,13 @@ def replay(
     rate: float = 0.0,
     dead_letter: bool = False,
     in_process: bool = False,
-    relevance: Any = None,
+    relevance: attribution.RelevanceFn | None = None,
 ) -> ReplayReport:
     """``qrloop replay``: a log's events (or, ``in_process``, the pairs they attribute to) onto the topics."""
     parsed = parse(read_source(source, settings.kafka.bootstrap_servers), keep_bad=dead_letter)
     if not in_process:
         return publish(settings, parsed.events, rate, parsed.bad)
     if relevance is None:
-        from streams.aggregator import make_relevance_fn
-
         relevance = make_relevance_fn(settings)
     result = attribute(parsed.events, relevance, settings)
     return publish(settings, result.pairs, rate, parsed.bad)
@@ -360,7 +360,7 @@ def replay(
 @dataclass(frozen=True)
 class Closed:
     event: QueryEvent
-    scored: Any  # streams.attribution.Scored
+    scored: attribution.Scored
     reason: str  # "complete" | "window" | "end_of_log"
 
 
@@ -379,15 +379,15 @@ class Attributed:
         return sum(1 for c in self.closed if c.scored.pair is None)
 
 
-def attribute(events: Iterable[LoggedEvent], relevance: Any, settings: Settings) -> Attributed:
+def attribute(
+    events: Iterable[LoggedEvent], relevance: attribution.RelevanceFn, settings: Settings
+) -> Attributed:
     """Join, window and score a log as the aggregator does, in the log's event-time order.
 
     Each event first advances the watermark; windows it makes due close (in query time order) before the
     event is applied, which is the earliest moment the aggregator's timer could close them. At the end of the
     log every window still open closes, as the aggregator's idle watermark eventually closes them.
     """
-    from streams import attribution
-
     window_s, grace_s = settings.streams.attribution_window_s, settings.streams.grace_s
     states: dict[str, attribution.State] = {}
     result = Attributed()
@@ -428,153 +428,3 @@ def attribute(events: Iterable[LoggedEvent], relevance: Any, settings: Settings)
         finalize(key, "end_of_log")
     result.orphans = sum(1 for s in states.values() if s["status"] == "open" and s["query"] is None)
     return result
-
-
-# -- off-policy evaluation ----------------------------------------------------------------------------------
-
-# (queries, rewrite texts) -> one (log π(first), log π(second)) per query under the candidate.
-CandidateScorer = Callable[[Sequence[QueryEvent]], list[tuple[float, float]]]
-
-
-@dataclass(frozen=True)
-class Samples:
-    """One row per logged rewrite: its reward, and its log-probability under behaviour and candidate."""
-
-    rewards: list[float]
-    logp_behaviour: list[float]
-    logp_candidate: list[float]
-    versions: dict[str, int]  # the serving versions in the log (str(None) for the base model) -> queries
-
-
-def ope_samples(closed: Sequence[Closed], scorer: CandidateScorer) -> Samples:
-    events = [c.event for c in closed]
-    candidate = scorer(events)
-    rewards, behaviour, target = [], [], []
-    versions: dict[str, int] = {}
-    for c, logps in zip(closed, candidate, strict=True):
-        rewards += [c.scored.first_reward, c.scored.second_reward]
-        behaviour += [c.event.rewrites[0].logprob, c.event.rewrites[1].logprob]
-        target += list(logps)
-        versions[str(c.event.policy_version)] = versions.get(str(c.event.policy_version), 0) + 1
-    return Samples(rewards, behaviour, target, versions)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    candidate: str
-    queries: int
-    logged_mean_reward: float
-    estimate: Any  # qrloop.ope.OPEEstimate
-    serving_versions: dict[str, int]
-    mean_log_ratio: float
-    # Mean importance weight: 1 in expectation when the log covers the candidate; far from 1, the candidate
-    # puts its mass where the serving policy rarely sampled and IPS (not SNIPS) is off the reward's scale.
-    mean_weight: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "candidate": self.candidate,
-            "queries": self.queries,
-            "samples": self.estimate.n,
-            "logged_mean_reward": self.logged_mean_reward,
-            "serving_versions": self.serving_versions,
-            "mean_log_ratio": self.mean_log_ratio,
-            "mean_weight": self.mean_weight,
-            **self.estimate.as_dict(),
-        }
-
-
-def evaluate_events(
-    events: Iterable[LoggedEvent],
-    scorer: CandidateScorer,
-    relevance: Any,
-    settings: Settings,
-    candidate: str = "candidate",
-) -> Evaluation:
-    """IPS/SNIPS of ``scorer``'s policy on a log; rewards per rewrite from the log by :func:`attribute`."""
-    from qrloop import ope
-
-    closed = attribute(events, relevance, settings).closed
-    if not closed:
-        raise ValueError("the log has no query event with a closed window: nothing to evaluate")
-    samples = ope_samples(closed, scorer)
-    estimate = ope.estimate(samples.rewards, samples.logp_candidate, samples.logp_behaviour)
-    ratios = [c - b for c, b in zip(samples.logp_candidate, samples.logp_behaviour, strict=True)]
-    return Evaluation(
-        candidate=candidate,
-        queries=len(closed),
-        logged_mean_reward=sum(samples.rewards) / len(samples.rewards),
-        estimate=estimate,
-        serving_versions=samples.versions,
-        mean_log_ratio=sum(ratios) / len(ratios),
-        mean_weight=float(ope.importance_weights(samples.logp_candidate, samples.logp_behaviour).mean()),
-    )
-
-
-def model_scorer(model_dir: Path, max_new_tokens: int, batch_size: int = 16) -> CandidateScorer:
-    """Teacher-forced sequence log-probabilities of the logged rewrite texts under the model in ``model_dir``.
-
-    The same prompt (``qrloop.prompting``), the same terminator (the token generation stops on) and the same
-    tokenisation as the learner's DPO step, summed over the rewrite's tokens at temperature 1: the quantity
-    the rewriter logs for the tokens it sampled. A rewrite of ``max_new_tokens`` tokens or more was cut off
-    by the length limit, not ended by the policy; its logged log-prob has no terminator term, so neither
-    does its score here (with the terminator, SmolLM2's scores of cut-off rewrites were 15-30 nats lower).
-    """
-    import torch
-
-    from learner.dpo import sequence_logprobs, tokenize_pairs
-    from qrloop.models import load_policy
-    from qrloop.prompting import build_prompt, end_of_turn
-
-    model, tokenizer = load_policy(model_dir)
-    eos = end_of_turn(tokenizer, getattr(model, "generation_config", None))
-
-    def cut_off(query: str, text: str) -> bool:
-        prompt = build_prompt(tokenizer, query)
-        added = len(tokenizer(prompt + text)["input_ids"]) - len(tokenizer(prompt)["input_ids"])
-        return added >= max_new_tokens
-
-    def score_rows(rows: list[tuple[str, str]], terminator: str) -> list[float]:
-        scores: list[float] = []
-        for i in range(0, len(rows), batch_size):
-            # Each rewrite in the "chosen" half; the "rejected" half is an empty completion (nearly free).
-            triples = [(query, text, "") for query, text in rows[i : i + batch_size]]
-            with torch.no_grad():
-                chosen, _ = sequence_logprobs(model, tokenize_pairs(tokenizer, triples, None, terminator))
-            scores += [float(x) for x in chosen]
-        return scores
-
-    def score(events: Sequence[QueryEvent]) -> list[tuple[float, float]]:
-        rows = [(e.query, r.text) for e in events for r in e.rewrites]
-        ended = [i for i, (q, t) in enumerate(rows) if not cut_off(q, t)]
-        cut = [i for i in range(len(rows)) if i not in set(ended)]
-        flat = [0.0] * len(rows)
-        for indices, terminator in ((ended, eos), (cut, "")):
-            for i, value in zip(indices, score_rows([rows[i] for i in indices], terminator), strict=True):
-                flat[i] = value
-        return [(flat[2 * k], flat[2 * k + 1]) for k in range(len(events))]
-
-    return score
-
-
-def evaluate(settings: Settings, candidate: int | str, log_path: str, relevance: Any = None) -> Evaluation:
-    """``qrloop evaluate``: a version (id or alias) from the policy store, on a log file or topic range."""
-    from policy_store import PolicyStore
-
-    store = PolicyStore.from_settings(settings)
-    try:
-        version = store.get(int(candidate)) if str(candidate).isdigit() else store.resolve(str(candidate))
-        model_dir = store.load_dir(version)
-    finally:
-        store.close()
-    events = parse(read_source(log_path, settings.kafka.bootstrap_servers)).events
-    if relevance is None:
-        from streams.aggregator import make_relevance_fn
-
-        relevance = make_relevance_fn(settings)
-    scorer = model_scorer(model_dir, settings.rewriter.max_new_tokens)
-    return evaluate_events(events, scorer, relevance, settings, f"version {version.id}")
-
-
-def to_json(evaluation: Evaluation) -> str:
-    return json.dumps(evaluation.as_dict(), indent=2)

@@ -17,6 +17,7 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from qrloop import rewards
+from qrloop.catalog import Catalog
 from qrloop.events import (
     DeadLetter,
     Interaction,
@@ -31,7 +32,6 @@ from qrloop.events import (
 from qrloop.relevance import RelevanceModel
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
-from simulators.catalog import Catalog
 
 WINDOW_S = 5.0
 GRACE_S = 1.0

@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from policy_store import PolicyStore
-from qrloop import db
+from policy_store import PolicyStore, db
 from qrloop.canary import ArmSamples
 from qrloop.canary_job import (
     CanaryJob,
@@ -33,6 +32,7 @@ from qrloop.canary_job import (
 )
 from qrloop.events import PolicyAnnouncement, QueryOutcome, decode, encode
 from qrloop.models import build_tiny_policy, require_policy
+from qrloop.runs import open_store
 from qrloop.settings import CanarySettings, Settings
 from qrloop.topics import ensure_topics
 
@@ -113,7 +113,7 @@ def env(settings: Settings, kafka_bootstrap: str, unique_topic: str, weights: li
     configured = settings.model_copy(update={"topics": topics, "canary": CONFIG})
     ensure_topics(configured, {topics.query_outcomes: 1, topics.policy_versions: 1, topics.dead_letter: 1})
     db.upgrade(configured.db_url)
-    store = PolicyStore.from_settings(configured)
+    store = open_store(configured)
     v1 = store.publish(weights[0], base_model="tiny")
     v2 = store.publish(weights[1], base_model="tiny", parent=v1.id)
     v3 = store.publish(weights[2], base_model="tiny", parent=v2.id)
@@ -346,7 +346,7 @@ def test_canary_status_shows_aliases_share_and_the_last_analysis(
 ) -> None:
     from typer.testing import CliRunner
 
-    from qrloop.cli import app
+    from qrloop.cli.main import app
     from qrloop.settings import get_settings
 
     env.outcomes("production", env.production, reward=0.50, seed=13)

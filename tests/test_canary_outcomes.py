@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
+from qrloop.catalog import Catalog
 from qrloop.events import Interaction, QueryEvent, QueryOutcome, Rewrite, SessionEnd, decode, encode
 from qrloop.settings import REPO_ROOT, RewardSettings, Settings
 from qrloop.topics import ensure_topics
-from simulators.catalog import Catalog
 from streams import attribution
 
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from kafka import KafkaProducer
 
-from policy_store import PolicyStore
-from qrloop import db
+from policy_store import db
 from qrloop.canary_job import CanaryJob
 from qrloop.events import Interaction, PolicyAnnouncement, QueryEvent, SessionEnd, encode
 from qrloop.models import build_tiny_policy, require_policy
+from qrloop.runs import open_store
 from qrloop.serving import ArmedRewriter, ArmsFollower, Rewriter, assign_arm, load_version, start_arms
 from qrloop.settings import CanarySettings, RewriterSettings, Settings
 from qrloop.topics import ensure_topics
@@ -135,7 +135,7 @@ def test_job_verdicts_move_real_aliases_and_the_rewriter_follows(
     configured = settings.model_copy(update={"topics": topics, "canary": CONFIG})
     ensure_topics(configured, {topics.query_outcomes: 1, topics.policy_versions: 1, topics.dead_letter: 1})
     db.upgrade(configured.db_url)
-    store = PolicyStore.from_settings(configured)
+    store = open_store(configured)
     v1 = store.publish(tiny_dirs[0], base_model="tiny").id
     v2 = store.publish(tiny_dirs[1], base_model="tiny", parent=v1).id
     v3 = store.publish(tiny_dirs[2], base_model="tiny", parent=v2).id

@@ -13,104 +13,19 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
 from kafka import KafkaProducer
 
 from learner.ledger import SqlTrainedPair
 from learner.worker import LEARNER_TAG
-from policy_store import PolicyStore
-from qrloop import db
-from qrloop.demo import free_port
+from policy_store import db
 from qrloop.events import QueryEvent, encode
 from qrloop.models import build_tiny_policy, require_policy
+from qrloop.runs import open_store
 from qrloop.settings import REPO_ROOT, Settings
-from qrloop.topics import ensure_topics
-from tests.test_learner import pair
-from tests.test_replay import feedback
-
-
-def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
-    except OSError:
-        return 0, b""
-
-
-def metric(port: int, name: str) -> float:
-    """Sum of a metric's samples (over its labels) on a role's /metrics."""
-    _, body = get(f"http://127.0.0.1:{port}/metrics")
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in body.decode().splitlines()
-        if line.startswith(name) and (line[len(name)] in " {")
-    )
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-4000:] if log else ""
-            pytest.fail(f"timed out after {timeout_s} s waiting for {what}\n{tail}")
-        time.sleep(0.3)
-
-
-def isolated_env(settings: Settings, name: str) -> dict[str, str]:
-    t = settings.topics
-    return dict(
-        os.environ,
-        QRLOOP_DATABASE_URL=settings.db_url,
-        QRLOOP_BLOB_DIR=str(settings.blob_dir),
-        QRLOOP_TOPICS__QUERY_EVENTS=t.query_events,
-        QRLOOP_TOPICS__INTERACTIONS=t.interactions,
-        QRLOOP_TOPICS__PREFERENCE_PAIRS=t.preference_pairs,
-        QRLOOP_TOPICS__POLICY_VERSIONS=t.policy_versions,
-        QRLOOP_TOPICS__DEAD_LETTER=t.dead_letter,
-        QRLOOP_TOPICS__QUERY_OUTCOMES=t.query_outcomes,
-        QRLOOP_STREAMS__APP_ID=f"{name}-agg",
-        QRLOOP_STREAMS__IDLE_ADVANCE_S="1",
-        QRLOOP_DPO__LEARNER_NAME=name,
-        QRLOOP_DPO__BATCH_SIZE="4",
-        QRLOOP_DPO__LEARNING_RATE="1e-4",
-        QRLOOP_REWARDS__MARGIN="0",
-        QRLOOP_CANARY__ENABLED="false",
-        PYTHONUNBUFFERED="1",
-    )
-
-
-def store_settings(base: Settings, name: str, tmp_path: Path, start_dir: Path) -> Settings:
-    topics = base.topics.model_copy(
-        update={
-            "query_events": f"{name}.q",
-            "interactions": f"{name}.i",
-            "preference_pairs": f"{name}.p",
-            "policy_versions": f"{name}.v",
-            "dead_letter": f"{name}.d",
-            "query_outcomes": f"{name}.o",
-        }
-    )
-    dpo = base.dpo.model_copy(update={"learner_name": name, "batch_size": 4, "learning_rate": 1e-4})
-    settings = base.model_copy(
-        update={
-            "topics": topics,
-            "dpo": dpo,
-            "database_url": f"sqlite:///{tmp_path / 'store.db'}",
-            "blob_dir": tmp_path / "blobs",
-        }
-    )
-    ensure_topics(settings)
-    db.upgrade(settings.db_url)
-    with PolicyStore.from_settings(settings) as store:
-        start = store.publish(start_dir, base_model="start", actor="test")
-        store.set_alias("production", start.id, reason="start", actor="test")
-    return settings
+from tests.helpers import feedback, free_port, get, isolated_env, metric, pair, store_settings, wait_for
 
 
 def test_run_roles_ready_metrics_move_crash_restart_and_stop(
@@ -257,7 +172,7 @@ def test_learner_sigterm_mid_step_commits_nothing_half_done_and_resumes(
         return log_path.read_text(errors="replace")
 
     def mine() -> list:  # type: ignore[type-arg]
-        with PolicyStore.from_settings(settings) as store:
+        with open_store(settings) as store:
             return sorted(
                 (v for v in store.list() if v.tags.get(LEARNER_TAG) == unique_topic), key=lambda v: v.id
             )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qrloop import db
-from qrloop.doctor import run_checks
+from policy_store import db
+from qrloop.cli.doctor import run_checks
 from qrloop.settings import KafkaSettings, Settings
 
 

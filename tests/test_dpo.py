@@ -87,8 +87,7 @@ def test_with_a_uniform_reference_it_is_the_papers_eq_2() -> None:
 
 def test_config_defaults_come_from_the_settings() -> None:
     config, settings = DPOConfig(), DPOSettings()
-    assert (config.batch_size, config.beta, config.learning_rate, config.max_grad_norm) == (
-        settings.batch_size,
+    assert (config.beta, config.learning_rate, config.max_grad_norm) == (
         settings.beta,
         settings.learning_rate,
         settings.max_grad_norm,

@@ -13,9 +13,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
+from qrloop.catalog import Catalog, Product
 from qrloop.models import require_policy
 from qrloop.settings import Settings
-from simulators.catalog import Catalog, Product
 from simulators.judge import (
     QUESTIONS,
     ClickModelJudge,

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,20 +16,13 @@ from kafka import KafkaProducer
 
 from learner.ledger import SqlTrainedPair
 from learner.worker import LEARNER_TAG, build, resume_state
-from policy_store import PolicyStore
-from qrloop import db
-from qrloop.events import PreferencePair, encode, pair_id_for
+from policy_store import db
+from qrloop.events import PreferencePair, encode
 from qrloop.models import build_tiny_policy, require_policy
+from qrloop.runs import open_store
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
-
-QUERIES = [
-    "angle bracket",
-    "cordless drill",
-    "toungh groove",
-    "paint storage contaiers",
-    "shower faucet trim",
-]
+from tests.helpers import pair
 
 
 @pytest.fixture(scope="module")
@@ -53,29 +45,11 @@ def learner_settings(settings: Settings, kafka_bootstrap: str, unique_topic: str
     configured = settings.model_copy(update={"topics": topics, "dpo": dpo})
     ensure_topics(configured)
     db.upgrade(configured.db_url)
-    store = PolicyStore.from_settings(configured)
+    store = open_store(configured)
     start = store.publish(tiny_dir, base_model="tiny-llama", actor="test")
     store.set_alias("production", start.id, reason="start", actor="test")
     store.close()
     return configured
-
-
-def pair(n: int) -> PreferencePair:
-    query = QUERIES[n % len(QUERIES)]
-    event_id = f"event-{n}"
-    return PreferencePair(
-        pair_id=pair_id_for(event_id),
-        prompt=query,
-        chosen=f"{query} kit",
-        rejected=f"{query} {n}",
-        chosen_reward=0.6,
-        rejected_reward=0.3,
-        chosen_components={},
-        rejected_components={},
-        policy_version=1,
-        source_event_id=event_id,
-        event_time=datetime.now(UTC),
-    )
 
 
 def publish_pairs(settings: Settings, pairs: list[PreferencePair], extra: list[bytes] = ()) -> None:  # type: ignore[assignment]
@@ -113,7 +87,7 @@ def test_versions_lineage_offsets_and_duplicates(learner_settings: Settings) -> 
         if published:
             versions.append(published)
     learner.consumer.close()
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     chain = [store.get(v) for v in versions]
     assert [v.parent_id for v in chain] == [1, versions[0], versions[1]], "each version's parent is the last"
     assert [v.train_steps for v in chain] == [1, 2, 3]
@@ -184,7 +158,7 @@ def test_exactly_once_across_kill_minus_nine(learner_settings: Settings, tmp_pat
     assert kills == 4
     assert set(counts) == {p.pair_id for p in pairs}, (tmp_path / "learner.log").read_text()[-3000:]
     assert set(counts.values()) == {1}, "no pair trained twice"
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     mine = sorted(
         (v for v in store.list() if v.tags.get(LEARNER_TAG) == settings.dpo.learner_name), key=lambda v: v.id
     )
@@ -247,7 +221,7 @@ def test_a_rejected_lineage_is_abandoned_for_the_start_alias(learner_settings: S
         raise AssertionError("no version within 120 s")
 
     first = next_version()
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     # What the canary job's rollback does: canary back to production's version, the candidate rejected.
     store.set_alias("canary", 1, reason="rollback", actor="test")
     store.reject(first, reason="worse than production", actor="test")

@@ -31,6 +31,7 @@ from learner.offline.q2q import QueryPair
 from learner.offline.sft import collate, completion_loss, end_of_turn, prompt_completion_rows, train_sft
 from qrloop.data import is_heldout
 from qrloop.models import build_tiny_policy, load_policy, require_policy
+from qrloop.runs import open_store
 from qrloop.settings import Settings
 
 PAIRS = [
@@ -274,8 +275,7 @@ def test_publish_existing_publishes_the_chosen_directory_and_moves_the_alias(
     from dataclasses import asdict
 
     from learner.offline.build import MiniELMReport, offline_dir, publish_existing
-    from policy_store import PolicyStore
-    from qrloop import db
+    from policy_store import db
 
     settings = Settings(cache_dir=tmp_path, database_url=sqlite_url, blob_dir=tmp_path / "blobs")
     out = offline_dir(settings)
@@ -289,7 +289,7 @@ def test_publish_existing_publishes_the_chosen_directory_and_moves_the_alias(
 
     published = publish_existing(settings, "best", alias="production")
 
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     try:
         version = store.resolve("production")
         assert version.id == published.version and published.published == "T/P"
@@ -305,9 +305,8 @@ def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
     tiny: Path, tmp_path: Path, sqlite_url: str
 ) -> None:
     from learner.offline.build import WARM_START_TAG, warm_start
-    from policy_store import PolicyStore
-    from qrloop import db
-    from qrloop.demo import offline_policy_version
+    from policy_store import db
+    from qrloop.cli.demo import offline_policy_version
 
     base = Settings()
     settings = base.model_copy(
@@ -324,7 +323,7 @@ def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
     version_id = warm_start(settings, steps=2, batch_size=2, base_dir=tiny)
 
     assert offline_policy_version(settings) == version_id
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     try:
         version = store.get(version_id)
         assert version.tags["published"] == WARM_START_TAG and version.train_steps == 2

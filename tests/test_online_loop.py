@@ -16,9 +16,9 @@ from rich.console import Console
 
 from learner.dpo import sequence_logprobs, tokenize_pairs
 from learner.ledger import pairs_of_version
-from policy_store import PolicyStore
-from qrloop.demo import run_demo
+from qrloop.cli.demo import run_demo
 from qrloop.models import build_tiny_policy, load_policy, require_policy
+from qrloop.runs import open_store
 from qrloop.settings import Settings
 
 
@@ -36,7 +36,7 @@ def test_sixty_four_queries_train_and_serve_new_versions(
 
     assert progress.queries == 64
     assert progress.run is not None
-    store = PolicyStore.from_settings(progress.run.settings)
+    store = open_store(progress.run.settings)
     versions = sorted(store.list(), key=lambda v: v.id)
     trained = [v for v in versions if v.train_steps > 0]
     assert len(trained) >= 4, (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qrloop import ope
+from learner import ope
 
 
 def synthetic_log(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:

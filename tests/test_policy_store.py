@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-import threading
 from collections.abc import Iterator
 from datetime import UTC, timedelta
 from pathlib import Path
@@ -22,25 +21,25 @@ from alembic.migration import MigrationContext
 from safetensors.torch import load_file
 from sqlalchemy.orm import Session
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from typer import Typer
 from typer.testing import CliRunner
 
 from policy_store import (
-    AliasWatcher,
     BlobIntegrityError,
     BlobMissingError,
     InvalidWeightsError,
     NoPreviousVersionError,
     PolicyStore,
     PolicyStoreError,
-    PolicyVersion,
     UnknownAliasError,
     UnknownVersionError,
     UnsafeWeightsError,
     VersionInUseError,
     VersionNotReadyError,
 )
+from policy_store.cli import build_app
+from policy_store.db import downgrade, make_engine, upgrade
 from policy_store.models import Base
-from qrloop.db import downgrade, make_engine, upgrade
 
 TABLES = {"policy_versions", "policy_aliases", "audit_log"}
 
@@ -461,49 +460,24 @@ def test_lora_adapter_publishes_and_loads_with_peft(
     assert not torch.allclose(got, plain)  # the adapter really changes the model
 
 
-# ---------------------------------------------------------------------------------------------------- watcher
-
-
-def test_alias_watcher_sees_a_move_within_a_second(store: PolicyStore, model_dirs: list[Path]) -> None:
-    v1 = store.publish(model_dirs[0], base_model="tiny")
-    v2 = store.publish(model_dirs[1], base_model="tiny")
-    store.set_alias("production", v1)
-    seen: list[PolicyVersion] = []
-    moved = threading.Event()
-
-    def on_move(version: PolicyVersion) -> None:
-        seen.append(version)
-        moved.set()
-
-    with AliasWatcher(store, "production", on_move) as watcher:
-        assert watcher.current == v1.id
-        store.set_alias("staging", v1)  # another alias moving must not trigger a callback
-        store.set_alias("production", v2)
-        assert moved.wait(1.0), "no callback within 1 s of the alias move"
-    assert [v.id for v in seen] == [v2.id]
-
-
 # -------------------------------------------------------------------------------------------------------- CLI
 
 
 @pytest.fixture
-def cli_env(db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PolicyStore]:
-    from qrloop.settings import get_settings
-
-    monkeypatch.setenv("QRLOOP_DATABASE_URL", db_url)
-    monkeypatch.setenv("QRLOOP_BLOB_DIR", str(tmp_path / "blobs"))
+def cli_env(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[PolicyStore, Typer]]:
+    """A store, and the ``policy`` commands over it (each opens its own, as the root's factory does)."""
     monkeypatch.setenv("COLUMNS", "200")  # rich would otherwise truncate columns at 80
-    get_settings.cache_clear()
     upgrade(db_url)
     with PolicyStore(db_url, tmp_path / "blobs") as s:
-        yield s
-    get_settings.cache_clear()
+        yield s, build_app(lambda: PolicyStore(db_url, tmp_path / "blobs"))
 
 
-def test_cli_list_set_alias_rollback_and_errors(cli_env: PolicyStore, model_dirs: list[Path]) -> None:
-    from policy_store.cli import app
-
-    store = cli_env
+def test_cli_list_set_alias_rollback_and_errors(
+    cli_env: tuple[PolicyStore, Typer], model_dirs: list[Path]
+) -> None:
+    store, app = cli_env
     v1 = store.publish(model_dirs[0], base_model="tiny")
     v2 = store.publish(model_dirs[1], parent=v1, base_model="tiny")
     runner = CliRunner()

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from policy_store import PolicyStore
-from qrloop.db import upgrade
+from policy_store.db import upgrade
 
 PUBLISHES_PER_WORKER = 6
 MOVES_PER_WORKER = 15

@@ -21,8 +21,9 @@ import pytest
 from kafka import KafkaConsumer
 
 from learner.worker import build
-from policy_store import PolicyStore
-from qrloop import db, rewards
+from policy_store import db
+from qrloop import rewards
+from qrloop.cli.evaluate import evaluate, evaluate_events
 from qrloop.events import (
     DeadLetter,
     Interaction,
@@ -33,11 +34,12 @@ from qrloop.events import (
     decode,
 )
 from qrloop.models import build_tiny_policy, require_policy
-from qrloop.replay import (
+from qrloop.runs import open_store
+from qrloop.settings import REPO_ROOT, Settings
+from qrloop.topics import ensure_topics
+from streams.replay import (
     LogFormatError,
     attribute,
-    evaluate,
-    evaluate_events,
     export_log,
     in_event_time_order,
     parse,
@@ -45,8 +47,7 @@ from qrloop.replay import (
     replay,
     write_log,
 )
-from qrloop.settings import REPO_ROOT, Settings
-from qrloop.topics import ensure_topics
+from tests.helpers import feedback
 
 QUERIES = ["angle bracket", "cordless drill", "toungh groove", "paint storage contaiers", "shower faucet"]
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
@@ -73,37 +74,6 @@ def make_query(
             Rewrite(rewrite_id="r2", text=texts[1], logprob=logps[1], products=second),
         ],
     )
-
-
-def feedback(
-    event: QueryEvent, clicks: dict[str, list[str]], after_s: float = 1.0, end: bool = True
-) -> list[Interaction | SessionEnd]:
-    """Clicks on the given products of each list, one second apart, then the session end."""
-    items: list[Interaction | SessionEnd] = []
-    for list_key, products in clicks.items():
-        for product in products:
-            items.append(
-                Interaction(
-                    event_id=f"i-{uuid.uuid4().hex[:10]}",
-                    query_event_id=event.event_id,
-                    rewrite_id=list_key,
-                    product_id=product,
-                    position=0,
-                    kind="click",
-                    event_time=event.event_time + timedelta(seconds=after_s + len(items)),
-                )
-            )
-    if end:
-        last = max((i.event_time for i in items), default=event.event_time)
-        items.append(
-            SessionEnd(
-                query_event_id=event.event_id,
-                shopper_id=event.shopper_id,
-                interactions_sent=len(items),
-                event_time=last,
-            )
-        )
-    return items
 
 
 def traffic_log(ids: Sequence[str], queries: int, seed: int) -> list[QueryEvent | Interaction | SessionEnd]:
@@ -182,7 +152,7 @@ def stub_relevance(query: str, products: Sequence[str]) -> list[float]:
 
 @pytest.fixture(scope="module")
 def product_ids() -> list[str]:
-    from simulators.catalog import Catalog
+    from qrloop.catalog import Catalog
 
     return Catalog.open(Settings()).dataset.products["product_id"].head(60).tolist()
 
@@ -323,7 +293,7 @@ def test_same_log_twice_through_the_aggregator_gives_identical_pairs(
 def digests_of_a_replay(base: Settings, name: str, log_path: Path, tiny: Path, tmp_path: Path) -> list[str]:
     settings = isolated(base, name, database_url=f"sqlite:///{tmp_path / name}.db", blob_dir=tmp_path / name)
     db.upgrade(settings.db_url)
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     start = store.publish(tiny, base_model="tiny-llama", actor="test")
     store.set_alias("production", start.id, reason="start", actor="test")
     report = replay(settings, str(log_path), in_process=True, relevance=stub_relevance)
@@ -411,10 +381,10 @@ def test_evaluate_command_on_the_serving_policy_gives_its_logged_mean(
     import torch
 
     from learner.dpo import sequence_logprobs, tokenize_pairs
+    from qrloop.catalog import Catalog
     from qrloop.models import load_policy
     from qrloop.prompting import end_of_turn
     from qrloop.relevance import RelevanceModel
-    from simulators.catalog import Catalog
 
     tiny = build_tiny_policy(tmp_path / "tiny", require_policy(base_settings))
     other = build_tiny_policy(tmp_path / "other", require_policy(base_settings), seed=1)
@@ -422,7 +392,7 @@ def test_evaluate_command_on_the_serving_policy_gives_its_logged_mean(
         update={"database_url": f"sqlite:///{tmp_path / 'store.db'}", "blob_dir": tmp_path / "blobs"}
     )
     db.upgrade(settings.db_url)
-    with PolicyStore.from_settings(settings) as store:
+    with open_store(settings) as store:
         serving = store.publish(tiny, base_model="tiny-llama", actor="test")
         candidate = store.publish(other, base_model="tiny-llama", actor="test")
     # The log's behaviour log-probs, as the rewriter logs them: the rewrite's tokens and the end of turn.

@@ -10,14 +10,15 @@ import pytest
 import torch
 from kafka import KafkaProducer
 
-from policy_store import PolicyStore
-from qrloop import db
+from policy_store import db
 from qrloop.events import PolicyAnnouncement, encode
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.prompting import build_prompt, end_of_turn
+from qrloop.runs import open_store
 from qrloop.serving import AnnouncementFollower, Rewriter, _completion_logprobs, load_version, normalise
 from qrloop.settings import RewriterSettings, Settings
 from qrloop.topics import ensure_topics
+from tests.helpers import free_port, get, isolated_env, store_settings, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_announcement_makes_the_rewriter_serve_the_new_version(
     configured = settings.model_copy(update={"topics": topics})
     ensure_topics(configured, {topics.policy_versions: 1})
     db.upgrade(configured.db_url)
-    store = PolicyStore.from_settings(configured)
+    store = open_store(configured)
     v1 = store.publish(tiny_dirs[0], base_model="tiny")
     v2 = store.publish(tiny_dirs[1], base_model="tiny", parent=v1.id)
     store.set_alias("production", v1.id)
@@ -138,9 +139,7 @@ def test_readyz_fails_on_an_unreachable_broker_or_database(
     import json
 
     from qrloop import health
-    from qrloop.demo import free_port
     from qrloop.serving import RewriterService
-    from tests.test_daemon import get
 
     rewriter = Rewriter(load_version(tiny_dirs[0], 1), fake_search, RewriterSettings(max_new_tokens=4))
     closed = free_port()  # nothing listens there
@@ -191,10 +190,8 @@ def test_sighup_reloads_sampling_settings_and_log_level(
     import sys
     import urllib.request
 
-    from qrloop.demo import free_port
     from qrloop.models import load_policy
     from qrloop.settings import REPO_ROOT
-    from tests.test_daemon import get, isolated_env, store_settings, wait_for
 
     tiny = build_tiny_policy(tmp_path / "tiny", require_policy(base_settings), seed=3)
     settings = store_settings(base_settings, unique_topic, tmp_path, tiny)

@@ -16,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from learner.offline.relevance import ndcg_at_k, train_relevance
+from qrloop.catalog import Catalog, Product
 from qrloop.data import Dataset, is_heldout
-from qrloop.relevance import KINDS, Kind, RelevanceModel, cosine_scorer, ndcg_at_k, train_relevance
+from qrloop.relevance import KINDS, Kind, RelevanceModel, cosine_scorer
 from qrloop.settings import Settings
-from simulators.catalog import Catalog, Product
 from simulators.judge import ClickModelJudge, ClickModelParams
 from simulators.profiles import ProfilePool
 from simulators.search import SearchEngine, ensure_index, s_stem

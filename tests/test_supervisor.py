@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from qrloop.supervisor import Backoff, Supervised, Supervisor
+from qrloop.cli.supervisor import Backoff, Supervised, Supervisor
 
 
 def python_spawner(scripts: dict[str, str]):  # type: ignore[no-untyped-def]
@@ -79,7 +79,7 @@ def test_roles_get_sigterm_when_the_supervisor_is_killed(tmp_path: Path) -> None
     )
     daemon_code = (
         "import sys\n"
-        "from qrloop.supervisor import Supervised, Supervisor, spawn_command\n"
+        "from qrloop.cli.supervisor import Supervised, Supervisor, spawn_command\n"
         f"Supervisor([Supervised('role', [])], spawn_command([sys.executable, '-c', {role!r}])).run()\n"
     )
     daemon = subprocess.Popen([sys.executable, "-c", daemon_code], cwd=Path(__file__).parents[1])

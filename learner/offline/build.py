@@ -31,6 +31,8 @@ from learner.offline.distill import compare_with_gkd, distill, make_student
 from learner.offline.evaluate import OfflineMetrics, evaluate_model, format_table2, serving_times
 from learner.offline.q2q import QueryPair, build_q2q, read_pairs
 from learner.offline.sft import quiet_libraries, sample_pairs, train_sft
+from qrloop.models import require_policy
+from qrloop.runs import open_store
 from qrloop.settings import Settings
 
 BASE_MODEL = "SmolLM2-135M-Instruct/minielm"
@@ -200,8 +202,6 @@ def build_minielm(
 
 
 def _build(settings: Settings, config: OfflineConfig, progress: ProgressLike | None) -> MiniELMReport:
-    from qrloop.models import require_policy
-
     out = offline_dir(settings)
     out.mkdir(parents=True, exist_ok=True)
     vanilla = config.teacher_dir or require_policy(settings)
@@ -384,9 +384,7 @@ def _publish_as(
     reason: str,
 ) -> int:
     """Publish ``model_dir`` as a new version and point ``alias`` at it; returns the version id."""
-    from policy_store.store import PolicyStore
-
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     try:
         version = store.publish(
             model_dir,
@@ -422,8 +420,6 @@ def warm_start(
     teach it the format (a short query back), which is what the online loop needs to start from. The full
     ``qrloop offline build`` (teacher, student, distillation, Table 2) replaces it whenever it is run.
     """
-    from qrloop.models import require_policy
-
     out = offline_dir(settings) / "warm-start"
     with quiet_libraries():
         report = build_q2q(settings, use_m1=False, out_dir=out / "q2q")

@@ -1,7 +1,8 @@
 """``qrloop offline ...``: build the Q2Q data set alone, or the whole MiniELM. A thin shell over ``build``.
 
-Mounted by ``qrloop/cli.py`` with ``app.add_typer(offline_app, name="offline")``; also runnable on its own as
-``python -m learner.offline.cli``.
+Mounted by ``qrloop/cli/main.py`` (``app.add_typer(offline_app, name="offline")``); also runnable on its own
+as ``python -m learner.offline.cli``. Each command imports its module inside the function: those load torch,
+transformers and trl, and this app is mounted into every ``qrloop`` invocation (``--help`` included).
 """
 
 from __future__ import annotations

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from qrloop.data import is_heldout, normalise_query, source_folder
+from qrloop.data import is_heldout, load_prepared, normalise_query, source_folder
+from qrloop.relevance import RelevanceModel
 from qrloop.settings import Settings
 
 SPELLING_FILE = "hd_query_spell_corrections.csv"
@@ -257,8 +258,6 @@ def load_report(out_dir: Path) -> Q2QReport | None:
 
 def _triples(settings: Settings) -> tuple[str, pd.DataFrame, pd.DataFrame]:
     """(dataset name, labels with query text, product texts) from the prepared data."""
-    from qrloop.data import load_prepared
-
     dataset = load_prepared(settings)
     triples = dataset.labels.merge(dataset.queries[["query_id", "query"]], on="query_id")
     return dataset.name, triples, dataset.products[["product_id", "text"]]
@@ -315,8 +314,6 @@ def build_q2q(
     report.stages["graph: not identical"] = len(graph)
     if use_m1:
         if scorer is None:
-            from qrloop.relevance import RelevanceModel
-
             model = RelevanceModel.load(settings)
             scorer, report.verifier = model.score, f"M1 ({model.kind}) >= {m1_threshold:g}"
         else:

@@ -1,14 +1,17 @@
-"""``qrloop canary``: run the canary job, or show where the canary stands (mounted by ``qrloop/cli.py``)."""
+"""``qrloop canary``: run the canary job, or show where the canary stands (mounted by ``qrloop.cli.main``)."""
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from qrloop.canary_job import run, summary
+from qrloop.runs import open_store
 from qrloop.settings import get_settings
 
 app = typer.Typer(
@@ -20,10 +23,6 @@ console = Console()
 @app.command("run")
 def run_command() -> None:
     """The canary job (APScheduler): every canary.interval_s, analyse the last window and act."""
-    import logging
-
-    from qrloop.canary_job import run
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run()
 
@@ -38,11 +37,8 @@ def status_command(
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
 ) -> None:
     """Current aliases and share, and the latest analyses with their statistics."""
-    from policy_store import PolicyStore
-    from qrloop.canary_job import summary
-
     settings = get_settings()
-    with PolicyStore.from_settings(settings) as store:
+    with open_store(settings) as store:
         status = summary(store, settings.canary, limit)
     if as_json:
         console.print_json(json.dumps(status, default=str))

@@ -2,8 +2,8 @@
 
 Each role is its own command (``qrloop serve``, ``aggregate``, ``learn``, ``canary run``), deployable as a
 separate service; this module only decides which to start, with which ports, and hands them to
-:class:`qrloop.supervisor.Supervisor`, which restarts a crashed role with exponential backoff and stops them
-all on SIGTERM/SIGINT. Every role answers ``/healthz``, ``/readyz`` and ``/metrics``: the rewriter on its
+:class:`qrloop.cli.supervisor.Supervisor`, which restarts a crashed role with exponential backoff and stops
+them all on SIGTERM/SIGINT. Every role answers ``/healthz``, ``/readyz`` and ``/metrics``: the rewriter on its
 service port, the aggregator and the learner on ``daemon.aggregate_port`` / ``daemon.learn_port`` (the
 canary job exposes no HTTP endpoint of its own).
 
@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from qrloop.cli.canary import app as canary_app
+from qrloop.cli.supervisor import Backoff, Supervised, Supervisor, spawn_qrloop
 from qrloop.settings import Settings
-from qrloop.supervisor import Backoff, Supervised, Supervisor, spawn_qrloop
 
 log = logging.getLogger("qrloop.daemon")
 KNOWN_ROLES = ("serve", "aggregate", "learn", "canary")
@@ -27,12 +27,9 @@ KNOWN_ROLES = ("serve", "aggregate", "learn", "canary")
 
 def canary_available() -> bool:
     """Whether ``qrloop canary run`` exists in this build (it ships separately from the daemon)."""
-    try:
-        from qrloop.canary_cli import app
-    except ImportError:
-        return False
     return any(
-        c.name == "run" or getattr(c.callback, "__name__", "") == "run" for c in app.registered_commands
+        c.name == "run" or getattr(c.callback, "__name__", "") == "run"
+        for c in canary_app.registered_commands
     )
 
 
@@ -87,7 +84,9 @@ def build_supervisor(
 ) -> Supervisor:
     backoff = Backoff(initial_s=settings.daemon.backoff_initial_s, max_s=settings.daemon.backoff_max_s)
     supervised = [Supervised(p.name, p.argv) for p in plan(settings, roles)]
-    return Supervisor(supervised, spawn_qrloop(child_env(settings, env)), backoff)
+    return Supervisor(
+        supervised, spawn_qrloop(child_env(settings, env)), backoff, settings.daemon.stop_deadline_s
+    )
 
 
 def run(settings: Settings, roles: Sequence[str]) -> int:
@@ -96,22 +95,7 @@ def run(settings: Settings, roles: Sequence[str]) -> int:
     for p in plan(settings, roles):
         where = f"probes on http://127.0.0.1:{p.port}" if p.port else "no probes"
         log.info("role %s: qrloop %s (%s)", p.name, " ".join(p.argv), where)
-
-    def forward_hup(*_: object) -> None:
-        for role in supervisor.roles:
-            if role.process is not None and role.process.poll() is None:
-                role.process.send_signal(signal.SIGHUP)
-        log.info("SIGHUP passed on to %s", ", ".join(r.name for r in supervisor.roles))
-
-    signal.signal(signal.SIGHUP, forward_hup)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: supervisor.stopping.set())
-    supervisor.start()
-    while not supervisor.stopping.is_set():
-        supervisor.tick()
-        supervisor.stopping.wait(0.5)
-    log.info("stopping %s (deadline %.0f s)", ", ".join(roles), settings.daemon.stop_deadline_s)
-    supervisor.stop(settings.daemon.stop_deadline_s)
+    supervisor.run()
     codes = {r.name: r.process.returncode for r in supervisor.roles if r.process is not None}
     log.info("all roles stopped: exit codes %s", codes)
     return 0

@@ -12,23 +12,32 @@ watches the topics, shows progress and, at the end, prints the versions and draw
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from kafka import KafkaConsumer
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.structs import TopicPartition
 from rich.console import Console
 from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Bars
 from rich.table import Table
 
+from learner.offline.build import warm_start
+from policy_store import db
+from qrloop import data, models
+from qrloop.cli.doctor import check_kafka
+from qrloop.cli.supervisor import Supervised, Supervisor, spawn_qrloop
+from qrloop.events import PolicyAnnouncement, PreferencePair, QueryEvent, QueryOutcome, decode
+from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import REPO_ROOT, Settings
+from qrloop.topics import ensure_topics
 
 
 def free_port() -> int:
@@ -50,60 +59,22 @@ def make_run(base: Settings, run_id: str | None = None, learning_rate: float | N
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S")
     run_dir = base.cache_dir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    suffix = f".{run_id}"
-    topics = base.topics
-    overrides = {
-        "QRLOOP_DATABASE_URL": f"sqlite:///{run_dir / 'qrloop.db'}",
-        # Weights of a run live with the run: a version is a 540 MB blob, a 1,000-query run publishes dozens,
-        # and `rm -r <run dir>` must free them. A blob directory shared between stores would also let one
-        # store's `policy gc` delete blobs that only another store references.
-        "QRLOOP_BLOB_DIR": str(run_dir / "blobs"),
-        "QRLOOP_TOPICS__QUERY_EVENTS": topics.query_events + suffix,
-        "QRLOOP_TOPICS__INTERACTIONS": topics.interactions + suffix,
-        "QRLOOP_TOPICS__PREFERENCE_PAIRS": topics.preference_pairs + suffix,
-        "QRLOOP_TOPICS__POLICY_VERSIONS": topics.policy_versions + suffix,
-        "QRLOOP_TOPICS__DEAD_LETTER": topics.dead_letter + suffix,
-        "QRLOOP_TOPICS__QUERY_OUTCOMES": topics.query_outcomes + suffix,
-        "QRLOOP_STREAMS__APP_ID": f"{base.streams.app_id}-{run_id}",
-        "QRLOOP_DPO__LEARNER_NAME": f"demo-{run_id}",
-    }
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QRLOOP_") or k in ("QRLOOP_CONFIG",)}
-    env.update({k: v for k, v in os.environ.items() if k.startswith("QRLOOP_")})
-    env.update(overrides)
-    env["PYTHONUNBUFFERED"] = "1"
+    # A 1,000-query run publishes dozens of 540 MB versions: its weights live in the run's directory.
+    settings = isolate(base, run_id, run_dir, learner_name=f"demo-{run_id}")
+    env = run_env(settings)
     # Four roles share the machine's cores. Torch's default of one OpenMP thread per core in every process
     # oversubscribes them, and a thread team waiting on a busy core spins: measured on 2 cores, a query took
     # a median of 3.4 s to serve with 2 threads while other jobs ran, and 0.68 s with 1.
     env.setdefault("OMP_NUM_THREADS", "1")
     if learning_rate is not None:  # the demo's own default; QRLOOP_DPO__LEARNING_RATE in the environment wins
         env.setdefault("QRLOOP_DPO__LEARNING_RATE", str(learning_rate))
-    settings = base.model_copy(
-        update={
-            "database_url": overrides["QRLOOP_DATABASE_URL"],
-            "blob_dir": run_dir / "blobs",
-            "topics": base.topics.model_copy(
-                update={
-                    "query_events": overrides["QRLOOP_TOPICS__QUERY_EVENTS"],
-                    "interactions": overrides["QRLOOP_TOPICS__INTERACTIONS"],
-                    "preference_pairs": overrides["QRLOOP_TOPICS__PREFERENCE_PAIRS"],
-                    "policy_versions": overrides["QRLOOP_TOPICS__POLICY_VERSIONS"],
-                    "dead_letter": overrides["QRLOOP_TOPICS__DEAD_LETTER"],
-                    "query_outcomes": overrides["QRLOOP_TOPICS__QUERY_OUTCOMES"],
-                }
-            ),
-            "streams": base.streams.model_copy(update={"app_id": overrides["QRLOOP_STREAMS__APP_ID"]}),
-            "dpo": base.dpo.model_copy(update={"learner_name": overrides["QRLOOP_DPO__LEARNER_NAME"]}),
-        }
-    )
     return RunLayout(run_id, run_dir, env, settings, free_port())
 
 
 def offline_policy_version(base: Settings) -> int | None:
     """The default store's ``production`` version when the offline phase published it, else None."""
-    from policy_store import PolicyStore
-
     try:
-        store = PolicyStore.from_settings(base)
+        store = open_store(base)
     except Exception:  # no default store yet: nothing was published
         return None
     try:
@@ -120,12 +91,6 @@ def ensure_starting_policy(base: Settings, console: Console, warm_start_steps: i
     a short SFT warm start (once per machine, a few minutes) gives it the format first."""
     if warm_start_steps <= 0 or offline_policy_version(base) is not None:
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
-    from rich.progress import Progress as Bars
-
-    from learner.offline.build import warm_start
-    from qrloop import db
-
     console.print(
         "[yellow]no offline policy published yet[/]: a warm start first "
         f"({warm_start_steps} SFT steps on Q2Q pairs, once; `qrloop offline build` does the full phase)"
@@ -140,14 +105,11 @@ def ensure_starting_policy(base: Settings, console: Console, warm_start_steps: i
 def publish_starting_policy(run: RunLayout, base: Settings, start_dir: Path | None = None) -> int:
     """Version 1 of the run: ``start_dir`` if given, else the offline MiniELM when the default store has one,
     else the base SmolLM2."""
-    from policy_store import PolicyStore
-    from qrloop import db, models
-
     offline = offline_policy_version(base) if start_dir is None else None
     if start_dir is not None:
         source_dir, base_model, tags = start_dir, str(start_dir), {"stage": "given"}
     elif offline is not None:
-        home = PolicyStore.from_settings(base)
+        home = open_store(base)
         try:
             production = home.get(offline)
             source_dir, base_model = home.load_dir(production), production.base_model
@@ -158,60 +120,13 @@ def publish_starting_policy(run: RunLayout, base: Settings, start_dir: Path | No
         source_dir, base_model = models.require_policy(base), "SmolLM2-135M-Instruct"
         tags = {"stage": "base"}
     db.upgrade(run.settings.db_url)
-    store = PolicyStore.from_settings(run.settings)
+    store = open_store(run.settings)
     version = store.publish(
         source_dir, base_model=base_model, tags=tags, actor="demo", reason="starting policy"
     )
     store.set_alias("production", version.id, reason="demo start", actor="demo")
     store.close()
     return version.id
-
-
-@dataclass
-class Role:
-    name: str
-    argv: list[str]
-    process: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
-
-
-def start_role(role: Role, run: RunLayout) -> None:
-    role.log_path = run.run_dir / f"{role.name}.log"
-    log = role.log_path.open("wb")
-    # A new session per role: Ctrl-C in the terminal reaches the demo, which then stops every role itself.
-    role.process = subprocess.Popen(
-        [sys.executable, "-m", "qrloop", *role.argv],
-        cwd=REPO_ROOT,
-        env=run.env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def stop_roles(roles: list[Role], deadline_s: float = 30.0) -> None:
-    for role in roles:
-        if role.process and role.process.poll() is None:
-            role.process.send_signal(signal.SIGTERM)
-    end = time.monotonic() + deadline_s
-    for role in roles:
-        if role.process is None:
-            continue
-        try:
-            role.process.wait(timeout=max(0.1, end - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(role.process.pid, signal.SIGKILL)
-            role.process.wait()
-
-
-@contextmanager
-def running(roles: list[Role], run: RunLayout) -> Iterator[list[Role]]:
-    try:
-        for role in roles:
-            start_role(role, run)
-        yield roles
-    finally:
-        stop_roles(roles)
 
 
 @dataclass
@@ -253,9 +168,7 @@ class Progress:
         return table
 
 
-def watch_topics(run: RunLayout) -> Any:
-    from kafka import KafkaConsumer
-
+def watch_topics(run: RunLayout) -> KafkaConsumer:
     consumer = KafkaConsumer(
         bootstrap_servers=run.settings.kafka.bootstrap_servers,
         enable_auto_commit=False,
@@ -269,9 +182,7 @@ def watch_topics(run: RunLayout) -> Any:
     return consumer
 
 
-def absorb(progress: Progress, run: RunLayout, records: dict[Any, list[Any]]) -> None:
-    from qrloop.events import PolicyAnnouncement, PreferencePair, QueryEvent, QueryOutcome, decode
-
+def absorb(progress: Progress, run: RunLayout, records: dict[TopicPartition, list[ConsumerRecord]]) -> None:
     topics = run.settings.topics
     for tp, messages in records.items():
         for message in messages:
@@ -299,8 +210,6 @@ def absorb(progress: Progress, run: RunLayout, records: dict[Any, list[Any]]) ->
 
 def plot_smoothed(ax: Any, values: list[float], window: int, **style: Any) -> None:
     """Moving average of ``values`` over ``window``, each point drawn at the last value it covers."""
-    import numpy as np
-
     if len(values) < window:
         smoothed = np.array(values)
     else:
@@ -310,7 +219,7 @@ def plot_smoothed(ax: Any, values: list[float], window: int, **style: Any) -> No
 
 def plot_rewards(progress: Progress, path: Path, window: int = 5) -> Path:
     """Chosen and rejected rewards over the run, smoothed with a moving average (the paper's Figure 4)."""
-    import matplotlib
+    import matplotlib  # here: only the end of a demo draws, and the backend must be chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -335,8 +244,6 @@ def plot_rewards(progress: Progress, path: Path, window: int = 5) -> Path:
 
 
 def ensure_broker(settings: Settings, console: Console) -> None:
-    from qrloop.doctor import check_kafka
-
     if check_kafka(settings).ok:
         return
     console.print("[yellow]no broker answering; starting the local one (scripts/kafka.sh start)[/]")
@@ -352,9 +259,6 @@ def run_demo(
     warm_start_steps: int = 0,
     learning_rate: float | None = None,
 ) -> Progress:
-    from qrloop import data, models
-    from qrloop.topics import ensure_topics
-
     ensure_broker(base, console)
     data.prepare(base)
     if not models.is_policy_prepared(base):
@@ -369,17 +273,20 @@ def run_demo(
     console.print(f"starting policy: version {start_version}")
     url = f"http://127.0.0.1:{run.rewriter_port}"
     roles = [
-        Role("aggregator", ["aggregate"]),
-        Role("learner", ["learn"]),
-        Role("rewriter", ["serve", "--port", str(run.rewriter_port)]),
-        Role("shoppers", ["shop", "--queries", str(queries), "--rewriter", url, "--wait-ready", "120"]),
+        Supervised("aggregator", ["aggregate"]),
+        Supervised("learner", ["learn"]),
+        Supervised("rewriter", ["serve", "--port", str(run.rewriter_port)]),
+        Supervised("shoppers", ["shop", "--queries", str(queries), "--rewriter", url, "--wait-ready", "120"]),
     ]
+    # Each role in its own session (Ctrl-C reaches the demo, which stops them); no restarts: the demo never
+    # calls tick(), and a role that exits ends the demo with its log's name.
+    supervisor = Supervisor(roles, spawn_qrloop(run.env, log_dir=run.run_dir))
     progress = Progress()
     batch = run.settings.dpo.batch_size
     consumer = watch_topics(run)
     try:
         with (
-            running(roles, run),
+            supervisor,
             Live(progress.table(queries, batch), console=console, refresh_per_second=2) as live,
         ):
             quiet_since: float | None = None
@@ -389,7 +296,8 @@ def run_demo(
                 for role in roles:
                     code = role.process.poll() if role.process else None
                     if code is not None and (role.name != "shoppers" or code != 0):
-                        raise RuntimeError(f"the {role.name} exited with code {code}; see {role.log_path}")
+                        log_path = run.run_dir / f"{role.name}.log"
+                        raise RuntimeError(f"the {role.name} exited with code {code}; see {log_path}")
                 shoppers_done = roles[-1].process is not None and roles[-1].process.poll() is not None
                 # Versions published, not steps: with dpo.publish_every = N only every N-th step publishes.
                 expected_steps = progress.pairs // batch // run.settings.dpo.publish_every
@@ -410,9 +318,7 @@ def run_demo(
 
 
 def finish(run: RunLayout, progress: Progress, console: Console) -> Path:
-    from policy_store import PolicyStore
-
-    store = PolicyStore.from_settings(run.settings)
+    store = open_store(run.settings)
     table = Table("version", "parent", "steps", "loss", "margin", "created")
     for version in sorted(store.list(), key=lambda v: v.id):
         m = version.metrics

@@ -6,6 +6,13 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from kafka import KafkaAdminClient
+from sqlalchemy.engine import make_url
+
+from policy_store.db import alembic_config, make_engine
+from qrloop import data, models
 from qrloop.settings import Settings
 
 
@@ -18,8 +25,6 @@ class CheckResult:
 
 
 def check_kafka(settings: Settings) -> CheckResult:
-    from kafka import KafkaAdminClient
-
     servers = settings.kafka.bootstrap_servers
     jars = settings.kafka.home / settings.kafka.version / "libs" / ".complete"  # type: ignore[operator]
     try:
@@ -37,12 +42,6 @@ def check_kafka(settings: Settings) -> CheckResult:
 
 
 def check_database(settings: Settings) -> CheckResult:
-    from alembic.runtime.migration import MigrationContext
-    from alembic.script import ScriptDirectory
-    from sqlalchemy.engine import make_url
-
-    from qrloop.db import alembic_config, make_engine
-
     url = settings.db_url
     shown = make_url(url).render_as_string(hide_password=True)
     try:
@@ -62,8 +61,6 @@ def check_database(settings: Settings) -> CheckResult:
 
 
 def check_policy_model(settings: Settings) -> CheckResult:
-    from qrloop import models
-
     try:
         models.find_policy_gguf()
     except models.ModelMissingError as exc:
@@ -76,8 +73,6 @@ def check_policy_model(settings: Settings) -> CheckResult:
 
 
 def check_encoder(settings: Settings) -> CheckResult:
-    from qrloop import models
-
     try:
         return CheckResult("relevance encoder", True, str(models.encoder_dir(settings)))
     except models.ModelMissingError as exc:
@@ -98,8 +93,6 @@ def check_relevance_model(settings: Settings) -> CheckResult:
 
 
 def check_data(settings: Settings) -> CheckResult:
-    from qrloop import data
-
     source = data.source_folder(settings)
     if not source.is_dir():
         return CheckResult(

@@ -1,16 +1,34 @@
-"""The ``qrloop`` command line (typer + rich). Each command is a thin shell over a function elsewhere."""
+"""The ``qrloop`` command line (typer + rich). Each command is a thin shell over a function elsewhere.
+
+The composition root: it builds what the components need (a policy store, a search function) from the
+settings and passes it down. A command that starts a role imports that role's module inside the command:
+importing them all here would make every ``qrloop`` invocation (``--help``, ``config show``) load torch, faust
+and pandas first, about 15 s on this machine. Those are the only imports kept inside functions.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.engine import make_url
 
+from learner.offline.cli import app as offline_app
+from policy_store import db
+from policy_store.cli import build_app as build_policy_app
+from qrloop import logs, models
+from qrloop.cli import daemon
+from qrloop.cli.canary import app as canary_app
+from qrloop.runs import open_migrated_store, open_store
 from qrloop.settings import REPO_ROOT, get_settings
+from qrloop.topics import ensure_topics
+from simulators.cli import app as sim_app
 
 console = Console()
 err = Console(stderr=True)
@@ -28,17 +46,12 @@ app.add_typer(db_app, name="db")
 app.add_typer(kafka_app, name="kafka")
 
 
-def _mount_component_clis() -> None:
-    # Components own their sub-commands; the core only mounts them.
-    from learner.offline.cli import app as offline_app
-    from policy_store.cli import app as policy_app
-    from qrloop.canary_cli import app as canary_app
-    from simulators.cli import app as sim_app
-
-    app.add_typer(policy_app, name="policy", help="Versions, aliases, rollback and audit of policies.")
-    app.add_typer(sim_app, name="sim", help="The simulated search engine, shoppers and judge.")
-    app.add_typer(canary_app, name="canary", help="Canary promotion: run the job, show its status.")
-    app.add_typer(offline_app, name="offline", help="The offline phase: Q2Q, SFT, distillation, MiniELM.")
+# Components own their sub-commands; the root only mounts them (and gives the policy commands their store).
+policy_app = build_policy_app(lambda: open_migrated_store(get_settings()))
+app.add_typer(policy_app, name="policy", help="Versions, aliases, rollback and audit of policies.")
+app.add_typer(sim_app, name="sim", help="The simulated search engine, shoppers and judge.")
+app.add_typer(canary_app, name="canary", help="Canary promotion: run the job, show its status.")
+app.add_typer(offline_app, name="offline", help="The offline phase: Q2Q, SFT, distillation, MiniELM.")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -61,7 +74,7 @@ def config_show() -> None:
 @data_app.command("prepare")
 def data_prepare(force: bool = typer.Option(False, help="Rebuild even when the cache is current.")) -> None:
     """Read QRLOOP_DATA_DIR/QRLOOP_DATASET and write the internal tables into the cache."""
-    from qrloop import data
+    from qrloop import data  # pandas
 
     settings = get_settings()
     try:
@@ -84,8 +97,6 @@ def models_prepare(
     force: bool = typer.Option(False, help="Convert again even when already prepared."),
 ) -> None:
     """Convert SmolLM2-135M-Instruct from the shipped GGUF into an HF safetensors directory in the cache."""
-    from qrloop import models
-
     settings = get_settings()
     try:
         with console.status("converting the GGUF (10-20 s)..."):
@@ -107,7 +118,7 @@ def models_prepare(
 @models_app.command("train-relevance")
 def models_train_relevance() -> None:
     """Fine-tune the relevance model M1 on the training split's human labels (CPU, minutes)."""
-    from qrloop.relevance import train_relevance
+    from learner.offline.relevance import train_relevance  # torch and sentence-transformers
 
     report = train_relevance(get_settings())
     console.print_json(json.dumps(report, default=str))
@@ -119,8 +130,6 @@ def models_train_relevance() -> None:
 @db_app.command("upgrade")
 def db_upgrade(revision: str = typer.Argument("head")) -> None:
     """Apply migrations (the same as `alembic upgrade head`)."""
-    from qrloop import db
-
     url = get_settings().db_url
     db.upgrade(url, revision)
     console.print(f"[green]database at {revision}[/]: {_redact(url)}")
@@ -129,15 +138,11 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 @db_app.command("downgrade")
 def db_downgrade(revision: str = typer.Argument(..., help="Target revision, e.g. 'base'.")) -> None:
     """Revert migrations down to REVISION."""
-    from qrloop import db
-
     db.downgrade(get_settings().db_url, revision)
     console.print(f"[yellow]database at {revision}[/]")
 
 
 def _redact(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
     return make_url(url).render_as_string(hide_password=True)
 
 
@@ -180,7 +185,7 @@ def kafka_status() -> None:
 @app.command()
 def doctor() -> None:
     """Check broker, database, models and data; print the exact command that fixes each problem."""
-    from qrloop.doctor import run_checks
+    from qrloop.cli.doctor import run_checks  # pandas (the data check)
 
     results = run_checks(get_settings())
     table = Table("check", "status", "detail / fix")
@@ -196,7 +201,7 @@ def doctor() -> None:
 @app.command()
 def smoke() -> None:
     """One event through Kafka, one row through SQLAlchemy, one rewrite from the real model."""
-    from qrloop.smoke import run_smoke
+    from qrloop.cli.smoke import run_smoke  # pandas, torch
 
     ok = run_smoke(get_settings(), console)
     if not ok:
@@ -207,8 +212,6 @@ def smoke() -> None:
 
 
 def _logging() -> None:
-    from qrloop import logs
-
     # settings.logging: text or JSON lines (QRLOOP_LOGGING__FORMAT=json; `qrloop run --log-format json`).
     config = get_settings().logging
     logs.configure(config.level, config.format)
@@ -220,16 +223,19 @@ def serve(
     alias: str = typer.Option("production", help="Alias whose version is served."),
 ) -> None:
     """The rewriter: two sampled rewrites per query from the aliased policy, published as query events."""
-    from qrloop.serving import run
+    from qrloop.serving import run  # torch
+    from simulators.search import SearchEngine  # tantivy, pandas
 
     _logging()
-    run(port, alias)
+    settings = get_settings()
+    # The rewriter searches with whatever engine the root gives it; here, the simulated one over the catalog.
+    run(settings, open_store(settings), SearchEngine.open(settings).search, port, alias)
 
 
 @app.command()
 def aggregate() -> None:
     """The Faust aggregator: query events + interactions -> preference pairs."""
-    from streams.aggregator import run
+    from streams.aggregator import run  # faust, sentence-transformers
 
     _logging()
     # Faust's App.main() reads its own command line; give it the worker command. --without-web: Faust's
@@ -242,7 +248,7 @@ def aggregate() -> None:
 @app.command()
 def learn() -> None:
     """The DPO learner: one step per batch of pairs, each published as a version with its offsets."""
-    from learner.worker import run
+    from learner.worker import run  # torch
 
     _logging()
     run()
@@ -256,7 +262,7 @@ def shop(
     wait_ready: float = typer.Option(0.0, help="Wait this long for the rewriter to answer /readyz."),
 ) -> None:
     """Simulated shoppers: search through the rewriter, then click, add to cart and buy."""
-    from simulators.driver import run, wait_until_ready
+    from simulators.driver import run, wait_until_ready  # pandas
 
     _logging()
     if wait_ready:
@@ -277,7 +283,7 @@ def demo(
     ),
 ) -> None:
     """The online loop end to end on simulated traffic, with live progress and a reward curve."""
-    from qrloop.demo import run_demo
+    from qrloop.cli.demo import run_demo  # every role's imports
 
     run_demo(get_settings(), queries, console, warm_start_steps=warm_start_steps, learning_rate=learning_rate)
 
@@ -289,13 +295,11 @@ app.add_typer(topics_app, name="topics")
 @topics_app.command("create")
 def topics_create() -> None:
     """Create every topic with the configured partition counts (idempotent)."""
-    from qrloop.topics import ensure_topics
-
     for name in ensure_topics(get_settings()):
         console.print(f"[green]ok[/] {name}")
 
 
-# --- the daemon: every role, supervised (qrloop/daemon.py) ------------------------------------------------
+# --- the daemon: every role, supervised (qrloop/cli/daemon.py) --------------------------------------------
 
 
 @app.command("run")
@@ -307,10 +311,6 @@ def run_cmd(
     log_format: str = typer.Option("", help="text or json (default: settings.logging.format)."),
 ) -> None:
     """Start the roles as supervised processes (restarted with backoff); SIGTERM stops them all."""
-    import os
-
-    from qrloop import daemon, logs
-
     if log_format:
         if log_format not in ("text", "json"):
             fail("--log-format is text or json")
@@ -325,7 +325,7 @@ def run_cmd(
     raise typer.Exit(daemon.run(settings, chosen))
 
 
-# --- logged traffic: export, replay, off-policy evaluation (qrloop/replay.py) ----------------------------
+# --- logged traffic: export, replay, off-policy evaluation (streams/replay.py) ----------------------------
 
 
 @app.command("export")
@@ -333,9 +333,7 @@ def export_cmd(
     out: str = typer.Argument(..., help="Log file to write: .jsonl, or .parquet."),
 ) -> None:
     """Write the query events and interactions on the topics as one replayable log, in event-time order."""
-    from pathlib import Path
-
-    from qrloop.replay import export_log
+    from streams.replay import export_log  # faust, sentence-transformers (in-process attribution)
 
     report = export_log(get_settings(), Path(out))
     console.print(
@@ -360,7 +358,7 @@ def replay_cmd(
     ),
 ) -> None:
     """Re-publish a traffic log to the configured topics in event-time order."""
-    from qrloop.replay import LogFormatError, replay
+    from streams.replay import LogFormatError, replay  # faust, sentence-transformers
 
     try:
         report = replay(get_settings(), source, rate, dead_letter, in_process)
@@ -381,7 +379,8 @@ def evaluate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the estimate as JSON."),
 ) -> None:
     """Off-policy estimate (IPS, SNIPS) of a candidate version's reward on logged traffic."""
-    from qrloop.replay import LogFormatError, evaluate
+    from qrloop.cli.evaluate import evaluate  # torch
+    from streams.replay import LogFormatError
 
     try:
         result = evaluate(get_settings(), candidate, log_file)
@@ -405,14 +404,3 @@ def evaluate_cmd(
     )
     if est.warning:
         err.print(f"[bold yellow]warning:[/] {est.warning}")
-
-
-_mount_component_clis()
-
-
-def main() -> None:  # pragma: no cover - console entry point indirection for `python -m qrloop`
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

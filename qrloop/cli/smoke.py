@@ -10,16 +10,21 @@ import json
 import time
 import uuid
 
+import torch
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
 from rich.console import Console
+from sqlalchemy import Column, Integer, MetaData, String, Table, select
 
+from policy_store.db import make_engine
+from qrloop import data, models
+from qrloop.prompting import build_prompt
 from qrloop.settings import Settings
+from qrloop.topics import make_producer
 
 
 def kafka_round_trip(settings: Settings) -> float:
-    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
     servers = settings.kafka.bootstrap_servers
     topic = "qrloop.smoke"
     admin = KafkaAdminClient(bootstrap_servers=servers)
@@ -31,7 +36,7 @@ def kafka_round_trip(settings: Settings) -> float:
         admin.close()
     started = time.perf_counter()
     marker = str(uuid.uuid4())
-    producer = KafkaProducer(bootstrap_servers=servers, enable_idempotence=True, acks="all")
+    producer = make_producer(settings)
     metadata = producer.send(topic, json.dumps({"smoke": marker}).encode()).get(timeout=30)
     producer.close()
     consumer = KafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False, consumer_timeout_ms=15000)
@@ -47,10 +52,6 @@ def kafka_round_trip(settings: Settings) -> float:
 
 
 def database_round_trip(settings: Settings) -> str:
-    from sqlalchemy import Column, Integer, MetaData, String, Table, select
-
-    from qrloop.db import make_engine
-
     metadata = MetaData()
     table = Table(
         "qrloop_smoke", metadata, Column("id", Integer, primary_key=True), Column("note", String(64))
@@ -74,11 +75,6 @@ def database_round_trip(settings: Settings) -> str:
 
 
 def one_rewrite(settings: Settings, query: str) -> tuple[str, float]:
-    import torch
-
-    from qrloop import models
-    from qrloop.prompting import build_prompt
-
     model, tokenizer = models.load_policy(models.require_policy(settings))
     prompt = build_prompt(tokenizer, query)
     inputs = tokenizer(prompt, return_tensors="pt")
@@ -96,8 +92,6 @@ def one_rewrite(settings: Settings, query: str) -> tuple[str, float]:
 
 
 def run_smoke(settings: Settings, console: Console) -> bool:
-    from qrloop import data
-
     ok = True
     try:
         seconds = kafka_round_trip(settings)

@@ -4,11 +4,15 @@ Each role is also its own command (``qrloop serve``, ``aggregate``, ``learn``, `
 that run them as separate services; the supervisor is for a single host. A role that exits non-zero is
 restarted after an exponential backoff (1 s, 2 s, 4 s, ... capped), and the supervisor says so; a role that
 stayed up for ``healthy_after_s`` resets its backoff. SIGTERM/SIGINT stop every role (SIGTERM, then SIGKILL
-after the deadline) and the supervisor exits 0.
+after the deadline) and the supervisor exits 0; SIGHUP is passed on to every role.
+
+The one way qrloop runs child processes: the daemon (``run()``), and the demo and the benchmarks, which start
+their roles with ``with Supervisor(...)`` and watch them without restarting (they never call ``tick()``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -18,6 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from qrloop.settings import REPO_ROOT
 
@@ -47,6 +52,9 @@ class Supervised:
     restart_at: float | None = None
     history: list[int] = field(default_factory=list)  # exit codes
 
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
 
 Spawner = Callable[[Supervised], subprocess.Popen[bytes]]
 
@@ -64,8 +72,6 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     """
     if not sys.platform.startswith("linux"):
         return None
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)  # resolved here: the child should do as little as possible
     parent = os.getpid()
 
@@ -78,32 +84,56 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     return preexec
 
 
-def spawn_command(command: Sequence[str], env: Mapping[str, str] | None = None) -> Spawner:
-    """Each role is ``command`` + its argv, in its own session, sent SIGTERM if the supervisor dies."""
+def spawn_command(
+    command: Sequence[str], env: Mapping[str, str] | None = None, log_dir: Path | None = None
+) -> Spawner:
+    """Each role is ``command`` + its argv, in its own session, sent SIGTERM if the supervisor dies; with
+    ``log_dir`` its output goes to ``<log_dir>/<role name>.log`` (appended to across restarts)."""
     preexec = die_with_parent()
 
     def spawn(role: Supervised) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [*command, *role.argv],
-            cwd=REPO_ROOT,
-            env=dict(env or os.environ),
-            start_new_session=True,
-            preexec_fn=preexec,
-        )
+        output = None if log_dir is None else (log_dir / f"{role.name}.log").open("ab")
+        try:
+            return subprocess.Popen(
+                [*command, *role.argv],
+                cwd=REPO_ROOT,
+                env=dict(env or os.environ),
+                stdout=output,
+                stderr=None if output is None else subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=preexec,
+            )
+        finally:
+            if output is not None:
+                output.close()  # the child holds its own descriptor
 
     return spawn
 
 
-def spawn_qrloop(env: Mapping[str, str] | None = None) -> Spawner:
-    return spawn_command([sys.executable, "-m", "qrloop"], env)
+def spawn_qrloop(env: Mapping[str, str] | None = None, log_dir: Path | None = None) -> Spawner:
+    return spawn_command([sys.executable, "-m", "qrloop"], env, log_dir)
 
 
 class Supervisor:
-    def __init__(self, roles: Sequence[Supervised], spawn: Spawner, backoff: Backoff = Backoff()) -> None:
+    def __init__(
+        self,
+        roles: Sequence[Supervised],
+        spawn: Spawner,
+        backoff: Backoff = Backoff(),
+        stop_deadline_s: float = 30.0,
+    ) -> None:
         self.roles = list(roles)
         self.spawn = spawn
         self.backoff = backoff
+        self.stop_deadline_s = stop_deadline_s
         self.stopping = threading.Event()
+
+    def __enter__(self) -> Supervisor:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
 
     def start(self) -> None:
         for role in self.roles:
@@ -145,7 +175,9 @@ class Supervisor:
                 role.restarts += 1
                 self._launch(role)
 
-    def stop(self, deadline_s: float = 30.0) -> None:
+    def stop(self, deadline_s: float | None = None) -> None:
+        """SIGTERM to every role; SIGKILL to the process group of any still running after the deadline."""
+        deadline_s = self.stop_deadline_s if deadline_s is None else deadline_s
         self.stopping.set()
         for role in self.roles:
             if role.process and role.process.poll() is None:
@@ -161,11 +193,21 @@ class Supervisor:
                 os.killpg(role.process.pid, signal.SIGKILL)
                 role.process.wait()
 
+    def forward(self, sig: int) -> None:
+        """Pass ``sig`` on to every role that runs."""
+        for role in self.roles:
+            if role.process is not None and role.alive():
+                role.process.send_signal(sig)
+        log.info("%s passed on to %s", signal.Signals(sig).name, ", ".join(r.name for r in self.roles))
+
     def run(self, interval_s: float = 0.5) -> None:
+        """Start the roles and supervise them until SIGTERM/SIGINT, then stop them; SIGHUP is passed on."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.forward(signal.SIGHUP))
         self.start()
         while not self.stopping.is_set():
             self.tick()
             self.stopping.wait(interval_s)
+        log.info("stopping %s (deadline %.0f s)", ", ".join(r.name for r in self.roles), self.stop_deadline_s)
         self.stop()

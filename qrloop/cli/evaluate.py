@@ -1,0 +1,49 @@
+"""``qrloop evaluate``: off-policy evaluation of a policy-store version on logged traffic.
+
+The composition of two components: ``streams.replay`` reads the log and attributes it as the aggregator does
+(the reward each logged rewrite earned); ``learner.ope`` scores the candidate on the same rewrites and
+estimates its value (IPS, SNIPS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from learner.ope import CandidateScorer, Evaluation, evaluate_rewrites, model_scorer
+from qrloop.runs import open_store
+from qrloop.settings import Settings
+from streams.aggregator import make_relevance_fn
+from streams.attribution import RelevanceFn
+from streams.replay import LoggedEvent, attribute, parse, read_source
+
+
+def evaluate_events(
+    events: Iterable[LoggedEvent],
+    scorer: CandidateScorer,
+    relevance: RelevanceFn,
+    settings: Settings,
+    candidate: str = "candidate",
+) -> Evaluation:
+    """IPS/SNIPS of ``scorer``'s policy on a log; rewards per rewrite from the log by ``attribute``."""
+    closed = attribute(events, relevance, settings).closed
+    if not closed:
+        raise ValueError("the log has no query event with a closed window: nothing to evaluate")
+    rewards = [(c.scored.first_reward, c.scored.second_reward) for c in closed]
+    return evaluate_rewrites([c.event for c in closed], rewards, scorer, candidate)
+
+
+def evaluate(
+    settings: Settings, candidate: int | str, log_path: str, relevance: RelevanceFn | None = None
+) -> Evaluation:
+    """``qrloop evaluate``: a version (id or alias) from the policy store, on a log file or topic range."""
+    store = open_store(settings)
+    try:
+        version = store.get(int(candidate)) if str(candidate).isdigit() else store.resolve(str(candidate))
+        model_dir = store.load_dir(version)
+    finally:
+        store.close()
+    events = parse(read_source(log_path, settings.kafka.bootstrap_servers)).events
+    if relevance is None:
+        relevance = make_relevance_fn(settings)
+    scorer = model_scorer(model_dir, settings.rewriter.max_new_tokens)
+    return evaluate_events(events, scorer, relevance, settings, f"version {version.id}")
