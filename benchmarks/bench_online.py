@@ -60,7 +60,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -73,8 +72,11 @@ from typing import Any
 
 import numpy as np
 
-from qrloop.runs import open_store
-from qrloop.settings import REPO_ROOT, Settings, get_settings
+from qrloop.cli.demo import run_settings
+from qrloop.cli.supervisor import Supervised, Supervisor, spawn_command, spawn_qrloop
+from qrloop.runs import isolate, open_store, run_env
+from qrloop.settings import Settings, get_settings
+from qrloop.topics import make_producer
 
 METRICS = ("relevance", "diversity", "click", "add2cart", "purchase")
 
@@ -90,21 +92,6 @@ def set_threads(threads: int) -> None:
     if threads > 0:
         torch.set_num_threads(threads)
         os.environ["OMP_NUM_THREADS"] = str(threads)
-
-
-def run_settings(settings: Settings, run_dir: Path) -> Settings:
-    """The demo run's settings: its own SQLite store, its topics suffixed with the run id."""
-    suffix = f".{run_dir.name}"
-    t = settings.topics
-    topics = t.model_copy(
-        update={
-            name: getattr(t, name) + suffix
-            for name in ("query_events", "interactions", "preference_pairs", "policy_versions", "dead_letter")
-        }
-    )
-    return settings.model_copy(
-        update={"database_url": f"sqlite:///{run_dir / 'qrloop.db'}", "topics": topics}
-    )
 
 
 def median(values: Sequence[float]) -> float:
@@ -353,7 +340,6 @@ def heldout_setup(settings: Settings, args: argparse.Namespace) -> HeldoutSetup:
 
 
 def cmd_table3(args: argparse.Namespace) -> None:
-
     settings = get_settings()
     run_dir = Path(args.run).expanduser()
     store = open_store(run_settings(settings, run_dir))
@@ -416,7 +402,6 @@ def cmd_offline(args: argparse.Namespace) -> None:
 def production_dir(settings: Settings, policy_dir: str | None) -> tuple[Path, int | None]:
     if policy_dir:
         return Path(policy_dir).expanduser(), None
-
     store = open_store(settings)
     version = store.resolve("production")
     path = store.load_dir(version)
@@ -553,37 +538,8 @@ def make_traffic(settings: Settings, catalog: Any, judge: Any, n: int, seed: int
     return Traffic(events, feedback)
 
 
-def bench_settings(settings: Settings, prefix: str) -> Settings:
-    topics = settings.topics.model_copy(
-        update={
-            "query_events": f"{prefix}.q",
-            "interactions": f"{prefix}.i",
-            "preference_pairs": f"{prefix}.p",
-            "policy_versions": f"{prefix}.v",
-            "dead_letter": f"{prefix}.d",
-            "query_outcomes": f"{prefix}.o",
-        }
-    )
-    streams = settings.streams.model_copy(update={"app_id": f"{prefix}-agg"})
-    return settings.model_copy(update={"topics": topics, "streams": streams})
-
-
 def worker_env(settings: Settings, threads: int) -> dict[str, str]:
-    t = settings.topics
-    env = {k: v for k, v in os.environ.items() if not k.startswith("QRLOOP_TOPICS__")}
-    env.update(
-        QRLOOP_TOPICS__QUERY_EVENTS=t.query_events,
-        QRLOOP_TOPICS__INTERACTIONS=t.interactions,
-        QRLOOP_TOPICS__PREFERENCE_PAIRS=t.preference_pairs,
-        QRLOOP_TOPICS__POLICY_VERSIONS=t.policy_versions,
-        QRLOOP_TOPICS__DEAD_LETTER=t.dead_letter,
-        QRLOOP_TOPICS__QUERY_OUTCOMES=t.query_outcomes,
-        QRLOOP_STREAMS__APP_ID=settings.streams.app_id,
-        QRLOOP_MODELS__TORCH_THREADS=str(threads),
-        OMP_NUM_THREADS=str(threads),
-        PYTHONUNBUFFERED="1",
-    )
-    return env
+    return run_env(settings) | {"QRLOOP_MODELS__TORCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
 
 
 def tail_consumer(bootstrap: str, topic: str, partitions: int) -> Any:
@@ -638,39 +594,14 @@ def count_to(n: int) -> Callable[[Any], bool]:
     return done
 
 
-@dataclass
-class Worker:
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.alive():
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def start_worker(argv: list[str], env: dict[str, str], log: Path) -> Worker:
-    with log.open("wb") as out:
-        process = subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return Worker(process, log)
-
-
 def time_faust(settings: Settings, warm: Traffic, measured: Traffic, threads: int, tmp: Path) -> float:
-    from kafka import KafkaProducer
-
     bootstrap, t = settings.kafka.bootstrap_servers, settings.topics
     topics = {"q": t.query_events, "i": t.interactions}
-    worker = start_worker(
-        [sys.executable, "-m", "qrloop", "aggregate"], worker_env(settings, threads), tmp / "aggregator.log"
-    )
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    worker = Supervised("aggregator", ["aggregate"])
+    spawn = spawn_qrloop(worker_env(settings, threads), log_dir=tmp)
+    supervisor = Supervisor([worker], spawn, stop_deadline_s=60)
+    supervisor.start()
+    producer = make_producer(settings, linger_ms=5)
     outcomes = tail_consumer(bootstrap, t.query_outcomes, 1)
     try:
         produce(producer, topics, warm.messages())
@@ -686,21 +617,22 @@ def time_faust(settings: Settings, warm: Traffic, measured: Traffic, threads: in
     finally:
         outcomes.close()
         producer.close()
-        worker.stop()
+        supervisor.stop()
 
 
 def time_raw(settings: Settings, prefix: str, warm: Traffic, measured: Traffic, tmp: Path) -> float:
-    from kafka import KafkaProducer
-
     from qrloop.topics import ensure_topics
 
     bootstrap, partitions = settings.kafka.bootstrap_servers, settings.topics.partitions
     topics = {"q": f"{prefix}.raw-q", "i": f"{prefix}.raw-i"}
     out_topic = f"{prefix}.raw-out"
     ensure_topics(bootstrap, {topics["q"]: partitions, topics["i"]: partitions, out_topic: partitions})
-    argv = [sys.executable, __file__, "_passthrough", "--bootstrap", bootstrap, "--out", out_topic]
-    worker = start_worker([*argv, topics["q"], topics["i"]], dict(os.environ), tmp / "passthrough.log")
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    argv = ["_passthrough", "--bootstrap", bootstrap, "--out", out_topic, topics["q"], topics["i"]]
+    worker = Supervised("passthrough", argv)
+    spawn = spawn_command([sys.executable, __file__], log_dir=tmp)
+    supervisor = Supervisor([worker], spawn, stop_deadline_s=60)
+    supervisor.start()
+    producer = make_producer(settings, linger_ms=5)
     out = tail_consumer(bootstrap, out_topic, partitions)
     try:
         warm_n = len(warm.events) + warm.n_feedback
@@ -715,7 +647,7 @@ def time_raw(settings: Settings, prefix: str, warm: Traffic, measured: Traffic, 
     finally:
         out.close()
         producer.close()
-        worker.stop()
+        supervisor.stop()
 
 
 def time_pure(settings: Settings, warm: Traffic, measured: Traffic) -> float:
@@ -749,7 +681,7 @@ def delete_topics(bootstrap: str, prefix: str) -> None:
 
     admin = KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
-        mine = [t for t in admin.list_topics() if t.startswith(prefix)]
+        mine = [t for t in admin.list_topics() if prefix in t]  # the run's, its raw and Faust's internal ones
         if mine:
             admin.delete_topics(mine)
     except Exception as exc:  # the figures are out already; leftover topics are only clutter
@@ -765,7 +697,7 @@ def bench_aggregator(settings: Settings, n: int, n_warm: int, threads: int, seed
     from simulators.judge import ClickModelJudge, labelled_or_model
 
     prefix = f"bench-online-{uuid.uuid4().hex[:8]}"
-    settings = bench_settings(settings, prefix)
+    settings = isolate(settings, prefix, Path(tempfile.gettempdir()) / prefix)  # no store: only its topics
     catalog = Catalog.open(settings)
     judge = ClickModelJudge(labelled_or_model(catalog, RelevanceModel.load(settings).score))
     warm, measured = (make_traffic(settings, catalog, judge, k, seed + j) for j, k in enumerate((n_warm, n)))
@@ -916,7 +848,6 @@ def sixteenth_pairs(store: Any, pairs: Sequence[Any], topic: str) -> dict[int, f
 
 
 def cmd_latency(args: argparse.Namespace) -> None:
-
     base = get_settings()
     run_dir = Path(args.run).expanduser()
     settings = run_settings(base, run_dir)

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from qrloop.cli.demo import run_settings
 from qrloop.runs import open_store
 from qrloop.settings import Settings, get_settings
 
@@ -56,24 +57,6 @@ Z_95 = 1.959963984540054
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} {five:.2f} {fifteen:.2f} on {os.cpu_count()} cores"
-
-
-def run_settings(settings: Settings, run_dir: Path) -> Settings:
-    """The demo run's settings: its own SQLite store, its topics suffixed with the run id."""
-    suffix = f".{run_dir.name}"
-    t = settings.topics
-    names = (
-        "query_events",
-        "interactions",
-        "preference_pairs",
-        "policy_versions",
-        "dead_letter",
-        "query_outcomes",
-    )
-    topics = t.model_copy(update={name: getattr(t, name) + suffix for name in names})
-    return settings.model_copy(
-        update={"database_url": f"sqlite:///{run_dir / 'qrloop.db'}", "topics": topics}
-    )
 
 
 def mean_ci(values: Sequence[float]) -> tuple[float, tuple[float, float]]:

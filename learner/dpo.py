@@ -145,29 +145,29 @@ def tokenize_pairs(
     pad = tokenizer.pad_token_id
     if pad is None:  # any id will do: pads are masked out of attention and of the completion
         pad = tokenizer.convert_tokens_to_ids(eos)
-    return _pad_right(chosen_rows + rejected_rows, int(pad))
+    return pad_right(chosen_rows + rejected_rows, int(pad))
 
 
 def _terminated(text: str, eos: str) -> str:
     return text if text.endswith(eos) else text + eos
 
 
-def _row(ids: list[int], prompt_len: int, max_len: int | None) -> tuple[list[int], list[int]]:
-    mask = [0] * prompt_len + [1] * (len(ids) - prompt_len)
-    if max_len is not None:
-        ids, mask = ids[:max_len], mask[:max_len]
-    return ids, mask
+def _row(ids: list[int], prompt_len: int, max_len: int | None) -> tuple[list[int], int]:
+    return (ids if max_len is None else ids[:max_len]), prompt_len
 
 
-def _pad_right(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
+def pad_right(rows: Sequence[tuple[Sequence[int], int]], pad_id: int) -> Batch:
+    """Right-padded ``input_ids``/``attention_mask`` and ``completion_mask`` (1 on completion tokens) from
+    rows of (token ids, number of prompt tokens). Right padding keeps every real token at its natural position.
+    The one padding of every teacher-forced batch: DPO's pairs, and the offline SFT and distillation."""
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, mask) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+    for i, (ids, prompt_len) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
         attention_mask[i, : len(ids)] = 1
-        completion_mask[i, : len(mask)] = torch.tensor(mask, dtype=torch.long)
+        completion_mask[i, prompt_len : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
@@ -177,9 +177,18 @@ def _pad_right(rows: list[tuple[list[int], list[int]]], pad_id: int) -> Batch:
 def sequence_logprobs(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each row's completion tokens → (chosen (B,), rejected (B,)).
 
-    One forward over chosen and rejected together, like TRL's concatenated forward. The token at position t is
-    predicted by the logits at t − 1, so logits are only computed from the position before the earliest
-    completion token on.
+    One forward over chosen and rejected together, like TRL's concatenated forward.
+    """
+    chosen, rejected = completion_logprobs(model, batch).chunk(2, dim=0)
+    return chosen, rejected
+
+
+def completion_logprobs(model: Any, batch: Batch) -> torch.Tensor:
+    """Summed log-probabilities of each row's completion tokens (rows,), teacher-forced, in one forward: the
+    DPO step, the off-policy scorer and the offline evaluation's cross-entropy all score completions with it.
+
+    The token at position t is predicted by the logits at t − 1, so logits are only computed from the position
+    before the earliest completion token on.
     """
     input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
     width = input_ids.shape[1]
@@ -198,8 +207,7 @@ def sequence_logprobs(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Ten
     mask = completion_mask[:, start + 1 :].to(logits.dtype)
     # log softmax at the target only: logit − logsumexp, without materialising the full log-softmax tensor.
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
-    chosen, rejected = (token_logps * mask).sum(dim=1).chunk(2, dim=0)
-    return chosen, rejected
+    return (token_logps * mask).sum(dim=1)
 
 
 # -- loss ---------------------------------------------------------------------------------------------------

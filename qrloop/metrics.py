@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 QUERIES_SERVED = Counter("qrloop_queries_served_total", "Queries rewritten and published", ["arm"])
 INTERACTIONS = Counter(
@@ -24,8 +24,3 @@ CONSUMER_LAG = Gauge(
 )
 REWARD_AVG = Gauge("qrloop_reward_moving_average", "Moving average of the chosen reward", ["arm"])
 
-
-def serve_metrics(port: int) -> None:
-    """Expose /metrics on 127.0.0.1:port; port 0 disables it."""
-    if port:
-        start_http_server(port, addr="127.0.0.1")

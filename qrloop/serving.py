@@ -38,6 +38,7 @@ from qrloop.canary_job import canary_share
 from qrloop.events import Arm, PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
 from qrloop.models import load_policy
 from qrloop.prompting import build_prompt, end_of_turn
+from qrloop.reload import on_sighup
 from qrloop.settings import CanarySettings, RewriterSettings, Settings
 
 log = logging.getLogger("qrloop.rewriter")
@@ -587,7 +588,7 @@ def run(
     service = RewriterService(settings, rewriter, producer, checks)
     server = service.http_server(port)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    signal.signal(signal.SIGHUP, lambda *_: service.reload(Settings()))
+    on_sighup(service.reload)
     log.info("serving alias %r (version %d) on 127.0.0.1:%d", alias, version.id, port)
     try:
         server.serve_forever(poll_interval=0.2)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +32,7 @@ from qrloop.events import (
 )
 from qrloop.models import encoder_dir
 from qrloop.relevance import RelevanceModel
+from qrloop.reload import on_sighup
 from qrloop.settings import Settings, get_settings
 from streams import attribution
 from streams.app import AggregatorApp, create_app
@@ -223,7 +223,7 @@ def run() -> None:
         role="aggregator",
     )
     # SIGHUP (Faust handles TERM/INT itself): reward weights and margin act from the next scored window.
-    signal.signal(signal.SIGHUP, lambda *_: reload(built))
+    on_sighup(lambda fresh: reload(built, fresh))
     built.app.main()
 
 
@@ -238,10 +238,9 @@ def relevance_model_check(settings: Settings) -> str:
     return f"cosine fallback at {fallback}"
 
 
-def reload(built: AggregatorApp) -> None:
+def reload(built: AggregatorApp, fresh: Settings) -> None:
     """Reload what is safe mid-stream: reward weights and tie margin, and the log level. Windows, grace and
     topics are not reloaded: open windows were opened under the old ones."""
-    fresh = Settings()
     built.settings.rewards = fresh.rewards
     logs.set_level(fresh.logging.level)
     log.info("settings reloaded: rewards %s, log level %s", fresh.rewards.model_dump(), fresh.logging.level)

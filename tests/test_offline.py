@@ -28,9 +28,10 @@ from learner.offline.distill import (
     token_ids_match,
 )
 from learner.offline.q2q import QueryPair
-from learner.offline.sft import collate, completion_loss, end_of_turn, prompt_completion_rows, train_sft
+from learner.offline.sft import collate, completion_loss, prompt_completion_rows, train_sft
 from qrloop.data import is_heldout
 from qrloop.models import build_tiny_policy, load_policy, require_policy
+from qrloop.prompting import end_of_turn
 from qrloop.runs import open_store
 from qrloop.settings import Settings
 
@@ -218,7 +219,7 @@ def test_student_keeps_every_other_layer_exactly(tiny: Path, tmp_path: Path) -> 
 
 def test_sft_lowers_the_loss_on_its_training_pairs(tiny: Path, tmp_path: Path) -> None:
     model, tokenizer = load_policy(tiny)
-    eos = end_of_turn(model, tokenizer)
+    eos = end_of_turn(tokenizer, model.generation_config)
     assert eos == "<|im_end|>"  # what generate stops on, not the GGUF tokenizer's "<|im_start|>"
     batch = collate(tokenizer, prompt_completion_rows(PAIRS, tokenizer, eos))
     assert batch["completion_mask"].sum(1).tolist() == [
@@ -236,7 +237,9 @@ def test_distillation_lowers_reverse_kl_and_gkd_beta1_matches(tiny: Path, tmp_pa
     other = build_tiny_policy(tmp_path / "other", tiny, seed=1)
     student_dir = make_student(other, tmp_path / "student")  # 1 layer, different weights from the teacher
     teacher, tokenizer = load_policy(tiny)
-    batch = collate(tokenizer, prompt_completion_rows(PAIRS, tokenizer, end_of_turn(teacher, tokenizer)))
+    batch = collate(
+        tokenizer, prompt_completion_rows(PAIRS, tokenizer, end_of_turn(tokenizer, teacher.generation_config))
+    )
     before = mean_reverse_kl(teacher, load_policy(student_dir)[0], batch)
     result = distill(
         tiny, student_dir, PAIRS, tmp_path / "distilled", steps=4, batch_size=4, learning_rate=3e-3

@@ -36,16 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn as nn
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from learner.dpo import pad_right
 from learner.offline.q2q import QueryPair
-from learner.offline.sft import (
-    collate,
-    end_of_turn,
-    pad_batch,
-    prompt_completion_rows,
-    quiet_libraries,
-    target_mask,
-)
-from qrloop.prompting import build_prompt
+from learner.offline.sft import collate, prompt_completion_rows, quiet_libraries, target_mask
+from qrloop.prompting import build_prompt, end_of_turn
 
 Progress = Callable[[int, int, float], None]
 
@@ -70,8 +69,6 @@ def decoder_layers(model: Any) -> tuple[Any, str]:
     """(parent module, attribute name) of the decoder's layer list: the one ``ModuleList`` whose length is
     ``num_hidden_layers`` (``model.layers`` in Llama, ``transformer.h`` in GPT-2), found without naming the
     architecture."""
-    import torch.nn as nn
-
     n = model.config.get_text_config().num_hidden_layers
     for _name, module in model.named_modules():
         for attr, child in module.named_children():
@@ -83,10 +80,6 @@ def decoder_layers(model: Any) -> tuple[Any, str]:
 def make_student(teacher_dir: Path, out_dir: Path, keep: str | Sequence[int] = "every_other") -> Path:
     """Save a student of ``teacher_dir`` in ``out_dir``: the kept decoder layers with their exact weights,
     everything else (embeddings, final norm, head, tokenizer) copied, config identical but for the depth."""
-    import torch
-    import torch.nn as nn
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     parent, attr = decoder_layers(model)
@@ -118,8 +111,6 @@ def reverse_kl(student_logits: Any, teacher_logits: Any, mask: Any) -> Any:
     ``*_logits``: [..., vocab] (same shape); ``mask``: the leading dimensions. Gradients flow into the student
     only through its own probabilities; the teacher's logits should come from ``torch.no_grad()``.
     """
-    import torch
-
     log_s = torch.log_softmax(student_logits.float(), dim=-1)
     log_t = torch.log_softmax(teacher_logits.float(), dim=-1)
     per_token = (log_s.exp() * (log_s - log_t)).sum(-1)
@@ -147,9 +138,7 @@ class DistillResult:
 def distill_step(
     student: Any, teacher: Any, batch: dict[str, Any], optimizer: Any, max_grad_norm: float = 1.0
 ) -> float:
-    """One optimiser step of reverse KL on ``batch`` (from :func:`learner.offline.sft.pad_batch`)."""
-    import torch
-
+    """One optimiser step of reverse KL on ``batch`` (from :func:`learner.dpo.pad_right`)."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         teacher_logits = teacher(**inputs).logits[:, :-1]
@@ -167,8 +156,6 @@ def student_batch(
 ) -> dict[str, Any]:
     """A batch whose completions the student samples itself (on-policy), up to and including its first end
     of turn; rebuilt right-padded so positions match the dataset batches."""
-    import torch
-
     prompts = [tokenizer(build_prompt(tokenizer, p.source))["input_ids"] for p in pairs]
     sequences = []
     with torch.no_grad():
@@ -186,13 +173,10 @@ def student_batch(
                 out = out[: out.index(eos_id) + 1]
             sequences.append((ids + out, len(ids)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
-    return pad_batch(sequences, pad)
+    return pad_right(sequences, pad)
 
 
 def _load(path: Path) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     return (
         AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32),
         AutoTokenizer.from_pretrained(str(path)),
@@ -229,8 +213,6 @@ def distill(
     ``on_policy_fraction``, let the student complete them) → teacher forward without gradients → student
     forward → reverse KL on the completion tokens → AdamW step → save.
     """
-    import torch
-
     started = time.perf_counter()
     torch.manual_seed(seed)
     rng = random.Random(seed)
@@ -239,7 +221,7 @@ def distill(
     check_same_vocabulary(teacher, student)
     teacher.eval()
     student.train()
-    eos = end_of_turn(student, tokenizer)
+    eos = end_of_turn(tokenizer, student.generation_config)
     eos_id = int(tokenizer.convert_tokens_to_ids(eos))
     optimizer = torch.optim.AdamW(student.parameters(), lr=learning_rate)
     result = DistillResult(out_dir, 0, 0, 0.0)
@@ -267,8 +249,6 @@ def distill(
 
 def mean_reverse_kl(teacher: Any, student: Any, batch: dict[str, Any]) -> float:
     """Reverse KL of ``student`` against ``teacher`` on ``batch`` without training (for reports and tests)."""
-    import torch
-
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     with torch.no_grad():
         return float(
@@ -282,9 +262,6 @@ def mean_reverse_kl(teacher: Any, student: Any, batch: dict[str, Any]) -> float:
 def compare_with_gkd(teacher_dir: Path, student_dir: Path, pairs: Sequence[QueryPair]) -> dict[str, float]:
     """Our reverse KL and TRL's ``GKDTrainer`` (beta=1, lmbda=0: off-policy, so ``compute_loss`` sees exactly
     our batch) on the same batch of ``pairs``: ``{"ours", "gkd_trainer", "abs_diff"}``."""
-    import torch
-    from datasets import Dataset
-
     with warnings.catch_warnings():  # "trl.experimental is unstable": known, and this is a measurement
         warnings.simplefilter("ignore")
         from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -293,7 +270,7 @@ def compare_with_gkd(teacher_dir: Path, student_dir: Path, pairs: Sequence[Query
     student, tokenizer = _load(student_dir)
     teacher.eval()
     student.eval()
-    eos = end_of_turn(student, tokenizer)
+    eos = end_of_turn(tokenizer, student.generation_config)
     if tokenizer.pad_token is None:  # GKD's default collator insists on one (it is never used here)
         tokenizer.pad_token = eos
     rows = prompt_completion_rows(pairs, tokenizer, eos)
@@ -336,7 +313,5 @@ def compare_with_gkd(teacher_dir: Path, student_dir: Path, pairs: Sequence[Query
 
 def token_ids_match(dir_a: Path, dir_b: Path, texts: Sequence[str]) -> bool:
     """Whether two model directories tokenize ``texts`` identically (teacher and student must)."""
-    from transformers import AutoTokenizer
-
     a, b = AutoTokenizer.from_pretrained(str(dir_a)), AutoTokenizer.from_pretrained(str(dir_b))
     return all(a(t)["input_ids"] == b(t)["input_ids"] for t in texts)

@@ -21,10 +21,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from rouge_score import rouge_scorer
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from learner.offline.q2q import QueryPair
-from learner.offline.sft import completion_loss, end_of_turn
+from learner.offline.sft import completion_loss
 from qrloop.data import normalise_query
-from qrloop.prompting import build_prompt
+from qrloop.prompting import build_prompt, end_of_turn
 
 # Table 2's rows (model, variant): V = vanilla, P = fine-tuned; for T→S, V = the SFT student, P = distilled.
 ROWS: tuple[tuple[str, str], ...] = (
@@ -51,14 +55,11 @@ class OfflineMetrics:
 
 def load_for_inference(path: Path) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode, left padding for batched generation, a pad token set."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = end_of_turn(model, tokenizer)
+        tokenizer.pad_token = end_of_turn(tokenizer, model.generation_config)
     return model, tokenizer
 
 
@@ -81,8 +82,6 @@ def generate_rewrites(
     model: Any, tokenizer: Any, queries: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 16
 ) -> tuple[list[str], list[int]]:
     """Greedy rewrites of ``queries`` and their lengths in tokens."""
-    import torch
-
     stops = _stop_ids(model)
     texts, lengths = [], []
     for start in range(0, len(queries), batch_size):
@@ -107,8 +106,6 @@ def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 
 def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
-    from rouge_score import rouge_scorer
-
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     scores = [scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references, strict=True)]
     return 100.0 * sum(scores) / max(len(scores), 1)
@@ -124,7 +121,9 @@ def evaluate_model(
     )
     references = [p.target for p in pairs]
     tokenizer.padding_side = "right"  # teacher forcing: real tokens at their natural positions
-    xent = completion_loss(model, tokenizer, pairs, end_of_turn(model, tokenizer), batch_size=batch_size)
+    xent = completion_loss(
+        model, tokenizer, pairs, end_of_turn(tokenizer, model.generation_config), batch_size=batch_size
+    )
     return OfflineMetrics(
         exact_match=exact_match(predictions, references),
         rouge_l=rouge_l(predictions, references),
@@ -154,8 +153,6 @@ def serving_times(
     seed: int = 0,
 ) -> dict[str, ServingTime]:
     """Median wall time per query of ``generate(num_return_sequences=2)`` for each model, interleaved."""
-    import torch
-
     loaded = {name: load_for_inference(path) for name, path in model_dirs.items()}
     times: dict[str, list[float]] = {name: [] for name in loaded}
     tokens: dict[str, list[int]] = {name: [] for name in loaded}

@@ -27,19 +27,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+from transformers.utils import logging as hf_logging
+from trl import SFTConfig, SFTTrainer
+
+from learner.dpo import common_prefix_length, completion_logprobs, pad_right
 from learner.offline.q2q import QueryPair
-from qrloop.prompting import build_prompt
+from qrloop.prompting import build_prompt, end_of_turn
 
 # progress(step, total_steps, last_loss)
 Progress = Callable[[int, int, float], None]
-
-
-def end_of_turn(model: Any, tokenizer: Any) -> str:
-    """The token ``generate`` stops on (the generation config's first EOS id), else the tokenizer's EOS."""
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
-    return str(tokenizer.convert_ids_to_tokens(int(eos))) if eos is not None else str(tokenizer.eos_token)
 
 
 def prompt_completion_rows(pairs: Sequence[QueryPair], tokenizer: Any, eos: str) -> list[dict[str, str]]:
@@ -61,9 +61,6 @@ def sample_pairs(pairs: Sequence[QueryPair], limit: int | None, seed: int) -> li
 def quiet_libraries() -> Iterator[None]:
     """Silence the progress bars of datasets ("Tokenizing...") and transformers ("Writing model shards")
     while inside: the CLI draws its own rich bars and these would interleave with them."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
     datasets_was_on = not datasets.are_progress_bars_disabled()
     hf_was_on = hf_logging.is_progress_bar_enabled()
     datasets.disable_progress_bars()
@@ -84,33 +81,13 @@ def encode(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], int
     """(token ids of prompt+completion, number of prompt tokens), tokenized jointly like TRL does: the
     completion starts where the prompt's own tokenization stops agreeing with the joint one."""
     full = tokenizer(prompt + completion)["input_ids"]
-    alone = tokenizer(prompt)["input_ids"]
-    n = 0
-    while n < min(len(full), len(alone)) and full[n] == alone[n]:
-        n += 1
-    return full, n
-
-
-def pad_batch(sequences: Sequence[tuple[Sequence[int], int]], pad_id: int) -> dict[str, Any]:
-    """Right-padded ``input_ids``/``attention_mask`` and ``completion_mask`` (1 on completion tokens) from
-    (token ids, number of prompt tokens). Right padding keeps every real token at its natural position."""
-    import torch
-
-    width = max(len(ids) for ids, _ in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(sequences), width), dtype=torch.long)
-    completion = torch.zeros((len(sequences), width), dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(sequences):
-        input_ids[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
-        attention[i, : len(ids)] = 1
-        completion[i, n_prompt : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "completion_mask": completion}
+    return full, common_prefix_length(tokenizer(prompt)["input_ids"], full)
 
 
 def collate(tokenizer: Any, rows: Sequence[dict[str, str]]) -> dict[str, Any]:
-    """A training/scoring batch from prompt-completion rows (see :func:`pad_batch`)."""
+    """A training/scoring batch from prompt-completion rows (see :func:`learner.dpo.pad_right`)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return pad_batch([encode(tokenizer, r["prompt"], r["completion"]) for r in rows], pad)
+    return pad_right([encode(tokenizer, r["prompt"], r["completion"]) for r in rows], pad)
 
 
 def target_mask(batch: dict[str, Any]) -> Any:
@@ -120,14 +97,8 @@ def target_mask(batch: dict[str, Any]) -> Any:
 
 def completion_nll(model: Any, batch: dict[str, Any]) -> tuple[float, int]:
     """(sum of token negative log-likelihoods over completion tokens, number of such tokens)."""
-    import torch
-
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        token_logp = logp.gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
-        mask = target_mask(batch)
-        return float(-(token_logp * mask).sum()), int(mask.sum())
+        return float(-completion_logprobs(model, batch).sum()), int(target_mask(batch).sum())
 
 
 def completion_loss(
@@ -157,8 +128,6 @@ class SFTResult:
 def sft_config(
     work_dir: Path, *, max_steps: int, batch_size: int, learning_rate: float, eos: str, seed: int
 ) -> Any:
-    from trl import SFTConfig
-
     return SFTConfig(
         output_dir=str(work_dir),  # nothing is written there (no checkpoints, no reports)
         max_steps=max_steps,
@@ -184,8 +153,6 @@ def sft_config(
 
 
 def _progress_callback(progress: Progress | None, losses: list[float], max_steps: int) -> Any:
-    from transformers import TrainerCallback
-
     class _Report(TrainerCallback):  # type: ignore[misc,unused-ignore]
         def on_log(
             self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kw: Any
@@ -211,16 +178,11 @@ def train_sft(
     progress: Progress | None = None,
 ) -> SFTResult:
     """Fine-tune the causal LM in ``model_dir`` on ``pairs``; save model and tokenizer in ``out_dir``."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback
-    from trl import SFTTrainer
-
     started = time.perf_counter()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    eos = end_of_turn(model, tokenizer)
+    eos = end_of_turn(tokenizer, model.generation_config)
     chosen = sample_pairs(pairs, max_examples, seed)
     args = sft_config(
         Path(tempfile.mkdtemp(prefix="qrloop-sft-")),

@@ -55,12 +55,17 @@ class RunLayout:
     rewriter_port: int
 
 
+def run_settings(base: Settings, run_dir: Path) -> Settings:
+    """The settings of the demo run in ``run_dir`` (its name is the run id): its own topics, store and
+    consumer groups. A 1,000-query run publishes dozens of 540 MB versions: its weights live in its directory."""
+    return isolate(base, run_dir.name, run_dir, learner_name=f"demo-{run_dir.name}")
+
+
 def make_run(base: Settings, run_id: str | None = None, learning_rate: float | None = None) -> RunLayout:
     run_id = run_id or time.strftime("%Y%m%d-%H%M%S")
     run_dir = base.cache_dir / "runs" / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    # A 1,000-query run publishes dozens of 540 MB versions: its weights live in the run's directory.
-    settings = isolate(base, run_id, run_dir, learner_name=f"demo-{run_id}")
+    settings = run_settings(base, run_dir)
     env = run_env(settings)
     # Four roles share the machine's cores. Torch's default of one OpenMP thread per core in every process
     # oversubscribes them, and a thread team waiting on a busy core spins: measured on 2 cores, a query took
