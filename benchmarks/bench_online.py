@@ -439,7 +439,8 @@ def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int
     import torch
 
     from qrloop.catalog import Catalog
-    from qrloop.serving import Rewriter, load_version, normalise
+    from qrloop.data import normalise_query as normalise
+    from qrloop.serving import Rewriter, load_version
     from simulators.search import SearchEngine
     from simulators.shoppers import training_queries
 

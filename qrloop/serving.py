@@ -35,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from policy_store import PolicyStore
 from qrloop import health, logs, metrics
 from qrloop.canary_job import canary_share
+from qrloop.data import normalise_query
 from qrloop.events import Arm, PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
 from qrloop.models import load_policy
 from qrloop.prompting import build_prompt, end_of_turn
@@ -55,10 +56,6 @@ class LoadedPolicy:
 def load_version(path: Path, version: int | None) -> LoadedPolicy:
     model, tokenizer = load_policy(path)
     return LoadedPolicy(version, model, tokenizer)
-
-
-def normalise(text: str) -> str:
-    return " ".join(text.lower().split())
 
 
 def _completion_logprobs(
@@ -159,10 +156,10 @@ class Rewriter:
         self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None
     ) -> list[Sampled]:
         first = self._sample(policy, query, reference)
-        if normalise(first[0][0]) == normalise(first[1][0]):
+        if normalise_query(first[0][0]) == normalise_query(first[1][0]):
             # Identical rewrites teach DPO nothing; one resample usually separates them.
             second = self._sample(policy, query, reference)
-            distinct = [r for r in second if normalise(r[0]) != normalise(first[0][0])]
+            distinct = [r for r in second if normalise_query(r[0]) != normalise_query(first[0][0])]
             if distinct:
                 return [first[0], distinct[0]]
         return first

@@ -11,11 +11,12 @@ import torch
 from kafka import KafkaProducer
 
 from policy_store import db
+from qrloop.data import normalise_query as normalise
 from qrloop.events import PolicyAnnouncement, encode
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.prompting import build_prompt, end_of_turn
 from qrloop.runs import open_store
-from qrloop.serving import AnnouncementFollower, Rewriter, _completion_logprobs, load_version, normalise
+from qrloop.serving import AnnouncementFollower, Rewriter, _completion_logprobs, load_version
 from qrloop.settings import RewriterSettings, Settings
 from qrloop.topics import ensure_topics
 from tests.helpers import free_port, get, isolated_env, store_settings, wait_for
