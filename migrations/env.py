@@ -1,4 +1,7 @@
-"""Alembic environment: the URL comes from qrloop's settings unless the caller set one explicitly."""
+"""Alembic environment: the policy store's tables and the learner's ledger table, on one metadata.
+
+``policy_store.db`` always sets the URL it is given. Only ``alembic`` run by hand from the repository (no URL
+in alembic.ini) falls back to qrloop's settings: this file is an entry point, above every package."""
 
 from __future__ import annotations
 

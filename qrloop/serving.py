@@ -474,7 +474,7 @@ class RewriterService:
         self,
         settings: Settings,
         rewriter: Rewriter | ArmedRewriter,
-        producer: Any,
+        producer: KafkaProducer,
         checks: Mapping[str, health.Check] | None = None,
     ) -> None:
         self.settings = settings

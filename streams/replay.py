@@ -227,7 +227,7 @@ def read_topics(
             partitions += [TopicPartition(topic, p) for p in sorted(ids)]
         consumer.assign(partitions)
         first, last = consumer.beginning_offsets(partitions), consumer.end_offsets(partitions)
-        stop: dict[Any, int] = {}
+        stop: dict[TopicPartition, int] = {}
         for tp in partitions:
             begin = max(first[tp], start) if start is not None else first[tp]
             stop[tp] = min(last[tp], end) if end is not None else last[tp]
