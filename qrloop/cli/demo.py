@@ -57,7 +57,7 @@ class RunLayout:
 
 def run_settings(base: Settings, run_dir: Path) -> Settings:
     """The settings of the demo run in ``run_dir`` (its name is the run id): its own topics, store and
-    consumer groups. A 1,000-query run publishes dozens of 540 MB versions: its weights live in its directory."""
+    consumer groups. A 1,000-query run publishes dozens of 540 MB versions: its weights live with it."""
     return isolate(base, run_dir.name, run_dir, learner_name=f"demo-{run_dir.name}")
 
 
