@@ -159,7 +159,7 @@ def _row(ids: list[int], prompt_len: int, max_len: int | None) -> tuple[list[int
 def pad_right(rows: Sequence[tuple[Sequence[int], int]], pad_id: int) -> Batch:
     """Right-padded ``input_ids``/``attention_mask`` and ``completion_mask`` (1 on completion tokens) from
     rows of (token ids, number of prompt tokens). Right padding keeps every real token at its natural
-    position. The one padding of every teacher-forced batch: DPO's pairs, and the offline SFT and distillation."""
+    position. The one padding of every teacher-forced batch: DPO's pairs, offline SFT and distillation."""
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -23,4 +23,3 @@ CONSUMER_LAG = Gauge(
     "qrloop_consumer_lag", "Messages not yet consumed (end offset - position)", ["role", "topic", "partition"]
 )
 REWARD_AVG = Gauge("qrloop_reward_moving_average", "Moving average of the chosen reward", ["arm"])
-
