@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from policy_store import PolicyStore
 from policy_store.db import upgrade
@@ -40,28 +41,27 @@ def topic_fields() -> list[str]:
 def isolate(
     base: Settings,
     name: str,
-    run_dir: Path,
+    run_dir: Path | None,
     *,
     topic_suffix: str | None = None,
     learner_name: str | None = None,
 ) -> Settings:
     """``base`` with its own topics (``<topic><topic_suffix>``, default ``.<name>``), store
-    (``<run_dir>/qrloop.db``, blobs in ``<run_dir>/blobs``) and consumer groups (Faust app
-    ``<app_id>-<name>``, learner ``learner_name`` or ``<name>``)."""
+    (``<run_dir>/qrloop.db``, blobs in ``<run_dir>/blobs``; ``run_dir`` None keeps ``base``'s store) and
+    consumer groups (Faust app ``<app_id>-<name>``, learner ``learner_name`` or ``<name>``)."""
     suffix = f".{name}" if topic_suffix is None else topic_suffix
     topics = {field: getattr(base.topics, field) + suffix for field in topic_fields()}
-    return base.model_copy(
-        update={
-            # Weights of a run live with the run: a version is a 540 MB blob, and deleting the run's directory
-            # must free them. A blob directory shared between stores would also let one store's `policy gc`
-            # delete blobs that only another store references.
-            "database_url": f"sqlite:///{run_dir / 'qrloop.db'}",
-            "blob_dir": run_dir / "blobs",
-            "topics": base.topics.model_copy(update=topics),
-            "streams": base.streams.model_copy(update={"app_id": f"{base.streams.app_id}-{name}"}),
-            "dpo": base.dpo.model_copy(update={"learner_name": learner_name or name}),
-        }
-    )
+    update: dict[str, Any] = {
+        "topics": base.topics.model_copy(update=topics),
+        "streams": base.streams.model_copy(update={"app_id": f"{base.streams.app_id}-{name}"}),
+        "dpo": base.dpo.model_copy(update={"learner_name": learner_name or name}),
+    }
+    if run_dir is not None:
+        # Weights of a run live with the run: a version is a 540 MB blob, and deleting the run's directory
+        # must free them. A blob directory shared between stores would also let one store's `policy gc`
+        # delete blobs that only another store references.
+        update |= {"database_url": f"sqlite:///{run_dir / 'qrloop.db'}", "blob_dir": run_dir / "blobs"}
+    return base.model_copy(update=update)
 
 
 def run_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -5,7 +5,6 @@ stream goes on."""
 from __future__ import annotations
 
 import base64
-import os
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from qrloop.events import (
     pair_id_for,
 )
 from qrloop.relevance import RelevanceModel
+from qrloop.runs import isolate, run_env
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
 
@@ -39,19 +39,10 @@ GRACE_S = 1.0
 
 @pytest.fixture
 def stream_settings(base_settings: Settings, kafka_bootstrap: str, unique_topic: str) -> Settings:
-    topics = base_settings.topics.model_copy(
+    settings = isolate(base_settings, unique_topic, None)
+    topics = settings.topics.model_copy(update={"partitions": 2})
+    streams = settings.streams.model_copy(
         update={
-            "query_events": f"{unique_topic}.q",
-            "interactions": f"{unique_topic}.i",
-            "preference_pairs": f"{unique_topic}.p",
-            "policy_versions": f"{unique_topic}.v",
-            "dead_letter": f"{unique_topic}.d",
-            "partitions": 2,
-        }
-    )
-    streams = base_settings.streams.model_copy(
-        update={
-            "app_id": f"{unique_topic}-agg",
             "attribution_window_s": WINDOW_S,
             "grace_s": GRACE_S,
             "idle_advance_s": 1.0,
@@ -59,30 +50,21 @@ def stream_settings(base_settings: Settings, kafka_bootstrap: str, unique_topic:
             "orphan_after_s": 3.0,
         }
     )
-    settings = base_settings.model_copy(update={"topics": topics, "streams": streams})
+    settings = settings.model_copy(update={"topics": topics, "streams": streams})
     ensure_topics(settings)
     return settings
 
 
 def env_for(settings: Settings, tmp_path: Path) -> dict[str, str]:
-    t, s = settings.topics, settings.streams
-    return dict(
-        os.environ,
-        QRLOOP_TOPICS__QUERY_EVENTS=t.query_events,
-        QRLOOP_TOPICS__INTERACTIONS=t.interactions,
-        QRLOOP_TOPICS__PREFERENCE_PAIRS=t.preference_pairs,
-        QRLOOP_TOPICS__POLICY_VERSIONS=t.policy_versions,
-        QRLOOP_TOPICS__DEAD_LETTER=t.dead_letter,
-        QRLOOP_TOPICS__PARTITIONS=str(t.partitions),
-        QRLOOP_STREAMS__APP_ID=s.app_id,
-        QRLOOP_STREAMS__ATTRIBUTION_WINDOW_S=str(s.attribution_window_s),
-        QRLOOP_STREAMS__GRACE_S=str(s.grace_s),
-        QRLOOP_STREAMS__IDLE_ADVANCE_S=str(s.idle_advance_s),
-        QRLOOP_STREAMS__TICK_S=str(s.tick_s),
-        QRLOOP_STREAMS__ORPHAN_AFTER_S=str(s.orphan_after_s),
-        QRLOOP_CACHE_DIR=str(settings.cache_dir),
-        PYTHONUNBUFFERED="1",
-    )
+    s = settings.streams
+    return run_env(settings) | {
+        "QRLOOP_STREAMS__ATTRIBUTION_WINDOW_S": str(s.attribution_window_s),
+        "QRLOOP_STREAMS__GRACE_S": str(s.grace_s),
+        "QRLOOP_STREAMS__IDLE_ADVANCE_S": str(s.idle_advance_s),
+        "QRLOOP_STREAMS__TICK_S": str(s.tick_s),
+        "QRLOOP_STREAMS__ORPHAN_AFTER_S": str(s.orphan_after_s),
+        "QRLOOP_CACHE_DIR": str(settings.cache_dir),
+    }
 
 
 def query(

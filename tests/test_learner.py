@@ -3,7 +3,6 @@ and exactly-once training across kill -9 at arbitrary moments (between steps, mi
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 import subprocess
@@ -19,7 +18,7 @@ from learner.worker import LEARNER_TAG, build, resume_state
 from policy_store import db
 from qrloop.events import PreferencePair, encode
 from qrloop.models import build_tiny_policy, require_policy
-from qrloop.runs import open_store
+from qrloop.runs import isolate, open_store
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
 from tests.helpers import pair
@@ -32,17 +31,9 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def learner_settings(settings: Settings, kafka_bootstrap: str, unique_topic: str, tiny_dir: Path) -> Settings:
-    topics = settings.topics.model_copy(
-        update={
-            "preference_pairs": f"{unique_topic}.p",
-            "policy_versions": f"{unique_topic}.v",
-            "dead_letter": f"{unique_topic}.d",
-            "query_events": f"{unique_topic}.q",
-            "interactions": f"{unique_topic}.i",
-        }
-    )
-    dpo = settings.dpo.model_copy(update={"learner_name": unique_topic, "learning_rate": 1e-4})
-    configured = settings.model_copy(update={"topics": topics, "dpo": dpo})
+    isolated = isolate(settings, unique_topic, None)  # the store stays the db_url fixture's
+    dpo = isolated.dpo.model_copy(update={"learning_rate": 1e-4})
+    configured = isolated.model_copy(update={"dpo": dpo})
     ensure_topics(configured)
     db.upgrade(configured.db_url)
     store = open_store(configured)
@@ -108,17 +99,7 @@ def test_exactly_once_across_kill_minus_nine(learner_settings: Settings, tmp_pat
     settings = learner_settings
     pairs = [pair(n) for n in range(96)]
     publish_pairs(settings, pairs)
-    t = settings.topics
-    env = dict(
-        os.environ,
-        QRLOOP_DATABASE_URL=settings.db_url,
-        QRLOOP_BLOB_DIR=str(settings.blob_dir),
-        QRLOOP_TOPICS__PREFERENCE_PAIRS=t.preference_pairs,
-        QRLOOP_TOPICS__POLICY_VERSIONS=t.policy_versions,
-        QRLOOP_TOPICS__DEAD_LETTER=t.dead_letter,
-        QRLOOP_DPO__LEARNER_NAME=settings.dpo.learner_name,
-        QRLOOP_DPO__LEARNING_RATE="1e-4",
-    )
+    env = run_env(settings) | {"QRLOOP_DPO__LEARNING_RATE": "1e-4"}
     rng = random.Random(7)
     kills = 0
     log = (tmp_path / "learner.log").open("wb")

@@ -34,7 +34,7 @@ from qrloop.events import (
     decode,
 )
 from qrloop.models import build_tiny_policy, require_policy
-from qrloop.runs import open_store
+from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
 from streams.replay import (
@@ -91,43 +91,24 @@ def traffic_log(ids: Sequence[str], queries: int, seed: int) -> list[QueryEvent 
 
 
 def isolated(base: Settings, name: str, **update: object) -> Settings:
-    topics = base.topics.model_copy(
-        update={
-            "query_events": f"{name}.q",
-            "interactions": f"{name}.i",
-            "preference_pairs": f"{name}.p",
-            "policy_versions": f"{name}.v",
-            "dead_letter": f"{name}.d",
-            "query_outcomes": f"{name}.o",  # the canary's per-query outcomes, written by the aggregator
-            "partitions": 2,
-        }
-    )
-    streams = base.streams.model_copy(update={"app_id": f"{name}-agg", "idle_advance_s": 1.0, "tick_s": 0.2})
-    dpo = base.dpo.model_copy(update={"learner_name": name, "batch_size": 8, "learning_rate": 1e-4})
-    settings = base.model_copy(update={"topics": topics, "streams": streams, "dpo": dpo, **update})
+    """An isolated run (``qrloop.runs.isolate``; the store stays ``base``'s unless ``update`` names one) with
+    two partitions, a quick watermark and batches of 8."""
+    settings = isolate(base, name, None)
+    topics = settings.topics.model_copy(update={"partitions": 2})
+    streams = settings.streams.model_copy(update={"idle_advance_s": 1.0, "tick_s": 0.2})
+    dpo = settings.dpo.model_copy(update={"batch_size": 8, "learning_rate": 1e-4})
+    settings = settings.model_copy(update={"topics": topics, "streams": streams, "dpo": dpo, **update})
     ensure_topics(settings)
     return settings
 
 
 def env_for(settings: Settings) -> dict[str, str]:
-    t, s = settings.topics, settings.streams
-    return dict(
-        os.environ,
-        QRLOOP_TOPICS__QUERY_EVENTS=t.query_events,
-        QRLOOP_TOPICS__INTERACTIONS=t.interactions,
-        QRLOOP_TOPICS__PREFERENCE_PAIRS=t.preference_pairs,
-        QRLOOP_TOPICS__POLICY_VERSIONS=t.policy_versions,
-        QRLOOP_TOPICS__DEAD_LETTER=t.dead_letter,
-        QRLOOP_TOPICS__QUERY_OUTCOMES=t.query_outcomes,
-        QRLOOP_TOPICS__PARTITIONS=str(t.partitions),
-        QRLOOP_STREAMS__APP_ID=s.app_id,
-        QRLOOP_STREAMS__IDLE_ADVANCE_S=str(s.idle_advance_s),
-        QRLOOP_STREAMS__TICK_S=str(s.tick_s),
-        QRLOOP_DATABASE_URL=settings.db_url,
-        QRLOOP_BLOB_DIR=str(settings.blob_dir),
-        QRLOOP_CACHE_DIR=str(settings.cache_dir),
-        PYTHONUNBUFFERED="1",
-    )
+    s = settings.streams
+    return run_env(settings) | {
+        "QRLOOP_STREAMS__IDLE_ADVANCE_S": str(s.idle_advance_s),
+        "QRLOOP_STREAMS__TICK_S": str(s.tick_s),
+        "QRLOOP_CACHE_DIR": str(settings.cache_dir),
+    }
 
 
 def read_all(settings: Settings, topic: str, expect: int, timeout_s: float = 60) -> list[bytes]:
