@@ -18,7 +18,7 @@ from learner.worker import LEARNER_TAG, build, resume_state
 from policy_store import db
 from qrloop.events import PreferencePair, encode
 from qrloop.models import build_tiny_policy, require_policy
-from qrloop.runs import isolate, open_store
+from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
 from tests.helpers import pair
