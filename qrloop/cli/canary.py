@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from qrloop.canary_job import run, summary
 from qrloop.runs import open_store
 from qrloop.settings import get_settings
 
@@ -23,6 +22,10 @@ console = Console()
 @app.command("run")
 def run_command() -> None:
     """The canary job (APScheduler): every canary.interval_s, analyse the last window and act."""
+    # Inside the commands: the canary job imports scipy (5 s here), and this app is mounted into every
+    # `qrloop` invocation.
+    from qrloop.canary_job import run
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run()
 
@@ -37,6 +40,8 @@ def status_command(
     as_json: bool = typer.Option(False, "--json", help="Print the status as JSON."),
 ) -> None:
     """Current aliases and share, and the latest analyses with their statistics."""
+    from qrloop.canary_job import summary  # scipy: see run_command
+
     settings = get_settings()
     with open_store(settings) as store:
         status = summary(store, settings.canary, limit)
