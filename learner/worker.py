@@ -31,7 +31,7 @@ from typing import Any
 
 from qrloop import metrics
 from qrloop.events import DeadLetter, PolicyAnnouncement, PreferencePair, SchemaError, decode, encode
-from qrloop.settings import Settings
+from qrloop.settings import Settings, reload_on_sighup
 
 log = logging.getLogger("qrloop.learner")
 LEARNER_TAG = "learner"
@@ -398,7 +398,7 @@ def run() -> None:
     either way); SIGHUP: reload the log level and the ``RELOADABLE`` DPO settings.
     """
     from qrloop import health
-    from qrloop.settings import Settings, get_settings
+    from qrloop.settings import get_settings
 
     settings = get_settings()
     loaded: dict[str, Learner] = {}
@@ -424,7 +424,7 @@ def run() -> None:
     metrics.ALIAS_VERSION.labels(settings.dpo.alias).set(learner.state.version)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: learner.request_stop(learner.settings.dpo.stop_deadline_s))
-    signal.signal(signal.SIGHUP, lambda *_: learner.reload(Settings()))
+    reload_on_sighup("learner", learner.reload)
     log.info(
         "learner resuming at version %d (reference %d, step %d)",
         learner.state.version,

@@ -18,7 +18,8 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from qrloop.settings import Settings
+from qrloop import logs
+from qrloop.settings import Settings, reload_on_sighup
 from qrloop.supervisor import Backoff, Supervised, Supervisor, spawn_qrloop
 
 log = logging.getLogger("qrloop.daemon")
@@ -97,13 +98,15 @@ def run(settings: Settings, roles: Sequence[str]) -> int:
         where = f"probes on http://127.0.0.1:{p.port}" if p.port else "no probes"
         log.info("role %s: qrloop %s (%s)", p.name, " ".join(p.argv), where)
 
-    def forward_hup(*_: object) -> None:
+    def forward_hup(fresh: Settings) -> None:
+        # Only settings that validate are passed on (each role would refuse the others on its own anyway).
+        logs.set_level(fresh.logging.level)
         for role in supervisor.roles:
             if role.process is not None and role.process.poll() is None:
                 role.process.send_signal(signal.SIGHUP)
         log.info("SIGHUP passed on to %s", ", ".join(r.name for r in supervisor.roles))
 
-    signal.signal(signal.SIGHUP, forward_hup)
+    reload_on_sighup("daemon", forward_hup)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: supervisor.stopping.set())
     supervisor.start()

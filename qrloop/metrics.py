@@ -22,6 +22,11 @@ ALIAS_VERSION = Gauge("qrloop_alias_version", "Version an alias points at", ["al
 CONSUMER_LAG = Gauge(
     "qrloop_consumer_lag", "Messages not yet consumed (end offset - position)", ["role", "topic", "partition"]
 )
+SETTINGS_RELOADS = Counter(
+    "qrloop_settings_reloads_total",
+    "SIGHUP settings reloads, applied or refused (old settings kept)",
+    ["role", "outcome"],
+)
 REWARD_AVG = Gauge("qrloop_reward_moving_average", "Moving average of the chosen reward", ["arm"])
 
 

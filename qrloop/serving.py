@@ -33,7 +33,7 @@ from qrloop import health, metrics
 from qrloop.events import Arm, PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
 from qrloop.models import load_policy
 from qrloop.prompting import build_prompt, end_of_turn
-from qrloop.settings import CanarySettings, RewriterSettings, Settings
+from qrloop.settings import CanarySettings, RewriterSettings, Settings, reload_on_sighup
 
 log = logging.getLogger("qrloop.rewriter")
 SearchFn = Callable[[str], list[str]]
@@ -600,7 +600,7 @@ def run(port: int, alias: str = "production") -> None:
     service = RewriterService(settings, rewriter, producer, checks)
     server = service.http_server(port)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    signal.signal(signal.SIGHUP, lambda *_: service.reload(Settings()))
+    reload_on_sighup("rewriter", service.reload)
     log.info("serving alias %r (version %d) on 127.0.0.1:%d", alias, version.id, port)
     try:
         server.serve_forever(poll_interval=0.2)

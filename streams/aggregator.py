@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +29,7 @@ from qrloop.events import (
     decode_feedback,
     encode,
 )
+from qrloop.settings import Settings, reload_on_sighup
 from streams import attribution
 from streams.app import AggregatorApp
 
@@ -217,7 +217,7 @@ def run() -> None:
         role="aggregator",
     )
     # SIGHUP (Faust handles TERM/INT itself): reward weights and margin act from the next scored window.
-    signal.signal(signal.SIGHUP, lambda *_: reload(built))
+    reload_on_sighup("aggregator", lambda fresh: reload(built, fresh))
     built.app.main()
 
 
@@ -234,13 +234,11 @@ def relevance_model_check(settings: Any) -> str:
     return f"cosine fallback at {fallback}"
 
 
-def reload(built: AggregatorApp) -> None:
+def reload(built: AggregatorApp, fresh: Settings) -> None:
     """Reload what is safe mid-stream: reward weights and tie margin, and the log level. Windows, grace and
     topics are not reloaded: open windows were opened under the old ones."""
     from qrloop import logs
-    from qrloop.settings import Settings
 
-    fresh = Settings()
     built.settings.rewards = fresh.rewards
     logs.set_level(fresh.logging.level)
     log.info("settings reloaded: rewards %s, log level %s", fresh.rewards.model_dump(), fresh.logging.level)
