@@ -1,4 +1,4 @@
-"""A bad qrloop.toml or environment: refused with the key's name and range, and on SIGHUP the old settings stay."""
+"""A bad qrloop.toml or environment is refused with the key's name; on SIGHUP the old settings stay."""
 
 from __future__ import annotations
 
@@ -115,7 +115,8 @@ def test_password_comes_from_the_0600_secret_file(config: Path, tmp_path: Path) 
     secret.write_text("generated-pw\n")
     secret.chmod(0o600)
     config.write_text(
-        f'database_url = "postgresql+psycopg://qrloop@127.0.0.1:5432/qrloop"\ndatabase_password_file = "{secret}"\n'
+        'database_url = "postgresql+psycopg://qrloop@127.0.0.1:5432/qrloop"\n'
+        f'database_password_file = "{secret}"\n'
     )
     assert Settings().db_url == "postgresql+psycopg://qrloop:generated-pw@127.0.0.1:5432/qrloop"
     secret.chmod(0o644)
