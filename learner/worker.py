@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qrloop import metrics
+from qrloop import health, metrics
 from qrloop.events import DeadLetter, PolicyAnnouncement, PreferencePair, SchemaError, decode, encode
 from qrloop.settings import Settings, reload_on_sighup
 
@@ -125,6 +125,7 @@ class Learner:
         self.publishing = threading.Lock()
         self.finished = threading.Event()
         self._reward_avg: dict[str, float] = {}
+        self.heartbeat: health.Heartbeat | None = None  # /healthz: beaten once per poll of the loop below
 
     # -- consuming ------------------------------------------------------------------------------------------
 
@@ -289,6 +290,8 @@ class Learner:
 
     def run(self) -> None:
         while not self.stop_requested.is_set():
+            if self.heartbeat is not None:
+                self.heartbeat.beat()
             self.run_once()
         log.info("learner stopping after step %d (version %d)", self.state.steps, self.state.version)
         self.finished.set()
@@ -397,7 +400,6 @@ def run() -> None:
     SIGTERM/SIGINT: stop after the step in progress, or abandon it past ``dpo.stop_deadline_s`` (exit 0
     either way); SIGHUP: reload the log level and the ``RELOADABLE`` DPO settings.
     """
-    from qrloop import health
     from qrloop.settings import get_settings
 
     settings = get_settings()
@@ -408,6 +410,7 @@ def run() -> None:
             raise RuntimeError("loading the policy and reference models")
         return f"version {loaded['learner'].state.version} loaded"
 
+    heartbeat = health.Heartbeat(settings.daemon.liveness_max_age_s, settings.daemon.liveness_start_grace_s)
     health.serve(
         settings.dpo.metrics_port,
         {
@@ -416,11 +419,13 @@ def run() -> None:
             "model": model_check,
         },
         role="learner",
+        heartbeat=heartbeat,
     )
     # Until the loop runs there is nothing to finish: a stop while loading the models just exits.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
     learner = loaded["learner"] = build(settings)
+    learner.heartbeat = heartbeat
     metrics.ALIAS_VERSION.labels(settings.dpo.alias).set(learner.state.version)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: learner.request_stop(learner.settings.dpo.stop_deadline_s))

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from qrloop import logs
 from qrloop.settings import Settings, reload_on_sighup
-from qrloop.supervisor import Backoff, Supervised, Supervisor, spawn_qrloop
+from qrloop.supervisor import Backoff, Liveness, Supervised, Supervisor, spawn_qrloop
 
 log = logging.getLogger("qrloop.daemon")
 KNOWN_ROLES = ("serve", "aggregate", "learn", "canary")
@@ -86,9 +86,14 @@ def child_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict
 def build_supervisor(
     settings: Settings, roles: Sequence[str], env: Mapping[str, str] | None = None
 ) -> Supervisor:
-    backoff = Backoff(initial_s=settings.daemon.backoff_initial_s, max_s=settings.daemon.backoff_max_s)
-    supervised = [Supervised(p.name, p.argv) for p in plan(settings, roles)]
-    return Supervisor(supervised, spawn_qrloop(child_env(settings, env)), backoff)
+    d = settings.daemon
+    backoff = Backoff(initial_s=d.backoff_initial_s, max_s=d.backoff_max_s)
+    liveness = Liveness(interval_s=d.liveness_interval_s, start_grace_s=d.liveness_start_grace_s)
+    supervised = [
+        Supervised(p.name, p.argv, liveness_url=f"http://127.0.0.1:{p.port}/healthz" if p.port else None)
+        for p in plan(settings, roles)
+    ]
+    return Supervisor(supervised, spawn_qrloop(child_env(settings, env)), backoff, liveness)
 
 
 def run(settings: Settings, roles: Sequence[str]) -> int:

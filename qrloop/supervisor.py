@@ -5,6 +5,13 @@ that run them as separate services; the supervisor is for a single host. A role 
 restarted after an exponential backoff (1 s, 2 s, 4 s, ... capped), and the supervisor says so; a role that
 stayed up for ``healthy_after_s`` resets its backoff. SIGTERM/SIGINT stop every role (SIGTERM, then SIGKILL
 after the deadline) and the supervisor exits 0.
+
+Liveness: a role that is running but stuck (its main loop no longer beats, so its ``/healthz`` answers 503,
+or does not answer at all) is as dead as one that exited. With a :class:`Liveness`, the supervisor probes
+each role's ``/healthz`` every ``interval_s`` (after ``start_grace_s``: models take a while to load) and,
+after ``failures`` consecutive failed probes, SIGKILLs the role's process group; the usual exit handling then
+restarts it with backoff. SIGKILL, not SIGTERM: a stuck loop would not act on SIGTERM either, and every role
+is crash-safe (the learner commits weights and offsets in one transaction).
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -46,9 +55,35 @@ class Supervised:
     started_at: float = 0.0
     restart_at: float | None = None
     history: list[int] = field(default_factory=list)  # exit codes
+    liveness_url: str | None = None  # its /healthz; None: only its exit is watched
+    failed_probes: int = 0
+    next_probe_at: float = 0.0
+    liveness_kills: int = 0
 
 
 Spawner = Callable[[Supervised], subprocess.Popen[bytes]]
+Probe = Callable[[str], bool]
+
+
+def http_probe(timeout_s: float = 5.0) -> Probe:
+    """A probe that passes when ``url`` answers 200 within ``timeout_s``."""
+
+    def probe(url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):  # 503, refused, timed out: all mean "not alive"
+            return False
+
+    return probe
+
+
+@dataclass(frozen=True)
+class Liveness:
+    interval_s: float = 10.0
+    start_grace_s: float = 300.0
+    failures: int = 2  # consecutive failed probes before a kill: one slow answer is not a wedged role
+    probe: Probe = field(default_factory=http_probe)
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -99,10 +134,17 @@ def spawn_qrloop(env: Mapping[str, str] | None = None) -> Spawner:
 
 
 class Supervisor:
-    def __init__(self, roles: Sequence[Supervised], spawn: Spawner, backoff: Backoff = Backoff()) -> None:
+    def __init__(
+        self,
+        roles: Sequence[Supervised],
+        spawn: Spawner,
+        backoff: Backoff = Backoff(),
+        liveness: Liveness | None = None,
+    ) -> None:
         self.roles = list(roles)
         self.spawn = spawn
         self.backoff = backoff
+        self.liveness = liveness
         self.stopping = threading.Event()
 
     def start(self) -> None:
@@ -113,12 +155,15 @@ class Supervisor:
         role.process = self.spawn(role)
         role.started_at = time.monotonic()
         role.restart_at = None
+        role.failed_probes = 0
+        role.next_probe_at = role.started_at + (self.liveness.start_grace_s if self.liveness else 0.0)
         log.info("started %s (pid %d)", role.name, role.process.pid)
 
     def tick(self, now: float | None = None) -> None:
         """One supervision pass: notice exits, schedule and perform restarts."""
         now = time.monotonic() if now is None else now
         for role in self.roles:
+            self._check_liveness(role, now)
             process = role.process
             if process is not None and process.poll() is not None:
                 code = process.returncode
@@ -144,6 +189,26 @@ class Supervisor:
             ):
                 role.restarts += 1
                 self._launch(role)
+
+    def _check_liveness(self, role: Supervised, now: float) -> None:
+        """Probe a running role's /healthz when due; kill it after ``failures`` failed probes in a row."""
+        live = self.liveness
+        process = role.process
+        if live is None or role.liveness_url is None or process is None or process.poll() is not None:
+            return
+        if now < role.next_probe_at:
+            return
+        role.next_probe_at = now + live.interval_s
+        if live.probe(role.liveness_url):
+            role.failed_probes = 0
+            return
+        role.failed_probes += 1
+        log.warning("%s failed its liveness probe (%d in a row)", role.name, role.failed_probes)
+        if role.failed_probes >= live.failures:
+            log.error("%s is stuck (%s not live); killing it to restart it", role.name, role.liveness_url)
+            role.liveness_kills += 1
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
     def stop(self, deadline_s: float = 30.0) -> None:
         self.stopping.set()
