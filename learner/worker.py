@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -177,7 +178,7 @@ class Learner:
         from learner.ledger import record_pairs
 
         settings = self.settings
-        with tempfile.TemporaryDirectory(dir=settings.cache_dir) as tmp:
+        with tempfile.TemporaryDirectory(dir=settings.cache_dir, prefix=save_prefix(settings)) as tmp:
             self.core.save(Path(tmp))
             version = self.store.publish(
                 tmp,
@@ -351,6 +352,21 @@ class Learner:
 RELOADABLE = ("beta", "learning_rate", "max_grad_norm", "publish_every", "stop_deadline_s")
 
 
+def save_prefix(settings: Settings) -> str:
+    """Name prefix of this learner's temporary save directories in ``cache_dir`` (one per publish)."""
+    return f"qrloop-save-{settings.dpo.learner_name}-"
+
+
+def remove_stale_saves(settings: Settings) -> list[Path]:
+    """A learner killed mid-publish leaves its save directory (a full copy of the weights) behind; at start
+    nothing of this learner can be in progress, so every one of them is stale."""
+    stale = sorted(p for p in settings.cache_dir.glob(f"{save_prefix(settings)}*") if p.is_dir())
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, left by a learner that stopped mid-publish", path)
+    return stale
+
+
 def seek_to_stored_offsets(consumer: Any, settings: Settings, state: LearnerState) -> None:
     """Assign every partition of the pair topic and seek to where the latest version's offsets say."""
     from kafka import TopicPartition
@@ -375,6 +391,7 @@ def build(settings: Settings) -> Learner:
     from learner.dpo import DPOLearnerCore
     from policy_store import PolicyStore
 
+    remove_stale_saves(settings)
     store = PolicyStore.from_settings(settings)
     state = resume_state(store, settings)
     core = DPOLearnerCore.from_versions(

@@ -19,7 +19,8 @@ from rich.table import Table
 
 from policy_store.entities import AuditEntry, PolicyVersion
 from policy_store.errors import PolicyStoreError
-from policy_store.store import PolicyStore
+from policy_store.retention import RetentionRule
+from policy_store.store import PolicyStore, RetentionReport
 
 app = typer.Typer(help="Policy versions, aliases and their audit log.", no_args_is_help=True)
 
@@ -195,16 +196,62 @@ def history(alias: Annotated[str, typer.Argument(help="Alias.")]) -> None:
     _stdout().print(_audit_table(f"history of {alias}", entries))
 
 
+def _retention_table(report: RetentionReport, dry_run: bool) -> Table:
+    table = Table(title="retention (dry run)" if dry_run else "retention")
+    for column in ("version", "verdict", "why"):
+        table.add_column(column)
+    for vid, reasons in sorted(report.plan.keep.items()):
+        table.add_row(str(vid), "kept", ", ".join(reasons))
+    done = set(report.archived)
+    for vid in report.plan.archive:
+        verdict = "archived" if vid in done else ("to archive" if dry_run else "skipped (alias moved)")
+        table.add_row(str(vid), verdict, "weights freed" if vid in done else "")
+    return table
+
+
 @app.command("gc")
 def gc(
     retention_hours: Annotated[
-        float, typer.Option(help="Keep unreferenced blobs younger than this many hours.")
-    ] = 24.0,
+        float | None,
+        typer.Option(
+            help="Keep unreferenced blobs younger than this many hours [24; retention.blob_grace_h]."
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Only report what would be removed.")] = False,
+    retention: Annotated[
+        bool,
+        typer.Option(
+            "--retention",
+            help="First apply the retention policy: archive the versions it does not keep (aliased, their "
+            "rollback targets and references, the last N, the young) and free their weights.",
+        ),
+    ] = False,
+    keep_last: Annotated[int | None, typer.Option(help="With --retention [retention.keep_last].")] = None,
+    keep_younger_than_hours: Annotated[
+        float | None, typer.Option(help="With --retention [retention.keep_younger_than_h].")
+    ] = None,
 ) -> None:
-    """Remove blobs no version references (and stale temp files)."""
+    """Remove blobs no version references (and stale temp files); --retention: archive old versions first."""
+    from qrloop.settings import get_settings
+
+    config = get_settings().retention
     with _store() as store:
-        report = store.gc(timedelta(hours=retention_hours), actor="cli", dry_run=dry_run)
+        if retention:
+            rule = RetentionRule(
+                keep_last=config.keep_last if keep_last is None else keep_last,
+                keep_younger_than=timedelta(
+                    hours=config.keep_younger_than_h
+                    if keep_younger_than_hours is None
+                    else keep_younger_than_hours
+                ),
+            )
+            grace = timedelta(hours=config.blob_grace_h if retention_hours is None else retention_hours)
+            applied = store.apply_retention(rule, blob_grace=grace, actor="cli", dry_run=dry_run)
+            _stdout().print(_retention_table(applied, dry_run))
+            report = applied.gc
+        else:
+            grace = timedelta(hours=24.0 if retention_hours is None else retention_hours)
+            report = store.gc(grace, actor="cli", dry_run=dry_run)
     table = Table(title="gc (dry run)" if dry_run else "gc")
     table.add_column("removed")
     table.add_column("what")

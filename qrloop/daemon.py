@@ -8,6 +8,10 @@ service port, the aggregator and the learner on ``daemon.aggregate_port`` / ``da
 canary job exposes no HTTP endpoint of its own).
 
 ``all`` is serve, aggregate, learn, and canary when this build has the ``qrloop canary run`` command.
+
+Beside the roles, the daemon applies the retention policy every ``retention.interval_s`` (in a thread, so
+supervision never waits for it): old versions are archived and their weights freed, as
+``qrloop policy gc --retention`` does (see ``policy_store.retention``).
 """
 
 from __future__ import annotations
@@ -15,9 +19,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
+from policy_store import PolicyStore
+from policy_store.retention import RetentionRule
 from qrloop import logs
 from qrloop.settings import Settings, reload_on_sighup
 from qrloop.supervisor import Backoff, Liveness, Supervised, Supervisor, spawn_qrloop
@@ -96,6 +104,31 @@ def build_supervisor(
     return Supervisor(supervised, spawn_qrloop(child_env(settings, env)), backoff, liveness)
 
 
+def apply_retention(settings: Settings) -> None:
+    """One pass of the retention policy with the settings' rule; failures are logged, never raised."""
+    config = settings.retention
+    rule = RetentionRule(config.keep_last, timedelta(hours=config.keep_younger_than_h))
+    try:
+        with PolicyStore.from_settings(settings) as store:
+            store.apply_retention(rule, blob_grace=timedelta(hours=config.blob_grace_h), actor="daemon")
+    except Exception:  # a full disk or a database hiccup must not take the daemon (and every role) down
+        log.exception("retention pass failed; retrying in %.0f s", config.interval_s)
+
+
+def start_retention(settings: Settings, stopping: threading.Event) -> threading.Thread | None:
+    """Apply the retention policy every ``retention.interval_s`` until ``stopping`` is set (None: off)."""
+    if not settings.retention.enabled:
+        return None
+
+    def loop() -> None:
+        while not stopping.wait(settings.retention.interval_s):
+            apply_retention(settings)
+
+    thread = threading.Thread(target=loop, name="retention", daemon=True)
+    thread.start()
+    return thread
+
+
 def run(settings: Settings, roles: Sequence[str]) -> int:
     """Start the roles and supervise them until SIGTERM/SIGINT; SIGHUP is passed on to every role."""
     supervisor = build_supervisor(settings, roles)
@@ -115,6 +148,7 @@ def run(settings: Settings, roles: Sequence[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: supervisor.stopping.set())
     supervisor.start()
+    start_retention(settings, supervisor.stopping)
     while not supervisor.stopping.is_set():
         supervisor.tick()
         supervisor.stopping.wait(0.5)
