@@ -44,7 +44,6 @@ NOT_SETTINGS = frozenset(
         "QRLOOP_BENCH_PG_URL",
         "QRLOOP_PG_PORT",
         "QRLOOP_PG_USER",
-        "QRLOOP_PG_PASSWORD",
         "QRLOOP_PG_DATA",
         "QRLOOP_PG_SECRET",
     }
