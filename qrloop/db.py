@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +16,25 @@ from qrloop.settings import REPO_ROOT
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
+def _create_private(db_file: Path) -> None:
+    """An absent SQLite file is created 0600 in a 0700 directory (the umask may be wider). The same rule as
+    ``policy_store.blobs.private_file``, which this module cannot import while policy_store imports it;
+    once this module lives in policy_store (the layout move), use that instead."""
+    if not db_file.parent.exists():
+        db_file.parent.mkdir(parents=True, mode=0o700)
+        os.chmod(db_file.parent, 0o700)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(db_file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+
+
 def make_engine(url: str) -> Engine:
     """An engine with the per-backend settings the policy store relies on."""
     if url.startswith("sqlite"):
         db_path = url.split("///", 1)[-1]
         if db_path and db_path != ":memory:":
-            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+            # 0600 in a 0700 directory: the database holds the audit log and what the learner trained on.
+            # SQLite gives its -wal and -shm files the database file's mode.
+            _create_private(Path(db_path))
         engine = create_engine(url, connect_args={"timeout": 30})
 
         @event.listens_for(engine, "connect")

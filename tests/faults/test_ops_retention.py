@@ -177,3 +177,28 @@ def test_learner_start_removes_its_stale_save_directories(base_settings: Setting
     other.mkdir()
     assert remove_stale_saves(settings) == [stale]
     assert not stale.exists() and other.exists()
+
+
+def test_sqlite_file_is_0600_and_blob_dirs_0700_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    old = os.umask(0o022)
+    try:
+        url = f"sqlite:///{tmp_path / 'cache' / 'qrloop.db'}"
+        db.upgrade(url)
+        with PolicyStore(url, tmp_path / "cache" / "blobs") as store:
+            v = store.publish(weights_dir(tmp_path, 0), base_model="tiny")
+            checkout = store.load_dir(v)
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "cache") == 0o700
+    assert mode(tmp_path / "cache" / "qrloop.db") == 0o600
+    assert (
+        mode(tmp_path / "cache" / "blobs") == 0o700 and mode(tmp_path / "cache" / "blobs" / "sha256") == 0o700
+    )
+    assert mode(checkout.parent) == 0o700
+    assert "secret" not in repr(PolicyStore("postgresql+psycopg://u:secret@127.0.0.1:1/x", tmp_path / "b"))

@@ -122,3 +122,23 @@ def test_password_comes_from_the_0600_secret_file(config: Path, tmp_path: Path) 
     secret.chmod(0o644)
     with pytest.raises(ValueError, match="readable by others"):
         Settings()
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_log_lines_mask_passwords(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import logging
+
+    from qrloop import logs
+
+    logs.configure("INFO", fmt)
+    try:
+        log = logging.getLogger("qrloop.test")
+        log.info("connecting to %s", "postgresql+psycopg://qrloop:hunter2@127.0.0.1/qrloop")
+        try:
+            raise ConnectionError("postgresql://qrloop:hunter2@db/qrloop refused")
+        except ConnectionError:
+            log.exception("failed")
+    finally:
+        logs.configure("WARNING", "text")
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and err.count("qrloop:***@") == 3, err
