@@ -179,7 +179,7 @@ def test_overloaded_rewriter_answers_503_then_recovers(served: Served) -> None:
         with served.rewriter._lock:  # the model is busy with "another query"
             waiting = [pool.submit(normal_query, served.port) for _ in range(2)]
             deadline = time.monotonic() + 60
-            while served.service._slots._value > 0 and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            while served.service._slots._value > 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
             status, body = post(served.port, b'{"query": "drill"}')
             assert status == 503 and "overloaded" in str(body["error"]), body

@@ -100,7 +100,7 @@ def test_stuck_loop_answers_503_with_its_age(tmp_path: Path) -> None:
     )
     try:
         deadline = time.monotonic() + 60
-        status, body = 0, {}
+        status, body = 0, dict[str, object]()
         while time.monotonic() < deadline:
             try:
                 status, body = healthz(port)
