@@ -202,3 +202,42 @@ def test_sqlite_file_is_0600_and_blob_dirs_0700_whatever_the_umask(tmp_path: Pat
     )
     assert mode(checkout.parent) == 0o700
     assert "secret" not in repr(PolicyStore("postgresql+psycopg://u:secret@127.0.0.1:1/x", tmp_path / "b"))
+
+
+def test_the_daemon_applies_retention_periodically(settings: Settings, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    from qrloop.daemon import start_retention
+
+    db.upgrade(settings.db_url)
+    with PolicyStore.from_settings(settings) as store:
+        ids = [store.publish(weights_dir(tmp_path, s), base_model="tiny").id for s in range(3)]
+        for vid in ids:
+            age(store, vid, 48)
+        store.set_alias("production", ids[0])
+    settings = settings.model_copy(
+        update={
+            "retention": settings.retention.model_copy(
+                update={"keep_last": 1, "interval_s": 0.2, "blob_grace_h": 0.0}
+            )
+        }
+    )
+    stopping = threading.Event()
+    thread = start_retention(settings, stopping)
+    assert thread is not None
+    try:
+        with PolicyStore.from_settings(settings) as store:
+            deadline = time.monotonic() + 120
+            while not store.list(status="archived") and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert [v.id for v in store.list(status="archived")] == [ids[1]], "aliased and newest kept"
+            assert [e.actor for e in store.audit(action="archive")] == ["daemon"]
+    finally:
+        stopping.set()
+        thread.join(timeout=30)
+    assert not thread.is_alive()
+    disabled = settings.model_copy(
+        update={"retention": settings.retention.model_copy(update={"enabled": False})}
+    )
+    assert start_retention(disabled, threading.Event()) is None
