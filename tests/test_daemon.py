@@ -143,7 +143,7 @@ def test_run_roles_ready_metrics_move_crash_restart_and_stop(
         _, body = get(f"http://127.0.0.1:{ports['learn']}/readyz")
         checks = json.loads(body)["checks"]
         assert set(checks) == {"broker", "database", "model"} and all(c["ok"] for c in checks.values())
-        # Readiness covers the aggregator's agents and the rewriter's follower thread; liveness is a heartbeat.
+        # Readiness covers the aggregator's agents and the rewriter's follower; liveness is a heartbeat.
         aggregator = json.loads(get(f"http://127.0.0.1:{ports['aggregate']}/readyz")[1])["checks"]
         assert aggregator["agents"]["ok"] and "agents running" in aggregator["agents"]["detail"], aggregator
         rewriter = json.loads(get(f"http://127.0.0.1:{ports['serve']}/readyz")[1])["checks"]
