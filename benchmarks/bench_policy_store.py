@@ -43,10 +43,13 @@ from sqlalchemy import create_engine, make_url, text
 
 from policy_store import PolicyStore
 from policy_store.db import upgrade
-from qrloop.settings import get_settings
+from qrloop.settings import default_password_file, get_settings, with_stored_password
 
 T = TypeVar("T")
-DEFAULT_PG_URL = "postgresql+psycopg://qrloop:qrloop@127.0.0.1:5432/qrloop_test"
+# The password comes from scripts/postgres.sh's 0600 secret file, never from the source.
+DEFAULT_PG_URL = with_stored_password(
+    "postgresql+psycopg://qrloop@127.0.0.1:5432/qrloop_test", default_password_file()
+)
 
 
 @dataclass

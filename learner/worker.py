@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -38,7 +39,7 @@ from learner.ledger import record_pairs, trained_pair_ids
 from policy_store import PolicyStore, PolicyVersion
 from qrloop import health, logs, metrics
 from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, decode, encode
-from qrloop.reload import on_sighup
+from qrloop.reload import reload_on_sighup
 from qrloop.runs import open_store
 from qrloop.settings import Settings, get_settings
 from qrloop.topics import make_producer, send_dead_letter
@@ -139,6 +140,7 @@ class Learner:
         self.publishing = threading.Lock()
         self.finished = threading.Event()
         self._reward_avg: dict[str, float] = {}
+        self.heartbeat: health.Heartbeat | None = None  # /healthz: beaten once per poll of the loop below
 
     # -- consuming ------------------------------------------------------------------------------------------
 
@@ -183,7 +185,7 @@ class Learner:
 
     def _publish(self, trained_ids: list[str], stats: StepStats) -> int:
         settings = self.settings
-        with tempfile.TemporaryDirectory(dir=settings.cache_dir) as tmp:
+        with tempfile.TemporaryDirectory(dir=settings.cache_dir, prefix=save_prefix(settings)) as tmp:
             self.core.save(Path(tmp))
             version = self.store.publish(
                 tmp,
@@ -291,6 +293,8 @@ class Learner:
 
     def run(self) -> None:
         while not self.stop_requested.is_set():
+            if self.heartbeat is not None:
+                self.heartbeat.beat()
             self.run_once()
         log.info("learner stopping after step %d (version %d)", self.state.steps, self.state.version)
         self.finished.set()
@@ -348,6 +352,21 @@ class Learner:
 RELOADABLE = ("beta", "learning_rate", "max_grad_norm", "publish_every", "stop_deadline_s")
 
 
+def save_prefix(settings: Settings) -> str:
+    """Name prefix of this learner's temporary save directories in ``cache_dir`` (one per publish)."""
+    return f"qrloop-save-{settings.dpo.learner_name}-"
+
+
+def remove_stale_saves(settings: Settings) -> list[Path]:
+    """A learner killed mid-publish leaves its save directory (a full copy of the weights) behind; at start
+    nothing of this learner can be in progress, so every one of them is stale."""
+    stale = sorted(p for p in settings.cache_dir.glob(f"{save_prefix(settings)}*") if p.is_dir())
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+        log.warning("removed %s, left by a learner that stopped mid-publish", path)
+    return stale
+
+
 def seek_to_stored_offsets(consumer: KafkaConsumer, settings: Settings, state: LearnerState) -> None:
     """Assign every partition of the pair topic and seek to where the latest version's offsets say."""
     topic = settings.topics.preference_pairs
@@ -365,6 +384,7 @@ def seek_to_stored_offsets(consumer: KafkaConsumer, settings: Settings, state: L
 
 
 def build(settings: Settings) -> Learner:
+    remove_stale_saves(settings)
     store = open_store(settings)
     state = resume_state(store, settings)
     core = DPOLearnerCore.from_versions(
@@ -396,6 +416,7 @@ def run() -> None:
             raise RuntimeError("loading the policy and reference models")
         return f"version {loaded['learner'].state.version} loaded"
 
+    heartbeat = health.Heartbeat(settings.daemon.liveness_max_age_s, settings.daemon.liveness_start_grace_s)
     health.serve(
         settings.dpo.metrics_port,
         {
@@ -404,15 +425,17 @@ def run() -> None:
             "model": model_check,
         },
         role="learner",
+        heartbeat=heartbeat,
     )
     # Until the loop runs there is nothing to finish: a stop while loading the models just exits.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: sys.exit(0))
     learner = loaded["learner"] = build(settings)
+    learner.heartbeat = heartbeat
     metrics.ALIAS_VERSION.labels(settings.dpo.alias).set(learner.state.version)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: learner.request_stop(learner.settings.dpo.stop_deadline_s))
-    on_sighup(learner.reload)
+    reload_on_sighup("learner", learner.reload)
     log.info(
         "learner resuming at version %d (reference %d, step %d)",
         learner.state.version,

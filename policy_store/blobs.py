@@ -21,6 +21,7 @@ Only safetensors weights are accepted: pickle-capable formats (``*.bin``, ``*.pt
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -263,6 +264,28 @@ def _extract_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
     return member
 
 
+def private_dir(path: Path) -> Path:
+    """``path`` as a directory; the ones created here (and missing parents) are 0700, owner only: weights,
+    checkouts and databases are nobody else's business whatever the umask. Existing ones are left alone."""
+    missing = []
+    current = Path(path)
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)  # mkdir's mode is filtered through the umask
+    return Path(path)
+
+
+def private_file(path: Path) -> Path:
+    """Create ``path`` empty with mode 0600 unless it exists (its parent directory private, as above)."""
+    private_dir(Path(path).parent)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    return Path(path)
+
+
 class BlobStore:
     """Blobs under ``root``; safe for several processes at once (writes are whole-file renames)."""
 
@@ -294,7 +317,7 @@ class BlobStore:
         lands on the same path and is stored once."""
         src = Path(src)
         validate_weights_dir(src, kind)
-        self.objects.mkdir(parents=True, exist_ok=True)
+        private_dir(self.objects)
         # The temp file sits in sha256/, the same file system as its destination, so the rename is atomic.
         fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, dir=self.objects)
         tmp = Path(tmp_name)
@@ -346,7 +369,7 @@ class BlobStore:
         dest = Path(dest_dir)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
             raise PolicyStoreError(f"cannot materialise {self._what(digest, label)} into {dest}: not empty")
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(dest.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}-", dir=dest.parent))
         try:
             self._extract_verified(src, digest, tmp, label)

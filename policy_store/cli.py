@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated
 
@@ -20,9 +21,25 @@ from rich.table import Table
 
 from policy_store.entities import AuditEntry, PolicyVersion
 from policy_store.errors import PolicyStoreError
-from policy_store.store import PolicyStore
+from policy_store.retention import RetentionRule
+from policy_store.store import PolicyStore, RetentionReport
 
 StoreFactory = Callable[[], PolicyStore]
+RetentionDefaults = Callable[[], tuple[RetentionRule, timedelta]]
+
+
+def _built_in_retention() -> tuple[RetentionRule, timedelta]:
+    return RetentionRule(), timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class StoreAccess:
+    """What the mounting application hands the commands: how to open its store, and its retention defaults
+    (called only by ``gc --retention``, so reading them cannot fail any other command)."""
+
+    open_store: StoreFactory
+    retention_defaults: RetentionDefaults = _built_in_retention  # (rule, grace of unreferenced blobs)
+
 
 EXIT_REFUSED = 2
 
@@ -32,12 +49,13 @@ def _stdout() -> Console:
     return Console()
 
 
-def build_app(open_store: StoreFactory) -> typer.Typer:
+def build_app(open_store: StoreFactory, retention_defaults: RetentionDefaults | None = None) -> typer.Typer:
     """The ``policy`` commands over the store ``open_store()`` returns (called once per command)."""
+    access = StoreAccess(open_store, retention_defaults or _built_in_retention)
     app = typer.Typer(
         help="Policy versions, aliases and their audit log.",
         no_args_is_help=True,
-        context_settings={"obj": open_store},  # each command's ctx.obj
+        context_settings={"obj": access},  # each command's ctx.obj
     )
     for name, command in COMMANDS.items():
         app.command(name)(command)
@@ -46,9 +64,9 @@ def build_app(open_store: StoreFactory) -> typer.Typer:
 
 @contextmanager
 def _store(ctx: typer.Context) -> Iterator[PolicyStore]:
-    open_store: StoreFactory = ctx.obj
+    access: StoreAccess = ctx.obj
     try:
-        with open_store() as store:
+        with access.open_store() as store:
             yield store
     except PolicyStoreError as exc:
         Console(stderr=True).print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
@@ -201,16 +219,59 @@ def history(ctx: typer.Context, alias: Annotated[str, typer.Argument(help="Alias
     _stdout().print(_audit_table(f"history of {alias}", entries))
 
 
+def _retention_table(report: RetentionReport, dry_run: bool) -> Table:
+    table = Table(title="retention (dry run)" if dry_run else "retention")
+    for column in ("version", "verdict", "why"):
+        table.add_column(column)
+    for vid, reasons in sorted(report.plan.keep.items()):
+        table.add_row(str(vid), "kept", ", ".join(reasons))
+    done = set(report.archived)
+    for vid in report.plan.archive:
+        verdict = "archived" if vid in done else ("to archive" if dry_run else "skipped (alias moved)")
+        table.add_row(str(vid), verdict, "weights freed" if vid in done else "")
+    return table
+
+
 def gc(
     ctx: typer.Context,
     retention_hours: Annotated[
-        float, typer.Option(help="Keep unreferenced blobs younger than this many hours.")
-    ] = 24.0,
+        float | None,
+        typer.Option(
+            help="Keep unreferenced blobs younger than this many hours [24; retention.blob_grace_h]."
+        ),
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Only report what would be removed.")] = False,
+    retention: Annotated[
+        bool,
+        typer.Option(
+            "--retention",
+            help="First apply the retention policy: archive the versions it does not keep (aliased, their "
+            "rollback targets and references, the last N, the young) and free their weights.",
+        ),
+    ] = False,
+    keep_last: Annotated[int | None, typer.Option(help="With --retention [retention.keep_last].")] = None,
+    keep_younger_than_hours: Annotated[
+        float | None, typer.Option(help="With --retention [retention.keep_younger_than_h].")
+    ] = None,
 ) -> None:
-    """Remove blobs no version references (and stale temp files)."""
+    """Remove blobs no version references (and stale temp files); --retention: archive old versions first."""
+    access: StoreAccess = ctx.obj
     with _store(ctx) as store:
-        report = store.gc(timedelta(hours=retention_hours), actor="cli", dry_run=dry_run)
+        if retention:
+            default_rule, default_grace = access.retention_defaults()
+            rule = RetentionRule(
+                keep_last=default_rule.keep_last if keep_last is None else keep_last,
+                keep_younger_than=default_rule.keep_younger_than
+                if keep_younger_than_hours is None
+                else timedelta(hours=keep_younger_than_hours),
+            )
+            grace = default_grace if retention_hours is None else timedelta(hours=retention_hours)
+            applied = store.apply_retention(rule, blob_grace=grace, actor="cli", dry_run=dry_run)
+            _stdout().print(_retention_table(applied, dry_run))
+            report = applied.gc
+        else:
+            grace = timedelta(hours=24.0 if retention_hours is None else retention_hours)
+            report = store.gc(grace, actor="cli", dry_run=dry_run)
     table = Table(title="gc (dry run)" if dry_run else "gc")
     table.add_column("removed")
     table.add_column("what")

@@ -27,7 +27,8 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -58,6 +59,7 @@ from policy_store.errors import (
     VersionNotReadyError,
 )
 from policy_store.models import SqlAuditEntry, SqlPolicyAlias, SqlPolicyVersion, utcnow
+from policy_store.retention import RetentionPlan, RetentionRule, plan_retention
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,16 @@ PUBLISH_LOCK_KEY = 0x71726C70
 ALIAS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.\-]{0,127}$")
 ALIAS_MOVES: tuple[AuditAction, ...] = ("set_alias", "rollback")
 PUBLISH_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    """What ``PolicyStore.apply_retention`` kept (and why), archived, and freed."""
+
+    plan: RetentionPlan
+    archived: list[int]
+    skipped: list[int]  # planned for archiving, but an alias moved onto them meanwhile
+    gc: GcReport
 
 
 class _BlobVanished(Exception):
@@ -643,11 +655,71 @@ class PolicyStore:
         v = self.get(version) if not isinstance(version, PolicyVersion) else version
         self.blobs.verify(v.blob_digest, label=f"version {v.id}")
 
+    def rollback_targets(self) -> dict[str, int | None]:
+        """Alias → the ready version ``rollback(alias)`` would return to now (None: nothing to go back to)."""
+        with self._reading() as session:
+            ready = set(
+                session.scalars(sa.select(SqlPolicyVersion.id).where(SqlPolicyVersion.status == "ready"))
+            )
+            targets: dict[str, int | None] = {}
+            for row in session.scalars(sa.select(SqlPolicyAlias)):
+                earlier = [v for v in self._holder_stack(session, row.alias) if v != row.version_id]
+                candidates = [v for v in earlier if v in ready]
+                targets[row.alias] = candidates[-1] if candidates else None
+            return targets
+
+    def apply_retention(
+        self,
+        rule: RetentionRule,
+        *,
+        blob_grace: timedelta = timedelta(hours=1),
+        now: datetime | None = None,
+        actor: str = "retention",
+        dry_run: bool = False,
+    ) -> RetentionReport:
+        """Archive every version the retention rule does not keep (``policy_store.retention``), then free
+        the blobs and checkouts only archived versions reference (older than ``blob_grace``).
+
+        Each archive is its own transaction and refuses a version an alias holds, so an alias moved onto a
+        planned version meanwhile wins (the version is reported as skipped); gc runs under the publish lock.
+        """
+        plan = plan_retention(
+            self.list(),
+            {alias: record.version_id for alias, record in self.aliases().items()},
+            self.rollback_targets(),
+            now or utcnow(),
+            rule,
+        )
+        archived: builtins.list[int] = []
+        skipped: builtins.list[int] = []
+        reason = f"retention: keep last {rule.keep_last}, younger than {rule.keep_younger_than}"
+        for vid in [] if dry_run else plan.archive:
+            try:
+                self.archive(vid, reason=reason, actor=actor)
+                archived.append(vid)
+            except VersionInUseError:
+                skipped.append(vid)
+        report = self.gc(blob_grace, actor=actor, dry_run=dry_run, free_archived=True)
+        log.info(
+            "retention: %d versions kept, %d archived, %d skipped, %d bytes freed",
+            len(plan.keep),
+            len(archived),
+            len(skipped),
+            report.freed_bytes,
+        )
+        return RetentionReport(plan, archived, skipped, report)
+
     def gc(
-        self, retention: timedelta = timedelta(hours=24), *, actor: str = "gc", dry_run: bool = False
+        self,
+        retention: timedelta = timedelta(hours=24),
+        *,
+        actor: str = "gc",
+        dry_run: bool = False,
+        free_archived: bool = False,
     ) -> GcReport:
         """Delete blob files (and their checkouts, and temp leftovers) that no version row references and
         that are older than ``retention``. Referenced blobs are always kept, whatever their age.
+        ``free_archived``: a blob referenced only by archived versions counts as unreferenced (retention).
 
         Runs under the publish lock, so a publish either committed before (its blob is referenced) or
         re-checks its blob after (and rewrites it). ``retention`` additionally spares blobs still being
@@ -655,7 +727,10 @@ class PolicyStore:
         """
         cutoff = retention.total_seconds()
         with self._writing(exclusive=True) as session:
-            referenced = set(session.scalars(sa.select(SqlPolicyVersion.blob_digest).distinct()))
+            query = sa.select(SqlPolicyVersion.blob_digest).distinct()
+            if free_archived:
+                query = query.where(SqlPolicyVersion.status != "archived")
+            referenced = set(session.scalars(query))
 
             def stale(path: Path) -> bool:
                 return self.blobs.age_seconds(path) >= cutoff

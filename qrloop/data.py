@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from policy_store.blobs import private_dir
 from qrloop.settings import Settings
 
 FORMAT_VERSION = 1
@@ -211,7 +212,7 @@ def prepare(settings: Settings, force: bool = False) -> Path:
         if meta.get("format_version") == FORMAT_VERSION:
             return out
     dataset = load_folder(source_folder(settings))
-    out.mkdir(parents=True, exist_ok=True)
+    private_dir(out)
     for name in ("products", "queries", "labels"):
         tmp = out / f".{name}.parquet.tmp"
         getattr(dataset, name).to_parquet(tmp, index=False)

@@ -2,7 +2,10 @@
 
 ``serve(port, checks)`` starts a daemon thread answering on 127.0.0.1:port:
 
-- ``/healthz``  200 while the process runs (liveness: a supervisor restarts it when this stops answering);
+- ``/healthz``  liveness: 200 while the role's main loop beats its :class:`Heartbeat` (the learner's poll
+  loop, the aggregator's timer on the event loop), 503 with the heartbeat's age once past its limit.
+  A thread answering 200 on its own would say nothing about a loop that is stuck; ``qrloop run`` restarts
+  a role whose liveness fails (``qrloop.supervisor``);
 - ``/readyz``   200 when every check passes, else 503, with each check's result as JSON (readiness: the
   broker, the database and the model are reachable);
 - ``/metrics``  the process's prometheus-client registry (``qrloop.metrics``).
@@ -60,6 +63,49 @@ def database_check(url: str) -> Check:
     return check
 
 
+class Heartbeat:
+    """When a role's main loop last went round; ``alive()`` while that is within ``max_age_s``.
+
+    The loop calls ``beat()`` once per iteration (cheap: one clock read). Work that legitimately takes long
+    (a DPO step, a publish) must stay below ``max_age_s`` (``daemon.liveness_max_age_s``).
+    """
+
+    def __init__(
+        self, max_age_s: float, start_grace_s: float = 0.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.max_age_s = max_age_s
+        self._clock = clock
+        self._last = clock()
+        # Until the first beat the role is still loading (models, the consumer group): allow for that too.
+        self._limit = max_age_s + start_grace_s
+
+    def beat(self) -> None:
+        self._last = self._clock()
+        self._limit = self.max_age_s
+
+    def age_s(self) -> float:
+        return self._clock() - self._last
+
+    def alive(self) -> bool:
+        return self.age_s() <= self._limit
+
+    def describe(self) -> dict[str, Any]:
+        return {"ok": self.alive(), "age_s": round(self.age_s(), 3), "max_age_s": self._limit}
+
+
+def thread_check(thread: threading.Thread, heartbeat: Heartbeat | None = None) -> Check:
+    """A background thread (the rewriter's announcement follower) is running, and its loop is going round."""
+
+    def check() -> str:
+        if not thread.is_alive():
+            raise RuntimeError(f"thread {thread.name} has stopped")
+        if heartbeat is not None and not heartbeat.alive():
+            raise RuntimeError(f"thread {thread.name} stuck for {heartbeat.age_s():.0f} s")
+        return f"{thread.name} running"
+
+    return check
+
+
 class Probes:
     def __init__(self, checks: Mapping[str, Check], cache_s: float = 2.0) -> None:
         self.checks = dict(checks)
@@ -90,7 +136,17 @@ def _respond(handler: BaseHTTPRequestHandler, status: int, body: bytes, content_
     handler.wfile.write(body)
 
 
-def serve(port: int, checks: Mapping[str, Check], role: str = "") -> ThreadingHTTPServer | None:
+def liveness(heartbeat: Heartbeat | None, role: str) -> tuple[int, dict[str, Any]]:
+    """``/healthz``'s status and body: 503 once the main loop's heartbeat is too old."""
+    body: dict[str, Any] = {"ok": True, "role": role, "pid": os.getpid()}
+    if heartbeat is not None:
+        body.update(heartbeat.describe())
+    return (200 if body["ok"] else 503), body
+
+
+def serve(
+    port: int, checks: Mapping[str, Check], role: str = "", heartbeat: Heartbeat | None = None
+) -> ThreadingHTTPServer | None:
     """Start the endpoints on 127.0.0.1:port in a daemon thread; port 0: none (returns None)."""
     if not port:
         return None
@@ -99,8 +155,8 @@ def serve(port: int, checks: Mapping[str, Check], role: str = "") -> ThreadingHT
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/healthz":
-                body = json.dumps({"ok": True, "role": role, "pid": os.getpid()}).encode()
-                _respond(self, 200, body, "application/json")
+                status, alive = liveness(heartbeat, role)
+                _respond(self, status, json.dumps(alive).encode(), "application/json")
             elif self.path == "/readyz":
                 ok, results = probes.ready()
                 body = json.dumps({"ok": ok, "role": role, "checks": results}).encode()

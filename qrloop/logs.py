@@ -13,6 +13,8 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
+from qrloop.settings import mask_secrets
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # LogRecord attributes that are not "extra" fields a caller attached.
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -41,11 +43,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload, default=str)
 
 
+class MaskingFormatter(logging.Formatter):
+    """Any ``scheme://user:password@`` in a formatted line (message, extras, traceback) shows ``***``."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_secrets(self.inner.format(record))
+
+
 def formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
-        return JsonFormatter()
+        return MaskingFormatter(JsonFormatter())
     if fmt == "text":
-        return logging.Formatter(TEXT_FORMAT)
+        return MaskingFormatter(logging.Formatter(TEXT_FORMAT))
     raise ValueError(f"unknown log format {fmt!r}: text or json")
 
 

@@ -22,4 +22,14 @@ ALIAS_VERSION = Gauge("qrloop_alias_version", "Version an alias points at", ["al
 CONSUMER_LAG = Gauge(
     "qrloop_consumer_lag", "Messages not yet consumed (end offset - position)", ["role", "topic", "partition"]
 )
+REQUESTS_REFUSED = Counter(
+    "qrloop_rewriter_requests_refused_total",
+    "/rewrite requests answered with an error, by status",
+    ["status"],
+)
+SETTINGS_RELOADS = Counter(
+    "qrloop_settings_reloads_total",
+    "SIGHUP settings reloads, applied or refused (old settings kept)",
+    ["role", "outcome"],
+)
 REWARD_AVG = Gauge("qrloop_reward_moving_average", "Moving average of the chosen reward", ["arm"])

@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 import torch
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from policy_store import PolicyStore
 from qrloop import health, logs, metrics
@@ -39,7 +40,7 @@ from qrloop.data import normalise_query
 from qrloop.events import Arm, PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
 from qrloop.models import load_policy
 from qrloop.prompting import build_prompt, end_of_turn
-from qrloop.reload import on_sighup
+from qrloop.reload import reload_on_sighup
 from qrloop.settings import CanarySettings, RewriterSettings, Settings
 
 log = logging.getLogger("qrloop.rewriter")
@@ -214,6 +215,8 @@ class AnnouncementFollower:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="announcement-follower", daemon=True)
         self.swaps: list[tuple[int, float]] = []  # (version, seconds from announcement to serving)
+        # Beaten once per poll: /readyz fails when this thread died or is stuck (then no swap would happen).
+        self.heartbeat = health.Heartbeat(settings.daemon.liveness_max_age_s)
 
     def start(self) -> AnnouncementFollower:
         self._thread.start()
@@ -222,6 +225,10 @@ class AnnouncementFollower:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+    def check(self) -> health.Check:
+        """The readiness check of this follower: its thread runs and its poll loop goes round."""
+        return health.thread_check(self._thread, self.heartbeat)
 
     def _run(self) -> None:
         consumer = KafkaConsumer(
@@ -234,6 +241,7 @@ class AnnouncementFollower:
         consumer.seek_to_end(partition)  # only announcements made from now on; startup resolved the alias
         try:
             while not self._stop.is_set():
+                self.heartbeat.beat()
                 for records in consumer.poll(timeout_ms=300).values():
                     for record in records:
                         self._handle(record.value)
@@ -446,28 +454,137 @@ def start_arms(settings: Settings, production: Rewriter, store: PolicyStore) -> 
     return armed
 
 
+class HttpError(Exception):
+    """A request the rewriter refuses: answered with ``status`` and ``{"error": reason}``, never a drop."""
+
+    def __init__(self, status: int, reason: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = dict(headers or {})
+
+
+class RewriteRequest(BaseModel):
+    """The body of ``POST /rewrite``. Strict: ``{"query": null}`` or a number is a 400, never "None"; a lone
+    surrogate (``"a\\ud800"``, which no tokenizer or Kafka message could encode) is refused by pydantic."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", hide_input_in_errors=True)
+
+    query: str = Field(min_length=1)
+    shopper_id: str = "anonymous"
+    session_id: str | None = None
+    arm: Arm | None = None  # an explicit arm is honoured (a forced canary query, a test)
+
+    @field_validator("query")
+    @classmethod
+    def _not_blank(cls, query: str) -> str:
+        if not query.strip():
+            raise ValueError("must not be blank")
+        return query
+
+
+def parse_rewrite_request(body: bytes, limits: RewriterSettings) -> RewriteRequest:
+    """The validated request, or an ``HttpError`` saying what is wrong with it."""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 / JSON, a 5,000-digit number, deep nesting
+        raise HttpError(400, f"body is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not isinstance(data, dict):
+        raise HttpError(400, f"body must be a JSON object with a 'query', not a JSON {type(data).__name__}")
+    try:
+        request = RewriteRequest.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise HttpError(400, f"invalid request: {problems}") from None
+    if len(request.query) > limits.max_query_chars:
+        raise HttpError(
+            413, f"query is {len(request.query)} characters; at most {limits.max_query_chars} are served"
+        )
+    return request
+
+
+def read_body(handler: BaseHTTPRequestHandler, limits: RewriterSettings) -> bytes:
+    """Exactly Content-Length bytes within ``request_timeout_s`` in all, or an ``HttpError``.
+
+    No Content-Length (or a chunked body) is a 411, a negative or malformed one a 400, one above
+    ``max_body_bytes`` a 413: nothing is read until the size is known to be acceptable.
+    """
+    if handler.headers.get("Transfer-Encoding"):
+        raise HttpError(411, "chunked bodies are not accepted; send a Content-Length")
+    declared = handler.headers.get("Content-Length")
+    if declared is None:
+        raise HttpError(411, "a Content-Length header is required")
+    if not declared.strip().isdigit():
+        raise HttpError(400, f"bad Content-Length {declared[:40]!r}")
+    size = int(declared)
+    if size > limits.max_body_bytes:
+        raise HttpError(413, f"body of {size} bytes; at most {limits.max_body_bytes} are accepted")
+    deadline = time.monotonic() + limits.request_timeout_s
+    chunks: list[bytes] = []
+    remaining = size
+    while remaining:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise HttpError(408, f"body not received within {limits.request_timeout_s:g} s")
+        handler.connection.settimeout(left)
+        try:
+            chunk = handler.rfile.read1(remaining)
+        except TimeoutError:
+            raise HttpError(408, f"body not received within {limits.request_timeout_s:g} s") from None
+        if not chunk:
+            raise HttpError(400, f"body ended after {size - remaining} of {size} bytes")
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
 def _json_response(
-    handler: BaseHTTPRequestHandler, status: int, body: Any, content_type: str = "application/json"
+    handler: BaseHTTPRequestHandler,
+    status: int,
+    body: Any,
+    content_type: str = "application/json",
+    headers: Mapping[str, str] | None = None,
 ) -> None:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    handler.send_response(status)
-    handler.send_header("Content-Type", content_type)
-    handler.send_header("Content-Length", str(len(data)))
-    handler.end_headers()
-    handler.wfile.write(data)
+    try:
+        handler.send_response(status)
+        handler.send_header("Content-Type", content_type)
+        handler.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(data)
+    except OSError:  # the client went away (or timed out) before reading its answer: nothing left to tell
+        log.debug("client %s left before its %d response", handler.client_address, status)
 
 
 # Safe to change in a running rewriter: they act from the next query and change nothing already served.
 # Not the products per list (rewards of lists of other lengths are not comparable), nor topics, aliases or
 # the database; the canary's share is the canary job's to step (its audit log is the state), not a setting.
+# The HTTP limits are not reloaded either: the server's handler class and semaphore are built with them.
 RELOADABLE = ("temperature", "top_p", "max_new_tokens")
+
+
+class _RewriterHttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, port: int, handler: type[BaseHTTPRequestHandler], heartbeat: health.Heartbeat) -> None:
+        super().__init__(("127.0.0.1", port), handler)
+        self.heartbeat = heartbeat
+
+    def service_actions(self) -> None:
+        # Called by serve_forever on every turn of its loop: the rewriter's main-loop heartbeat.
+        self.heartbeat.beat()
 
 
 class RewriterService:
     """The serving process: HTTP in, QueryEvent published to Kafka and returned to the caller.
 
-    ``/readyz`` runs ``checks`` (in ``run``: the broker and the policy store's database, as the other roles'
-    probes do) plus the model check: ready only when a query could be served *and* its event published.
+    ``/readyz`` runs ``checks`` (in ``run``: the broker, the policy store's database and the announcement
+    follower thread) plus the model check: ready only when a query could be served *and* its event published.
+    ``/rewrite`` answers 503 while not ready, and while ``max_in_flight`` queries are already waiting for
+    the model. ``/healthz`` (liveness) fails when the accept loop stops going round or one query has held
+    the model for longer than ``daemon.liveness_max_age_s``.
     """
 
     def __init__(
@@ -481,6 +598,10 @@ class RewriterService:
         self.rewriter = rewriter
         self.producer = producer
         self.probes = health.Probes({**(checks or {}), "model": self._model_check})
+        self.heartbeat = health.Heartbeat(settings.daemon.liveness_max_age_s)
+        self._slots = threading.BoundedSemaphore(settings.rewriter.max_in_flight)
+        self._in_flight: dict[int, float] = {}  # thread id -> when its query started (monotonic)
+        self._in_flight_lock = threading.Lock()
 
     def _model_check(self) -> str:
         if self.rewriter.version is None:
@@ -491,6 +612,16 @@ class RewriterService:
         ok, checks = self.probes.ready()
         arms = self.rewriter.arms() if isinstance(self.rewriter, ArmedRewriter) else {}
         return ok, {"ok": ok, "role": "rewriter", "version": self.rewriter.version, **arms, "checks": checks}
+
+    def liveness(self) -> tuple[int, dict[str, Any]]:
+        status, body = health.liveness(self.heartbeat, "rewriter")
+        with self._in_flight_lock:
+            oldest = min(self._in_flight.values(), default=None)
+        longest = 0.0 if oldest is None else time.monotonic() - oldest
+        body["longest_query_s"] = round(longest, 3)
+        if longest > self.settings.daemon.liveness_max_age_s:
+            body["ok"], status = False, 503
+        return status, body
 
     def reload(self, fresh: Settings) -> dict[str, Any]:
         """SIGHUP: the log level and the ``RELOADABLE`` rewriter settings, from the next query on."""
@@ -507,12 +638,30 @@ class RewriterService:
         log.info("settings reloaded: log level %s, %s", fresh.logging.level, changes or "no rewriter change")
         return changes
 
-    def handle(self, request: dict[str, Any]) -> QueryEvent:
-        query = str(request["query"])
-        shopper_id = str(request.get("shopper_id", "anonymous"))
-        session_id = str(request.get("session_id", uuid.uuid4()))
-        if request.get("arm"):  # an explicit arm is honoured (a forced canary query, a test)
-            arm = str(request["arm"])
+    def serve_request(self, request: RewriteRequest) -> QueryEvent:
+        """Serve a validated request, or 503 when not ready or already ``max_in_flight`` queries deep."""
+        ready, _ = self.probes.ready()
+        if not ready:
+            raise HttpError(503, "not ready (see /readyz)", {"Retry-After": "5"})
+        if not self._slots.acquire(blocking=False):
+            metrics.REQUESTS_REFUSED.labels("overloaded").inc()
+            raise HttpError(503, "overloaded: too many queries in flight", {"Retry-After": "1"})
+        me = threading.get_ident()
+        try:
+            with self._in_flight_lock:
+                self._in_flight[me] = time.monotonic()
+            return self.handle(request)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.pop(me, None)
+            self._slots.release()
+
+    def handle(self, request: RewriteRequest) -> QueryEvent:
+        query = request.query
+        shopper_id = request.shopper_id
+        session_id = request.session_id or str(uuid.uuid4())
+        if request.arm:  # an explicit arm is honoured (a forced canary query, a test)
+            arm = request.arm
             event = self.rewriter.serve(query, shopper_id=shopper_id, session_id=session_id, arm=arm)
         else:  # otherwise the arms decide
             event = self.rewriter.serve(query, shopper_id=shopper_id, session_id=session_id)
@@ -524,26 +673,40 @@ class RewriterService:
         return event
 
     def http_server(self, port: int) -> ThreadingHTTPServer:
+        """``POST /rewrite``, ``GET /healthz /readyz /metrics`` on 127.0.0.1:port (0: any free port).
+
+        Every request gets an answer: a JSON ``{"error": ...}`` with 400/404/408/411/413/503, or a 500 when
+        serving itself raised; the connection is never just dropped. ``request_timeout_s`` bounds how long
+        a client may take to send its request, so slow clients cannot hold server threads for long.
+        """
         service = self
+        limits = self.settings.rewriter
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = limits.request_timeout_s  # socket timeout while reading the request line and headers
+
             def do_POST(self) -> None:
-                if self.path != "/rewrite":
-                    _json_response(self, 404, {"error": "not found"})
-                    return
                 try:
-                    body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                    if not isinstance(body, dict) or not str(body.get("query", "")).strip():
-                        raise ValueError("body must be a JSON object with a non-empty 'query'")
-                except ValueError as exc:
-                    _json_response(self, 400, {"error": str(exc)})
-                    return
-                event = service.handle(body)
-                _json_response(self, 200, event.model_dump(mode="json"))
+                    if self.path != "/rewrite":
+                        raise HttpError(404, "not found")
+                    request = parse_rewrite_request(read_body(self, limits), limits)
+                    event = service.serve_request(request)
+                    _json_response(self, 200, event.model_dump(mode="json"))
+                except HttpError as exc:
+                    if exc.status != 503:
+                        metrics.REQUESTS_REFUSED.labels(str(exc.status)).inc()
+                    _json_response(self, exc.status, {"error": exc.reason}, headers=exc.headers)
+                except (
+                    Exception
+                ) as exc:  # serving failed: the client gets a 500 and a reason, the log the rest
+                    log.exception("serving a query failed")
+                    metrics.REQUESTS_REFUSED.labels("500").inc()
+                    _json_response(self, 500, {"error": f"internal error: {type(exc).__name__}"})
 
             def do_GET(self) -> None:
                 if self.path == "/healthz":
-                    _json_response(self, 200, {"ok": True})
+                    status, body = service.liveness()
+                    _json_response(self, status, body)
                 elif self.path == "/readyz":
                     ok, body = service.readiness()
                     _json_response(self, 200 if ok else 503, body)
@@ -555,7 +718,7 @@ class RewriterService:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug(format, *args)
 
-        return ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        return _RewriterHttpServer(port, Handler, self.heartbeat)
 
 
 def run(
@@ -581,11 +744,12 @@ def run(
     checks = {
         "broker": health.kafka_check(settings.kafka.bootstrap_servers),
         "database": health.database_check(settings.db_url),
+        "follower": follower.check(),
     }
     service = RewriterService(settings, rewriter, producer, checks)
     server = service.http_server(port)
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
-    on_sighup(service.reload)
+    reload_on_sighup("rewriter", service.reload)
     log.info("serving alias %r (version %d) on 127.0.0.1:%d", alias, version.id, port)
     try:
         server.serve_forever(poll_interval=0.2)

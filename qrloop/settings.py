@@ -9,12 +9,16 @@ The file is ``$QRLOOP_CONFIG`` if set, else ``./qrloop.toml`` when present; its 
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
+import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -23,6 +27,99 @@ from pydantic_settings import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+log = logging.getLogger("qrloop.settings")
+
+ENV_PREFIX = "QRLOOP_"
+# QRLOOP_* variables that are not settings: the config file's path, the scripts' and the test suite's own.
+# Every other QRLOOP_* variable must name a setting, so that a typo is an error rather than a silent default.
+NOT_SETTINGS = frozenset(
+    {
+        "QRLOOP_CONFIG",
+        "QRLOOP_ROLE",
+        "QRLOOP_PYTHON",
+        "QRLOOP_TEST_PG_URL",
+        "QRLOOP_BENCH_PG_URL",
+        "QRLOOP_PG_PORT",
+        "QRLOOP_PG_USER",
+        "QRLOOP_PG_DATA",
+        "QRLOOP_PG_SECRET",
+    }
+)
+MAX_PORT = 65535
+# Kafka's legal topic names; the store's legal alias names (policy_store.store.ALIAS_NAME, not imported:
+# settings must not depend on the store).
+TOPIC_PATTERN = r"^[A-Za-z0-9._\-]{1,249}$"
+ALIAS_PATTERN = r"^[A-Za-z][A-Za-z0-9_.\-]{0,127}$"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+SECRET_IN_URL = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/@\s]+:)(?P<secret>[^@\s]+)(?P<tail>@)")
+
+
+class SettingsError(ValueError):
+    """Invalid configuration: an unknown key (named, with the closest valid one), a value out of range."""
+
+
+class Group(BaseModel):
+    """A table of settings. Unknown keys are refused (a typo must not silently fall back to a default)."""
+
+    # hide_input_in_errors: a validation error must not print a value that may hold a password.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+
+def mask_secrets(text: str) -> str:
+    """``scheme://user:password@host`` → ``scheme://user:***@host`` anywhere in ``text``."""
+    return SECRET_IN_URL.sub(r"\g<head>***\g<tail>", text)
+
+
+def _known_keys(model: type[BaseModel]) -> dict[str, type[BaseModel] | None]:
+    """Field name → its group model (None for a plain value)."""
+    known: dict[str, type[BaseModel] | None] = {}
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        known[name] = annotation if isinstance(annotation, type) and issubclass(annotation, Group) else None
+    return known
+
+
+def _closest(key: str, candidates: list[str]) -> str | None:
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _hint(suggestion: str | None) -> str:
+    return f" (did you mean {suggestion!r}?)" if suggestion else ""
+
+
+def unknown_keys(data: Mapping[str, Any], model: type[BaseModel], where: str = "") -> list[str]:
+    """Every key of ``data`` (recursively into the groups) that names no setting, with the closest one."""
+    known = _known_keys(model)
+    problems = []
+    for key, value in data.items():
+        path = f"{where}{key}"
+        group = known.get(key)
+        if key not in known:
+            close = _closest(key, list(known))
+            problems.append(f"unknown setting {path!r}{_hint(close and where + close)}")
+        elif group is not None and isinstance(value, Mapping):
+            problems.extend(unknown_keys(value, group, f"{path}."))
+    return problems
+
+
+def unknown_environment(environ: Mapping[str, str], model: type[BaseModel]) -> list[str]:
+    """``QRLOOP_*`` variables that name no setting (``QRLOOP_DATABSE_URL``, ``QRLOOP_DPO__BETTA``)."""
+    problems = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX) or name.upper() in NOT_SETTINGS:
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        current: type[BaseModel] | None = model
+        for depth, part in enumerate(parts):
+            known = _known_keys(current) if current is not None else {}
+            if part not in known:
+                close = _closest(part, list(known))
+                fixed = ENV_PREFIX + "__".join([*parts[:depth], close]).upper() if close else None
+                problems.append(f"environment variable {name} names no setting{_hint(fixed)}")
+                break
+            current = known[part]
+    return problems
 
 
 def _default_cache_dir() -> Path:
@@ -39,32 +136,56 @@ def _default_data_dir() -> Path:
     return (REPO_ROOT / ".." / "shared" / "data").resolve()
 
 
-class KafkaSettings(BaseModel):
-    bootstrap_servers: str = Field("127.0.0.1:9092", description="Broker address clients connect to.")
-    version: str = Field("4.1.1", description="Apache Kafka version scripts/kafka.sh installs (see README).")
-    controller_port: int = Field(9093, description="KRaft controller listener port (loopback only).")
+class KafkaSettings(Group):
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", min_length=1, description="Broker address clients connect to."
+    )
+    version: str = Field(
+        "4.1.1", min_length=1, description="Apache Kafka version scripts/kafka.sh installs (see README)."
+    )
+    controller_port: int = Field(
+        9093, ge=1, le=MAX_PORT, description="KRaft controller listener port (loopback only)."
+    )
     home: Path | None = Field(None, description="Where the broker jars live; default <cache_dir>/kafka.")
     log_dir: Path | None = Field(None, description="Broker data directory; default <cache_dir>/kafka/data.")
-    client_id: str = Field("qrloop", description="client.id prefix for every producer and consumer.")
+    client_id: str = Field(
+        "qrloop", min_length=1, description="client.id prefix for every producer and consumer."
+    )
 
 
-class TopicSettings(BaseModel):
-    query_events: str = Field("qrloop.query-events", description="QueryEvent per served query.")
-    interactions: str = Field("qrloop.interactions", description="Attributed shopper interactions.")
-    preference_pairs: str = Field("qrloop.preference-pairs", description="Chosen/rejected rewrite pairs.")
-    policy_versions: str = Field("qrloop.policy-versions", description="Announcements of versions/aliases.")
-    dead_letter: str = Field("qrloop.dead-letter", description="Messages that could not be processed.")
-    partitions: int = Field(4, description="Partitions of the query-event and interaction topics.")
+class TopicSettings(Group):
+    query_events: str = Field(
+        pattern=TOPIC_PATTERN, default="qrloop.query-events", description="QueryEvent per served query."
+    )
+    interactions: str = Field(
+        pattern=TOPIC_PATTERN, default="qrloop.interactions", description="Attributed shopper interactions."
+    )
+    preference_pairs: str = Field(
+        pattern=TOPIC_PATTERN, default="qrloop.preference-pairs", description="Chosen/rejected rewrite pairs."
+    )
+    policy_versions: str = Field(
+        pattern=TOPIC_PATTERN,
+        default="qrloop.policy-versions",
+        description="Announcements of versions/aliases.",
+    )
+    dead_letter: str = Field(
+        pattern=TOPIC_PATTERN,
+        default="qrloop.dead-letter",
+        description="Messages that could not be processed.",
+    )
+    partitions: int = Field(4, ge=1, description="Partitions of the query-event and interaction topics.")
     pair_partitions: int = Field(
-        1, description="Partitions of the pair topic (one learner reads it in order)."
+        1, ge=1, description="Partitions of the pair topic (one learner reads it in order)."
     )
-    replication_factor: int = Field(1, description="Replication factor (1 on the single-node broker).")
+    replication_factor: int = Field(1, ge=1, description="Replication factor (1 on the single-node broker).")
     query_outcomes: str = Field(
-        "qrloop.query-outcomes", description="QueryOutcome per scored query (ties too), read by the canary."
+        "qrloop.query-outcomes",
+        pattern=TOPIC_PATTERN,
+        description="QueryOutcome per scored query (ties too), read by the canary.",
     )
 
 
-class ModelSettings(BaseModel):
+class ModelSettings(Group):
     policy_dir: Path | None = Field(
         None, description="HF directory of the base policy; default <cache_dir>/models/smollm2-135m-instruct."
     )
@@ -75,90 +196,133 @@ class ModelSettings(BaseModel):
     relevance_dir: Path | None = Field(
         None, description="Fine-tuned relevance model M1; default <cache_dir>/models/relevance-m1."
     )
-    torch_threads: int = Field(0, description="torch.set_num_threads; 0 keeps torch's default.")
+    torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 keeps torch's default.")
 
 
-class RewriterSettings(BaseModel):
-    temperature: float = Field(1.0, description="Sampling temperature of the two rewrites.")
-    top_p: float = Field(0.95, description="Nucleus sampling mass.")
-    max_new_tokens: int = Field(16, description="Rewrites are short queries; this caps runaway generations.")
-    top_k_products: int = Field(10, description="Products retrieved per query / rewrite.")
-
-
-class DPOSettings(BaseModel):
-    batch_size: int = Field(16, description="Pairs per DPO step (the paper: one step every 16 queries).")
-    beta: float = Field(0.1, description="DPO temperature β of eq. 2.")
-    learning_rate: float = Field(5e-6, description="AdamW learning rate.")
-    max_grad_norm: float = Field(1.0, description="Gradient clipping.")
-    publish_every: int = Field(1, description="Publish a version every N DPO steps.")
-    alias: str = Field("production", description="Alias the learner moves after publishing.")
-    start_alias: str = Field("production", description="Alias whose version a fresh learner starts from.")
-    learner_name: str = Field(
-        "qrloop", description="Names this learner's lineage: it resumes from its own latest version."
+class RewriterSettings(Group):
+    temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature of the two rewrites.")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(
+        16, ge=1, le=1024, description="Rewrites are short queries; this caps runaway generations."
     )
-    metrics_port: int = Field(0, description="Port of the learner's /metrics (0: off).")
+    top_k_products: int = Field(10, ge=1, description="Products retrieved per query / rewrite.")
+    # The HTTP endpoint's limits: one model serves every query in turn, so one oversized or slow request
+    # must not hold it (or a server thread) for long; past them a request gets a 4xx/503 with a reason.
+    max_body_bytes: int = Field(
+        16_384, ge=64, description="Largest /rewrite request body; larger (or no Content-Length): 413/411."
+    )
+    max_query_chars: int = Field(
+        512, ge=1, description="Longest query /rewrite accepts (characters); longer: 413."
+    )
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="A client that sends no byte for this long is disconnected (slow clients)."
+    )
+    max_in_flight: int = Field(
+        32, ge=1, description="Queries queued or being served at once; beyond: 503 with Retry-After."
+    )
+
+
+class DPOSettings(Group):
+    batch_size: int = Field(
+        16, ge=1, description="Pairs per DPO step (the paper: one step every 16 queries)."
+    )
+    beta: float = Field(0.1, gt=0, description="DPO temperature β of eq. 2.")
+    learning_rate: float = Field(5e-6, gt=0, lt=1, description="AdamW learning rate.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    publish_every: int = Field(1, ge=1, description="Publish a version every N DPO steps.")
+    alias: str = Field(
+        "production", pattern=ALIAS_PATTERN, description="Alias the learner moves after publishing."
+    )
+    start_alias: str = Field(
+        "production", pattern=ALIAS_PATTERN, description="Alias whose version a fresh learner starts from."
+    )
+    learner_name: str = Field(
+        "qrloop",
+        min_length=1,
+        description="Names this learner's lineage: it resumes from its own latest version.",
+    )
+    metrics_port: int = Field(0, ge=0, le=MAX_PORT, description="Port of the learner's /metrics (0: off).")
     stop_deadline_s: float = Field(
         30.0,
+        ge=0,
         description="After SIGTERM the learner finishes the step in progress; past this deadline it abandons "
         "it (nothing of it is committed) and exits 0. A publish in progress is always finished.",
     )
 
 
-class RewardSettings(BaseModel):
-    relevance: float = Field(1.0, description="Weight of relevance r.")
+class RewardSettings(Group):
+    relevance: float = Field(1.0, ge=0, description="Weight of relevance r.")
     # Small on purpose: d counts *any* new product, relevant or not. At 0.5 a random product list out-scored
     # the original query's own list (combined 0.223 vs 0.188, benchmarks/bench_simulators.py), so DPO would
     # have been paid to drift off the shopper's intent. At 0.1 diversity breaks ties between relevant lists.
-    diversity: float = Field(0.1, description="Weight of diversity d (see the comment: reward hacking).")
-    click: float = Field(1.0, description="Weight of click rate.")
-    add2cart: float = Field(1.0, description="Weight of add-to-cart rate.")
-    purchase: float = Field(1.0, description="Weight of purchase rate.")
-    margin: float = Field(0.02, description="Rewards closer than this are a tie: counted, never emitted.")
-
-
-class StreamSettings(BaseModel):
-    attribution_window_s: float = Field(
-        30.0, description="Event-time window joining interactions to a query."
+    diversity: float = Field(
+        0.1, ge=0, description="Weight of diversity d (see the comment: reward hacking)."
     )
-    grace_s: float = Field(10.0, description="Late interactions within this grace are still counted.")
-    app_id: str = Field("qrloop-aggregator", description="Faust application id (consumer group, tables).")
-    tick_s: float = Field(0.5, description="How often the aggregator checks for windows to close.")
+    click: float = Field(1.0, ge=0, description="Weight of click rate.")
+    add2cart: float = Field(1.0, ge=0, description="Weight of add-to-cart rate.")
+    purchase: float = Field(1.0, ge=0, description="Weight of purchase rate.")
+    margin: float = Field(
+        0.02, ge=0, description="Rewards closer than this are a tie: counted, never emitted."
+    )
+
+
+class StreamSettings(Group):
+    attribution_window_s: float = Field(
+        30.0, gt=0, description="Event-time window joining interactions to a query."
+    )
+    grace_s: float = Field(10.0, ge=0, description="Late interactions within this grace are still counted.")
+    app_id: str = Field(
+        "qrloop-aggregator", min_length=1, description="Faust application id (consumer group, tables)."
+    )
+    tick_s: float = Field(0.5, gt=0, description="How often the aggregator checks for windows to close.")
     idle_advance_s: float = Field(
-        2.0, description="After this much wall time without events, stream time advances with the clock."
+        2.0,
+        gt=0,
+        description="After this much wall time without events, stream time advances with the clock.",
     )
     orphan_after_s: float = Field(
-        120.0, description="Interactions whose query event never arrives are dead-lettered after this long."
+        120.0,
+        gt=0,
+        description="Interactions whose query event never arrives are dead-lettered after this long.",
     )
-    tombstone_s: float = Field(300.0, description="How long a closed window still recognises late events.")
-    metrics_port: int = Field(0, description="Port of the aggregator's /metrics (0: off).")
+    tombstone_s: float = Field(
+        300.0, ge=0, description="How long a closed window still recognises late events."
+    )
+    metrics_port: int = Field(0, ge=0, le=MAX_PORT, description="Port of the aggregator's /metrics (0: off).")
 
 
-class CanarySettings(BaseModel):
+class CanarySettings(Group):
     enabled: bool = Field(
         True, description="Serve a share of traffic from the 'canary' alias when it differs from production."
     )
     production_alias: str = Field(
-        "production", description="Alias the canary is compared with / promoted to."
+        "production", pattern=ALIAS_PATTERN, description="Alias the canary is compared with / promoted to."
     )
-    canary_alias: str = Field("canary", description="Alias the learner publishes candidates to.")
-    interval_s: float = Field(60.0, description="How often the canary job analyses the last window.")
+    canary_alias: str = Field(
+        "canary", pattern=ALIAS_PATTERN, description="Alias the learner publishes candidates to."
+    )
+    interval_s: float = Field(60.0, gt=0, description="How often the canary job analyses the last window.")
     window_s: float = Field(
-        300.0, description="Event-time window of query outcomes each analysis compares (per arm)."
+        300.0, gt=0, description="Event-time window of query outcomes each analysis compares (per arm)."
     )
     share_steps: list[float] = Field(
         [0.1, 0.25, 0.5],
         description="Traffic shares of the canary arm, stepped up after each inconclusive healthy analysis.",
     )
-    min_samples: int = Field(30, description="Queries per arm in the window before any verdict.")
-    alpha: float = Field(0.05, description="Significance level of the two-sided Mann-Whitney U test.")
-    min_effect: float = Field(0.02, description="Smallest mean reward difference that counts as a verdict.")
+    min_samples: int = Field(30, ge=1, description="Queries per arm in the window before any verdict.")
+    alpha: float = Field(
+        0.05, gt=0, lt=1, description="Significance level of the two-sided Mann-Whitney U test."
+    )
+    min_effect: float = Field(
+        0.02, ge=0, description="Smallest mean reward difference that counts as a verdict."
+    )
     relevance_floor: float = Field(
-        0.95, description="Canary's mean relevance must stay above this fraction of production's."
+        0.95, ge=0, le=1, description="Canary's mean relevance must stay above this fraction of production's."
     )
     max_kl: float = Field(
-        5.0, description="Max mean log-ratio (nats) of canary rewrites to the production policy."
+        5.0, gt=0, description="Max mean log-ratio (nats) of canary rewrites to the production policy."
     )
-    max_windows: int = Field(10, description="Inconclusive analyses before a conservative roll back.")
+    max_windows: int = Field(10, ge=1, description="Inconclusive analyses before a conservative roll back.")
 
     @model_validator(mode="after")
     def _check_steps(self) -> CanarySettings:
@@ -169,42 +333,112 @@ class CanarySettings(BaseModel):
         return self
 
 
-class LoggingSettings(BaseModel):
+class LoggingSettings(Group):
     level: str = Field("INFO", description="Log level of every process (reloaded on SIGHUP).")
     format: Literal["text", "json"] = Field(
         "text", description="text: human-readable lines; json: one object a line."
     )
 
+    @field_validator("level")
+    @classmethod
+    def _known_level(cls, level: str) -> str:
+        if level.upper() not in LOG_LEVELS:
+            raise ValueError(f"logging.level must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+        return level.upper()
 
-class DaemonSettings(BaseModel):
+
+class DaemonSettings(Group):
     roles: list[str] = Field(
         ["serve", "aggregate", "learn"], description="Roles `qrloop run` starts when no --roles is given."
     )
-    serve_port: int = Field(8700, description="Rewriter port under `qrloop run` (its probes are on it too).")
-    aggregate_port: int = Field(9101, description="Aggregator /healthz /readyz /metrics under `qrloop run`.")
-    learn_port: int = Field(9102, description="Learner /healthz /readyz /metrics under `qrloop run`.")
-    stop_deadline_s: float = Field(60.0, description="`qrloop run` SIGKILLs a role still running after this.")
-    backoff_initial_s: float = Field(
-        1.0, description="First restart delay of a crashed role (doubles, capped)."
+    serve_port: int = Field(
+        8700, ge=1, le=MAX_PORT, description="Rewriter port under `qrloop run` (its probes are on it too)."
     )
-    backoff_max_s: float = Field(60.0, description="Longest restart delay.")
+    aggregate_port: int = Field(
+        9101, ge=1, le=MAX_PORT, description="Aggregator /healthz /readyz /metrics under `qrloop run`."
+    )
+    learn_port: int = Field(
+        9102, ge=1, le=MAX_PORT, description="Learner /healthz /readyz /metrics under `qrloop run`."
+    )
+    stop_deadline_s: float = Field(
+        60.0, gt=0, description="`qrloop run` SIGKILLs a role still running after this."
+    )
+    backoff_initial_s: float = Field(
+        1.0, gt=0, description="First restart delay of a crashed role (doubles, capped)."
+    )
+    backoff_max_s: float = Field(60.0, gt=0, description="Longest restart delay.")
+    liveness_max_age_s: float = Field(
+        120.0,
+        gt=0,
+        description="A role whose main loop has not beaten its heartbeat for this long fails /healthz, and "
+        "`qrloop run` restarts it (longer than a DPO step or a publish on this machine).",
+    )
+    liveness_start_grace_s: float = Field(
+        300.0, ge=0, description="Liveness is not checked this long after a role starts (models load)."
+    )
+    liveness_interval_s: float = Field(
+        10.0, gt=0, description="How often `qrloop run` probes each role's /healthz."
+    )
+
+    @field_validator("roles")
+    @classmethod
+    def _known_roles(cls, roles: list[str]) -> list[str]:
+        known = ("serve", "aggregate", "learn", "canary", "all")
+        unknown = [r for r in roles if r not in known]
+        if unknown or not roles:
+            raise ValueError(f"daemon.roles must be some of {', '.join(known)}; unknown: {unknown}")
+        return roles
+
+    @model_validator(mode="after")
+    def _distinct_ports_and_backoff(self) -> DaemonSettings:
+        ports = [self.serve_port, self.aggregate_port, self.learn_port]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"daemon serve/aggregate/learn ports must differ, got {ports}")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("daemon.backoff_max_s must be >= daemon.backoff_initial_s")
+        return self
+
+
+class RetentionSettings(Group):
+    """Which versions keep their weights (see ``policy_store.retention``); the rest are archived and their
+    blobs freed by ``qrloop policy gc --retention`` and periodically by ``qrloop run``."""
+
+    enabled: bool = Field(True, description="Run the retention policy periodically under `qrloop run`.")
+    keep_last: int = Field(5, ge=1, description="Always keep the newest N versions.")
+    keep_younger_than_h: float = Field(
+        24.0, ge=0, description="Always keep versions younger than this (hours)."
+    )
+    interval_s: float = Field(600.0, gt=0, description="How often `qrloop run` applies the retention policy.")
+    blob_grace_h: float = Field(
+        1.0,
+        ge=0,
+        description="Unreferenced blobs and temp files younger than this survive gc (in-flight writes).",
+    )
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="QRLOOP_",
         env_nested_delimiter="__",
-        extra="ignore",
+        extra="ignore",  # unknown keys are refused by _refuse_unknown_keys, with the closest valid name
+        hide_input_in_errors=True,
     )
 
     cache_dir: Path = Field(default_factory=_default_cache_dir, description="Caches: jars, models, indexes.")
     data_dir: Path = Field(default_factory=_default_data_dir, description="Folder of the real data sets.")
-    dataset: str = Field("homedepot", description="Which data set under data_dir drives the catalog.")
+    dataset: str = Field(
+        "homedepot", min_length=1, description="Which data set under data_dir drives the catalog."
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the policy store; default sqlite:///<cache_dir>/qrloop.db."
     )
     blob_dir: Path | None = Field(None, description="Content-addressed weights; default <cache_dir>/blobs.")
-    seed: int = Field(1234, description="Seed for simulators and sampling.")
+    database_password_file: Path = Field(
+        default_factory=lambda: default_password_file(),
+        description="PostgreSQL password (mode 0600, written by scripts/postgres.sh); filled into a "
+        "postgresql database_url that has a user but no password.",
+    )
+    seed: int = Field(1234, ge=0, description="Seed for simulators and sampling.")
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     topics: TopicSettings = Field(default_factory=TopicSettings)
@@ -216,6 +450,7 @@ class Settings(BaseSettings):
     canary: CanarySettings = Field(default_factory=CanarySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -229,12 +464,26 @@ class Settings(BaseSettings):
         # Precedence: explicit arguments > environment > TOML file > defaults.
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=config_file()))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_keys(cls, data: Any) -> Any:
+        # Sources merged (arguments, environment, file): any key that names no field is a typo or a stale
+        # setting, refused with its name rather than silently ignored (a misspelt database_url would
+        # otherwise fall back to SQLite). The environment is checked on its own: unknown top-level
+        # variables never reach ``data``.
+        problems = unknown_keys(data, cls) if isinstance(data, Mapping) else []
+        problems += unknown_environment(os.environ, cls)
+        if problems:
+            raise SettingsError("; ".join(problems))
+        return data
+
     @model_validator(mode="after")
     def _fill_derived_paths(self) -> Settings:
         # Derived defaults live under cache_dir so that moving the cache moves everything with it.
         self.cache_dir = self.cache_dir.expanduser()
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.cache_dir / 'qrloop.db'}"
+        self.database_url = with_stored_password(self.database_url, self.database_password_file)
         if self.blob_dir is None:
             self.blob_dir = self.cache_dir / "blobs"
         if self.kafka.home is None:
@@ -258,7 +507,43 @@ class Settings(BaseSettings):
         return self.cache_dir / "data" / self.dataset
 
     def describe(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """Every setting, secrets masked (``qrloop config show``)."""
+        described = self.model_dump(mode="json")
+        described["database_url"] = mask_secrets(self.db_url)
+        return described
+
+    def __repr_args__(self) -> Any:
+        for name, value in super().__repr_args__():
+            yield name, mask_secrets(value) if isinstance(value, str) else value
+
+
+def default_password_file() -> Path:
+    xdg = os.environ.get("XDG_CONFIG_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".config") / "qrloop" / "postgres-password"
+
+
+def read_secret(path: Path) -> str | None:
+    """The secret in ``path`` (stripped), None when there is none. Refused when others may read it."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return None
+    if mode & 0o077:
+        raise SettingsError(f"{path} is readable by others (mode {mode & 0o777:o}); chmod 600 it")
+    return path.read_text().strip() or None
+
+
+def with_stored_password(url: str, password_file: Path) -> str:
+    """A PostgreSQL URL with a user but no password gets the stored one; any other URL is returned as is."""
+    from sqlalchemy.engine import make_url  # sqlalchemy is a dependency of the store, not of every reader
+
+    if not url.startswith("postgresql"):
+        return url
+    parsed = make_url(url)
+    if parsed.username is None or parsed.password is not None:
+        return url
+    secret = read_secret(password_file)
+    return url if secret is None else parsed.set(password=secret).render_as_string(hide_password=False)
 
 
 def config_file() -> Path | None:

@@ -32,7 +32,7 @@ from qrloop.events import (
 )
 from qrloop.models import encoder_dir
 from qrloop.relevance import RelevanceModel
-from qrloop.reload import on_sighup
+from qrloop.reload import reload_on_sighup
 from qrloop.settings import Settings, get_settings
 from streams import attribution
 from streams.app import AggregatorApp, create_app
@@ -214,17 +214,38 @@ def run() -> None:
     """Start the aggregator worker (``qrloop aggregate``)."""
     built = default_app()
     settings = built.settings
+    heartbeat = health.Heartbeat(settings.daemon.liveness_max_age_s, settings.daemon.liveness_start_grace_s)
+
+    # Beaten on the event loop itself: an agent that blocks the loop (or a loop that stops) stops it.
+    @built.app.timer(settings.streams.tick_s)
+    async def beat() -> None:
+        heartbeat.beat()
+
     health.serve(
         settings.streams.metrics_port,
         {
             "broker": health.kafka_check(settings.kafka.bootstrap_servers),
             "model": lambda: relevance_model_check(settings),
+            "agents": lambda: agents_check(built),
         },
         role="aggregator",
+        heartbeat=heartbeat,
     )
     # SIGHUP (Faust handles TERM/INT itself): reward weights and margin act from the next scored window.
-    on_sighup(lambda fresh: reload(built, fresh))
+    reload_on_sighup("aggregator", lambda fresh: reload(built, fresh))
     built.app.main()
+
+
+def agents_check(built: AggregatorApp) -> str:
+    """Every agent has a running actor: one that crashed (or has not started yet) makes the role not ready."""
+    problems = []
+    for name, agent in built.app.agents.items():
+        actors = list(agent._actors)  # Faust keeps no public list of an agent's running actors
+        if agent.crashed or not actors or any(a.actor_task is None or a.actor_task.done() for a in actors):
+            problems.append(name.rsplit(".", 1)[-1])
+    if problems:
+        raise RuntimeError(f"agents not running: {', '.join(problems)}")
+    return f"{len(built.app.agents)} agents running"
 
 
 def relevance_model_check(settings: Settings) -> str:

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from qrloop.settings import Settings
+from qrloop.settings import Settings, default_password_file, mask_secrets, with_stored_password
 
-PG_ADMIN_URL = os.environ.get(
-    "QRLOOP_TEST_PG_URL", "postgresql+psycopg://qrloop:qrloop@127.0.0.1:5432/qrloop_test"
+# scripts/postgres.sh keeps the qrloop role's generated password in a 0600 file; the URL never holds it.
+PG_ADMIN_URL = os.environ.get("QRLOOP_TEST_PG_URL") or with_stored_password(
+    "postgresql+psycopg://qrloop@127.0.0.1:5432/qrloop_test", default_password_file()
 )
 
 
@@ -50,9 +51,8 @@ def pg_admin_url() -> str:
             conn.execute(text("select 1"))
         engine.dispose()
     except Exception as exc:
-        pytest.fail(
-            f"PostgreSQL not reachable at {PG_ADMIN_URL} ({exc}). Start it with: scripts/postgres.sh start"
-        )
+        shown = mask_secrets(PG_ADMIN_URL)
+        pytest.fail(f"PostgreSQL not reachable at {shown} ({exc}). Start it with: scripts/postgres.sh start")
     return PG_ADMIN_URL
 
 

@@ -58,6 +58,14 @@ def test_run_roles_ready_metrics_move_crash_restart_and_stop(
         _, body = get(f"http://127.0.0.1:{ports['learn']}/readyz")
         checks = json.loads(body)["checks"]
         assert set(checks) == {"broker", "database", "model"} and all(c["ok"] for c in checks.values())
+        # Readiness covers the aggregator's agents and the rewriter's follower; liveness is a heartbeat.
+        aggregator = json.loads(get(f"http://127.0.0.1:{ports['aggregate']}/readyz")[1])["checks"]
+        assert aggregator["agents"]["ok"] and "agents running" in aggregator["agents"]["detail"], aggregator
+        rewriter = json.loads(get(f"http://127.0.0.1:{ports['serve']}/readyz")[1])["checks"]
+        assert rewriter["follower"]["ok"], rewriter
+        for port in ports.values():
+            alive = json.loads(get(f"http://127.0.0.1:{port}/healthz")[1])
+            assert alive["ok"] and alive["age_s"] <= alive["max_age_s"], alive
         assert metric(ports["aggregate"], "qrloop_pairs_emitted_total") == 0
         assert metric(ports["learn"], "qrloop_dpo_steps_total") == 0
 

@@ -232,7 +232,7 @@ def test_sighup_reloads_sampling_settings_and_log_level(
     try:
         wait_for(lambda: get(f"http://127.0.0.1:{port}/readyz")[0] == 200, 120, "/readyz", log_path)
         body = json.loads(get(f"http://127.0.0.1:{port}/readyz")[1])
-        assert set(body["checks"]) == {"broker", "database", "model"} and all(
+        assert set(body["checks"]) == {"broker", "database", "follower", "model"} and all(
             c["ok"] for c in body["checks"].values()
         )
         before = lengths(3)

@@ -25,6 +25,7 @@ from policy_store.cli import build_app as build_policy_app
 from qrloop import logs, models
 from qrloop.cli import daemon
 from qrloop.cli.canary import app as canary_app
+from qrloop.cli.daemon import retention_defaults
 from qrloop.runs import open_migrated_store, open_store
 from qrloop.settings import REPO_ROOT, get_settings
 from qrloop.topics import ensure_topics
@@ -47,7 +48,9 @@ app.add_typer(kafka_app, name="kafka")
 
 
 # Components own their sub-commands; the root only mounts them (and gives the policy commands their store).
-policy_app = build_policy_app(lambda: open_migrated_store(get_settings()))
+policy_app = build_policy_app(
+    lambda: open_migrated_store(get_settings()), lambda: retention_defaults(get_settings().retention)
+)
 app.add_typer(policy_app, name="policy", help="Versions, aliases, rollback and audit of policies.")
 app.add_typer(sim_app, name="sim", help="The simulated search engine, shoppers and judge.")
 app.add_typer(canary_app, name="canary", help="Canary promotion: run the job, show its status.")

@@ -4,10 +4,18 @@ Each role is also its own command (``qrloop serve``, ``aggregate``, ``learn``, `
 that run them as separate services; the supervisor is for a single host. A role that exits non-zero is
 restarted after an exponential backoff (1 s, 2 s, 4 s, ... capped), and the supervisor says so; a role that
 stayed up for ``healthy_after_s`` resets its backoff. SIGTERM/SIGINT stop every role (SIGTERM, then SIGKILL
-after the deadline) and the supervisor exits 0; SIGHUP is passed on to every role.
+after the deadline) and the supervisor exits 0; SIGHUP is passed on to every role (the daemon first checks
+that the new settings validate).
 
 The one way qrloop runs child processes: the daemon (``run()``), and the demo and the benchmarks, which start
 their roles with ``with Supervisor(...)`` and watch them without restarting (they never call ``tick()``).
+
+Liveness: a role that is running but stuck (its main loop no longer beats, so its ``/healthz`` answers 503,
+or does not answer at all) is as dead as one that exited. With a :class:`Liveness`, the supervisor probes
+each role's ``/healthz`` every ``interval_s`` (after ``start_grace_s``: models take a while to load) and,
+after ``failures`` consecutive failed probes, SIGKILLs the role's process group; the usual exit handling then
+restarts it with backoff. SIGKILL, not SIGTERM: a stuck loop would not act on SIGTERM either, and every role
+is crash-safe (the learner commits weights and offsets in one transaction).
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,12 +61,38 @@ class Supervised:
     started_at: float = 0.0
     restart_at: float | None = None
     history: list[int] = field(default_factory=list)  # exit codes
+    liveness_url: str | None = None  # its /healthz; None: only its exit is watched
+    failed_probes: int = 0
+    next_probe_at: float = 0.0
+    liveness_kills: int = 0
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
 
 Spawner = Callable[[Supervised], subprocess.Popen[bytes]]
+Probe = Callable[[str], bool]
+
+
+def http_probe(timeout_s: float = 5.0) -> Probe:
+    """A probe that passes when ``url`` answers 200 within ``timeout_s``."""
+
+    def probe(url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as response:
+                return bool(response.status == 200)
+        except (urllib.error.URLError, OSError):  # 503, refused, timed out: all mean "not alive"
+            return False
+
+    return probe
+
+
+@dataclass(frozen=True)
+class Liveness:
+    interval_s: float = 10.0
+    start_grace_s: float = 300.0
+    failures: int = 2  # consecutive failed probes before a kill: one slow answer is not a wedged role
+    probe: Probe = field(default_factory=http_probe)
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -121,11 +157,13 @@ class Supervisor:
         spawn: Spawner,
         backoff: Backoff = Backoff(),
         stop_deadline_s: float = 30.0,
+        liveness: Liveness | None = None,
     ) -> None:
         self.roles = list(roles)
         self.spawn = spawn
         self.backoff = backoff
         self.stop_deadline_s = stop_deadline_s
+        self.liveness = liveness
         self.stopping = threading.Event()
 
     def __enter__(self) -> Supervisor:
@@ -143,12 +181,15 @@ class Supervisor:
         role.process = self.spawn(role)
         role.started_at = time.monotonic()
         role.restart_at = None
+        role.failed_probes = 0
+        role.next_probe_at = role.started_at + (self.liveness.start_grace_s if self.liveness else 0.0)
         log.info("started %s (pid %d)", role.name, role.process.pid)
 
     def tick(self, now: float | None = None) -> None:
         """One supervision pass: notice exits, schedule and perform restarts."""
         now = time.monotonic() if now is None else now
         for role in self.roles:
+            self._check_liveness(role, now)
             process = role.process
             if process is not None and process.poll() is not None:
                 code = process.returncode
@@ -175,6 +216,26 @@ class Supervisor:
                 role.restarts += 1
                 self._launch(role)
 
+    def _check_liveness(self, role: Supervised, now: float) -> None:
+        """Probe a running role's /healthz when due; kill it after ``failures`` failed probes in a row."""
+        live = self.liveness
+        process = role.process
+        if live is None or role.liveness_url is None or process is None or process.poll() is not None:
+            return
+        if now < role.next_probe_at:
+            return
+        role.next_probe_at = now + live.interval_s
+        if live.probe(role.liveness_url):
+            role.failed_probes = 0
+            return
+        role.failed_probes += 1
+        log.warning("%s failed its liveness probe (%d in a row)", role.name, role.failed_probes)
+        if role.failed_probes >= live.failures:
+            log.error("%s is stuck (%s not live); killing it to restart it", role.name, role.liveness_url)
+            role.liveness_kills += 1
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
     def stop(self, deadline_s: float | None = None) -> None:
         """SIGTERM to every role; SIGKILL to the process group of any still running after the deadline."""
         deadline_s = self.stop_deadline_s if deadline_s is None else deadline_s
@@ -200,11 +261,15 @@ class Supervisor:
                 role.process.send_signal(sig)
         log.info("%s passed on to %s", signal.Signals(sig).name, ", ".join(r.name for r in self.roles))
 
-    def run(self, interval_s: float = 0.5) -> None:
-        """Start the roles and supervise them until SIGTERM/SIGINT, then stop them; SIGHUP is passed on."""
+    def run(self, interval_s: float = 0.5, on_sighup: Callable[[], object] | None = None) -> None:
+        """Start the roles and supervise them until SIGTERM/SIGINT, then stop them.
+
+        SIGHUP calls ``on_sighup`` (the daemon validates the new settings there before passing it on);
+        without one it is passed on to every role."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
-        signal.signal(signal.SIGHUP, lambda *_: self.forward(signal.SIGHUP))
+        hup = on_sighup or (lambda: self.forward(signal.SIGHUP))
+        signal.signal(signal.SIGHUP, lambda *_: hup())
         self.start()
         while not self.stopping.is_set():
             self.tick()
