@@ -128,6 +128,10 @@ class SqlPolicyAlias(Base):
     # Bumped on every move under the row lock, so sum(generation) strictly grows with each committed move:
     # the one-number change check that watchers poll.
     generation: Mapped[int] = mapped_column(sa.Integer, default=1)
+    # An operator's pin: while pinned_by is set, every move of the alias is refused (learner, canary, CLI).
+    pinned_by: Mapped[str | None] = mapped_column(sa.String(128))
+    pinned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    pin_reason: Mapped[str | None] = mapped_column(sa.Text)
 
     def to_entity(self) -> AliasRecord:
         return AliasRecord(
@@ -135,6 +139,9 @@ class SqlPolicyAlias(Base):
             version_id=self.version_id,
             updated_at=self.updated_at,
             generation=self.generation,
+            pinned_by=self.pinned_by,
+            pinned_at=self.pinned_at,
+            pin_reason=self.pin_reason or "",
         )
 
 
@@ -142,7 +149,8 @@ class SqlAuditEntry(Base):
     __tablename__ = "audit_log"
     __table_args__ = (
         sa.CheckConstraint(
-            "action IN ('publish', 'set_alias', 'rollback', 'reject', 'archive', 'gc', 'canary_verdict')",
+            "action IN ('publish', 'set_alias', 'rollback', 'reject', 'archive', 'gc', 'canary_verdict', "
+            "'pin', 'unpin')",
             name="action",
         ),
         # history(alias) and the rollback replay read one alias's rows in id order.
