@@ -171,9 +171,7 @@ def new_rule(
             relevance.add(pool.relevance[chosen])
             if arm == "canary" and pool.kl is not None:
                 kl.add(pool.kl[chosen])
-        production, canary = (
-            ArmStats(*(m.moments() for m in arms[arm])) for arm in ("production", "canary")
-        )
+        production, canary = (ArmStats(*(m.moments() for m in arms[arm])) for arm in ("production", "canary"))
         analysis = analyse_stats(production, canary, policy, analyses)
         if analysis.verdict != "continue":
             return Result(analysis.verdict, analysis.worse_by, canary.rewards.n, total)

@@ -117,6 +117,15 @@ def _check_offsets(offsets: Mapping[str, int] | None) -> dict[str, int]:
     return result
 
 
+def _refuse_if_pinned(row: SqlPolicyAlias, what: str) -> None:
+    if row.pinned_by is not None:
+        reason = f" ({row.pin_reason})" if row.pin_reason else ""
+        raise AliasPinnedError(
+            f"alias {row.alias!r} is pinned to version {row.version_id} by {row.pinned_by}{reason}; "
+            f"refusing to {what} (`qrloop policy unpin {row.alias}` first)"
+        )
+
+
 def _install_sqlite_begin(engine: Engine) -> None:
     """Take over BEGIN from Python's sqlite3 module (which delays it until the first DML statement).
 
@@ -428,6 +437,7 @@ class PolicyStore:
         """
         with self._writing() as session:
             current = self._alias_row(session, alias, lock=True)
+            _refuse_if_pinned(current, "roll it back")
             if to is not None:
                 target_id = self._ready_version(session, _version_id(to), force=False).id
             else:
@@ -529,13 +539,8 @@ class PolicyStore:
                 row = self._alias_row(session, alias, lock=True)
         if row is not None:
             from_id = row.version_id
-            if row.pinned_by is not None:
-                # Checked under the row lock: a pin committed before this move is always seen.
-                raise AliasPinnedError(
-                    f"alias {alias!r} is pinned to version {row.version_id} by {row.pinned_by}"
-                    f"{f' ({row.pin_reason})' if row.pin_reason else ''}; not moved to {to_id} "
-                    f"(`qrloop policy unpin {alias}` first)"
-                )
+            # Checked under the row lock: a pin committed before this move is always seen.
+            _refuse_if_pinned(row, f"move it to {to_id}")
             if row.version_id != to_id:
                 row.version_id = to_id
                 row.generation += 1

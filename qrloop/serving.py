@@ -443,9 +443,7 @@ class ArmsFollower(AnnouncementFollower):
             nothing_to_test = production is not None and canary.version_id == production.version_id
             if self.armed.canary is None and nothing_to_test:
                 return  # and no canary arm yet
-            self._swap(
-                canary.version_id, lambda p: self.armed.set_canary(p, share), self.config.canary_alias
-            )
+            self._swap(canary.version_id, lambda p: self.armed.set_canary(p, share), self.config.canary_alias)
         elif share != self.armed.share and self.armed.set_share(canary.version_id, share):
             log.info("canary %d now serves %.0f%% of shoppers", canary.version_id, 100 * share)
 

@@ -65,7 +65,9 @@ def simulate(
 
 
 def rates(results: list[tuple[str, str | None, int]]) -> dict[str, float]:
-    return {v: sum(r[0] == v for r in results) / len(results) for v in ("promote", "rollback", "inconclusive")}
+    return {
+        v: sum(r[0] == v for r in results) / len(results) for v in ("promote", "rollback", "inconclusive")
+    }
 
 
 def test_identical_arms_get_a_false_verdict_at_most_alpha_of_the_time_however_often_it_looks() -> None:
