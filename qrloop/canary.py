@@ -49,6 +49,7 @@ from scipy.optimize import brentq
 from scipy.stats import norm
 
 Verdict = Literal["promote", "continue", "rollback", "inconclusive"]
+MIN_TAU = 1e-3  # the smallest mixture spread (metric units) any interval is tuned to
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class CanaryPolicy:
             raise ValueError(
                 f"need 0 < 2·guard_alpha < alpha; got alpha={self.alpha}, guard_alpha={self.guard_alpha}"
             )
+        if self.design_effect <= 0 or self.max_kl <= 0 or not 0 < self.relevance_margin < 1:
+            raise ValueError("design_effect and max_kl must be positive, relevance_margin in (0, 1)")
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,8 @@ def half_width(se: float, tau: float, alpha: float) -> float:
     """Half-width of the two-sided normal-mixture confidence sequence (see the module docstring)."""
     if se <= 0:
         return 0.0
+    if tau <= 0:
+        raise ValueError(f"the mixture's spread must be positive, not {tau}")
     r = (tau / se) ** 2
     return se * math.sqrt((1 + r) / r * (math.log1p(r) + 2 * math.log(1 / alpha)))
 
@@ -255,10 +260,10 @@ def _intervals(base: Analysis, production: ArmStats, canary: ArmStats, policy: C
     reward = confidence_sequence(effect, se, policy.design_effect, policy.reward_alpha)
     keep = 1 - policy.relevance_margin
     rel_diff, rel_se = _difference(canary.relevance, production.relevance, keep)
-    # Tuned to the margin itself: the guard is there to tell "within the margin" from "beyond it".
-    rel = confidence_sequence(
-        rel_diff, rel_se, policy.relevance_margin * production.relevance.mean, policy.guard_alpha
-    )
+    # Tuned to the margin itself: the guard is there to tell "within the margin" from "beyond it". (A
+    # production that retrieves nothing relevant allows no deficit; the mixture still needs a spread.)
+    allowed = max(policy.relevance_margin * production.relevance.mean, MIN_TAU)
+    rel = confidence_sequence(rel_diff, rel_se, allowed, policy.guard_alpha)
     analysis = replace(
         base,
         effect_low=reward.low,
