@@ -110,7 +110,7 @@ def topic_pool(bootstrap: str, topic: str) -> Pool:
     for record in read_topics(bootstrap, [topic]):
         try:
             outcomes.append(decode(QueryOutcome, record.value))
-        except SchemaError:
+        except (SchemaError, ValueError, RecursionError):  # not an outcome: no sample
             continue
     return outcomes_pool(outcomes, f"topic {topic}")
 

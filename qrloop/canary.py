@@ -201,7 +201,9 @@ def queries_for_power(
     def shown(margin: float, spread: float, n: float, tau: float, alpha: float, keep: float = 1.0) -> float:
         """P(the interval of an excess ``margin`` lies above 0 after n canary queries)."""
         se = spread * math.sqrt(1 / n + keep**2 * ratio / n)
-        return float(norm.cdf((margin - half_width(se, tau, alpha)) / se))
+        if se == 0:  # a constant metric: known exactly
+            return 1.0 if margin > 0 else 0.0
+        return float(norm.cdf((margin - half_width(se, max(tau, MIN_TAU), alpha)) / se))
 
     def promoted(n: float) -> float:
         p = shown(effect, sd, n, policy.design_effect, policy.reward_alpha)
