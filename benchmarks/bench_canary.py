@@ -28,6 +28,11 @@ candidate whose mean reward is 10% higher.
 Printed per rule and effect: promote, roll back as worse (and by which test), inconclusive, and the median
 canary and total queries a verdict took; then the queries per arm ``queries_for_power`` predicts for 80%
 power at each effect, with the pool's standard deviation.
+
+``--delivery``: instead, ten operator moves of ``production`` (``set_alias`` / ``rollback``, which write only
+the database; no announcement) against a rewriter whose ``AnnouncementFollower`` runs with the default
+``rewriter.reconcile_s``, on a fresh SQLite store, the broker and two tiny policies: the seconds until each
+move is served, median and max.
 """
 
 from __future__ import annotations
@@ -221,6 +226,58 @@ def summarise(rule: str, effect: float, results: list[Result]) -> str:
     )
 
 
+def delivery(bootstrap: str, moves: int = 10) -> None:
+    """Seconds from an operator's unannounced alias move to the rewriter serving it (module docstring)."""
+    import tempfile
+    import uuid
+
+    from policy_store import PolicyStore
+    from qrloop.db import upgrade
+    from qrloop.models import build_tiny_policy, require_policy
+    from qrloop.serving import AnnouncementFollower, Rewriter, load_version
+    from qrloop.topics import ensure_topics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base = Settings()
+        topics = base.topics.model_copy(update={"policy_versions": f"bench-canary-{uuid.uuid4().hex[:8]}.v"})
+        settings = base.model_copy(
+            update={
+                "database_url": f"sqlite:///{root / 'store.db'}",
+                "blob_dir": root / "blobs",
+                "topics": topics,
+            }
+        )
+        ensure_topics(settings, {topics.policy_versions: 1})
+        upgrade(settings.db_url)
+        tokenizer = require_policy(base)
+        with PolicyStore.from_settings(settings) as store:
+            v1, v2 = (
+                store.publish(build_tiny_policy(root / f"p{i}", tokenizer, seed=i), base_model="tiny").id
+                for i in range(2)
+            )
+            store.set_alias("production", v1)
+            rewriter = Rewriter(load_version(store.load_dir(v1), v1), lambda _t: [], settings.rewriter)
+            follower = AnnouncementFollower(settings, rewriter, "production", store).start()
+            delays = []
+            try:
+                for i in range(moves):
+                    target = v2 if i % 2 == 0 else v1
+                    started = time.monotonic()
+                    if target == v2:
+                        store.set_alias("production", v2, actor="operator")
+                    else:
+                        store.rollback("production", actor="operator")
+                    while rewriter.version != target:
+                        time.sleep(0.02)
+                    delays.append(time.monotonic() - started)
+            finally:
+                follower.stop()
+    every = settings.rewriter.reconcile_s
+    print(f"{moves} unannounced operator moves, reconcile every {every} s: served after median "
+          f"{statistics.median(delays):.2f} s, max {max(delays):.2f} s")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--topic", help="A run's query-outcomes topic on the broker.")
@@ -231,7 +288,11 @@ def main() -> None:
     parser.add_argument("--pool-size", type=int, default=5000, help="Generated queries (no --topic/--jsonl).")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--effects", type=float, nargs="*", default=list(EFFECTS))
+    parser.add_argument("--delivery", action="store_true", help="Measure alias-move delivery instead.")
     args = parser.parse_args()
+    if args.delivery:
+        delivery(args.bootstrap)
+        return
 
     rng = np.random.default_rng(args.seed)
     if args.topic:

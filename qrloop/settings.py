@@ -84,7 +84,7 @@ class RewriterSettings(BaseModel):
     max_new_tokens: int = Field(16, description="Rewrites are short queries; this caps runaway generations.")
     top_k_products: int = Field(10, description="Products retrieved per query / rewrite.")
     reconcile_s: float = Field(
-        2.0,
+        1.0,
         description="How often the rewriter re-reads the aliases (and the canary share) from the policy "
         "store, the authority: a move whose announcement was lost (a crash after the commit, an operator's "
         "set-alias or rollback) is served within this.",
