@@ -172,3 +172,18 @@ def test_traffic_share_steps() -> None:
     assert next_share(0.1, steps) == 0.25
     assert next_share(0.25, steps) == 0.5
     assert next_share(0.5, steps) == 0.5
+
+
+def test_power_command_prints_what_queries_for_power_computes() -> None:
+    from typer.testing import CliRunner
+
+    from qrloop.canary_job import policy_of
+    from qrloop.cli import app
+    from qrloop.settings import get_settings
+
+    shown = CliRunner().invoke(app, ["canary", "power", "--effect", "0.1"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.output
+    policy = policy_of(get_settings().canary)
+    expected = queries_for_power(0.02, 0.064, policy, relevance=(0.63, 0.19))
+    assert f"equal arms (share 0.5): {expected} canary queries for 80% power at +10%" in shown.stdout
+    assert f"canary.max_queries is {policy.max_queries}" in shown.stdout
