@@ -58,7 +58,7 @@ def test_a_pinned_alias_refuses_every_move_until_unpinned(store: PolicyStore, we
         "promote": lambda: store.conclude_canary(v3, "promote", production_version=v1),
     }
     for name, move in refusals.items():
-        with pytest.raises(AliasPinnedError, match="pinned to version .* by oncall .*unpin production"):
+        with pytest.raises(AliasPinnedError, match=r"pinned to version .* by oncall .*unpin production"):
             move()
         assert store.resolve("production").id == v1, name
     assert store.alias_generation() == generation, "nothing moved"
