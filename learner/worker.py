@@ -36,7 +36,7 @@ from kafka.structs import OffsetAndMetadata
 
 from learner.dpo import DPOLearnerCore, StepStats
 from learner.ledger import record_pairs, trained_pair_ids
-from policy_store import PolicyStore, PolicyVersion
+from policy_store import AliasPinnedError, AuditEntry, PolicyStore, PolicyVersion
 from qrloop import health, logs, metrics
 from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, decode, encode
 from qrloop.reload import reload_on_sighup
@@ -209,12 +209,16 @@ class Learner:
         self._announce(
             PolicyAnnouncement(kind="version_published", version=version.id, details=stats.as_dict())
         )
-        previous = self._move_alias(version.id)
-        self._announce(
-            PolicyAnnouncement(
-                kind="alias_moved", version=version.id, alias=settings.dpo.alias, previous_version=previous
+        moved = self._move_alias(version.id)
+        if moved is not None:
+            self._announce(
+                PolicyAnnouncement(
+                    kind="alias_moved",
+                    version=version.id,
+                    alias=settings.dpo.alias,
+                    previous_version=moved.from_version,
+                )
             )
-        )
         if self.on_publish:
             self.on_publish(version.id)
         return version.id
@@ -227,12 +231,19 @@ class Learner:
         if offsets:
             self.consumer.commit(offsets)
 
-    def _move_alias(self, version_id: int) -> int | None:
+    def _move_alias(self, version_id: int) -> AuditEntry | None:
+        """The audit row of the move, or None when an operator pinned the alias (the store refuses the move;
+        the version stays published and the learner trains on)."""
         alias = self.settings.dpo.alias
-        current = self.store.aliases().get(alias)
-        self.store.set_alias(alias, version_id, reason=f"learner published {version_id}", actor="learner")
+        try:
+            entry = self.store.set_alias(
+                alias, version_id, reason=f"learner published {version_id}", actor="learner"
+            )
+        except AliasPinnedError as exc:
+            log.warning("published version %d but did not move %r: %s", version_id, alias, exc)
+            return None
         metrics.ALIAS_VERSION.labels(alias).set(version_id)
-        return current.version_id if current else None
+        return entry
 
     def _announce(self, note: PolicyAnnouncement) -> None:
         self.producer.send(

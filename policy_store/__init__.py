@@ -4,6 +4,7 @@ content-addressed safetensors blobs. See ``store.PolicyStore``."""
 from policy_store.blobs import BlobStore, digest_dir, validate_weights_dir
 from policy_store.entities import AliasRecord, AuditEntry, GcReport, PolicyVersion
 from policy_store.errors import (
+    AliasPinnedError,
     BlobError,
     BlobIntegrityError,
     BlobMissingError,
@@ -20,6 +21,7 @@ from policy_store.errors import (
 from policy_store.store import PolicyStore
 
 __all__ = [
+    "AliasPinnedError",
     "AliasRecord",
     "AuditEntry",
     "BlobError",

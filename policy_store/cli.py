@@ -178,10 +178,12 @@ def aliases(ctx: typer.Context) -> None:
     with _store(ctx) as store:
         records = store.aliases()
     table = Table(title="aliases")
-    for column in ("alias", "version", "updated (UTC)", "moves"):
+    for column in ("alias", "version", "updated (UTC)", "moves", "pinned"):
         table.add_column(column)
     for r in records.values():
-        table.add_row(r.alias, str(r.version_id), _time(r.updated_at), str(r.generation))
+        pinned = "" if r.pinned_by is None else f"by {r.pinned_by}"
+        pinned += f": {r.pin_reason}" if r.pin_reason else ""
+        table.add_row(r.alias, str(r.version_id), _time(r.updated_at), str(r.generation), pinned)
     _stdout().print(table)
 
 
@@ -204,12 +206,38 @@ def rollback(
         str | None, typer.Option(help="Version id to go back to (default: previous holder).")
     ] = None,
     reason: Annotated[str, typer.Option(help="Why; kept in the audit log.")] = "",
+    pin: Annotated[
+        bool, typer.Option(help="Also pin the alias there: no learner or canary moves it until `unpin`.")
+    ] = False,
 ) -> None:
     """Move an alias back to its previous holder (or to --to)."""
     with _store(ctx) as store:
         target = None if to is None else _resolve_ref(store, to).id
-        entry = store.rollback(alias, to=target, reason=reason, actor="cli")
-    _stdout().print(f"{alias}: {entry.from_version} → {entry.to_version} (rollback)")
+        entry = store.rollback(alias, to=target, reason=reason, actor="cli", pin=pin)
+    pinned = ", pinned" if pin else ""
+    _stdout().print(f"{alias}: {entry.from_version} → {entry.to_version} (rollback{pinned})")
+
+
+def pin(
+    ctx: typer.Context,
+    alias: Annotated[str, typer.Argument(help="Alias to pin to the version it holds.")],
+    reason: Annotated[str, typer.Option(help="Why; kept in the audit log.")] = "",
+) -> None:
+    """Pin an alias: every move (learner publish, canary verdict, set-alias, rollback) is refused."""
+    with _store(ctx) as store:
+        entry = store.pin(alias, reason=reason, actor="cli")
+    _stdout().print(f"{alias}: pinned to {entry.to_version}")
+
+
+def unpin(
+    ctx: typer.Context,
+    alias: Annotated[str, typer.Argument(help="Alias to unpin.")],
+    reason: Annotated[str, typer.Option(help="Why; kept in the audit log.")] = "",
+) -> None:
+    """Remove an alias's pin: the learner and the canary may move it again."""
+    with _store(ctx) as store:
+        entry = store.unpin(alias, reason=reason, actor="cli")
+    _stdout().print(f"{alias}: unpinned (holds {entry.to_version})")
 
 
 def history(ctx: typer.Context, alias: Annotated[str, typer.Argument(help="Alias.")]) -> None:
@@ -292,6 +320,8 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "aliases": aliases,
     "set-alias": set_alias,
     "rollback": rollback,
+    "pin": pin,
+    "unpin": unpin,
     "history": history,
     "gc": gc,
 }

@@ -13,7 +13,9 @@ from typing import Any, Literal
 
 VersionKind = Literal["full", "lora"]
 VersionStatus = Literal["ready", "rejected", "archived"]
-AuditAction = Literal["publish", "set_alias", "rollback", "reject", "archive", "gc", "canary_verdict"]
+AuditAction = Literal[
+    "publish", "set_alias", "rollback", "reject", "archive", "gc", "canary_verdict", "pin", "unpin"
+]
 
 KINDS: tuple[VersionKind, ...] = ("full", "lora")
 STATUSES: tuple[VersionStatus, ...] = ("ready", "rejected", "archived")
@@ -25,6 +27,8 @@ AUDIT_ACTIONS: tuple[AuditAction, ...] = (
     "archive",
     "gc",
     "canary_verdict",
+    "pin",
+    "unpin",
 )
 
 
@@ -49,12 +53,16 @@ class PolicyVersion:
 
 @dataclass(frozen=True, slots=True)
 class AliasRecord:
-    """``alias → version``; ``generation`` counts the moves."""
+    """``alias → version``; ``generation`` counts the moves, so a watcher can tell that something moved.
+    ``pinned_by``: who pinned it (None: not pinned); a pinned alias refuses every move until unpinned."""
 
     alias: str
     version_id: int
     updated_at: datetime
     generation: int
+    pinned_by: str | None = None
+    pinned_at: datetime | None = None
+    pin_reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)

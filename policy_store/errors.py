@@ -31,6 +31,10 @@ class StaleVerdictError(PolicyStoreError):
     """A canary verdict names alias holders that have moved since the analysis; nothing was changed."""
 
 
+class AliasPinnedError(PolicyStoreError):
+    """The alias is pinned (an operator's decision): no move until ``unpin``; nothing was changed."""
+
+
 class InvalidWeightsError(PolicyStoreError, ValueError):
     """The directory to publish is not a safetensors HF model / PEFT adapter directory."""
 

@@ -127,6 +127,10 @@ class SqlPolicyAlias(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # Bumped on every move under the row lock: how many times the alias moved (`qrloop policy aliases`).
     generation: Mapped[int] = mapped_column(sa.Integer, default=1)
+    # An operator's pin: while pinned_by is set, every move of the alias is refused (learner, canary, CLI).
+    pinned_by: Mapped[str | None] = mapped_column(sa.String(128))
+    pinned_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    pin_reason: Mapped[str | None] = mapped_column(sa.Text)
 
     def to_entity(self) -> AliasRecord:
         return AliasRecord(
@@ -134,6 +138,9 @@ class SqlPolicyAlias(Base):
             version_id=self.version_id,
             updated_at=self.updated_at,
             generation=self.generation,
+            pinned_by=self.pinned_by,
+            pinned_at=self.pinned_at,
+            pin_reason=self.pin_reason or "",
         )
 
 
@@ -141,7 +148,8 @@ class SqlAuditEntry(Base):
     __tablename__ = "audit_log"
     __table_args__ = (
         sa.CheckConstraint(
-            "action IN ('publish', 'set_alias', 'rollback', 'reject', 'archive', 'gc', 'canary_verdict')",
+            "action IN ('publish', 'set_alias', 'rollback', 'reject', 'archive', 'gc', 'canary_verdict', "
+            "'pin', 'unpin')",
             name="action",
         ),
         # history(alias) and the rollback replay read one alias's rows in id order.

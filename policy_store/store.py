@@ -50,6 +50,7 @@ from policy_store.entities import (
     PolicyVersion,
 )
 from policy_store.errors import (
+    AliasPinnedError,
     NoPreviousVersionError,
     PolicyStoreError,
     StaleVerdictError,
@@ -123,6 +124,15 @@ def _check_offsets(offsets: Mapping[str, int] | None) -> dict[str, int]:
             raise PolicyStoreError(f"offset {key!r}={value!r} is not a non-negative integer")
         result[str(key)] = value
     return result
+
+
+def _refuse_if_pinned(row: SqlPolicyAlias, what: str) -> None:
+    if row.pinned_by is not None:
+        reason = f" ({row.pin_reason})" if row.pin_reason else ""
+        raise AliasPinnedError(
+            f"alias {row.alias!r} is pinned to version {row.version_id} by {row.pinned_by}{reason}; "
+            f"refusing to {what} (`qrloop policy unpin {row.alias}` first)"
+        )
 
 
 def _install_sqlite_begin(engine: Engine) -> None:
@@ -409,21 +419,71 @@ class PolicyStore:
             return self._move_alias(session, alias, target.id, "set_alias", actor=actor, reason=reason)
 
     def rollback(
-        self, alias: str, to: VersionRef | None = None, reason: str = "", actor: str = "operator"
+        self,
+        alias: str,
+        to: VersionRef | None = None,
+        reason: str = "",
+        actor: str = "operator",
+        *,
+        pin: bool = False,
     ) -> AuditEntry:
         """Move ``alias`` back: to ``to`` if given, else to the holder before the current one.
 
         The alias's holders form a stack replayed from the audit log: ``set_alias`` pushes, ``rollback``
         pops back to its target. So repeated rollbacks keep walking back (v3 → v2 → v1) rather than
-        toggling between the last two, and versions rejected since are skipped.
+        toggling between the last two, and versions rejected since are skipped. ``pin``: also pin the alias
+        there, in the same transaction, so no learner or canary moves it off before the operator unpins.
         """
         with self._writing() as session:
             current = self._alias_row(session, alias, lock=True)
+            _refuse_if_pinned(current, "roll it back")
             if to is not None:
                 target_id = self._ready_version(session, _version_id(to), force=False).id
             else:
                 target_id = self._previous_holder(session, alias, current.version_id)
-            return self._move_alias(session, alias, target_id, "rollback", actor=actor, reason=reason)
+            entry = self._move_alias(session, alias, target_id, "rollback", actor=actor, reason=reason)
+            if pin:
+                self._set_pin(session, alias, actor=actor, reason=reason)
+            return entry
+
+    # --------------------------------------------------------------------------------------------------- pins
+
+    def pin(self, alias: str, reason: str = "", actor: str = "operator") -> AuditEntry:
+        """Pin ``alias`` to the version it holds: every move (``set_alias``, ``rollback``, a canary verdict,
+        a learner's publish) is refused with :class:`AliasPinnedError` until :meth:`unpin`."""
+        with self._writing() as session:
+            return self._set_pin(session, alias, actor=actor, reason=reason)
+
+    def unpin(self, alias: str, reason: str = "", actor: str = "operator") -> AuditEntry:
+        with self._writing() as session:
+            row = self._alias_row(session, alias, lock=True)
+            if row.pinned_by is None:
+                raise PolicyStoreError(f"alias {alias!r} is not pinned")
+            was = {"pinned_by": row.pinned_by, "pin_reason": row.pin_reason or ""}
+            row.pinned_by, row.pinned_at, row.pin_reason = None, None, None
+            return self._audit(
+                session,
+                "unpin",
+                actor=actor,
+                reason=reason,
+                alias=alias,
+                from_version=row.version_id,
+                to_version=row.version_id,
+                details=was,
+            )
+
+    def _set_pin(self, session: Session, alias: str, *, actor: str, reason: str) -> AuditEntry:
+        row = self._alias_row(session, alias, lock=True)
+        row.pinned_by, row.pinned_at, row.pin_reason = actor, utcnow(), reason
+        return self._audit(
+            session,
+            "pin",
+            actor=actor,
+            reason=reason,
+            alias=alias,
+            from_version=row.version_id,
+            to_version=row.version_id,
+        )
 
     def _previous_holder(self, session: Session, alias: str, current_id: int) -> int:
         stack = self._holder_stack(session, alias)
@@ -478,6 +538,8 @@ class PolicyStore:
                 row = self._alias_row(session, alias, lock=True)
         if row is not None:
             from_id = row.version_id
+            # Checked under the row lock: a pin committed before this move is always seen.
+            _refuse_if_pinned(row, f"move it to {to_id}")
             if row.version_id != to_id:
                 row.version_id = to_id
                 row.generation += 1
@@ -555,7 +617,7 @@ class PolicyStore:
     def conclude_canary(
         self,
         canary_version: VersionRef,
-        verdict: Literal["promote", "rollback"],
+        verdict: Literal["promote", "rollback", "inconclusive"],
         *,
         production_version: VersionRef,
         details: Mapping[str, Any] | None = None,
@@ -566,17 +628,20 @@ class PolicyStore:
     ) -> builtins.list[AuditEntry]:
         """Act on a canary's final verdict in one transaction, so a crash never leaves half of it.
 
-        Writes the verdict's audit row, then either *promotes* (``production_alias`` → the canary version)
-        or *rolls back* (``canary_alias`` → production's version, and the canary version is marked
-        rejected). The analysis compared ``canary_version`` with ``production_version``; if either alias
-        has moved since (say the learner published a newer candidate), the verdict is about versions no
-        longer served and :class:`StaleVerdictError` is raised with nothing changed. Returns the audit rows.
+        Writes the verdict's audit row, then *promotes* (``production_alias`` → the canary version), *rolls
+        back as worse* (``canary_alias`` → production's version, the canary version marked rejected) or
+        ends it *inconclusive* (the same move back, the canary version archived: not shown worse, so not
+        rejected). A pinned alias refuses the move (:class:`AliasPinnedError`, nothing changed). The
+        analysis compared ``canary_version`` with ``production_version``; if either alias has moved since
+        (say the learner published a newer candidate), the verdict is about versions no longer served and
+        :class:`StaleVerdictError` is raised with nothing changed. Returns the audit rows.
         """
         cid, pid = _version_id(canary_version), _version_id(production_version)
-        data = {"verdict": verdict, "passed": verdict == "promote", **_json_object("details", details)}
+        passed = {"promote": True, "rollback": False, "inconclusive": None}[verdict]
+        data = {"verdict": verdict, "passed": passed, **_json_object("details", details)}
         with self._writing() as session:
             # Versions before aliases, the order set_alias and reject lock in.
-            canary_row = self._version_row(session, cid, lock="update" if verdict == "rollback" else "share")
+            canary_row = self._version_row(session, cid, lock="share" if verdict == "promote" else "update")
             self._ready_version(session, pid, force=False)
             held = {
                 alias: self._alias_row(session, alias, lock=True).version_id
@@ -615,15 +680,16 @@ class PolicyStore:
                 if held_by:  # another alias (not ours) serves it: rejecting would strand that alias
                     raise VersionInUseError(f"version {cid} is also held by {', '.join(held_by)}")
                 previous = canary_row.status
-                canary_row.status = "rejected"
+                status: Literal["rejected", "archived"] = "rejected" if verdict == "rollback" else "archived"
+                canary_row.status = status
                 entries.append(
                     self._audit(
                         session,
-                        "reject",
+                        "reject" if verdict == "rollback" else "archive",
                         actor=actor,
                         reason=reason,
                         to_version=cid,
-                        details={"from_status": previous, "to_status": "rejected", "held_by": held_by},
+                        details={"from_status": previous, "to_status": status, "held_by": held_by},
                     )
                 )
             session.flush()

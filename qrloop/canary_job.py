@@ -1,20 +1,27 @@
-"""The canary job: every ``canary.interval_s`` compare the arms over the last window and act on the verdict.
+"""The canary job: every ``canary.interval_s`` judge the candidate on all the evidence since it went live.
 
-Pure parts first (tested with plain values): ``OutcomeWindow`` keeps the last ``window_s`` of event time of
-``QueryOutcome`` samples; ``decide`` turns the two arms' samples and the canary's state into a ``Decision``
-(``qrloop.canary.analyse`` plus the traffic-share steps). ``CanaryJob`` is the I/O around them: it reads the
-outcome topic, the aliases and the verdict history from the policy store, and acts:
+Pure parts first (tested with plain values): ``OutcomeLog`` keeps the ``QueryOutcome``s of the versions the
+aliases hold; ``decide`` turns the two arms' samples and the canary's state into a ``Decision``
+(``qrloop.canary.analyse``, an always-valid sequential test, plus the traffic-share steps). ``CanaryJob`` is
+the I/O around them: it reads the outcome topic, the aliases and the verdict history from the policy store,
+and acts:
 
 - **promote**: ``production`` → the canary version;
-- **roll back**: ``canary`` → production's version, and the canary version is marked rejected;
-- **continue**: keep collecting, stepping the share up (10% → 25% → 50%) after an inconclusive but
-  healthy analysis (both arms have enough samples and the guards pass).
+- **roll back as worse**: ``canary`` → production's version, and the candidate is marked ``rejected``;
+- **inconclusive**: no verdict within ``max_queries`` / ``max_analyses``: ``canary`` → production's
+  version, and the candidate is ``archived``, not called worse;
+- **continue**: keep collecting, stepping the share up (10% → 25% → 50%) after a healthy look.
+
+Evidence accumulates for as long as the candidate is live (the test is valid at every look, so there is no
+window to restart): canary-arm outcomes served by the candidate, and production-arm outcomes served by
+production's version since the candidate's first query (concurrent traffic only, in event time).
 
 The policy store's audit log is the canary's state: every verdict is a ``canary_verdict`` row carrying its
-statistics and the share, so the job and the rewriter recover the share and the number of inconclusive
-windows after a restart. Promote and roll back commit together with their alias moves
-(``PolicyStore.conclude_canary``). Every verdict is also announced on the policy-versions topic, followed
-by the ``alias_moved`` it caused, which the rewriters follow.
+statistics and the share, so the job and the rewriter recover the share and the number of analyses after a
+restart, and the job re-reads the candidate's outcomes from the topic. Promote, roll back and inconclusive
+commit together with their alias moves (``PolicyStore.conclude_canary``), which respects an operator's pin.
+Every verdict is also announced on the policy-versions topic, followed by the ``alias_moved`` it caused; the
+rewriters also reconcile with the store every ``rewriter.reconcile_s``, so a lost announcement only delays.
 """
 
 from __future__ import annotations
@@ -24,10 +31,10 @@ import math
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from datetime import datetime
+from typing import Any, Literal, cast
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -43,8 +50,12 @@ from qrloop.settings import CanarySettings, Settings, get_settings
 from qrloop.topics import ensure_topics, make_producer, send_dead_letter
 
 log = logging.getLogger("qrloop.canary")
-Action = Literal["idle", "promote", "continue", "rollback"]
+Action = Literal["idle", "promote", "continue", "rollback", "inconclusive"]
+# What each final verdict means to a reader of the audit log and of `qrloop canary status`.
+OUTCOMES = {"promote": "promoted", "rollback": "rolled back as worse", "inconclusive": "inconclusive"}
 ACTOR = "canary"
+# A restarted job reads outcomes from this long before the candidate's alias move (clock skew, late records).
+RESTART_SLACK_S = 120.0
 
 
 # ------------------------------------------------------------------------------------------------ pure parts
@@ -54,47 +65,57 @@ def policy_of(config: CanarySettings) -> CanaryPolicy:
     return CanaryPolicy(
         min_samples=config.min_samples,
         alpha=config.alpha,
-        min_effect=config.min_effect,
-        relevance_floor=config.relevance_floor,
+        guard_alpha=config.guard_alpha,
+        design_effect=config.design_effect,
+        relevance_margin=config.relevance_margin,
         max_kl=config.max_kl,
-        max_windows=config.max_windows,
+        max_queries=config.max_queries,
+        max_analyses=config.max_analyses,
     )
 
 
-class OutcomeWindow:
-    """The outcomes of the last ``window_s`` seconds of *event* time (the newest outcome's time is "now").
+class OutcomeLog:
+    """The outcomes the current comparison may use, as they arrive (late ones included).
 
     Event time, like the aggregator's windows: a replay of logged traffic at any speed is analysed as the
-    live run was, and an idle night does not empty the window.
+    live run was.
     """
 
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
-        self._items: deque[QueryOutcome] = deque()
-        self.now = 0.0
+    def __init__(self) -> None:
+        self._items: list[QueryOutcome] = []
 
     def __len__(self) -> int:
         return len(self._items)
 
     def add(self, outcome: QueryOutcome) -> None:
         self._items.append(outcome)
-        self.now = max(self.now, outcome.event_time.timestamp())
 
-    def prune(self) -> None:
-        # Not strictly time-ordered (late outcomes), so filter rather than pop from the left only.
-        start = self.now - self.window_s
-        if self._items and min(o.event_time.timestamp() for o in self._items) < start:
-            self._items = deque(o for o in self._items if o.event_time.timestamp() >= start)
+    def keep_only(self, versions: set[int]) -> None:
+        """Forget outcomes of versions no alias holds any more: they are evidence about nothing current."""
+        if any(o.policy_version not in versions for o in self._items):
+            self._items = [o for o in self._items if o.policy_version in versions]
 
-    def samples(self, arm: str, version: int | None) -> ArmSamples:
-        """Samples of one arm served by one version (a query served by any other version is not evidence)."""
-        self.prune()
-        chosen = [o for o in self._items if o.arm == arm and o.policy_version == version]
-        return ArmSamples(
-            rewards=[o.reward for o in chosen],
-            relevance=[o.relevance for o in chosen],
-            kl_to_reference=[o.kl_to_reference for o in chosen if o.kl_to_reference is not None],
-        )
+    def since_canary(self, production_version: int, canary_version: int) -> tuple[ArmSamples, ArmSamples]:
+        """The candidate's queries, and production's queries since the candidate's first one (event time):
+        the two arms over the same stretch of traffic."""
+        canary = [o for o in self._items if o.arm == "canary" and o.policy_version == canary_version]
+        if not canary:
+            return _samples([]), _samples([])
+        start = min(o.event_time for o in canary)
+        production = [
+            o
+            for o in self._items
+            if o.arm == "production" and o.policy_version == production_version and o.event_time >= start
+        ]
+        return _samples(production), _samples(canary)
+
+
+def _samples(outcomes: list[QueryOutcome]) -> ArmSamples:
+    return ArmSamples(
+        rewards=[o.reward for o in outcomes],
+        relevance=[o.relevance for o in outcomes],
+        kl_to_reference=[o.kl_to_reference for o in outcomes if o.kl_to_reference is not None],
+    )
 
 
 @dataclass(frozen=True)
@@ -104,7 +125,7 @@ class CanaryState:
     production_version: int
     canary_version: int | None  # None: no canary alias, or it holds production's version (nothing to test)
     share: float
-    inconclusive_windows: int = 0
+    analyses: int = 0  # analyses of this candidate so far that had enough queries in both arms
 
 
 @dataclass(frozen=True)
@@ -127,9 +148,9 @@ def decide(
     """The verdict on the canary and the share that follows from it (no I/O)."""
     if state.canary_version is None:
         return Decision("idle", "no canary to analyse", state.share)
-    analysis = analyse(production, canary, policy_of(config), state.inconclusive_windows)
+    analysis = analyse(production, canary, policy_of(config), state.analyses)
     share = state.share
-    healthy_but_inconclusive = analysis.verdict == "continue" and analysis.p_value is not None
+    healthy_but_inconclusive = analysis.verdict == "continue" and analysis.tested
     if healthy_but_inconclusive:
         share = next_share(state.share, config.share_steps)
     details = {k: _finite(v) for k, v in analysis.as_dict().items()}
@@ -138,8 +159,8 @@ def decide(
         canary_version=state.canary_version,
         share=share,
         previous_share=state.share,
-        window_s=config.window_s,
-        inconclusive_windows=state.inconclusive_windows + (1 if healthy_but_inconclusive else 0),
+        analyses=state.analyses + (1 if analysis.tested else 0),
+        outcome=OUTCOMES.get(analysis.verdict),
     )
     return Decision(analysis.verdict, analysis.reason, share, analysis, details)
 
@@ -170,12 +191,22 @@ def canary_state(store: PolicyStore, config: CanarySettings) -> CanaryState | No
     if holder is None or holder.version_id == production.version_id:
         return CanaryState(production.version_id, None, config.share_steps[0])
     history = _verdicts(store, holder.version_id, config.canary_alias)
-    inconclusive = sum(
-        1 for e in history if e.details.get("verdict") == "continue" and e.details.get("p_value") is not None
+    analyses = sum(
+        1
+        for e in history
+        if e.details.get("verdict") == "continue" and e.details.get("effect_low") is not None
     )
     return CanaryState(
-        production.version_id, holder.version_id, canary_share(store, holder.version_id, config), inconclusive
+        production.version_id, holder.version_id, canary_share(store, holder.version_id, config), analyses
     )
+
+
+def canary_started_at(store: Any, config: CanarySettings) -> datetime | None:
+    """When the canary alias last moved to the version it holds (None: no canary alias)."""
+    for entry in store.history(config.canary_alias) if config.canary_alias in store.aliases() else []:
+        if entry.action in ("set_alias", "rollback") and entry.to_version is not None:
+            return cast(datetime, entry.at)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------- the job
@@ -190,7 +221,7 @@ class CanaryJob:
         self.config = settings.canary
         self.store = store
         self.producer = producer
-        self.window = OutcomeWindow(self.config.window_s)
+        self.outcomes = OutcomeLog()
         self.last: Decision | None = None
         self._partition = TopicPartition(settings.topics.query_outcomes, 0)
         self.consumer = KafkaConsumer(
@@ -199,12 +230,17 @@ class CanaryJob:
             client_id=f"{settings.kafka.client_id}-canary",
         )
         self.consumer.assign([self._partition])
-        self._seek_to_window()
+        self._seek_to_canary_start()
 
-    def _seek_to_window(self) -> None:
-        """Start where the last window began (by record time, with a window's slack), so a restarted job
-        analyses the same window instead of waiting for a fresh one."""
-        since_ms = int((time.time() - 2 * self.config.window_s) * 1000)
+    def _seek_to_canary_start(self) -> None:
+        """Start (by record time, with a few minutes' slack for clocks and late outcomes) where the live
+        candidate went live, so a restarted job re-reads all its evidence; with no candidate, at the end."""
+        started = canary_started_at(self.store, self.config)
+        if started is None:
+            self.consumer.seek_to_end(self._partition)
+            self.consumer.position(self._partition)
+            return
+        since_ms = int((started.timestamp() - RESTART_SLACK_S) * 1000)
         found = self.consumer.offsets_for_times({self._partition: max(since_ms, 0)})
         position = found.get(self._partition)
         if position is None:  # nothing that recent: only outcomes from now on
@@ -218,7 +254,7 @@ class CanaryJob:
         self.consumer.close()
 
     def poll(self, timeout_s: float = 10.0) -> int:
-        """Read every outcome published before this call into the window; returns how many were read.
+        """Read every outcome published before this call; returns how many were read.
 
         "Until the end offset seen at the start", not "until a poll comes back empty": an empty poll only
         means the next fetch has not arrived yet, and an analysis must not miss outcomes already published.
@@ -235,18 +271,22 @@ class CanaryJob:
 
     def _take(self, record: ConsumerRecord) -> None:
         try:
-            self.window.add(decode(QueryOutcome, record.value))
+            self.outcomes.add(decode(QueryOutcome, record.value))
         except SchemaError as exc:
             send_dead_letter(self.producer, self.settings, record, exc.reason, str(exc))
 
     def tick(self) -> Decision | None:
-        """Analyse the current window and act on the verdict. None when there is no production alias."""
+        """Analyse the evidence so far and act on the verdict. None when there is no production alias."""
         self.poll()
         state = canary_state(self.store, self.config)
         if state is None:
             return None
-        production = self.window.samples("production", state.production_version)
-        canary = self.window.samples("canary", state.canary_version)
+        if state.canary_version is None:
+            self.outcomes.keep_only(set())  # a candidate's evidence starts at its first query
+            production, canary = _samples([]), _samples([])
+        else:
+            self.outcomes.keep_only({state.production_version, state.canary_version})
+            production, canary = self.outcomes.since_canary(state.production_version, state.canary_version)
         for arm, samples in (("production", production), ("canary", canary)):
             if samples.rewards:
                 metrics.REWARD_AVG.labels(arm).set(sum(samples.rewards) / len(samples.rewards))
@@ -300,7 +340,7 @@ class CanaryJob:
         if decision.action == "promote":
             notes.append(_moved(config.production_alias, canary, production))
             metrics.ALIAS_VERSION.labels(config.production_alias).set(canary)
-        elif decision.action == "rollback":
+        else:  # rolled back as worse, or inconclusive: the canary alias returns to production's version
             notes.append(_moved(config.canary_alias, production, canary))
             metrics.ALIAS_VERSION.labels(config.canary_alias).set(production)
         self.announce(notes)
@@ -353,7 +393,7 @@ def summary(store: PolicyStore, config: CanarySettings, limit: int = 5) -> dict[
         "canary": aliases[config.canary_alias].version_id if config.canary_alias in aliases else None,
         "live": state is not None and state.canary_version is not None,
         "share": state.share if state is not None and state.canary_version is not None else 0.0,
-        "inconclusive_windows": state.inconclusive_windows if state is not None else 0,
+        "analyses": state.analyses if state is not None else 0,
         "verdicts": [
             {"at": e.at.isoformat(), "version": e.to_version, "reason": e.reason, **e.details}
             for e in verdicts
@@ -374,9 +414,9 @@ def run() -> None:
         signal.signal(sig, lambda *_: stop.set())
     scheduler.start()
     log.info(
-        "canary job: every %.0f s, window %.0f s, shares %s",
+        "canary job: every %.0f s, at most %d canary queries, shares %s",
         settings.canary.interval_s,
-        settings.canary.window_s,
+        settings.canary.max_queries,
         settings.canary.share_steps,
     )
     try:

@@ -9,7 +9,7 @@ Canary arms: ``ArmedRewriter`` holds a production and a canary ``Rewriter``. Whi
 at a version other than production's, a share of shoppers (a stable hash of the shopper id, salted with the
 canary version) is served by the canary; every ``QueryEvent`` records its ``arm`` and ``policy_version``, and
 canary rewrites also log their log-probability under the production policy (the canary job's KL guard).
-``ArmsFollower`` follows both aliases and the canary job's share steps on the policy-versions topic.
+``ArmsFollower`` keeps both aliases and the canary job's share steps as the policy store has them.
 """
 
 from __future__ import annotations
@@ -205,7 +205,15 @@ class Rewriter:
 
 
 class AnnouncementFollower:
-    """Follows the policy-versions topic; when ``alias`` moves, loads that version and swaps it in."""
+    """Keeps ``rewriter`` serving the version ``alias`` holds in the policy store.
+
+    The store is the authority; announcements on the policy-versions topic only make the follower look
+    sooner. It reconciles with the store when it starts, on every announcement that concerns it, and every
+    ``rewriter.reconcile_s`` in any case, so a move whose announcement never came (an operator's
+    ``qrloop policy rollback``, a process that crashed between its commit and its announcement, a follower
+    that was down) is still served within seconds, and a stray announcement cannot make it serve a version
+    the alias does not hold.
+    """
 
     def __init__(self, settings: Settings, rewriter: Rewriter, alias: str, store: PolicyStore) -> None:
         self.settings = settings
@@ -214,9 +222,9 @@ class AnnouncementFollower:
         self.store = store
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="announcement-follower", daemon=True)
-        self.swaps: list[tuple[int, float]] = []  # (version, seconds from announcement to serving)
         # Beaten once per poll: /readyz fails when this thread died or is stuck (then no swap would happen).
         self.heartbeat = health.Heartbeat(settings.daemon.liveness_max_age_s)
+        self.swaps: list[tuple[int, float]] = []  # (version, seconds from noticing the move to serving it)
 
     def start(self) -> AnnouncementFollower:
         self._thread.start()
@@ -238,28 +246,44 @@ class AnnouncementFollower:
         )
         partition = TopicPartition(self.settings.topics.policy_versions, 0)
         consumer.assign([partition])
-        consumer.seek_to_end(partition)  # only announcements made from now on; startup resolved the alias
+        consumer.seek_to_end(partition)  # only announcements from now on: the reconcile covers the past
+        last_reconcile = 0.0
         try:
             while not self._stop.is_set():
                 self.heartbeat.beat()
+                if time.monotonic() - last_reconcile >= self.settings.rewriter.reconcile_s:
+                    self._safe_reconcile()
+                    last_reconcile = time.monotonic()
                 for records in consumer.poll(timeout_ms=300).values():
                     for record in records:
-                        self._handle(record.value)
+                        if self._concerns_me(record.value):
+                            self._safe_reconcile()
+                            last_reconcile = time.monotonic()
         finally:
             consumer.close()
 
-    def _handle(self, raw: bytes) -> None:
+    def _concerns_me(self, raw: bytes) -> bool:
         try:
             note = decode(PolicyAnnouncement, raw)
         except SchemaError:
             log.warning("ignoring an unreadable policy announcement")
-            return
-        if note.kind != "alias_moved" or note.alias != self.alias or note.version == self.rewriter.version:
+            return False
+        return note.kind == "alias_moved" and note.alias == self.alias
+
+    def _safe_reconcile(self) -> None:
+        try:
+            self.reconcile()
+        except Exception:  # a database restart or a bad blob must not kill the thread; the next try follows
+            log.exception("could not reconcile with the policy store; trying again")
+
+    def reconcile(self) -> None:
+        """Serve what the store says ``alias`` holds (a no-op when it already does)."""
+        record = self.store.aliases().get(self.alias)
+        if record is None or record.version_id == self.rewriter.version:
             return
         started = time.perf_counter()
-        version = self.store.get(note.version)
-        loaded = load_version(self.store.load_dir(version), version.id)
-        self.rewriter.swap(loaded)
+        version = self.store.get(record.version_id)
+        self.rewriter.swap(load_version(self.store.load_dir(version), version.id))
         self.swaps.append((version.id, time.perf_counter() - started))
         metrics.ALIAS_VERSION.labels(self.alias).set(version.id)
         log.info("now serving version %d (loaded in %.2f s)", version.id, time.perf_counter() - started)
@@ -397,38 +421,39 @@ class ArmedRewriter:
 
 
 class ArmsFollower(AnnouncementFollower):
-    """Follows both aliases and the canary job's verdicts for an ``ArmedRewriter``, in one consumer thread."""
+    """Keeps an ``ArmedRewriter``'s two arms and the canary's share as the store has them (same reconcile
+    loop: on start, on every announcement about either alias or a verdict, and every ``reconcile_s``)."""
 
     def __init__(self, settings: Settings, armed: ArmedRewriter, store: PolicyStore) -> None:
         super().__init__(settings, armed.production, settings.canary.production_alias, store)
         self.armed = armed
         self.config: CanarySettings = settings.canary
 
-    def _handle(self, raw: bytes) -> None:
+    def _concerns_me(self, raw: bytes) -> bool:
         try:
             note = decode(PolicyAnnouncement, raw)
         except SchemaError:
             log.warning("ignoring an unreadable policy announcement")
-            return
-        try:
-            self._apply(note)
-        except Exception:  # a bad announcement must not kill the thread that follows all the others
-            log.exception("could not apply announcement %s", note.model_dump_json())
+            return False
+        aliases = (self.config.production_alias, self.config.canary_alias)
+        return note.kind == "canary_verdict" or (note.kind == "alias_moved" and note.alias in aliases)
 
-    def _apply(self, note: PolicyAnnouncement) -> None:
-        if note.kind == "canary_verdict" and "share" in note.details:
-            if self.armed.set_share(note.version, float(note.details["share"])):
-                log.info("canary %d now serves %.0f%% of shoppers", note.version, 100 * self.armed.share)
+    def reconcile(self) -> None:
+        aliases = self.store.aliases()
+        production = aliases.get(self.config.production_alias)
+        if production is not None and production.version_id != self.armed.production.version:
+            self._swap(production.version_id, self.armed.swap_production, self.config.production_alias)
+        canary = aliases.get(self.config.canary_alias)
+        if canary is None:
             return
-        if note.kind != "alias_moved":
-            return
-        if note.alias == self.config.production_alias and note.version != self.armed.production.version:
-            self._swap(note.version, self.armed.swap_production, self.config.production_alias)
-        elif note.alias == self.config.canary_alias and (
-            self.armed.canary is None or note.version != self.armed.canary.version
-        ):
-            share = canary_share(self.store, note.version, self.config)
-            self._swap(note.version, lambda p: self.armed.set_canary(p, share), self.config.canary_alias)
+        share = canary_share(self.store, canary.version_id, self.config)
+        if self.armed.canary is None or canary.version_id != self.armed.canary.version:
+            nothing_to_test = production is not None and canary.version_id == production.version_id
+            if self.armed.canary is None and nothing_to_test:
+                return  # and no canary arm yet
+            self._swap(canary.version_id, lambda p: self.armed.set_canary(p, share), self.config.canary_alias)
+        elif share != self.armed.share and self.armed.set_share(canary.version_id, share):
+            log.info("canary %d now serves %.0f%% of shoppers", canary.version_id, 100 * share)
 
     def _swap(self, version_id: int, install: Callable[[LoadedPolicy], None], alias: str) -> None:
         started = time.perf_counter()

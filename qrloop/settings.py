@@ -202,6 +202,13 @@ class ModelSettings(Group):
 class RewriterSettings(Group):
     temperature: float = Field(1.0, gt=0, le=100, description="Sampling temperature of the two rewrites.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    reconcile_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often the rewriter re-reads the aliases (and the canary share) from the policy "
+        "store, the authority: a move whose announcement was lost (a crash after the commit, an operator's "
+        "set-alias or rollback) is served within this.",
+    )
     max_new_tokens: int = Field(
         16, ge=1, le=1024, description="Rewrites are short queries; this caps runaway generations."
     )
@@ -301,28 +308,70 @@ class CanarySettings(Group):
     canary_alias: str = Field(
         "canary", pattern=ALIAS_PATTERN, description="Alias the learner publishes candidates to."
     )
-    interval_s: float = Field(60.0, gt=0, description="How often the canary job analyses the last window.")
-    window_s: float = Field(
-        300.0, gt=0, description="Event-time window of query outcomes each analysis compares (per arm)."
+    interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="How often the canary job looks at the evidence. Any cadence is safe: the test is "
+        "always valid, so looking more often only reaches a verdict sooner.",
     )
     share_steps: list[float] = Field(
         [0.1, 0.25, 0.5],
-        description="Traffic shares of the canary arm, stepped up after each inconclusive healthy analysis.",
+        description="Traffic shares of the canary arm, stepped up after each healthy inconclusive analysis "
+        "(both arms have enough queries and no guard failed).",
     )
-    min_samples: int = Field(30, ge=1, description="Queries per arm in the window before any verdict.")
+    min_samples: int = Field(
+        30,
+        ge=2,
+        description="Queries per arm before any verdict (the intervals estimate variances from them).",
+    )
     alpha: float = Field(
-        0.05, gt=0, lt=1, description="Significance level of the two-sided Mann-Whitney U test."
+        0.05,
+        gt=0,
+        lt=1,
+        description="Chance of any false verdict (promoting a candidate that is not better, or rolling back "
+        "as worse one that is not) over the whole canary, however often it looks.",
     )
-    min_effect: float = Field(
-        0.02, ge=0, description="Smallest mean reward difference that counts as a verdict."
+    guard_alpha: float = Field(
+        0.005,
+        gt=0,
+        lt=0.5,
+        description="Each guard's (relevance, KL) share of alpha; the reward test gets the rest.",
     )
-    relevance_floor: float = Field(
-        0.95, ge=0, le=1, description="Canary's mean relevance must stay above this fraction of production's."
+    design_effect: float = Field(
+        0.02,
+        gt=0,
+        description="Mean-reward difference the reward test is tuned for (the normal mixture's spread, "
+        "reward units): +10% of the demo's mean reward per query (0.20). Any effect is detected; this one "
+        "soonest.",
+    )
+    relevance_margin: float = Field(
+        0.10,
+        ge=0,
+        lt=1,
+        description="Non-inferiority margin of the relevance guard: the canary's mean relevance may be at "
+        "most this fraction below production's. Shown inside the margin with confidence before a promotion; "
+        "shown beyond it: rolled back as worse (reward hacking). At 0.05 a +10% candidate needs about "
+        "twice the queries (benchmarks/bench_canary.py).",
     )
     max_kl: float = Field(
-        5.0, gt=0, description="Max mean log-ratio (nats) of canary rewrites to the production policy."
+        5.0,
+        gt=0,
+        description="Bound (nats) on the canary's mean log-ratio to the production policy: shown below it "
+        "before a promotion; shown above it: rolled back as worse.",
     )
-    max_windows: int = Field(10, ge=1, description="Inconclusive analyses before a conservative roll back.")
+    max_queries: int = Field(
+        800,
+        ge=1,
+        description="Canary queries after which a candidate without a verdict is inconclusive: production "
+        "stays, the candidate is archived (not rejected). From queries_for_power: +10% mean reward is "
+        "promoted with >= 80% power within this (see the README).",
+    )
+    max_analyses: int = Field(
+        240,
+        ge=1,
+        description="Analyses with enough queries after which a candidate is inconclusive (a time limit for "
+        "quiet traffic: 4 hours at interval_s 60).",
+    )
 
     @model_validator(mode="after")
     def _check_steps(self) -> CanarySettings:

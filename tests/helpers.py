@@ -8,14 +8,15 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from kafka import KafkaProducer
 
 from policy_store import db
-from qrloop.events import Interaction, PreferencePair, QueryEvent, SessionEnd, pair_id_for
+from qrloop.events import Interaction, PreferencePair, QueryEvent, SessionEnd, encode, pair_id_for
 from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import Settings
 from qrloop.topics import ensure_topics
@@ -138,3 +139,14 @@ def feedback(
             )
         )
     return items
+
+
+def publish_pairs(settings: Settings, pairs: list[PreferencePair], extra: Sequence[bytes] = ()) -> None:
+    """Pairs (then raw ``extra`` records) on the run's pair topic, flushed."""
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    for p in pairs:
+        producer.send(settings.topics.preference_pairs, key=p.pair_id.encode(), value=encode(p))
+    for raw in extra:
+        producer.send(settings.topics.preference_pairs, key=b"bad", value=raw)
+    producer.flush()
+    producer.close()

@@ -11,17 +11,15 @@ import time
 from pathlib import Path
 
 import pytest
-from kafka import KafkaProducer
 
 from learner.ledger import SqlTrainedPair
 from learner.worker import LEARNER_TAG, build, resume_state
 from policy_store import db
-from qrloop.events import PreferencePair, encode
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
-from tests.helpers import pair
+from tests.helpers import pair, publish_pairs
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +39,6 @@ def learner_settings(settings: Settings, kafka_bootstrap: str, unique_topic: str
     store.set_alias("production", start.id, reason="start", actor="test")
     store.close()
     return configured
-
-
-def publish_pairs(settings: Settings, pairs: list[PreferencePair], extra: list[bytes] = ()) -> None:  # type: ignore[assignment]
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
-    for p in pairs:
-        producer.send(settings.topics.preference_pairs, key=p.pair_id.encode(), value=encode(p))
-    for raw in extra:
-        producer.send(settings.topics.preference_pairs, key=b"bad", value=raw)
-    producer.flush()
-    producer.close()
 
 
 def ledger_counts(settings: Settings) -> dict[str, int]:

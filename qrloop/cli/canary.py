@@ -50,8 +50,8 @@ def status_command(
         return
     config = settings.canary
     live = (
-        f"[green]live[/] at {status['share']:.0%} of shoppers, "
-        f"{status['inconclusive_windows']}/{config.max_windows} inconclusive windows"
+        f"[green]live[/] at {status['share']:.0%} of shoppers, {status['analyses']} analyses "
+        f"(inconclusive after {config.max_queries} canary queries or {config.max_analyses} analyses)"
         if status["live"]
         else "[dim]no canary being served[/]"
     )
@@ -60,24 +60,49 @@ def status_command(
         f"{config.canary_alias} → [bold]{status['canary']}[/]   {live}"
     )
     table = Table(
-        "when", "canary", "verdict", "n prod/can", "mean prod", "mean can", "effect", "p", "rel ratio",
-        "KL", "share", "reason",
+        "when", "canary", "outcome", "n prod/can", "mean prod", "mean can", "effect", "always-valid interval",
+        "relevance prod/can", "KL", "share", "reason",
         title=f"last {limit} analyses",
     )  # fmt: skip
     for v in status["verdicts"]:
-        colour = {"promote": "green", "rollback": "red"}.get(str(v.get("verdict")), "yellow")
+        verdict = str(v.get("verdict"))
+        colour = {"promote": "green", "rollback": "red", "inconclusive": "magenta"}.get(verdict, "yellow")
+        low, high = v.get("effect_low"), v.get("effect_high")
         table.add_row(
             str(v["at"])[:19],
             str(v["version"]),
-            f"[{colour}]{v.get('verdict')}[/]",
+            f"[{colour}]{v.get('outcome') or verdict}[/]",
             f"{v.get('n_production')}/{v.get('n_canary')}",
             _fmt(v.get("mean_production")),
             _fmt(v.get("mean_canary")),
             _fmt(v.get("effect"), "+.3f"),
-            _fmt(v.get("p_value"), ".3g"),
-            _fmt(v.get("relevance_ratio"), ".2f"),
+            "–" if low is None or high is None else f"[{low:+.3f}, {high:+.3f}]",
+            f"{_fmt(v.get('relevance_production'))}/{_fmt(v.get('relevance_canary'))}",
             _fmt(v.get("mean_kl"), ".2f"),
             _fmt(v.get("share"), ".0%"),
             str(v.get("reason", "")),
         )
     console.print(table)
+
+
+@app.command("power")
+def power_command(
+    effect: float = typer.Option(0.10, help="True relative improvement of the mean reward (0.10: +10%)."),
+    mean: float = typer.Option(0.20, help="Production's mean reward per query."),
+    sd: float = typer.Option(0.064, help="Standard deviation of the reward per query (bench_canary's pool)."),
+    power: float = typer.Option(0.8, help="Probability of promoting such a candidate."),
+    relevance_mean: float = typer.Option(0.63, help="Mean relevance per query (the guard's margin scales)."),
+    relevance_sd: float = typer.Option(0.19, help="Standard deviation of the relevance per query."),
+) -> None:
+    """Canary queries (per arm) the rule needs to promote a given true improvement with the given power."""
+    from qrloop.canary import queries_for_power
+    from qrloop.canary_job import policy_of
+
+    policy = policy_of(get_settings().canary)
+    for ratio, label in ((1.0, "equal arms (share 0.5)"), (3.0, "production 3× canary (share 0.25)")):
+        n = queries_for_power(
+            effect * mean, sd, policy, power, ratio, relevance=(relevance_mean, relevance_sd)
+        )
+        gain = f"{effect:+.0%} (+{effect * mean:.4f})"
+        console.print(f"{label}: {n} canary queries for {power:.0%} power at {gain}")
+    console.print(f"canary.max_queries is {policy.max_queries}")

@@ -13,8 +13,7 @@ from pathlib import Path
 
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.settings import REPO_ROOT, Settings
-from tests.helpers import free_port
-from tests.test_daemon import get, isolated_env, metric, store_settings, wait_for
+from tests.helpers import free_port, get, isolated_env, metric, store_settings, wait_for
 
 
 def failed_reloads(port: int) -> float:
