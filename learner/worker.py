@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from qrloop import metrics
+from qrloop.data import dataset_name
 from qrloop.events import DeadLetter, PolicyAnnouncement, PreferencePair, SchemaError, decode, encode
 from qrloop.settings import Settings
 
@@ -188,6 +189,7 @@ class Learner:
                 tags={
                     LEARNER_TAG: settings.dpo.learner_name,
                     "reference_version": self.state.reference_version,
+                    "dataset": dataset_name(settings),  # the catalog whose traffic trained it
                 },
                 actor="learner",
                 reason=f"DPO step {self.state.steps}",

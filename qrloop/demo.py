@@ -28,6 +28,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from policy_store import PolicyStore, PolicyVersion, UnknownAliasError
+from qrloop.data import dataset_name
 from qrloop.settings import REPO_ROOT, Settings
 
 
@@ -99,20 +101,35 @@ def make_run(base: Settings, run_id: str | None = None, learning_rate: float | N
 
 
 def offline_policy_version(base: Settings) -> int | None:
-    """The default store's ``production`` version when the offline phase published it, else None."""
-    from policy_store import PolicyStore
-
+    """The default store's offline policy (full build or warm start) *for the configured data set*: its
+    ``production`` version when the offline phase published it for this data set, else the newest offline
+    version tagged with this data set, else None. A policy warm-started on one catalog is never reused on
+    another ("yoga mat" → "vice" on CrowdFlower with the Home Depot warm start)."""
     try:
         store = PolicyStore.from_settings(base)
     except Exception:  # no default store yet: nothing was published
         return None
     try:
-        production = store.resolve("production")
-        return production.id if production.tags.get("stage") == "offline" else None
+        return offline_version_for(store, dataset_name(base))
     except Exception:
         return None
     finally:
         store.close()
+
+
+def offline_version_for(store: PolicyStore, dataset: str) -> int | None:
+    """``production`` if it is an offline policy trained on ``dataset``, else the newest such version."""
+
+    def fits(version: PolicyVersion) -> bool:
+        return version.tags.get("stage") == "offline" and version.tags.get("dataset") == dataset
+
+    try:
+        production = store.resolve("production")
+        if fits(production):
+            return production.id
+    except UnknownAliasError:
+        pass
+    return next((v.id for v in store.list(newest_first=True) if fits(v)), None)
 
 
 def ensure_starting_policy(base: Settings, console: Console, warm_start_steps: int) -> None:
@@ -127,8 +144,9 @@ def ensure_starting_policy(base: Settings, console: Console, warm_start_steps: i
     from qrloop import db
 
     console.print(
-        "[yellow]no offline policy published yet[/]: a warm start first "
-        f"({warm_start_steps} SFT steps on Q2Q pairs, once; `qrloop offline build` does the full phase)"
+        f"[yellow]no offline policy for the data set {dataset_name(base)!r} published yet[/]: "
+        f"a warm start first ({warm_start_steps} SFT steps on Q2Q pairs, once; "
+        "`qrloop offline build` does the full phase)"
     )
     db.upgrade(base.db_url)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -140,10 +158,10 @@ def ensure_starting_policy(base: Settings, console: Console, warm_start_steps: i
 def publish_starting_policy(run: RunLayout, base: Settings, start_dir: Path | None = None) -> int:
     """Version 1 of the run: ``start_dir`` if given, else the offline MiniELM when the default store has one,
     else the base SmolLM2."""
-    from policy_store import PolicyStore
     from qrloop import db, models
 
     offline = offline_policy_version(base) if start_dir is None else None
+    dataset = dataset_name(base)
     if start_dir is not None:
         source_dir, base_model, tags = start_dir, str(start_dir), {"stage": "given"}
     elif offline is not None:
@@ -157,6 +175,7 @@ def publish_starting_policy(run: RunLayout, base: Settings, start_dir: Path | No
     else:
         source_dir, base_model = models.require_policy(base), "SmolLM2-135M-Instruct"
         tags = {"stage": "base"}
+    tags["dataset"] = dataset  # what the run trains on: every later version of the run inherits it
     db.upgrade(run.settings.db_url)
     store = PolicyStore.from_settings(run.settings)
     version = store.publish(
@@ -410,8 +429,6 @@ def run_demo(
 
 
 def finish(run: RunLayout, progress: Progress, console: Console) -> Path:
-    from policy_store import PolicyStore
-
     store = PolicyStore.from_settings(run.settings)
     table = Table("version", "parent", "steps", "loss", "margin", "created")
     for version in sorted(store.list(), key=lambda v: v.id):

@@ -30,6 +30,7 @@ from qrloop.events import (
     decode_feedback,
     encode,
 )
+from qrloop.relevance import read_report, relevance_dir
 from streams import attribution
 from streams.app import AggregatorApp
 
@@ -225,8 +226,8 @@ def relevance_model_check(settings: Any) -> str:
     """M1 loads on the first window scored; ready means its files (or the fallback encoder's) are there."""
     from qrloop.models import encoder_dir
 
-    m1 = settings.models.relevance_dir
-    if m1 is not None and m1.is_dir():
+    m1 = relevance_dir(settings)
+    if read_report(m1) is not None:
         return f"M1 at {m1}"
     fallback = encoder_dir(settings)
     if not fallback.is_dir():

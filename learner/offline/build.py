@@ -31,6 +31,7 @@ from learner.offline.distill import compare_with_gkd, distill, make_student
 from learner.offline.evaluate import OfflineMetrics, evaluate_model, format_table2, serving_times
 from learner.offline.q2q import QueryPair, build_q2q, read_pairs
 from learner.offline.sft import quiet_libraries, sample_pairs, train_sft
+from qrloop.data import dataset_name
 from qrloop.settings import Settings
 
 BASE_MODEL = "SmolLM2-135M-Instruct/minielm"
@@ -424,7 +425,9 @@ def warm_start(
     """
     from qrloop.models import require_policy
 
-    out = offline_dir(settings) / "warm-start"
+    out = (
+        offline_dir(settings) / "warm-start" / dataset_name(settings)
+    )  # one per catalog: never reused on another
     with quiet_libraries():
         report = build_q2q(settings, use_m1=False, out_dir=out / "q2q")
         train = read_pairs(out / "q2q" / "train.jsonl")
