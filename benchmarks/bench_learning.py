@@ -277,6 +277,9 @@ def bench_dataset(args: argparse.Namespace, base: Settings, dataset: str) -> Non
         queries = setup.queries
         labels = labels_of(setup.evaluator.catalog, queries)
         misspellings = heldout_misspellings(settings, args.spelling, args.seed)
+        spelling_file = source_folder(settings) / SPELLING_FILE
+        if not spelling_file.is_file():
+            print(f"no spelling list at {spelling_file}: the spelling figures are skipped for {dataset}")
         print(
             f"\n== {dataset}: versions {first} → {last} of {run_dir or base.db_url} (M1 = {setup.m1_kind}) =="
         )
