@@ -325,7 +325,7 @@ def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
 
     assert offline_policy_version(settings) == version_id
     crowdflower = settings.model_copy(update={"dataset": "crowdflower"})
-    assert offline_policy_version(crowdflower) is None, "a Home Depot warm start is never reused on CrowdFlower"
+    assert offline_policy_version(crowdflower) is None, "the Home Depot warm start is not for CrowdFlower"
     store = PolicyStore.from_settings(settings)
     try:
         version = store.get(version_id)
