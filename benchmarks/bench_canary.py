@@ -53,6 +53,7 @@ from qrloop.canary import ArmStats, CanaryPolicy, Moments, analyse_stats, next_s
 from qrloop.canary_job import policy_of
 from qrloop.events import QueryOutcome, SchemaError, decode
 from qrloop.rewards import RewardComponents
+from qrloop.runs import open_store
 from qrloop.settings import RewardSettings, Settings
 
 EFFECTS = (0.0, 0.05, 0.10, 0.15, 0.20, -0.10)
@@ -231,9 +232,7 @@ def delivery(bootstrap: str, moves: int = 10) -> None:
     import tempfile
     import uuid
 
-    from qrloop.db import upgrade
-
-    from policy_store import PolicyStore
+    from policy_store.db import upgrade
     from qrloop.models import build_tiny_policy, require_policy
     from qrloop.serving import AnnouncementFollower, Rewriter, load_version
     from qrloop.topics import ensure_topics
@@ -252,7 +251,7 @@ def delivery(bootstrap: str, moves: int = 10) -> None:
         ensure_topics(settings, {topics.policy_versions: 1})
         upgrade(settings.db_url)
         tokenizer = require_policy(base)
-        with PolicyStore.from_settings(settings) as store:
+        with open_store(settings) as store:
             v1, v2 = (
                 store.publish(build_tiny_policy(root / f"p{i}", tokenizer, seed=i), base_model="tiny").id
                 for i in range(2)

@@ -72,6 +72,7 @@ from typing import Any
 
 import numpy as np
 
+from learner.evaluate_online import paired_stats
 from qrloop.cli.demo import run_settings
 from qrloop.cli.supervisor import Supervised, Supervisor, spawn_command, spawn_qrloop
 from qrloop.runs import isolate, open_store, run_env
@@ -260,18 +261,6 @@ def pick_versions(store: Any, spec: str | None) -> tuple[int, int]:
     if len(ids) < 2:
         raise SystemExit(f"the run's store holds {len(ids)} version(s): nothing to compare")
     return ids[0], ids[-1]
-
-
-def paired_stats(first: np.ndarray, last: np.ndarray, seed: int, resamples: int = 10_000) -> dict[str, float]:
-    """Mean of last − first per query, its paired bootstrap 95% CI and the paired t-test's p-value."""
-    from scipy import stats
-
-    diff = last - first
-    rng = np.random.default_rng(seed)
-    boot = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
-    low, high = np.percentile(boot, [2.5, 97.5])
-    p = float(stats.ttest_rel(last, first).pvalue) if len(diff) > 1 and diff.std() > 0 else float("nan")
-    return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "p": p}
 
 
 def gain(first: float, last: float) -> str:

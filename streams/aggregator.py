@@ -31,7 +31,7 @@ from qrloop.events import (
     encode,
 )
 from qrloop.models import encoder_dir
-from qrloop.relevance import RelevanceModel
+from qrloop.relevance import RelevanceModel, read_report, relevance_dir
 from qrloop.reload import reload_on_sighup
 from qrloop.settings import Settings, get_settings
 from streams import attribution
@@ -250,8 +250,8 @@ def agents_check(built: AggregatorApp) -> str:
 
 def relevance_model_check(settings: Settings) -> str:
     """M1 loads on the first window scored; ready means its files (or the fallback encoder's) are there."""
-    m1 = settings.models.relevance_dir
-    if m1 is not None and m1.is_dir():
+    m1 = relevance_dir(settings)
+    if read_report(m1) is not None:
         return f"M1 at {m1}"
     fallback = encoder_dir(settings)
     if not fallback.is_dir():

@@ -326,12 +326,20 @@ def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
     version_id = warm_start(settings, steps=2, batch_size=2, base_dir=tiny)
 
     assert offline_policy_version(settings) == version_id
+    crowdflower = settings.model_copy(update={"dataset": "crowdflower"})
+    assert offline_policy_version(crowdflower) is None, "the Home Depot warm start is not for CrowdFlower"
     store = open_store(settings)
     try:
         version = store.get(version_id)
         assert version.tags["published"] == WARM_START_TAG and version.train_steps == 2
+        assert version.tags["dataset"] == "homedepot"
         assert version.tags["q2q_train_pairs"] > 1000, "graph and spelling pairs of the real data set"
+        # Another catalog's offline policy takes 'production': each data set still finds its own.
+        other = store.publish(tiny, base_model="tiny", tags={"stage": "offline", "dataset": "crowdflower"})
+        store.set_alias("production", other.id, reason="test", actor="test")
     finally:
         store.close()
-    pairs = q2q.read_pairs(tmp_path / "offline" / "warm-start" / "q2q" / "train.jsonl")
+    assert offline_policy_version(crowdflower) == other.id
+    assert offline_policy_version(settings) == version_id, "the newest Home Depot offline version"
+    pairs = q2q.read_pairs(tmp_path / "offline" / "warm-start" / "homedepot" / "q2q" / "train.jsonl")
     assert pairs and not any(is_heldout(p.source) or is_heldout(p.target) for p in pairs)

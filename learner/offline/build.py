@@ -31,6 +31,7 @@ from learner.offline.distill import compare_with_gkd, distill, make_student
 from learner.offline.evaluate import OfflineMetrics, evaluate_model, format_table2, serving_times
 from learner.offline.q2q import QueryPair, build_q2q, read_pairs
 from learner.offline.sft import quiet_libraries, sample_pairs, train_sft
+from qrloop.data import dataset_name
 from qrloop.models import require_policy
 from qrloop.runs import open_store
 from qrloop.settings import Settings
@@ -420,7 +421,7 @@ def warm_start(
     teach it the format (a short query back), which is what the online loop needs to start from. The full
     ``qrloop offline build`` (teacher, student, distillation, Table 2) replaces it whenever it is run.
     """
-    out = offline_dir(settings) / "warm-start"
+    out = offline_dir(settings) / "warm-start" / dataset_name(settings)  # one per catalog: never reused
     with quiet_libraries():
         report = build_q2q(settings, use_m1=False, out_dir=out / "q2q")
         train = read_pairs(out / "q2q" / "train.jsonl")

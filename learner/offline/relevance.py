@@ -329,7 +329,7 @@ def train_relevance(
         "max_length": MAX_LENGTH,
         "final_loss": round(loss, 4),
         "train_seconds": round(train_s, 1),
-        "heldout": evaluate(load_scorer(tmp, kind), heldout, settings.seed),
+        "heldout": evaluate(load_scorer(tmp, kind, settings), heldout, settings.seed),
     }
     if baseline:
         report["heldout_cosine_baseline"] = evaluate(cosine_scorer(settings), heldout, settings.seed)

@@ -30,10 +30,11 @@ from rich.progress import Progress as Bars
 from rich.table import Table
 
 from learner.offline.build import warm_start
-from policy_store import db
+from policy_store import PolicyStore, PolicyVersion, UnknownAliasError, db
 from qrloop import data, models
 from qrloop.cli.doctor import check_kafka
 from qrloop.cli.supervisor import Supervised, Supervisor, spawn_qrloop
+from qrloop.data import dataset_name
 from qrloop.events import PolicyAnnouncement, PreferencePair, QueryEvent, QueryOutcome, decode
 from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import REPO_ROOT, Settings
@@ -77,18 +78,35 @@ def make_run(base: Settings, run_id: str | None = None, learning_rate: float | N
 
 
 def offline_policy_version(base: Settings) -> int | None:
-    """The default store's ``production`` version when the offline phase published it, else None."""
+    """The default store's offline policy (full build or warm start) *for the configured data set*: its
+    ``production`` version when the offline phase published it for this data set, else the newest offline
+    version tagged with this data set, else None. A policy warm-started on one catalog is never reused on
+    another ("yoga mat" → "vice" on CrowdFlower with the Home Depot warm start)."""
     try:
         store = open_store(base)
     except Exception:  # no default store yet: nothing was published
         return None
     try:
-        production = store.resolve("production")
-        return production.id if production.tags.get("stage") == "offline" else None
+        return offline_version_for(store, dataset_name(base))
     except Exception:
         return None
     finally:
         store.close()
+
+
+def offline_version_for(store: PolicyStore, dataset: str) -> int | None:
+    """``production`` if it is an offline policy trained on ``dataset``, else the newest such version."""
+
+    def fits(version: PolicyVersion) -> bool:
+        return version.tags.get("stage") == "offline" and version.tags.get("dataset") == dataset
+
+    try:
+        production = store.resolve("production")
+        if fits(production):
+            return production.id
+    except UnknownAliasError:
+        pass
+    return next((v.id for v in store.list(newest_first=True) if fits(v)), None)
 
 
 def ensure_starting_policy(base: Settings, console: Console, warm_start_steps: int) -> None:
@@ -97,8 +115,9 @@ def ensure_starting_policy(base: Settings, console: Console, warm_start_steps: i
     if warm_start_steps <= 0 or offline_policy_version(base) is not None:
         return
     console.print(
-        "[yellow]no offline policy published yet[/]: a warm start first "
-        f"({warm_start_steps} SFT steps on Q2Q pairs, once; `qrloop offline build` does the full phase)"
+        f"[yellow]no offline policy for the data set {dataset_name(base)!r} published yet[/]: "
+        f"a warm start first ({warm_start_steps} SFT steps on Q2Q pairs, once; "
+        "`qrloop offline build` does the full phase)"
     )
     db.upgrade(base.db_url)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -111,6 +130,7 @@ def publish_starting_policy(run: RunLayout, base: Settings, start_dir: Path | No
     """Version 1 of the run: ``start_dir`` if given, else the offline MiniELM when the default store has one,
     else the base SmolLM2."""
     offline = offline_policy_version(base) if start_dir is None else None
+    dataset = dataset_name(base)
     if start_dir is not None:
         source_dir, base_model, tags = start_dir, str(start_dir), {"stage": "given"}
     elif offline is not None:
@@ -124,6 +144,7 @@ def publish_starting_policy(run: RunLayout, base: Settings, start_dir: Path | No
     else:
         source_dir, base_model = models.require_policy(base), "SmolLM2-135M-Instruct"
         tags = {"stage": "base"}
+    tags["dataset"] = dataset  # what the run trains on: every later version of the run inherits it
     db.upgrade(run.settings.db_url)
     store = open_store(run.settings)
     version = store.publish(

@@ -80,15 +80,20 @@ def check_encoder(settings: Settings) -> CheckResult:
 
 
 def check_relevance_model(settings: Settings) -> CheckResult:
-    folder = settings.models.relevance_dir
-    assert folder is not None
-    if (folder / "config.json").is_file():
-        return CheckResult("relevance model M1", True, str(folder))
+    from qrloop import relevance
+
+    folder = relevance.relevance_dir(settings)
+    report = relevance.read_report(folder)
+    problem = relevance.report_problem(report, settings)
+    if report is not None and problem is None:
+        spearman = report.get("heldout", {}).get("spearman")
+        quality = f", held-out Spearman {spearman:.3f}" if isinstance(spearman, float) else ""
+        return CheckResult("relevance model M1", True, f"{report.get('kind')} in {folder}{quality}")
     return CheckResult(
         "relevance model M1",
         False,
-        f"not trained in {folder} (the untrained cosine fallback will be used)",
-        "qrloop models train-relevance",
+        f"{problem} (the untrained cosine fallback will be used)",
+        relevance.HEAD_COMMAND,
     )
 
 

@@ -127,6 +127,27 @@ def models_train_relevance() -> None:
     console.print_json(json.dumps(report, default=str))
 
 
+@models_app.command("train-relevance-head")
+def models_train_relevance_head(
+    force: bool = typer.Option(False, help="Retrain even when a trained M1 for this data set is present."),
+    max_pairs: int = typer.Option(8_000, help="Training-split labelled pairs (seeded subsample)."),
+    baseline: bool = typer.Option(False, help="Also score the plain cosine on the held-out labels."),
+) -> None:
+    """Train M1 as a small head on frozen MiniLM embeddings (training-split labels; about a minute on CPU).
+    Skips when the data set already has a trained M1 (head or fine-tuned), so set-up can run it every time."""
+    from learner.offline.relevance_head import train_relevance_head
+    from qrloop import relevance
+
+    settings = get_settings()
+    folder = relevance.relevance_dir(settings)
+    report = relevance.read_report(folder)
+    if report is not None and relevance.report_problem(report, settings) is None and not force:
+        console.print(f"[green]relevance model M1 already trained[/] ({report.get('kind')}) in {folder}")
+        return
+    report = train_relevance_head(settings, max_pairs=max_pairs, baseline=baseline)
+    console.print_json(json.dumps(report, default=str))
+
+
 # --- db -----------------------------------------------------------------------------------------------------
 
 

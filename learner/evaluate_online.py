@@ -1,0 +1,141 @@
+"""What a policy's rewrites are worth on held-out queries, judged by people's labels rather than by the reward
+the learner is paid by. Pure functions of rewrites, product lists and labels (``benchmarks/bench_learning.py``
+serves the versions and feeds them in; the tests feed hand-made data).
+
+- **echo**: a rewrite that normalises (case, whitespace) to its query adds nothing.
+- **human-judged relevant recall**: of the products raters judged relevant for the query (the data set's
+  mapped relevance ≥ ``RELEVANT``: Home Depot grade ≥ 2.5 of 1–3), the share in the original query's top k,
+  and in the union of the original's and the rewrites' top k. The ratio of the two is what rewriting buys.
+- **labelled products shown**, and their mean human grade: how much of each list raters judged, and how well.
+- **spelling**: a rewrite corrects a known misspelling when it holds every word the correction changed and
+  none of the misspelled words it replaced (so "cordless drill kit" corrects "cordles drill"; "cordles drill"
+  does not).
+- **paired bootstrap**: the mean per-query difference of two policies and its 95% interval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from qrloop.data import normalise_query
+
+RELEVANT = 0.75
+"""Mapped relevance at or above which a labelled product counts as relevant (Home Depot: grade ≥ 2.5)."""
+
+
+def is_echo(query: str, rewrite: str) -> bool:
+    return normalise_query(rewrite) == normalise_query(query)
+
+
+def echo_rate(queries: Sequence[str], rewrites: Sequence[Sequence[str]]) -> float:
+    """Share of all rewrites (every query's, pooled) that normalise to their query."""
+    flags = [is_echo(q, r) for q, rs in zip(queries, rewrites, strict=True) for r in rs]
+    return float(np.mean(flags)) if flags else float("nan")
+
+
+def distinct_rewrites(rewrites: Sequence[Sequence[str]]) -> float:
+    """Mean number of distinct (normalised) rewrites per query."""
+    counts = [len({normalise_query(r) for r in rs}) for rs in rewrites]
+    return float(np.mean(counts)) if counts else float("nan")
+
+
+def mean_length(rewrites: Sequence[Sequence[str]]) -> float:
+    """Mean rewrite length in words."""
+    lengths = [len(r.split()) for rs in rewrites for r in rs]
+    return float(np.mean(lengths)) if lengths else float("nan")
+
+
+def relevant_products(labels: Mapping[str, float], threshold: float = RELEVANT) -> set[str]:
+    """Product ids whose mapped human relevance passes ``threshold``."""
+    return {pid for pid, rel in labels.items() if rel >= threshold - 1e-9}
+
+
+@dataclass(frozen=True)
+class Recall:
+    """One query: its human-judged relevant products, and how many of them each retrieval found."""
+
+    relevant: int
+    original: int  # found in the original query's list
+    union: int  # found in the original's list or any rewrite's
+
+
+def recall(original: Sequence[str], rewrites: Iterable[Sequence[str]], relevant: set[str]) -> Recall:
+    shown_by_original = set(original)
+    shown = shown_by_original.union(*[set(r) for r in rewrites])
+    return Recall(len(relevant), len(shown_by_original & relevant), len(shown & relevant))
+
+
+@dataclass(frozen=True)
+class RecallSummary:
+    queries: int  # queries with at least one relevant labelled product
+    original: float  # mean per-query recall of the original's list
+    union: float  # mean per-query recall of original ∪ rewrites
+    added: int  # relevant products the rewrites found beyond the original's, over all queries
+
+    @property
+    def ratio(self) -> float:
+        return self.union / self.original if self.original > 0 else float("nan")
+
+
+def summarise_recall(per_query: Sequence[Recall]) -> RecallSummary:
+    """Mean per-query recalls over the queries with relevant labelled products (others have none to find)."""
+    judged = [r for r in per_query if r.relevant > 0]
+    if not judged:
+        return RecallSummary(0, float("nan"), float("nan"), 0)
+    return RecallSummary(
+        len(judged),
+        float(np.mean([r.original / r.relevant for r in judged])),
+        float(np.mean([r.union / r.relevant for r in judged])),
+        sum(r.union - r.original for r in judged),
+    )
+
+
+@dataclass(frozen=True)
+class Shown:
+    """Labelled products in one list, and their mean human grade (None when the list shows none)."""
+
+    labelled: int
+    mean_grade: float | None
+
+
+def labelled_shown(products: Sequence[str], grades: Mapping[str, float]) -> Shown:
+    judged = [grades[p] for p in dict.fromkeys(products) if p in grades]
+    return Shown(len(judged), float(np.mean(judged)) if judged else None)
+
+
+def mean_grade(shown: Sequence[Shown]) -> float:
+    """Mean over lists that show labelled products of their mean grade."""
+    grades = [s.mean_grade for s in shown if s.mean_grade is not None]
+    return float(np.mean(grades)) if grades else float("nan")
+
+
+def corrects(misspelled: str, corrected: str, rewrite: str) -> bool:
+    """Whether ``rewrite`` fixes the misspelling: every word the correction changed is in it, and no word the
+    correction replaced is left."""
+    wrong, right, got = (set(normalise_query(t).split()) for t in (misspelled, corrected, rewrite))
+    fixed, replaced = right - wrong, wrong - right
+    if not fixed and not replaced:
+        return False  # not a misspelling (the two differ only in case or spacing)
+    return fixed <= got and not (replaced & got)
+
+
+def corrected_share(cases: Sequence[tuple[str, str]], rewrites: Sequence[Sequence[str]]) -> tuple[int, int]:
+    """(misspelled queries at least one of whose rewrites corrects them, misspelled queries)."""
+    hits = sum(
+        any(corrects(wrong, right, r) for r in rs) for (wrong, right), rs in zip(cases, rewrites, strict=True)
+    )
+    return hits, len(cases)
+
+
+def paired_stats(first: np.ndarray, last: np.ndarray, seed: int, resamples: int = 10_000) -> dict[str, float]:
+    """Mean of last − first per query, its paired bootstrap 95% CI and the paired t-test's p-value."""
+    diff = np.asarray(last, dtype=np.float64) - np.asarray(first, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    boot = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(boot, [2.5, 97.5])
+    p = float(stats.ttest_rel(last, first).pvalue) if len(diff) > 1 and diff.std() > 0 else float("nan")
+    return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "p": p}
