@@ -31,7 +31,15 @@ from typing import Any, Literal
 
 from qrloop import metrics
 from qrloop.canary import Analysis, ArmSamples, CanaryPolicy, analyse, next_share
-from qrloop.events import DeadLetter, PolicyAnnouncement, QueryOutcome, SchemaError, decode, encode
+from qrloop.events import (
+    DeadLetter,
+    PolicyAnnouncement,
+    QueryOutcome,
+    SchemaError,
+    check_event_time,
+    decode,
+    encode,
+)
 from qrloop.settings import CanarySettings, Settings
 
 log = logging.getLogger("qrloop.canary")
@@ -228,14 +236,24 @@ class CanaryJob:
         return read
 
     def _take(self, record: Any) -> None:
+        """One outcome into the window, or to the dead-letter topic: never an exception, which would skip
+        the rest of the batch (the position is already past it)."""
         try:
-            self.window.add(decode(QueryOutcome, record.value))
+            outcome = decode(QueryOutcome, record.value)
+            # The window's "now" is the newest event time: one outcome from the future would empty it.
+            bounds = self.settings.event_time
+            check_event_time(outcome.event_time, max_future_s=bounds.max_future_s, max_age_s=bounds.max_age_s)
+            self.window.add(outcome)
         except SchemaError as exc:
-            letter = DeadLetter.of(
-                record.topic, record.partition, record.offset, exc.reason, str(exc), record.value
-            )
-            metrics.DEAD_LETTERS.labels(exc.reason).inc()
-            self.producer.send(self.settings.topics.dead_letter, key=record.key, value=encode(letter))
+            self._dead_letter(record, exc.reason, str(exc))
+        except Exception as exc:
+            log.exception("unprocessable outcome at offset %d", record.offset)
+            self._dead_letter(record, "unprocessable", f"{type(exc).__name__}: {exc}")
+
+    def _dead_letter(self, record: Any, reason: str, error: str) -> None:
+        letter = DeadLetter.of(record.topic, record.partition, record.offset, reason, error, record.value)
+        metrics.DEAD_LETTERS.labels(reason).inc()
+        self.producer.send(self.settings.topics.dead_letter, key=record.key, value=encode(letter))
 
     def tick(self) -> Decision | None:
         """Analyse the current window and act on the verdict. None when there is no production alias."""

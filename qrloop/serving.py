@@ -235,15 +235,25 @@ class AnnouncementFollower:
             while not self._stop.is_set():
                 for records in consumer.poll(timeout_ms=300).values():
                     for record in records:
-                        self._handle(record.value)
+                        self._follow(record)
         finally:
             consumer.close()
+
+    def _follow(self, record: Any) -> None:
+        """One announcement; whatever it makes fail is logged and counted, and the thread follows on (a dead
+        follower would leave the rewriter serving an old version for good)."""
+        try:
+            self._handle(record.value)
+        except Exception as exc:
+            metrics.FOLLOWER_ERRORS.labels(type(exc).__name__).inc()
+            log.exception("ignoring policy announcement at offset %d", record.offset)
 
     def _handle(self, raw: bytes) -> None:
         try:
             note = decode(PolicyAnnouncement, raw)
-        except SchemaError:
-            log.warning("ignoring an unreadable policy announcement")
+        except SchemaError as exc:
+            metrics.FOLLOWER_ERRORS.labels(exc.reason).inc()
+            log.warning("ignoring an unreadable policy announcement: %s", exc)
             return
         if note.kind != "alias_moved" or note.alias != self.alias or note.version == self.rewriter.version:
             return
@@ -398,8 +408,9 @@ class ArmsFollower(AnnouncementFollower):
     def _handle(self, raw: bytes) -> None:
         try:
             note = decode(PolicyAnnouncement, raw)
-        except SchemaError:
-            log.warning("ignoring an unreadable policy announcement")
+        except SchemaError as exc:
+            metrics.FOLLOWER_ERRORS.labels(exc.reason).inc()
+            log.warning("ignoring an unreadable policy announcement: %s", exc)
             return
         try:
             self._apply(note)
@@ -466,6 +477,14 @@ def _json_response(
 RELOADABLE = ("temperature", "top_p", "max_new_tokens")
 
 
+# How long a query waits for the broker to acknowledge its event (acks=all) before it is answered with 503.
+EVENT_ACK_TIMEOUT_S = 10.0
+
+
+class EventNotWrittenError(RuntimeError):
+    """The broker did not take a query's event; the query is answered with an error (HTTP 503)."""
+
+
 class RewriterService:
     """The serving process: HTTP in, QueryEvent published to Kafka and returned to the caller.
 
@@ -521,12 +540,24 @@ class RewriterService:
             event = self.rewriter.serve(query, shopper_id=shopper_id, session_id=session_id, arm=arm)
         else:  # otherwise the arms decide
             event = self.rewriter.serve(query, shopper_id=shopper_id, session_id=session_id)
-        # Keyed by event id: interactions are keyed the same way, so both meet on one partition.
-        self.producer.send(
-            self.settings.topics.query_events, key=event.event_id.encode(), value=encode(event)
-        )
+        self._write(event)
         metrics.QUERIES_SERVED.labels(event.arm).inc()
         return event
+
+    def _write(self, event: QueryEvent) -> None:
+        """Publish the query event and wait for the broker's acknowledgement: rewrites whose event was not
+        written can never be attributed or learned from, so the caller gets an error instead of them."""
+        from kafka.errors import KafkaError
+
+        topic = self.settings.topics.query_events
+        try:
+            # Keyed by event id: interactions are keyed the same way, so both meet on one partition.
+            future = self.producer.send(topic, key=event.event_id.encode(), value=encode(event))
+            future.get(timeout=EVENT_ACK_TIMEOUT_S)
+        except KafkaError as exc:
+            metrics.EVENTS_NOT_WRITTEN.labels("rewriter", topic).inc()
+            log.error("query event %s not written to %s: %s", event.event_id, topic, exc)
+            raise EventNotWrittenError(f"the query event could not be written to {topic}: {exc}") from exc
 
     def http_server(self, port: int) -> ThreadingHTTPServer:
         service = self
@@ -543,7 +574,11 @@ class RewriterService:
                 except ValueError as exc:
                     _json_response(self, 400, {"error": str(exc)})
                     return
-                event = service.handle(body)
+                try:
+                    event = service.handle(body)
+                except EventNotWrittenError as exc:
+                    _json_response(self, 503, {"error": str(exc)})
+                    return
                 _json_response(self, 200, event.model_dump(mode="json"))
 
             def do_GET(self) -> None:
