@@ -238,6 +238,7 @@ def test_fuzz_every_input_topic(fuzz_settings: Settings, tmp_path: Path, tiny_di
         value=encode(PolicyAnnouncement(kind="alias_moved", version=v2.id, alias="production")),
     )
     valid_query = query_template(ids)(random.Random(9))
+    assert isinstance(valid_query, QueryEvent)
     producer.send(t.query_events, key=valid_query.event_id.encode(), value=encode(valid_query))
     end = SessionEnd(
         query_event_id=valid_query.event_id,

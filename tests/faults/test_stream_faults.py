@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
-from qrloop.events import DeadLetter, Interaction, PreferencePair, QueryEvent, SessionEnd, decode, encode
+from qrloop.events import (
+    DeadLetter,
+    Interaction,
+    PreferencePair,
+    QueryEvent,
+    QueryOutcome,
+    SessionEnd,
+    decode,
+    encode,
+)
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
 from simulators.catalog import Catalog
@@ -34,6 +43,7 @@ class Worker:
     producer: KafkaProducer
     consumer: KafkaConsumer
     pairs: dict[str, PreferencePair]
+    scored: set[str]  # query event ids with an outcome (every scored query, ties included)
     letters: list[DeadLetter]
     ids: list[str]  # real catalog product ids
 
@@ -46,6 +56,8 @@ class Worker:
             if message.topic == self.settings.topics.preference_pairs:
                 pair = decode(PreferencePair, message.value)
                 self.pairs[pair.source_event_id] = pair
+            elif message.topic == self.settings.topics.query_outcomes:
+                self.scored.add(decode(QueryOutcome, message.value).query_event_id)
             else:
                 self.letters.append(decode(DeadLetter, message.value))
 
@@ -88,13 +100,14 @@ def worker(
     process = subprocess.Popen(
         [sys.executable, "-m", "qrloop", "aggregate"],
         cwd=REPO_ROOT,
-        env=env_for(settings, log.parent),
+        env=env_for(settings, log.parent) | {"QRLOOP_TOPICS__QUERY_OUTCOMES": settings.topics.query_outcomes},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
     t = settings.topics
     consumer = KafkaConsumer(
         t.preference_pairs,
+        t.query_outcomes,
         t.dead_letter,
         bootstrap_servers=settings.kafka.bootstrap_servers,
         auto_offset_reset="earliest",
@@ -103,7 +116,7 @@ def worker(
     )
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     ids = Catalog.open(settings).dataset.products["product_id"].head(8).tolist()
-    yield Worker(settings, process, log, producer, consumer, {}, [], ids)
+    yield Worker(settings, process, log, producer, consumer, {}, set(), [], ids)
     consumer.close()
     producer.close()
     process.terminate()
@@ -141,7 +154,7 @@ def test_poison_records_are_dead_lettered_and_the_stream_goes_on(worker: Worker)
     )
     after = query(w.ids, datetime.now(UTC))
     closed_with_session_end(w, after)
-    w.wait(lambda: after.event_id in w.pairs and all(w.letters_for(raw) for raw in poison.values()))
+    w.wait(lambda: after.event_id in w.scored and all(w.letters_for(raw) for raw in poison.values()), 240)
     landed = {name: w.letters_for(raw) for name, raw in poison.items()}
     assert landed == {
         "huge_number": ["malformed_json"],
@@ -149,7 +162,7 @@ def test_poison_records_are_dead_lettered_and_the_stream_goes_on(worker: Worker)
         "year_9999_offset": ["invalid_schema"],
         "bad_utf8": ["malformed_json"],
     }, landed
-    assert after.event_id in w.pairs, "a valid query after the poison is still paired"
+    assert after.event_id in w.scored, "a valid query after the poison is still scored"
 
 
 def test_event_times_far_from_the_clock_are_dead_lettered_and_leave_the_watermark(worker: Worker) -> None:
@@ -173,7 +186,7 @@ def test_event_times_far_from_the_clock_are_dead_lettered_and_leave_the_watermar
     pair = w.pairs[live.event_id]
     assert pair.chosen == live.rewrites[1].text
     assert pair.chosen_components["click"] == 1.0, "all four clicks counted, the skewed one included"
-    assert future.event_id not in w.pairs and past.event_id not in w.pairs
+    assert not {future.event_id, past.event_id} & (set(w.pairs) | w.scored)
 
 
 def test_an_unknown_product_is_dead_lettered_once_and_its_window_closed(worker: Worker) -> None:
@@ -190,12 +203,12 @@ def test_an_unknown_product_is_dead_lettered_once_and_its_window_closed(worker: 
     closed_with_session_end(w, ghost)
     after = query(w.ids, datetime.now(UTC))
     closed_with_session_end(w, after)
-    w.wait(lambda: after.event_id in w.pairs and any(x.reason == "unknown_product" for x in w.letters))
+    w.wait(lambda: after.event_id in w.scored and any(x.reason == "unknown_product" for x in w.letters))
     time.sleep(3)  # a dozen ticks: the window is not closed again
     w.collect()
     unknown = [x for x in w.letters if x.reason == "unknown_product"]
     assert len(unknown) == 1 and ghost.event_id in unknown[0].original_bytes().decode()
-    assert ghost.event_id not in w.pairs
+    assert ghost.event_id not in w.pairs and ghost.event_id not in w.scored
 
 
 def test_the_attribution_window_allows_a_small_clock_skew() -> None:
