@@ -27,7 +27,7 @@ TABLE = "learner_training_records"
 
 
 def upgrade() -> None:
-    records = op.create_table(
+    op.create_table(
         TABLE,
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
         sa.Column("learner", sa.String(length=128), nullable=False),
@@ -44,34 +44,32 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_learner_training_records_version_id"), TABLE, ["version_id"])
     op.create_index("ix_learner_training_records_learner_pair", TABLE, ["learner", "pair_id"])
+    # Copied inside the database (no round trip of timestamps through Python), one statement per version:
+    # the learner's name is in the version's JSON tags, read here because JSON paths differ by dialect.
     bind = op.get_bind()
-    old = bind.execute(
+    versions = bind.execute(
         sa.text(
-            "select p.pair_id, p.version_id, p.trained_at, v.train_steps, v.tags "
-            "from learner_trained_pairs p join policy_versions v on v.id = p.version_id"
+            "select distinct v.id, v.tags from policy_versions v "
+            "join learner_trained_pairs p on p.version_id = v.id"
         )
     ).all()
-    rows = []
-    for pair_id, version_id, trained_at, steps, tags in old:
+    for version_id, tags in versions:
         tags = json.loads(tags) if isinstance(tags, str) else (tags or {})
-        learner = str(tags.get("learner", ""))
-        rows.append(
-            {
-                "learner": learner,
-                "step": steps,
-                "pair_id": pair_id,
-                "version_id": version_id,
-                "trained_at": trained_at,
-            }
+        bind.execute(
+            sa.text(
+                f"insert into {TABLE} (learner, step, pair_id, version_id, trained_at) "
+                "select :learner, v.train_steps, p.pair_id, p.version_id, p.trained_at "
+                "from learner_trained_pairs p join policy_versions v on v.id = p.version_id "
+                "where p.version_id = :version_id"
+            ),
+            {"learner": str(tags.get("learner", "")), "version_id": version_id},
         )
-    if rows:
-        op.bulk_insert(records, rows)
     op.drop_index(op.f("ix_learner_trained_pairs_version_id"), table_name="learner_trained_pairs")
     op.drop_table("learner_trained_pairs")
 
 
 def downgrade() -> None:
-    trained = op.create_table(
+    op.create_table(
         "learner_trained_pairs",
         sa.Column("pair_id", sa.String(length=64), nullable=False),
         sa.Column("version_id", sa.Integer(), nullable=False),
@@ -85,13 +83,12 @@ def downgrade() -> None:
     )
     op.create_index(op.f("ix_learner_trained_pairs_version_id"), "learner_trained_pairs", ["version_id"])
     # The first training of each pair (a duplicate cannot be represented in the old table).
-    first = (
-        op.get_bind()
-        .execute(sa.text(f"select pair_id, min(version_id), min(trained_at) from {TABLE} group by pair_id"))
-        .all()
+    op.get_bind().execute(
+        sa.text(
+            "insert into learner_trained_pairs (pair_id, version_id, trained_at) "
+            f"select pair_id, min(version_id), min(trained_at) from {TABLE} group by pair_id"
+        )
     )
-    if first:
-        op.bulk_insert(trained, [{"pair_id": p, "version_id": v, "trained_at": t} for p, v, t in first])
     op.drop_index("ix_learner_training_records_learner_pair", table_name=TABLE)
     op.drop_index(op.f("ix_learner_training_records_version_id"), table_name=TABLE)
     op.drop_table(TABLE)
