@@ -123,6 +123,10 @@ def main(pairs: int = 5000, publish_every: int = 10, threads: int = 1) -> None:
             learner.run_once(timeout_ms=500)
             if learner.state.steps > before:
                 samples.append((learner.state.steps * settings.dpo.batch_size, rss_mib()))
+                if len(samples) % 25 == 0:  # progress, in case a loaded machine makes the run long
+                    trained, rss = samples[-1]
+                    took = time.monotonic() - started
+                    print(f"  {trained} pairs: {rss:.0f} MiB ({took:.0f} s)", flush=True)
         seconds = time.monotonic() - started
         learner.consumer.close()
         learner.producer.close()
