@@ -212,23 +212,32 @@ def test_sigkill_at_a_named_fault_point_loses_and_repeats_nothing(
 def test_sigkill_at_random_moments_loses_and_repeats_nothing(
     learner_settings: Settings, tmp_path: Path
 ) -> None:
+    """Three kills at random moments after the 1st, 2nd and 3rd publish (a step takes seconds under load, so
+    a kill before the first publish would only ever hit step 1). Where they landed is printed."""
     settings = learner_settings
-    pairs = [make_pair(n) for n in range(64)]
+    pairs = [make_pair(n) for n in range(80)]
     send_pairs(settings, pairs)
     log = tmp_path / "learner.log"
     rng = random.Random(11)
-    landed: list[int] = []  # training records when each kill landed
+    landed: list[tuple[int, str]] = []  # (training records, the learner's last log line) at each kill
     process = start_learner(settings, log)
-    for _ in range(3):
-        time.sleep(rng.uniform(2.0, 5.0))
+    for kill in range(1, 4):
+        # After the kill-th publish (so each kill has something behind it), a random moment in the next
+        # 0-6 s: between steps, inside the next step, or inside its publish.
+        deadline = time.monotonic() + 240
+        while sum(trained(settings).values()) < 16 * kill and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 6.0))
         process.send_signal(signal.SIGKILL)
         process.wait()
-        landed.append(sum(trained(settings).values()))
+        last = [line for line in log.read_text().splitlines() if "qrloop.learner" in line or "DPO" in line]
+        landed.append((sum(trained(settings).values()), last[-1][-60:] if last else ""))
         process = start_learner(settings, log)
-    wait_for_training(settings, 64, process, log)
+    wait_for_training(settings, 80, process, log)
     counts = trained(settings)
-    print(f"random kills landed after {landed} trained pairs")
+    print(f"random kills landed at {landed}")
     assert set(counts) == {p.pair_id for p in pairs} and set(counts.values()) == {1}, counts
+    assert {step: len(ids) for step, ids in steps(settings).items()} == {s: 16 for s in range(1, 6)}
 
 
 # ---------------------------------------------------------------------------------- silent wrong answers
