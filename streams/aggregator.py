@@ -26,6 +26,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from qrloop import health, metrics
 from qrloop.events import (
     DeadLetter,
@@ -91,6 +93,8 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
             await handle(event)
         except SchemaError as exc:
             await dead_letter(event, exc.reason, str(exc))
+        except KafkaError:
+            raise  # the broker, not the record: Faust's restart retries it, the record is not to blame
         except Exception as exc:
             log.exception("unprocessable record at %s", event.message.offset)
             await dead_letter(event, "unprocessable", f"{type(exc).__name__}: {exc}")
