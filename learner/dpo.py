@@ -39,6 +39,7 @@ logits from the first completion position on (``logits_to_keep``); prompts are m
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -332,7 +333,9 @@ class DPOLearnerCore:
         else:
             reference, _ = load_policy(store.load_dir(reference_version))
         base_model = store.get(policy_version).base_model
-        return cls(policy, reference, tokenizer, DPOConfig.from_settings(settings.dpo), base_model)
+        core = cls(policy, reference, tokenizer, DPOConfig.from_settings(settings.dpo), base_model)
+        core.resume_optimizer(store.load_dir(policy_version))
+        return core
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.policy.parameters() if p.requires_grad]
@@ -385,11 +388,67 @@ class DPOLearnerCore:
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
 
-    def save(self, out_dir: Path) -> None:
-        """A standard HF directory (config, safetensors, tokenizer) that stock transformers loads.
+    def save(self, out_dir: Path, optimizer: bool = True) -> None:
+        """A standard HF directory (config, safetensors, tokenizer) that stock transformers loads, plus
+        AdamW's state in ``optimizer.safetensors`` (which transformers ignores) unless ``optimizer`` is off.
 
         With LoRA the adapter is merged into a copy, so what is published is a plain model either way.
         """
         model = copy.deepcopy(self.policy).merge_and_unload() if _is_peft(self.policy) else self.policy
         model.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
+        if optimizer:
+            save_optimizer_state(self.optimizer, Path(out_dir) / OPTIMIZER_FILE)
+
+    def resume_optimizer(self, model_dir: Path) -> bool:
+        """Load AdamW's state stored beside ``model_dir``'s weights, if any; the hyperparameters (learning
+        rate, …) stay the current settings'. False when there is none or it does not fit these parameters."""
+        path = Path(model_dir) / OPTIMIZER_FILE
+        if not path.is_file():
+            return False
+        try:
+            load_optimizer_state(self.optimizer, path)
+        except (ValueError, KeyError) as exc:
+            logging.getLogger("qrloop.learner").warning("optimizer state in %s not used: %s", path, exc)
+            return False
+        return True
+
+
+# -- optimizer state as safetensors (never pickle: torch.save of a state dict is a pickle) ----------------
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+
+
+def save_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Per-parameter tensors (AdamW: step, exp_avg, exp_avg_sq) as ``state.<index>.<name>``."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"state.{index}.{name}": value.detach().contiguous()
+        for index, state in optimizer.state_dict()["state"].items()
+        for name, value in state.items()
+        if isinstance(value, torch.Tensor)
+    }
+    save_file(tensors, str(path), metadata={"format": "qrloop-optimizer-1"})
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Put the stored per-parameter state into ``optimizer``, keeping its current parameter groups."""
+    from safetensors.torch import load_file
+
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        _, position, name = key.split(".", 2)
+        state.setdefault(int(position), {})[name] = value
+    current = optimizer.state_dict()
+    count = sum(len(group["params"]) for group in current["param_groups"])
+    params: list[torch.Tensor] = [p for group in optimizer.param_groups for p in group["params"]]
+    if state and max(state) >= count:
+        raise ValueError(f"state for {max(state) + 1} parameters, the optimizer has {count}")
+    for number, entry in state.items():
+        moment = entry.get("exp_avg")
+        if moment is not None and moment.shape != params[number].shape:
+            raise ValueError(
+                f"parameter {number}: stored {tuple(moment.shape)}, model {tuple(params[number].shape)}"
+            )
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})

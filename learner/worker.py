@@ -9,10 +9,19 @@ Exactly-once training over an at-least-once stream: the aggregator may re-emit a
 - keeps its consumed offsets *in the database*, in the same transaction as the version that includes them,
   and on restart seeks to the offsets stored with its latest version (Kafka's committed offsets are written
   afterwards, for lag monitoring only);
-- records every trained pair id in that transaction too (``learner.ledger``) and skips ids already trained.
+- records every step's pair ids in that transaction too (``learner.ledger``'s training records) and, before
+  each step, drops the batch's ids already trained (one indexed query; nothing is kept in memory but the
+  pairs of steps not yet published);
+- stores AdamW's state with each version (``optimizer.safetensors``), so a restart resumes the optimizer too.
 
 A crash anywhere (between steps, in the middle of one, in the middle of a publish) therefore loses nothing and
-trains nothing twice: what was not committed is redone from the stored offsets.
+trains nothing twice: what was not committed is redone from the stored offsets. ``settings.fault`` names a
+point where the learner SIGKILLs itself (``tests/faults`` proves each one).
+
+A record that is not a valid pair (or is stamped too far in the future) goes to the dead-letter topic with a
+reason; whatever else a record makes fail is dead-lettered too ("unprocessable"), never retried forever.
+Stored offsets that fell out of the topic (retention, lost data) are reported with the lost range and counted
+(``qrloop_records_lost_total``) before reading on from the earliest record still there.
 """
 
 from __future__ import annotations
@@ -32,17 +41,18 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
 
 from learner.dpo import DPOLearnerCore, StepStats
-from learner.ledger import record_pairs, trained_pair_ids
+from learner.ledger import already_trained, record_steps
 from policy_store import AliasPinnedError, AuditEntry, PolicyStore, PolicyVersion
 from qrloop import health, logs, metrics
 from qrloop.data import dataset_name
-from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, decode, encode
+from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, check_event_time, decode, encode
 from qrloop.reload import reload_on_sighup
 from qrloop.runs import open_store
-from qrloop.settings import Settings, get_settings
+from qrloop.settings import FaultPoint, Settings, get_settings
 from qrloop.topics import make_producer, send_dead_letter
 
 log = logging.getLogger("qrloop.learner")
@@ -61,7 +71,6 @@ class LearnerState:
     reference_version: int  # the version this run started from: DPO's reference model
     steps: int  # DPO steps in this lineage so far
     offsets: dict[str, int] = field(default_factory=dict)  # "topic:partition" -> next offset to read
-    trained: set[str] = field(default_factory=set)  # pair ids already in published weights
 
 
 @dataclass
@@ -77,8 +86,6 @@ def resume_state(store: PolicyStore, settings: Settings) -> LearnerState:
     """The latest version this learner published, or a fresh start from the alias it trains."""
     name = settings.dpo.learner_name
     mine = [v for v in store.list() if v.tags.get(LEARNER_TAG) == name]
-    with store.read_session() as session:
-        trained = trained_pair_ids(session)
     latest = max(mine, key=lambda v: v.id) if mine else None
     if latest is not None and latest.status == "rejected":
         # The canary job rolled this lineage back: start again from the alias it trains from, and keep the
@@ -89,7 +96,6 @@ def resume_state(store: PolicyStore, settings: Settings) -> LearnerState:
             reference_version=start.id,
             steps=start.train_steps,
             offsets=dict(latest.offsets),
-            trained=trained,
         )
     if latest is not None:
         return LearnerState(
@@ -97,12 +103,9 @@ def resume_state(store: PolicyStore, settings: Settings) -> LearnerState:
             reference_version=int(latest.tags["reference_version"]),
             steps=latest.train_steps,
             offsets=dict(latest.offsets),
-            trained=trained,
         )
     start = store.resolve(settings.dpo.start_alias)
-    return LearnerState(
-        version=start.id, reference_version=start.id, steps=start.train_steps, trained=trained
-    )
+    return LearnerState(version=start.id, reference_version=start.id, steps=start.train_steps)
 
 
 def rebase_target(store: PolicyStore, settings: Settings, *, rejected: int) -> PolicyVersion:
@@ -135,7 +138,10 @@ class Learner:
         self.next_offsets = dict(state.offsets)
         self.stop_requested = threading.Event()
         self.on_publish: Callable[[int], None] | None = None
-        self._unpublished: list[str] = []  # trained in steps not yet published (publish_every > 1)
+        # (step, pair ids) of steps not yet published (publish_every > 1): a re-sent pair among them is a
+        # duplicate too, though the database does not know it yet.
+        self._unpublished: list[tuple[int, list[str]]] = []
+        self._fault_hits = 0
         # Held for the whole publish (weights, DB transaction, offsets, alias, announcements): a stop past its
         # deadline may abandon a DPO step, never a publish half-announced.
         self.publishing = threading.Lock()
@@ -146,15 +152,28 @@ class Learner:
     # -- consuming ------------------------------------------------------------------------------------------
 
     def take(self, record: ConsumerRecord) -> None:
-        """One record from the pair topic: queue it for training, or skip it with a reason."""
+        """One record from the pair topic: queue it for training, or skip it with a reason.
+
+        Never raises for a record: a crash here would re-read the same record after every restart.
+        """
         self.next_offsets[offset_key(record.topic, record.partition)] = record.offset + 1
         try:
-            pair = decode(PreferencePair, record.value)
+            self._queue(record)
         except SchemaError as exc:
             send_dead_letter(self.producer, self.settings, record, exc.reason, str(exc))
-            return
-        if pair.pair_id in self.state.trained or pair.pair_id in self.pending.ids:
-            log.info("skipping pair %s: already trained", pair.pair_id)
+        except Exception as exc:  # whatever else one record makes fail: dead-lettered, never retried forever
+            log.exception("pair at %s[%d]@%d is unprocessable", record.topic, record.partition, record.offset)
+            send_dead_letter(
+                self.producer, self.settings, record, "unprocessable", f"{type(exc).__name__}: {exc}"
+            )
+
+    def _queue(self, record: ConsumerRecord) -> None:
+        pair = decode(PreferencePair, record.value)
+        # A pair's time is its query's; only the future is refused: a learner that was down for a week
+        # must still train the week's pairs.
+        check_event_time(pair.event_time, max_future_s=self.settings.event_time.max_future_s, max_age_s=None)
+        if pair.pair_id in self.pending.ids or any(pair.pair_id in ids for _, ids in self._unpublished):
+            log.info("skipping pair %s: already queued or trained since the last publish", pair.pair_id)
             return
         self.pending.pairs.append(pair)
         # Exponential moving average (about the last 32 pairs) of the chosen reward, per arm.
@@ -180,14 +199,26 @@ class Learner:
         )
         return stats
 
-    def publish(self, trained_ids: list[str], stats: StepStats) -> int:
-        with self.publishing:
-            return self._publish(trained_ids, stats)
+    def fault(self, point: FaultPoint) -> None:
+        """``settings.fault``: SIGKILL this process the ``fault_hit``-th time ``point`` is reached (tests)."""
+        if self.settings.fault != point:
+            return
+        self._fault_hits += 1
+        if self._fault_hits == self.settings.fault_hit:
+            log.warning("fault point %s reached (hit %d): SIGKILL", point, self._fault_hits)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
-    def _publish(self, trained_ids: list[str], stats: StepStats) -> int:
+    def publish(self, steps: list[tuple[int, list[str]]], stats: StepStats) -> int:
+        with self.publishing:
+            return self._publish(steps, stats)
+
+    def _publish(self, steps: list[tuple[int, list[str]]], stats: StepStats) -> int:
         settings = self.settings
+        name = settings.dpo.learner_name
         with tempfile.TemporaryDirectory(dir=settings.cache_dir, prefix=save_prefix(settings)) as tmp:
-            self.core.save(Path(tmp))
+            self.core.save(Path(tmp), optimizer=settings.dpo.keep_optimizer_state)
             version = self.store.publish(
                 tmp,
                 parent=self.state.version,
@@ -202,28 +233,54 @@ class Learner:
                 },
                 actor="learner",
                 reason=f"DPO step {self.state.steps}",
-                extra_sql=lambda session, version_id: record_pairs(session, version_id, trained_ids),
+                extra_sql=lambda session, version_id: record_steps(session, version_id, name, steps),
+                on_blob_write=lambda _written: self.fault("mid_blob_write"),
             )
+        self.fault("after_db_commit")
         self.state.version = version.id
         self.state.offsets = dict(self.next_offsets)
-        self.state.trained.update(trained_ids)
         self._commit_kafka_offsets()
-        self._announce(
-            PolicyAnnouncement(kind="version_published", version=version.id, details=stats.as_dict())
-        )
-        moved = self._move_alias(version.id)
-        if moved is not None:
-            self._announce(
-                PolicyAnnouncement(
-                    kind="alias_moved",
-                    version=version.id,
-                    alias=settings.dpo.alias,
-                    previous_version=moved.from_version,
-                )
-            )
+        self._release(version.id, stats.as_dict())
         if self.on_publish:
             self.on_publish(version.id)
         return version.id
+
+    def _release(self, version_id: int, details: dict[str, Any]) -> None:
+        """Move the alias to a committed version and announce it (also what a restart finishes). An alias an
+        operator pinned is not moved, and no move is announced: the version stays published."""
+        moved = self._move_alias(version_id)
+        self.fault("before_announce")
+        self._announce(PolicyAnnouncement(kind="version_published", version=version_id, details=details))
+        if moved is None:
+            return
+        self._announce(
+            PolicyAnnouncement(
+                kind="alias_moved",
+                version=version_id,
+                alias=self.settings.dpo.alias,
+                previous_version=moved.from_version,
+            )
+        )
+
+    def finish_interrupted_publish(self) -> None:
+        """At start, for the version this learner resumes from: a crash after its commit may have left the
+        alias behind it, or its announcements unsent. Move the alias if needed and announce again (a rewriter
+        already serving the version ignores the repeat)."""
+        version = self.store.get(self.state.version)
+        if version.tags.get(LEARNER_TAG) != self.settings.dpo.learner_name or version.status != "ready":
+            return
+        current = self.store.aliases().get(self.settings.dpo.alias)
+        with self.publishing:
+            self._commit_kafka_offsets()
+            if current is None or current.version_id != version.id:
+                log.warning(
+                    "version %d was committed but its alias move was interrupted: finishing it", version.id
+                )
+                self._release(version.id, dict(version.metrics))
+            else:
+                self._announce(
+                    PolicyAnnouncement(kind="alias_moved", version=version.id, alias=self.settings.dpo.alias)
+                )
 
     def _commit_kafka_offsets(self) -> None:
         offsets = {}
@@ -258,22 +315,40 @@ class Learner:
     def run_once(self, timeout_ms: int = 500) -> int | None:
         """Poll once; train and publish if a batch is full. Returns the published version, if any."""
         need = self.settings.dpo.batch_size - len(self.pending.pairs)
-        for records in self.consumer.poll(timeout_ms=timeout_ms, max_records=max(need, 1)).values():
+        try:
+            polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=max(need, 1))
+        except OffsetOutOfRangeError as exc:
+            for tp, offset in exc.args[0].items():
+                recover_lost_range(self.consumer, tp, offset, role="learner")
+            return None
+        for records in polled.values():
             for record in records:
                 self.take(record)
         self._update_lag()
         if len(self.pending.pairs) < self.settings.dpo.batch_size:
             return None
+        self._drop_trained()
+        if len(self.pending.pairs) < self.settings.dpo.batch_size:
+            return None
         self._rebase_if_rejected()
         batch_ids = [p.pair_id for p in self.pending.pairs[: self.settings.dpo.batch_size]]
         stats = self.step()
+        self.fault("after_step")
         self.pending.pairs = self.pending.pairs[self.settings.dpo.batch_size :]
-        self._unpublished.extend(batch_ids)
+        self._unpublished.append((self.state.steps, batch_ids))
         if self.state.steps % self.settings.dpo.publish_every != 0:
             return None
         version = self.publish(self._unpublished, stats)
         self._unpublished = []
         return version
+
+    def _drop_trained(self) -> None:
+        """Drop queued pairs this lineage already trained (a re-emission, a redelivery): one indexed query."""
+        with self.store.read_session() as session:
+            done = already_trained(session, self.settings.dpo.learner_name, self.pending.ids)
+        if done:
+            log.info("skipping %d pairs already trained: %s", len(done), sorted(done)[:5])
+            self.pending.pairs = [p for p in self.pending.pairs if p.pair_id not in done]
 
     def _rebase_if_rejected(self) -> None:
         """Before a step: when the weights being trained belong to a version the canary job rejected, load
@@ -305,6 +380,7 @@ class Learner:
             metrics.CONSUMER_LAG.labels("learner", tp.topic, str(tp.partition)).set(lag)
 
     def run(self) -> None:
+        self.finish_interrupted_publish()
         while not self.stop_requested.is_set():
             if self.heartbeat is not None:
                 self.heartbeat.beat()
@@ -396,6 +472,41 @@ def seek_to_stored_offsets(consumer: KafkaConsumer, settings: Settings, state: L
             consumer.seek(tp, stored)
 
 
+def recover_lost_range(consumer: KafkaConsumer, tp: TopicPartition, offset: int, *, role: str) -> None:
+    """The stored position ``offset`` is no longer in the partition: say which records were lost, count
+    them, and read on from the earliest record still there.
+
+    Below the log start: retention (or ``delete-records``) removed ``[offset, start)`` before they were read.
+    Past the end: the topic was recreated or the broker lost data; nothing is known lost, but everything
+    there now is read again (pairs already trained are recognised by their ids).
+    """
+    start = consumer.beginning_offsets([tp])[tp]
+    end = consumer.end_offsets([tp])[tp]
+    lost = max(0, start - offset) if offset < start else 0
+    metrics.OFFSETS_OUT_OF_RANGE.labels(role, tp.topic, str(tp.partition)).inc()
+    metrics.RECORDS_LOST.labels(role, tp.topic, str(tp.partition)).inc(lost)
+    if offset < start:
+        log.error(
+            "%s[%d]: records %d..%d (%d) were deleted before they were read; reading on from %d",
+            tp.topic,
+            tp.partition,
+            offset,
+            start - 1,
+            lost,
+            start,
+        )
+    else:
+        log.error(
+            "%s[%d]: stored offset %d is past the end %d (topic recreated or data lost); reading from %d",
+            tp.topic,
+            tp.partition,
+            offset,
+            end,
+            start,
+        )
+    consumer.seek(tp, start)
+
+
 def build(settings: Settings) -> Learner:
     remove_stale_saves(settings)
     store = open_store(settings)
@@ -407,7 +518,8 @@ def build(settings: Settings) -> Learner:
         bootstrap_servers=settings.kafka.bootstrap_servers,
         group_id=f"{settings.dpo.learner_name}-learner",
         enable_auto_commit=False,  # offsets live in the database with the version; see the module docstring
-        auto_offset_reset="earliest",
+        # No silent reset: an out-of-range position raises, and recover_lost_range reports the gap.
+        auto_offset_reset="none",
         client_id=f"{settings.kafka.client_id}-learner",
     )
     seek_to_stored_offsets(consumer, settings, state)

@@ -30,7 +30,7 @@ import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -68,16 +68,19 @@ class BlobRef:
 class _HashingWriter:
     """A write-only file object that hashes what passes through (and writes it on, if given a file)."""
 
-    def __init__(self, sink: BinaryIO | None = None) -> None:
+    def __init__(self, sink: BinaryIO | None = None, on_write: Callable[[int], None] | None = None) -> None:
         self._sink = sink
         self._hash = hashlib.sha256()
         self.size = 0
+        self._on_write = on_write
 
     def write(self, data: bytes | memoryview) -> int:
         self._hash.update(data)
         self.size += len(data)
         if self._sink is not None:
             self._sink.write(data)
+        if self._on_write is not None:
+            self._on_write(self.size)
         return len(data)
 
     def hexdigest(self) -> str:
@@ -312,9 +315,9 @@ class BlobStore:
 
     # ---- write
 
-    def put_dir(self, src: Path, *, kind: str) -> BlobRef:
+    def put_dir(self, src: Path, *, kind: str, on_write: Callable[[int], None] | None = None) -> BlobRef:
         """Validate ``src``, then store it as one blob: temp file, fsync, ``os.replace``. Identical content
-        lands on the same path and is stored once."""
+        lands on the same path and is stored once. ``on_write(bytes so far)`` follows the write's progress."""
         src = Path(src)
         validate_weights_dir(src, kind)
         private_dir(self.objects)
@@ -323,7 +326,7 @@ class BlobStore:
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as f:
-                writer = _HashingWriter(f)
+                writer = _HashingWriter(f, on_write)
                 _write_canonical_tar(src, writer)
                 f.flush()
                 os.fsync(f.fileno())

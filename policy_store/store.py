@@ -246,13 +246,14 @@ class PolicyStore:
         actor: str = "learner",
         reason: str = "",
         extra_sql: ExtraSql | None = None,
+        on_blob_write: Callable[[int], None] | None = None,
     ) -> PolicyVersion:
         """Store ``weights_dir`` as a new immutable version.
 
         The blob is written first (atomic, content-addressed); then one transaction inserts the version row
         and its audit row and runs ``extra_sql(session, version_id)`` — e.g. the learner's consumer offsets —
         so either all of it is committed or none. If anything raises, no version is visible and the blob stays
-        unreferenced until ``gc`` removes it.
+        unreferenced until ``gc`` removes it. ``on_blob_write(bytes so far)`` follows the blob's write.
         """
         if kind not in KINDS:
             raise PolicyStoreError(f"kind must be one of {KINDS}, not {kind!r}")
@@ -268,7 +269,7 @@ class PolicyStore:
             "tags": _json_object("tags", tags),
         }
         for _attempt in range(PUBLISH_ATTEMPTS):
-            blob = self.blobs.put_dir(Path(weights_dir), kind=kind)
+            blob = self.blobs.put_dir(Path(weights_dir), kind=kind, on_write=on_blob_write)
             fields.update(blob_digest=blob.digest, blob_uri=blob.uri, size_bytes=blob.size_bytes)
             try:
                 return self._insert_version(fields, actor=actor, reason=reason, extra_sql=extra_sql)

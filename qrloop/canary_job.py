@@ -44,7 +44,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from policy_store import AliasRecord, AuditEntry, PolicyStore, PolicyStoreError
 from qrloop import metrics
 from qrloop.canary import Analysis, ArmSamples, CanaryPolicy, analyse, next_share
-from qrloop.events import PolicyAnnouncement, QueryOutcome, SchemaError, decode, encode
+from qrloop.events import PolicyAnnouncement, QueryOutcome, SchemaError, check_event_time, decode, encode
 from qrloop.runs import open_store
 from qrloop.settings import CanarySettings, Settings, get_settings
 from qrloop.topics import ensure_topics, make_producer, send_dead_letter
@@ -270,10 +270,21 @@ class CanaryJob:
         return read
 
     def _take(self, record: ConsumerRecord) -> None:
+        """One outcome into the evidence, or to the dead-letter topic: never an exception, which would skip
+        the rest of the batch (the position is already past it)."""
         try:
-            self.outcomes.add(decode(QueryOutcome, record.value))
+            outcome = decode(QueryOutcome, record.value)
+            # One outcome from the future would move the evidence's clock past every real one.
+            bounds = self.settings.event_time
+            check_event_time(outcome.event_time, max_future_s=bounds.max_future_s, max_age_s=bounds.max_age_s)
+            self.outcomes.add(outcome)
         except SchemaError as exc:
             send_dead_letter(self.producer, self.settings, record, exc.reason, str(exc))
+        except Exception as exc:
+            log.exception("unprocessable outcome at offset %d", record.offset)
+            send_dead_letter(
+                self.producer, self.settings, record, "unprocessable", f"{type(exc).__name__}: {exc}"
+            )
 
     def tick(self) -> Decision | None:
         """Analyse the evidence so far and act on the verdict. None when there is no production alias."""

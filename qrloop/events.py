@@ -43,7 +43,9 @@ REWARD_COMPONENTS = frozenset({"relevance", "diversity", "click", "add2cart", "p
 
 Arm = Literal["production", "canary"]
 InteractionKind = Literal["impression", "click", "add_to_cart", "purchase"]
-SchemaErrorReason = Literal["malformed_json", "invalid_schema", "unsupported_version"]
+SchemaErrorReason = Literal[
+    "malformed_json", "invalid_schema", "unsupported_version", "event_time_out_of_range"
+]
 
 
 def utcnow() -> datetime:
@@ -255,8 +257,10 @@ def _check_envelope(raw: bytes | str | None) -> None:
         raise SchemaError("malformed_json", "empty message")
     try:
         payload = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SchemaError("malformed_json", str(exc)) from exc
+    except RecursionError as exc:  # deeply nested arrays or objects
+        raise SchemaError("malformed_json", "nested too deeply") from exc
+    except ValueError as exc:  # bad UTF-8, not JSON, or an integer of more than 4,300 digits
+        raise SchemaError("malformed_json", str(exc)[:200]) from exc
     if not isinstance(payload, dict):
         raise SchemaError("invalid_schema", f"expected a JSON object, got {type(payload).__name__}")
     if "schema_version" not in payload:
@@ -278,6 +282,8 @@ def decode(cls: type[E], raw: bytes | str | None) -> E:
         return cls.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         raise SchemaError("invalid_schema", _short(exc)) from exc
+    except (ValueError, ArithmeticError, RecursionError) as exc:  # e.g. a year-9999 time moved to UTC
+        raise SchemaError("invalid_schema", f"{type(exc).__name__}: {exc}"[:200]) from exc
 
 
 Feedback = Annotated[Interaction | SessionEnd, Field(discriminator="type")]
@@ -292,10 +298,34 @@ def decode_feedback(raw: bytes | str | None) -> Interaction | SessionEnd:
         return _FEEDBACK.validate_json(raw, strict=True)
     except ValidationError as exc:
         raise SchemaError("invalid_schema", _short(exc)) from exc
+    except (ValueError, ArithmeticError, RecursionError) as exc:  # e.g. a year-9999 time moved to UTC
+        raise SchemaError("invalid_schema", f"{type(exc).__name__}: {exc}"[:200]) from exc
 
 
 def _short(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
+
+
+def check_event_time(
+    event_time: datetime, *, max_future_s: float, max_age_s: float | None, now: datetime | None = None
+) -> None:
+    """Refuse an event time too far ahead of ``now`` (the consumer's clock) or, with ``max_age_s``, too old.
+
+    A consumer that keeps a watermark (the largest event time seen) must call this before it lets an event
+    move it: one message stamped 9999-12-31 would otherwise close every window at the next tick.
+    """
+    ahead = (event_time - (now or utcnow())).total_seconds()
+    if ahead > max_future_s:
+        raise SchemaError(
+            "event_time_out_of_range",
+            f"event_time {event_time.isoformat()} is {ahead:.0f} s ahead of this clock "
+            f"(max {max_future_s:.0f})",
+        )
+    if max_age_s is not None and -ahead > max_age_s:
+        raise SchemaError(
+            "event_time_out_of_range",
+            f"event_time {event_time.isoformat()} is {-ahead:.0f} s old (max {max_age_s:.0f})",
+        )
 
 
 def pair_id_for(query_event_id: str) -> str:
@@ -317,3 +347,5 @@ def decode_logged(raw: bytes | str | None) -> QueryEvent | Interaction | Session
         return _LOGGED.validate_json(raw, strict=True)
     except ValidationError as exc:
         raise SchemaError("invalid_schema", _short(exc)) from exc
+    except (ValueError, ArithmeticError, RecursionError) as exc:  # e.g. a year-9999 time moved to UTC
+        raise SchemaError("invalid_schema", f"{type(exc).__name__}: {exc}"[:200]) from exc

@@ -32,4 +32,22 @@ SETTINGS_RELOADS = Counter(
     "SIGHUP settings reloads, applied or refused (old settings kept)",
     ["role", "outcome"],
 )
+OFFSETS_OUT_OF_RANGE = Counter(
+    "qrloop_offsets_out_of_range_total",
+    "Stored consumer positions no longer in their partition (retention, lost data)",
+    ["role", "topic", "partition"],
+)
+RECORDS_LOST = Counter(
+    "qrloop_records_lost_total",
+    "Records deleted from a partition before the consumer read them",
+    ["role", "topic", "partition"],
+)
+EVENTS_NOT_WRITTEN = Counter(
+    "qrloop_events_not_written_total", "Events whose send to the broker failed", ["role", "topic"]
+)
+FOLLOWER_ERRORS = Counter(
+    "qrloop_announcements_ignored_total",
+    "Policy announcements a rewriter's follower could not read or apply",
+    ["reason"],
+)
 REWARD_AVG = Gauge("qrloop_reward_moving_average", "Moving average of the chosen reward", ["arm"])

@@ -265,8 +265,9 @@ class AnnouncementFollower:
     def _concerns_me(self, raw: bytes) -> bool:
         try:
             note = decode(PolicyAnnouncement, raw)
-        except SchemaError:
-            log.warning("ignoring an unreadable policy announcement")
+        except SchemaError as exc:
+            metrics.FOLLOWER_ERRORS.labels(exc.reason).inc()
+            log.warning("ignoring an unreadable policy announcement: %s", exc)
             return False
         return note.kind == "alias_moved" and note.alias == self.alias
 
@@ -432,8 +433,9 @@ class ArmsFollower(AnnouncementFollower):
     def _concerns_me(self, raw: bytes) -> bool:
         try:
             note = decode(PolicyAnnouncement, raw)
-        except SchemaError:
-            log.warning("ignoring an unreadable policy announcement")
+        except SchemaError as exc:
+            metrics.FOLLOWER_ERRORS.labels(exc.reason).inc()
+            log.warning("ignoring an unreadable policy announcement: %s", exc)
             return False
         aliases = (self.config.production_alias, self.config.canary_alias)
         return note.kind == "canary_verdict" or (note.kind == "alias_moved" and note.alias in aliases)
@@ -602,6 +604,14 @@ class _RewriterHttpServer(ThreadingHTTPServer):
         self.heartbeat.beat()
 
 
+# How long a query waits for the broker to acknowledge its event (acks=all) before it is answered with 503.
+EVENT_ACK_TIMEOUT_S = 10.0
+
+
+class EventNotWrittenError(RuntimeError):
+    """The broker did not take a query's event; the query is answered with an error (HTTP 503)."""
+
+
 class RewriterService:
     """The serving process: HTTP in, QueryEvent published to Kafka and returned to the caller.
 
@@ -690,12 +700,24 @@ class RewriterService:
             event = self.rewriter.serve(query, shopper_id=shopper_id, session_id=session_id, arm=arm)
         else:  # otherwise the arms decide
             event = self.rewriter.serve(query, shopper_id=shopper_id, session_id=session_id)
-        # Keyed by event id: interactions are keyed the same way, so both meet on one partition.
-        self.producer.send(
-            self.settings.topics.query_events, key=event.event_id.encode(), value=encode(event)
-        )
+        self._write(event)
         metrics.QUERIES_SERVED.labels(event.arm).inc()
         return event
+
+    def _write(self, event: QueryEvent) -> None:
+        """Publish the query event and wait for the broker's acknowledgement: rewrites whose event was not
+        written can never be attributed or learned from, so the caller gets an error instead of them."""
+        from kafka.errors import KafkaError
+
+        topic = self.settings.topics.query_events
+        try:
+            # Keyed by event id: interactions are keyed the same way, so both meet on one partition.
+            future = self.producer.send(topic, key=event.event_id.encode(), value=encode(event))
+            future.get(timeout=EVENT_ACK_TIMEOUT_S)
+        except KafkaError as exc:
+            metrics.EVENTS_NOT_WRITTEN.labels("rewriter", topic).inc()
+            log.error("query event %s not written to %s: %s", event.event_id, topic, exc)
+            raise EventNotWrittenError(f"the query event could not be written to {topic}: {exc}") from exc
 
     def http_server(self, port: int) -> ThreadingHTTPServer:
         """``POST /rewrite``, ``GET /healthz /readyz /metrics`` on 127.0.0.1:port (0: any free port).
@@ -717,6 +739,9 @@ class RewriterService:
                     request = parse_rewrite_request(read_body(self, limits), limits)
                     event = service.serve_request(request)
                     _json_response(self, 200, event.model_dump(mode="json"))
+                except EventNotWrittenError as exc:  # the broker did not take the event: retry later
+                    metrics.REQUESTS_REFUSED.labels("503").inc()
+                    _json_response(self, 503, {"error": str(exc)}, headers={"Retry-After": "1"})
                 except HttpError as exc:
                     if exc.status != 503:
                         metrics.REQUESTS_REFUSED.labels(str(exc.status)).inc()

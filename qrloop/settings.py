@@ -251,6 +251,11 @@ class DPOSettings(Group):
         description="Names this learner's lineage: it resumes from its own latest version.",
     )
     metrics_port: int = Field(0, ge=0, le=MAX_PORT, description="Port of the learner's /metrics (0: off).")
+    keep_optimizer_state: bool = Field(
+        True,
+        description="Store AdamW's moments with each version (optimizer.safetensors, twice the fp32 weights) "
+        "so a restart or rebase resumes them; off: a restart starts AdamW from zero.",
+    )
     stop_deadline_s: float = Field(
         30.0,
         ge=0,
@@ -467,6 +472,32 @@ class RetentionSettings(Group):
     )
 
 
+class EventTimeSettings(Group):
+    """Event time against the processing clock: one forged or skewed timestamp must not move a watermark."""
+
+    max_future_s: float = Field(
+        300.0,
+        gt=0,
+        description="Events (and query outcomes, pairs) stamped more than this ahead of the consumer's clock "
+        "go to the dead-letter topic (reason event_time_out_of_range) instead of moving windows.",
+    )
+    max_age_s: float = Field(
+        7 * 86400.0,
+        gt=0,
+        description="Query events, interactions and query outcomes older than this (by the consumer's clock) "
+        "are dead-lettered. Replaying an older log through the aggregator needs a larger value.",
+    )
+    attribution_skew_s: float = Field(
+        2.0,
+        ge=0,
+        description="An interaction stamped up to this much before its query event still counts (the "
+        "shopper's front end and the rewriter stamp with different clocks).",
+    )
+
+
+FaultPoint = Literal["after_step", "mid_blob_write", "after_db_commit", "before_announce"]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="QRLOOP_",
@@ -502,6 +533,17 @@ class Settings(BaseSettings):
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    event_time: EventTimeSettings = Field(default_factory=EventTimeSettings)
+    fault: FaultPoint | None = Field(
+        None,
+        description="Testing only (QRLOOP_FAULT): the learner SIGKILLs itself at this point of a step or a "
+        "publish, to prove a crash there loses and repeats nothing. Read by the learner alone; None: off.",
+    )
+    fault_hit: int = Field(
+        1,
+        ge=1,
+        description="Testing only (QRLOOP_FAULT_HIT): kill on the N-th time the fault point is reached.",
+    )
 
     @classmethod
     def settings_customise_sources(

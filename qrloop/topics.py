@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
+from kafka.producer.future import FutureRecordMetadata
 
 from qrloop import metrics
 from qrloop.events import DeadLetter, encode
@@ -162,7 +163,8 @@ def dead_letter(record: Consumed, reason: str, error: str) -> DeadLetter:
 
 def send_dead_letter(
     producer: KafkaProducer, settings: Settings, record: Consumed, reason: str, error: str
-) -> None:
-    """Set ``record`` aside on the dead-letter topic, under its own key, so the role goes on with the next."""
+) -> FutureRecordMetadata:
+    """Set ``record`` aside on the dead-letter topic, under its own key, so the role goes on with the next;
+    the send's future, for a caller that checks delivery (replay)."""
     letter = dead_letter(record, reason, error)
-    producer.send(settings.topics.dead_letter, key=record.key, value=encode(letter))
+    return producer.send(settings.topics.dead_letter, key=record.key, value=encode(letter))

@@ -6,6 +6,13 @@ Three agents share one changelog-backed table of attribution windows keyed by qu
 - ``on_interaction``  an Interaction or SessionEnd is counted into its window, which may complete it;
 - ``on_close``        a close request (from the timer) scores a due window, or dead-letters an orphan.
 
+No record may stop an agent: Faust restarts a crashed agent at the same offset, so one poison record would
+be re-read forever. A record that is not a valid event, or whose event time is outside the bounds against
+this process's clock (``settings.event_time``: a year-9999 stamp would move the watermark and close every
+window at the next tick), goes to the dead-letter topic with its reason; so does whatever else one record
+makes fail ("unprocessable"), and a query whose window cannot be scored (a product the catalog does not know)
+is dead-lettered once and its window closed, instead of being closed again at every tick.
+
 The query-event and interaction topics are keyed by query event id and have the same partition count, so a
 query and its feedback meet on the same partition, where the table's changelog partition also is.
 """
@@ -18,6 +25,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from aiokafka.errors import KafkaError
+
 from qrloop import health, logs, metrics, topics
 from qrloop.catalog import Catalog
 from qrloop.events import (
@@ -26,6 +35,7 @@ from qrloop.events import (
     QueryEvent,
     SchemaError,
     SessionEnd,
+    check_event_time,
     decode,
     decode_feedback,
     encode,
@@ -56,6 +66,7 @@ def make_relevance_fn(settings: Settings) -> attribution.RelevanceFn:
 def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | None = None) -> None:
     app, settings, windows = built.app, built.settings, built.windows
     window_s, grace_s = settings.streams.attribution_window_s, settings.streams.grace_s
+    skew_s = settings.event_time.attribution_skew_s
     watermark = attribution.Watermark(settings.streams.idle_advance_s)
     close_requested: set[str] = set()
     scorer: dict[str, attribution.RelevanceFn] = {}
@@ -73,6 +84,22 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
             key=message.key, value=encode(topics.dead_letter(message, reason, error))
         )
 
+    def within_bounds(when: Any) -> None:
+        bounds = settings.event_time
+        check_event_time(when, max_future_s=bounds.max_future_s, max_age_s=bounds.max_age_s)
+
+    async def safely(event: Any, handle: Any) -> None:
+        """Run one record's handler; whatever it raises sends the record to the dead-letter topic."""
+        try:
+            await handle(event)
+        except SchemaError as exc:
+            await dead_letter(event, exc.reason, str(exc))
+        except KafkaError:
+            raise  # the broker, not the record: Faust's restart retries it, the record is not to blame
+        except Exception as exc:
+            log.exception("unprocessable record at %s", event.message.offset)
+            await dead_letter(event, "unprocessable", f"{type(exc).__name__}: {exc}")
+
     async def finalize(key: str, state: attribution.State, reason: str) -> None:
         # The sends below yield to the event loop before the window is tombstoned; meanwhile the timer may
         # request the same close again or a late event may complete the window. One finalize per key at a
@@ -87,7 +114,15 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
             finalizing.discard(key)
 
     async def _finalize(key: str, state: attribution.State, reason: str) -> None:
-        scored = attribution.score(state, relevance_fn(), settings.rewards)
+        relevance = relevance_fn()  # a model that fails to load fails the worker, not this one query
+        try:
+            scored = attribution.score(state, relevance, settings.rewards)
+        except Exception as exc:
+            # Retrying cannot help (the same products, the same catalog): dead-letter the query, close it.
+            await dead_letter_unscorable(key, state, exc)
+            windows[key] = attribution.close(state)
+            close_requested.discard(key)
+            return
         if scored.pair is None:
             metrics.TIES.inc()
         else:
@@ -111,63 +146,81 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
             scored.preference,
         )
 
+    async def take_query(event: Any) -> None:
+        query = decode(QueryEvent, event.value)
+        within_bounds(query.event_time)
+        watermark.observe(query.event_time.timestamp())
+        key = query.event_id
+        state = windows.get(key) or attribution.new_state()
+        if state["status"] == "closed":
+            return  # a re-delivered query event after its window closed
+        state = attribution.apply_query(state, query, window_s, skew_s)
+        if attribution.is_complete(state):
+            await finalize(key, state, "complete")
+        else:
+            windows[key] = state
+
+    async def take_feedback(event: Any) -> None:
+        item = decode_feedback(event.value)
+        within_bounds(item.event_time)
+        watermark.observe(item.event_time.timestamp())
+        key = item.query_event_id
+        state = windows.get(key) or attribution.new_state()
+        if isinstance(item, SessionEnd):
+            attribution.apply_session_end(state, item)
+        elif isinstance(item, Interaction):
+            outcome = attribution.apply_interaction(state, item, window_s, skew_s)
+            metrics.INTERACTIONS.labels(outcome).inc()
+        if attribution.is_complete(state) and state["status"] == "open":
+            await finalize(key, state, "complete")
+        else:
+            windows[key] = state
+
     @app.agent(built.query_events)
     async def on_query(stream: Any) -> None:
         async for event in stream.events():
-            try:
-                query = decode(QueryEvent, event.value)
-            except SchemaError as exc:
-                await dead_letter(event, exc.reason, str(exc))
-                continue
-            watermark.observe(query.event_time.timestamp())
-            key = query.event_id
-            state = windows.get(key) or attribution.new_state()
-            if state["status"] == "closed":
-                continue  # a re-delivered query event after its window closed
-            state = attribution.apply_query(state, query, window_s)
-            if attribution.is_complete(state):
-                await finalize(key, state, "complete")
-            else:
-                windows[key] = state
+            await safely(event, take_query)
 
     @app.agent(built.interactions)
     async def on_interaction(stream: Any) -> None:
         async for event in stream.events():
-            try:
-                item = decode_feedback(event.value)
-            except SchemaError as exc:
-                await dead_letter(event, exc.reason, str(exc))
-                continue
-            watermark.observe(item.event_time.timestamp())
-            key = item.query_event_id
-            state = windows.get(key) or attribution.new_state()
-            if isinstance(item, SessionEnd):
-                attribution.apply_session_end(state, item)
-            elif isinstance(item, Interaction):
-                outcome = attribution.apply_interaction(state, item, window_s)
-                metrics.INTERACTIONS.labels(outcome).inc()
-            if attribution.is_complete(state) and state["status"] == "open":
-                await finalize(key, state, "complete")
-            else:
-                windows[key] = state
+            await safely(event, take_feedback)
 
     @app.agent(built.closes)
     async def on_close(stream: Any) -> None:
         async for event in stream.events():
-            request = json.loads(event.value)
-            key, reason = request["key"], request["reason"]
-            state = windows.get(key)
-            close_requested.discard(key)
-            if state is None:
-                continue
-            if reason == "purge" and state["status"] == "closed":
-                del windows[key]
-            elif reason == "orphan" and state["status"] == "open" and state["query"] is None:
-                for pending_key in state.get("pending", {}):
-                    await dead_letter_orphan(key, pending_key)
-                del windows[key]
-            elif reason == "due" and state["status"] == "open" and state["query"] is not None:
-                await finalize(key, state, "window")
+            await safely(event, take_close)
+
+    async def take_close(event: Any) -> None:
+        """A close request from the timer (see ``request_closes``)."""
+        request = json.loads(event.value)
+        key, reason = request["key"], request["reason"]
+        state = windows.get(key)
+        close_requested.discard(key)
+        if state is None:
+            return
+        if reason == "purge" and state["status"] == "closed":
+            del windows[key]
+        elif reason == "orphan" and state["status"] == "open" and state["query"] is None:
+            for pending_key in state.get("pending", {}):
+                await dead_letter_orphan(key, pending_key)
+            del windows[key]
+        elif reason == "due" and state["status"] == "open" and state["query"] is not None:
+            await finalize(key, state, "window")
+
+    async def dead_letter_unscorable(key: str, state: attribution.State, exc: Exception) -> None:
+        reason = "unknown_product" if isinstance(exc, KeyError) else "unscorable"
+        log.warning("query %s cannot be scored (%s: %s): dead-lettered, window closed", key, reason, exc)
+        letter = DeadLetter.of(
+            settings.topics.query_events,
+            -1,
+            -1,
+            reason,
+            f"{type(exc).__name__}: {exc}",
+            json.dumps(state["query"]).encode(),
+        )
+        metrics.DEAD_LETTERS.labels(reason).inc()
+        await built.dead_letter.send(key=key.encode(), value=encode(letter))
 
     async def dead_letter_orphan(key: str, pending_key: str) -> None:
         letter = DeadLetter.of(

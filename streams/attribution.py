@@ -5,8 +5,10 @@ Nothing here touches Kafka or Faust, so every rule is tested with plain values. 
 
 Semantics (all times are *event* times, so a replay at any speed decides exactly as the live run did):
 
-- A query's **attribution window** is ``[t_query, t_query + window]``. An interaction whose event time falls
-  outside it is not attributed to the query (counted as ``outside_window``, dropped).
+- A query's **attribution window** is ``[t_query − skew, t_query + window]``. An interaction whose event time
+  falls outside it is not attributed to the query (counted as ``outside_window``, dropped). The small
+  ``skew`` (``event_time.attribution_skew_s``) forgives the front end's clock being a little behind the
+  rewriter's: a click stamped a second before its query was still caused by it.
 - The window **closes** when the stream's watermark (the largest event time seen, see ``Watermark``) passes
   ``t_query + window + grace``; the grace lets out-of-order deliveries still count. It closes **early** when
   the shopper's ``SessionEnd`` has arrived and every interaction it announced is in.
@@ -49,7 +51,7 @@ def _ts(when: Any) -> float:
     return float(when.timestamp())
 
 
-def apply_query(state: State, event: QueryEvent, window_s: float) -> State:
+def apply_query(state: State, event: QueryEvent, window_s: float, skew_s: float = 0.0) -> State:
     """Attach the query event. A duplicated query event changes nothing (the first one wins)."""
     if state["query"] is None:
         state["query"] = event.model_dump(mode="json")
@@ -57,7 +59,7 @@ def apply_query(state: State, event: QueryEvent, window_s: float) -> State:
         # Interactions that came first were held without a window to test; test them now.
         pending = state.pop("pending", {})
         for key, t_event in pending.items():
-            if _within(state, t_event, window_s):
+            if _within(state, t_event, window_s, skew_s):
                 state["seen"][key] = t_event
             else:
                 state["counts"]["outside_window"] += 1
@@ -68,12 +70,14 @@ def _key(interaction: Interaction) -> str:
     return f"{interaction.rewrite_id}|{interaction.product_id}|{interaction.kind}"
 
 
-def _within(state: State, t_event: float, window_s: float) -> bool:
+def _within(state: State, t_event: float, window_s: float, skew_s: float = 0.0) -> bool:
     t_query = state["t_query"]
-    return t_query <= t_event <= t_query + window_s
+    return t_query - skew_s <= t_event <= t_query + window_s
 
 
-def apply_interaction(state: State, interaction: Interaction, window_s: float) -> Outcome:
+def apply_interaction(
+    state: State, interaction: Interaction, window_s: float, skew_s: float = 0.0
+) -> Outcome:
     """Count one interaction into the state; say what happened to it."""
     if state["status"] == "closed":
         state["counts"]["late"] += 1
@@ -86,7 +90,7 @@ def apply_interaction(state: State, interaction: Interaction, window_s: float) -
     if state["query"] is None:
         state.setdefault("pending", {})[key] = t_event
         return "counted"
-    if not _within(state, t_event, window_s):
+    if not _within(state, t_event, window_s, skew_s):
         state["counts"]["outside_window"] += 1
         return "outside_window"
     state["seen"][key] = t_event

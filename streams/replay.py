@@ -41,6 +41,7 @@ from typing import Any
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from qrloop import metrics
 from qrloop.events import (
     Interaction,
     PreferencePair,
@@ -322,18 +323,42 @@ def publish(
     producer = producer or make_producer(settings, linger_ms=5)
     started = time.monotonic()
     by_topic: dict[str, int] = {}
+    sent: list[tuple[str, Any]] = []  # (topic, future): every delivery is checked before the report
     try:
         for record, error in bad:
-            send_dead_letter(producer, settings, record, error.reason, str(error))
+            sent.append(
+                (
+                    settings.topics.dead_letter,
+                    send_dead_letter(producer, settings, record, error.reason, str(error)),
+                )
+            )
         for event in paced(events, rate):
             topic = topic_of(event, settings)
-            producer.send(topic, key=event.kafka_key(), value=encode(event))
+            sent.append((topic, producer.send(topic, key=event.kafka_key(), value=encode(event))))
             by_topic[topic] = by_topic.get(topic, 0) + 1
         producer.flush()
+        check_delivered(sent)
     finally:
         if own:
             producer.close()
     return ReplayReport(len(events), len(bad), time.monotonic() - started, by_topic)
+
+
+class DeliveryError(RuntimeError):
+    """Some records of a replay were not written; the message says how many, where, and the first error."""
+
+
+def check_delivered(sent: Sequence[tuple[str, Any]]) -> None:
+    """After a flush every future is done: raise if any failed (and count them), never report success."""
+    failed = [(topic, future.exception) for topic, future in sent if future.failed()]
+    for topic, _ in failed:
+        metrics.EVENTS_NOT_WRITTEN.labels("replay", topic).inc()
+    if failed:
+        topics = sorted({topic for topic, _ in failed})
+        raise DeliveryError(
+            f"{len(failed)} of {len(sent)} records were not written (topics {topics}); first error: "
+            f"{failed[0][1]!r}"
+        )
 
 
 def replay(
@@ -389,6 +414,7 @@ def attribute(
     log every window still open closes, as the aggregator's idle watermark eventually closes them.
     """
     window_s, grace_s = settings.streams.attribution_window_s, settings.streams.grace_s
+    skew_s = settings.event_time.attribution_skew_s
     states: dict[str, attribution.State] = {}
     result = Attributed()
     watermark = float("-inf")
@@ -416,11 +442,11 @@ def attribute(
         if isinstance(event, QueryEvent):
             if state["status"] == "closed":
                 continue
-            attribution.apply_query(state, event, window_s)
+            attribution.apply_query(state, event, window_s, skew_s)
         elif isinstance(event, SessionEnd):
             attribution.apply_session_end(state, event)
         else:
-            outcome = attribution.apply_interaction(state, event, window_s)
+            outcome = attribution.apply_interaction(state, event, window_s, skew_s)
             result.interactions[outcome] = result.interactions.get(outcome, 0) + 1
         if state["status"] == "open" and attribution.is_complete(state):
             finalize(key, "complete")

@@ -18,7 +18,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from kafka import KafkaProducer
 
-from learner.ledger import SqlTrainedPair
+from learner.ledger import SqlTrainingRecord
 from learner.worker import LEARNER_TAG
 from policy_store import db
 from qrloop.events import QueryEvent, encode
@@ -136,7 +136,7 @@ def ledger(settings: Settings) -> dict[str, int]:
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(SqlTrainedPair.pair_id, sa.func.count()).group_by(SqlTrainedPair.pair_id)
+            sa.select(SqlTrainingRecord.pair_id, sa.func.count()).group_by(SqlTrainingRecord.pair_id)
         ).all()
     engine.dispose()
     return {pid: n for pid, n in rows}

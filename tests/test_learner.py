@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from learner.ledger import SqlTrainedPair
+from learner.ledger import SqlTrainingRecord
 from learner.worker import LEARNER_TAG, build, resume_state
 from policy_store import db
 from qrloop.models import build_tiny_policy, require_policy
@@ -47,7 +47,7 @@ def ledger_counts(settings: Settings) -> dict[str, int]:
     engine = db.make_engine(settings.db_url)
     with engine.connect() as conn:
         rows = conn.execute(
-            sa.select(SqlTrainedPair.pair_id, sa.func.count()).group_by(SqlTrainedPair.pair_id)
+            sa.select(SqlTrainingRecord.pair_id, sa.func.count()).group_by(SqlTrainingRecord.pair_id)
         ).all()
     engine.dispose()
     return {pid: n for pid, n in rows}

@@ -108,6 +108,8 @@ def env_for(settings: Settings) -> dict[str, str]:
         "QRLOOP_STREAMS__IDLE_ADVANCE_S": str(s.idle_advance_s),
         "QRLOOP_STREAMS__TICK_S": str(s.tick_s),
         "QRLOOP_CACHE_DIR": str(settings.cache_dir),
+        # The log is from 2025: older than event_time.max_age_s, which a replay of old traffic must raise.
+        "QRLOOP_EVENT_TIME__MAX_AGE_S": "1e10",
     }
 
 

@@ -1,0 +1,152 @@
+"""Fixtures of the fault suite: a learner's private topics, database and tiny policy; helpers to read back
+what landed where (dead letters, training records, announcements)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from kafka import KafkaConsumer, KafkaProducer
+
+from learner.ledger import steps_of, training_counts
+from policy_store import PolicyStore
+from qrloop import db
+from qrloop.events import DeadLetter, PreferencePair, decode, encode, pair_id_for
+from qrloop.models import build_tiny_policy, require_policy
+from qrloop.settings import Settings
+from qrloop.topics import ensure_topics
+
+QUERIES = [
+    "angle bracket",
+    "cordless drill",
+    "toungh groove",
+    "paint storage contaiers",
+    "shower faucet trim",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_policy(tmp_path_factory.mktemp("tiny"), require_policy(Settings()))
+
+
+def private_topics(settings: Settings, prefix: str) -> Settings:
+    topics = settings.topics.model_copy(
+        update={
+            "preference_pairs": f"{prefix}.p",
+            "policy_versions": f"{prefix}.v",
+            "dead_letter": f"{prefix}.d",
+            "query_events": f"{prefix}.q",
+            "interactions": f"{prefix}.i",
+            "query_outcomes": f"{prefix}.o",
+        }
+    )
+    return settings.model_copy(update={"topics": topics})
+
+
+@pytest.fixture
+def learner_settings(settings: Settings, kafka_bootstrap: str, unique_topic: str, tiny_dir: Path) -> Settings:
+    """Private topics, database (SQLite and PostgreSQL) and blobs; the tiny policy as production."""
+    configured = private_topics(settings, unique_topic)
+    dpo = configured.dpo.model_copy(update={"learner_name": unique_topic, "learning_rate": 1e-4})
+    configured = configured.model_copy(update={"dpo": dpo})
+    ensure_topics(configured)
+    db.upgrade(configured.db_url)
+    store = PolicyStore.from_settings(configured)
+    start = store.publish(tiny_dir, base_model="tiny-llama", actor="test")
+    store.set_alias("production", start.id, reason="start", actor="test")
+    store.close()
+    return configured
+
+
+def make_pair(n: int, event_time: datetime | None = None) -> PreferencePair:
+    query = QUERIES[n % len(QUERIES)]
+    event_id = f"event-{n}"
+    return PreferencePair(
+        pair_id=pair_id_for(event_id),
+        prompt=query,
+        chosen=f"{query} kit",
+        rejected=f"{query} {n}",
+        chosen_reward=0.6,
+        rejected_reward=0.3,
+        chosen_components={},
+        rejected_components={},
+        policy_version=1,
+        source_event_id=event_id,
+        event_time=event_time or datetime.now(UTC),
+    )
+
+
+def send_all(settings: Settings, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> int:
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5)
+    n = 0
+    for key, value in messages:
+        producer.send(topic, key=key, value=value)
+        n += 1
+    producer.flush()
+    producer.close()
+    return n
+
+
+def send_pairs(settings: Settings, pairs: Iterable[PreferencePair]) -> int:
+    return send_all(
+        settings, settings.topics.preference_pairs, ((p.pair_id.encode(), encode(p)) for p in pairs)
+    )
+
+
+def read_topic(settings: Settings, topic: str, timeout_ms: int = 1500) -> list[bytes]:
+    """Every record of ``topic`` (all partitions) from the beginning."""
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=timeout_ms,
+    )
+    values = [m.value for m in consumer]
+    consumer.close()
+    return values
+
+
+def dead_letters(settings: Settings, timeout_ms: int = 1500) -> list[DeadLetter]:
+    return [decode(DeadLetter, v) for v in read_topic(settings, settings.topics.dead_letter, timeout_ms)]
+
+
+def trained(settings: Settings) -> dict[str, int]:
+    """Pair id → how many steps trained it, from the training records (no key forbids a duplicate)."""
+    store = PolicyStore.from_settings(settings)
+    try:
+        with store.read_session() as session:
+            return training_counts(session, settings.dpo.learner_name)
+    finally:
+        store.close()
+
+
+def steps(settings: Settings) -> dict[int, list[str]]:
+    store = PolicyStore.from_settings(settings)
+    try:
+        with store.read_session() as session:
+            return steps_of(session, settings.dpo.learner_name)
+    finally:
+        store.close()
+
+
+def learner_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of a ``qrloop learn`` subprocess on these settings."""
+    t = settings.topics
+    return dict(
+        os.environ,
+        QRLOOP_DATABASE_URL=settings.db_url,
+        QRLOOP_BLOB_DIR=str(settings.blob_dir),
+        QRLOOP_TOPICS__PREFERENCE_PAIRS=t.preference_pairs,
+        QRLOOP_TOPICS__POLICY_VERSIONS=t.policy_versions,
+        QRLOOP_TOPICS__DEAD_LETTER=t.dead_letter,
+        QRLOOP_DPO__LEARNER_NAME=settings.dpo.learner_name,
+        QRLOOP_DPO__LEARNING_RATE=str(settings.dpo.learning_rate),
+        QRLOOP_DPO__PUBLISH_EVERY=str(settings.dpo.publish_every),
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
