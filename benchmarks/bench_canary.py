@@ -6,7 +6,7 @@
 
 **The pool.** Per-query outcomes (mean reward and mean relevance of the two rewrites, and the canary's
 log-ratio to production where logged) of a real run: every ``QueryOutcome`` of ``--topic`` (read to its end
-with ``qrloop.replay.read_topics``) or of ``--jsonl`` (one encoded outcome a line). Without either, a
+with ``streams.replay.read_topics``) or of ``--jsonl`` (one encoded outcome a line). Without either, a
 generator stands in (``generated_pool``), its parameters taken from the README's figures of a 320-query demo
 run: mean relevance of the rewrites' products 0.63, mean reward per query about 0.20; every rewrite's reward
 is the real ``qrloop.rewards`` combination of simulated signals (per-query difficulty, 10 products, click
@@ -110,7 +110,7 @@ def outcomes_pool(outcomes: Sequence[QueryOutcome], source: str) -> Pool:
 
 
 def topic_pool(bootstrap: str, topic: str) -> Pool:
-    from qrloop.replay import read_topics
+    from streams.replay import read_topics
 
     outcomes = []
     for record in read_topics(bootstrap, [topic]):

@@ -27,10 +27,10 @@ from kafka import KafkaProducer
 
 from learner.ledger import training_counts
 from learner.worker import build
-from policy_store import PolicyStore
-from qrloop import db
+from policy_store import db
 from qrloop.events import PreferencePair, encode, pair_id_for
 from qrloop.models import build_tiny_policy, require_policy
+from qrloop.runs import open_store
 from qrloop.settings import get_settings
 from qrloop.topics import ensure_topics
 
@@ -104,7 +104,7 @@ def main(pairs: int = 5000, publish_every: int = 10, threads: int = 1) -> None:
             settings, {topics.preference_pairs: 1, topics.policy_versions: 1, topics.dead_letter: 1}
         )
         db.upgrade(settings.db_url)
-        store = PolicyStore.from_settings(settings)
+        store = open_store(settings)
         start = store.publish(build_tiny_policy(root / "tiny", require_policy(base)), base_model="tiny")
         store.set_alias("production", start.id)
         producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=20)

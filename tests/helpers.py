@@ -16,7 +16,7 @@ import pytest
 from kafka import KafkaProducer
 
 from policy_store import db
-from qrloop.events import Interaction, PreferencePair, QueryEvent, SessionEnd, encode, pair_id_for
+from qrloop.events import Interaction, PreferencePair, QueryEvent, Rewrite, SessionEnd, encode, pair_id_for
 from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import Settings
 from qrloop.topics import ensure_topics
@@ -150,3 +150,55 @@ def publish_pairs(settings: Settings, pairs: list[PreferencePair], extra: Sequen
         producer.send(settings.topics.preference_pairs, key=b"bad", value=raw)
     producer.flush()
     producer.close()
+
+
+def aggregator_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
+    """The environment of a `qrloop aggregate` subprocess on the run's topics and stream timings."""
+    s = settings.streams
+    return run_env(settings) | {
+        "QRLOOP_STREAMS__ATTRIBUTION_WINDOW_S": str(s.attribution_window_s),
+        "QRLOOP_STREAMS__GRACE_S": str(s.grace_s),
+        "QRLOOP_STREAMS__IDLE_ADVANCE_S": str(s.idle_advance_s),
+        "QRLOOP_STREAMS__TICK_S": str(s.tick_s),
+        "QRLOOP_STREAMS__ORPHAN_AFTER_S": str(s.orphan_after_s),
+        "QRLOOP_CACHE_DIR": str(settings.cache_dir),
+    }
+
+
+def bracket_query(
+    ids: list[str],
+    now: datetime,
+    rewrite_texts: tuple[str, str] = ("metal angle bracket", "bracket"),
+    lists: tuple[list[str], list[str], list[str]] | None = None,
+) -> QueryEvent:
+    """A query event for "angle bracket" over catalog products ``ids`` (original list and two rewrites)."""
+    original, first, second = lists or (ids[0:4], [ids[0], ids[4], ids[5], ids[6]], [*ids[0:3], ids[7]])
+    return QueryEvent(
+        event_id=str(uuid.uuid4()),
+        event_time=now,
+        shopper_id="s1",
+        session_id="x",
+        query="angle bracket",
+        policy_version=7,
+        arm="production",
+        original_products=original,
+        rewrites=[
+            Rewrite(rewrite_id="r1", text=rewrite_texts[0], logprob=-3.0, products=first),
+            Rewrite(rewrite_id="r2", text=rewrite_texts[1], logprob=-2.0, products=second),
+        ],
+    )
+
+
+def interaction(
+    event: QueryEvent, rewrite_id: str, product_id: str, kind: str, after_s: float
+) -> Interaction:
+    """One interaction with a list of ``event``, ``after_s`` seconds after the query."""
+    return Interaction(
+        event_id=str(uuid.uuid4()),
+        query_event_id=event.event_id,
+        rewrite_id=rewrite_id,
+        product_id=product_id,
+        position=0,
+        kind=kind,  # type: ignore[arg-type]
+        event_time=event.event_time + timedelta(seconds=after_s),
+    )

@@ -8,7 +8,6 @@ import base64
 import subprocess
 import sys
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -19,19 +18,17 @@ from qrloop import rewards
 from qrloop.catalog import Catalog
 from qrloop.events import (
     DeadLetter,
-    Interaction,
     PreferencePair,
-    QueryEvent,
-    Rewrite,
     SessionEnd,
     decode,
     encode,
     pair_id_for,
 )
 from qrloop.relevance import RelevanceModel
-from qrloop.runs import isolate, run_env
+from qrloop.runs import isolate
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
+from tests.helpers import aggregator_env, bracket_query, interaction
 
 WINDOW_S = 5.0
 GRACE_S = 1.0
@@ -55,53 +52,6 @@ def stream_settings(base_settings: Settings, kafka_bootstrap: str, unique_topic:
     return settings
 
 
-def env_for(settings: Settings, tmp_path: Path) -> dict[str, str]:
-    s = settings.streams
-    return run_env(settings) | {
-        "QRLOOP_STREAMS__ATTRIBUTION_WINDOW_S": str(s.attribution_window_s),
-        "QRLOOP_STREAMS__GRACE_S": str(s.grace_s),
-        "QRLOOP_STREAMS__IDLE_ADVANCE_S": str(s.idle_advance_s),
-        "QRLOOP_STREAMS__TICK_S": str(s.tick_s),
-        "QRLOOP_STREAMS__ORPHAN_AFTER_S": str(s.orphan_after_s),
-        "QRLOOP_CACHE_DIR": str(settings.cache_dir),
-    }
-
-
-def query(
-    ids: list[str],
-    now: datetime,
-    rewrite_texts: tuple[str, str] = ("metal angle bracket", "bracket"),
-    lists: tuple[list[str], list[str], list[str]] | None = None,
-) -> QueryEvent:
-    original, first, second = lists or (ids[0:4], [ids[0], ids[4], ids[5], ids[6]], [*ids[0:3], ids[7]])
-    return QueryEvent(
-        event_id=str(uuid.uuid4()),
-        event_time=now,
-        shopper_id="s1",
-        session_id="x",
-        query="angle bracket",
-        policy_version=7,
-        arm="production",
-        original_products=original,
-        rewrites=[
-            Rewrite(rewrite_id="r1", text=rewrite_texts[0], logprob=-3.0, products=first),
-            Rewrite(rewrite_id="r2", text=rewrite_texts[1], logprob=-2.0, products=second),
-        ],
-    )
-
-
-def feedback(event: QueryEvent, rewrite_id: str, product_id: str, kind: str, after_s: float) -> Interaction:
-    return Interaction(
-        event_id=str(uuid.uuid4()),
-        query_event_id=event.event_id,
-        rewrite_id=rewrite_id,
-        product_id=product_id,
-        position=0,
-        kind=kind,  # type: ignore[arg-type]
-        event_time=event.event_time + timedelta(seconds=after_s),
-    )
-
-
 def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path: Path) -> None:
     settings = stream_settings
     catalog = Catalog.open(settings)
@@ -114,15 +64,15 @@ def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path:
         producer.send(topic, key=key.encode(), value=value)
 
     # Q1: complete feedback; one interaction arrives before its query event, one is duplicated.
-    q1 = query(ids, now)
+    q1 = bracket_query(ids, now)
     e, f, g, a = ids[4], ids[5], ids[6], ids[0]
     q1_feedback = [
-        feedback(q1, "r1", e, "click", 1),
-        feedback(q1, "r1", e, "add_to_cart", 2),
-        feedback(q1, "r1", e, "purchase", 3),
-        feedback(q1, "r1", f, "click", 1.5),
-        feedback(q1, "r2", a, "click", 1),
-        feedback(q1, "r2", g, "click", 1),  # g is not in r2's list: not attributable to r2
+        interaction(q1, "r1", e, "click", 1),
+        interaction(q1, "r1", e, "add_to_cart", 2),
+        interaction(q1, "r1", e, "purchase", 3),
+        interaction(q1, "r1", f, "click", 1.5),
+        interaction(q1, "r2", a, "click", 1),
+        interaction(q1, "r2", g, "click", 1),  # g is not in r2's list: not attributable to r2
     ]
     send(t.interactions, q1.event_id, encode(q1_feedback[0]))  # before the query event
     # Bad messages on both inputs: they must be dead-lettered and the stream must go on.
@@ -141,7 +91,7 @@ def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path:
 
     # Q2: both rewrites retrieve the same list and nobody clicks: a tie, never emitted.
     same = ids[0:4]
-    q2 = query(ids, now, ("angle bracket steel", "steel angle bracket"), (same, same, same))
+    q2 = bracket_query(ids, now, ("angle bracket steel", "steel angle bracket"), (same, same, same))
     send(t.query_events, q2.event_id, encode(q2))
     send(
         t.interactions,
@@ -150,21 +100,21 @@ def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path:
     )
 
     # Q3: no session end: closed by the watermark once the window and the grace have passed.
-    q3 = query(ids, now)
+    q3 = bracket_query(ids, now)
     send(t.query_events, q3.event_id, encode(q3))
     for product in q3.rewrites[1].products[1:]:  # r2 clearly better: three of its four products clicked
-        send(t.interactions, q3.event_id, encode(feedback(q3, "r2", product, "click", 1)))
+        send(t.interactions, q3.event_id, encode(interaction(q3, "r2", product, "click", 1)))
 
     # An orphan: feedback for a query event that never comes.
-    ghost = query(ids, now)
-    send(t.interactions, ghost.event_id, encode(feedback(ghost, "r1", e, "click", 1)))
+    ghost = bracket_query(ids, now)
+    send(t.interactions, ghost.event_id, encode(interaction(ghost, "r1", e, "click", 1)))
     producer.flush()
 
     log = (tmp_path / "aggregator.log").open("wb")
     worker = subprocess.Popen(
         [sys.executable, "-m", "qrloop", "aggregate"],
         cwd=REPO_ROOT,
-        env=env_for(settings, tmp_path),
+        env=aggregator_env(settings, tmp_path),
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -190,7 +140,7 @@ def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path:
                     letters.append(decode(DeadLetter, message.value))
         # A late click for the closed Q1 and a re-delivered query event must not produce anything new.
         producer.send(
-            t.interactions, key=q1.event_id.encode(), value=encode(feedback(q1, "r2", a, "add_to_cart", 2))
+            t.interactions, key=q1.event_id.encode(), value=encode(interaction(q1, "r2", a, "add_to_cart", 2))
         )
         producer.send(t.query_events, key=q1.event_id.encode(), value=encode(q1))
         producer.flush()

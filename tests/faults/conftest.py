@@ -12,10 +12,10 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
 from learner.ledger import steps_of, training_counts
-from policy_store import PolicyStore
-from qrloop import db
+from policy_store import db
 from qrloop.events import DeadLetter, PreferencePair, decode, encode, pair_id_for
 from qrloop.models import build_tiny_policy, require_policy
+from qrloop.runs import open_store
 from qrloop.settings import Settings
 from qrloop.topics import ensure_topics
 
@@ -55,7 +55,7 @@ def learner_settings(settings: Settings, kafka_bootstrap: str, unique_topic: str
     configured = configured.model_copy(update={"dpo": dpo})
     ensure_topics(configured)
     db.upgrade(configured.db_url)
-    store = PolicyStore.from_settings(configured)
+    store = open_store(configured)
     start = store.publish(tiny_dir, base_model="tiny-llama", actor="test")
     store.set_alias("production", start.id, reason="start", actor="test")
     store.close()
@@ -117,7 +117,7 @@ def dead_letters(settings: Settings, timeout_ms: int = 1500) -> list[DeadLetter]
 
 def trained(settings: Settings) -> dict[str, int]:
     """Pair id → how many steps trained it, from the training records (no key forbids a duplicate)."""
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     try:
         with store.read_session() as session:
             return training_counts(session, settings.dpo.learner_name)
@@ -126,7 +126,7 @@ def trained(settings: Settings) -> dict[str, int]:
 
 
 def steps(settings: Settings) -> dict[int, list[str]]:
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     try:
         with store.read_session() as session:
             return steps_of(session, settings.dpo.learner_name)

@@ -17,12 +17,11 @@ import pytest
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
 from prometheus_client import REGISTRY
-from qrloop.replay import DeliveryError, publish
 
-from policy_store import PolicyStore
-from qrloop import db
+from policy_store import db
 from qrloop.canary_job import CanaryJob
 from qrloop.events import PolicyAnnouncement, QueryOutcome, encode
+from qrloop.runs import open_store
 from qrloop.serving import (
     AnnouncementFollower,
     EventNotWrittenError,
@@ -32,8 +31,9 @@ from qrloop.serving import (
 )
 from qrloop.settings import RewriterSettings, Settings
 from qrloop.topics import ensure_topics
+from streams.replay import DeliveryError, publish
 from tests.faults.conftest import dead_letters, private_topics, send_all
-from tests.test_aggregator_stream import query
+from tests.helpers import bracket_query
 
 
 def fake_search(text: str) -> list[str]:
@@ -74,7 +74,7 @@ def test_canary_window_refuses_poison_and_far_off_times(
     configured = private_topics(settings, unique_topic)
     ensure_topics(configured)
     db.upgrade(configured.db_url)
-    store = PolicyStore.from_settings(configured)
+    store = open_store(configured)
     producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
     job = CanaryJob(configured, store, producer)
     now = datetime.now(UTC)
@@ -117,7 +117,7 @@ def test_follower_survives_poison_and_unappliable_announcements(
     configured = private_topics(settings, unique_topic)
     ensure_topics(configured, {configured.topics.policy_versions: 1})
     db.upgrade(configured.db_url)
-    store = PolicyStore.from_settings(configured)
+    store = open_store(configured)
     v1 = store.publish(tiny_dir, base_model="tiny")
     rewriter = Rewriter(
         load_version(store.load_dir(v1), v1.id), fake_search, RewriterSettings(max_new_tokens=4)
@@ -201,6 +201,6 @@ def test_replay_reports_records_the_broker_refused(
     configured = base_settings.model_copy(
         update={"topics": base_settings.topics.model_copy(update={"query_events": tiny_topic})}
     )
-    events = [query([f"p{i}" for i in range(8)], datetime.now(UTC)) for _ in range(3)]
+    events = [bracket_query([f"p{i}" for i in range(8)], datetime.now(UTC)) for _ in range(3)]
     with pytest.raises(DeliveryError, match="3 of 3 records were not written"):
         publish(configured, events)

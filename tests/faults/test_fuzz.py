@@ -22,12 +22,11 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 from prometheus_client import REGISTRY
-from simulators.catalog import Catalog
 
 from learner.worker import build
-from policy_store import PolicyStore
-from qrloop import db
+from policy_store import db
 from qrloop.canary_job import CanaryJob
+from qrloop.catalog import Catalog
 from qrloop.events import (
     DeadLetter,
     Interaction,
@@ -40,12 +39,13 @@ from qrloop.events import (
     decode,
     encode,
 )
+from qrloop.runs import open_store
 from qrloop.serving import AnnouncementFollower, Rewriter, load_version
 from qrloop.settings import REPO_ROOT, RewriterSettings, Settings
 from qrloop.topics import ensure_topics
 from tests.faults import fuzz
 from tests.faults.conftest import make_pair, private_topics
-from tests.test_aggregator_stream import env_for
+from tests.helpers import aggregator_env
 
 N = 10_000
 ALL = list(fuzz.CATEGORIES)
@@ -190,7 +190,7 @@ def fuzz_settings(base_settings: Settings, kafka_bootstrap: str, tmp_path: Path,
     ensure_topics(settings)
     ensure_topics(settings, {f"{prefix}.agg-pairs": 1, f"{prefix}.agg-outcomes": 1})
     db.upgrade(settings.db_url)
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     start = store.publish(tiny_dir, base_model="tiny-llama", actor="test")
     store.set_alias("production", start.id, reason="start", actor="test")
     store.close()
@@ -224,14 +224,14 @@ def test_fuzz_every_input_topic(fuzz_settings: Settings, tmp_path: Path, tiny_di
     aggregator = subprocess.Popen(
         [sys.executable, "-m", "qrloop", "aggregate"],
         cwd=REPO_ROOT,
-        env=env_for(aggregator_settings, tmp_path)
+        env=aggregator_env(aggregator_settings, tmp_path)
         | {"QRLOOP_TOPICS__QUERY_OUTCOMES": aggregator_settings.topics.query_outcomes},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
     try:
         # The consumers that follow from "now" start first: the follower (end of topic) and the canary job.
-        store = PolicyStore.from_settings(settings)
+        store = open_store(settings)
         rewriter = Rewriter(
             load_version(store.load_dir(1), 1), lambda q: ids[:4], RewriterSettings(max_new_tokens=4)
         )

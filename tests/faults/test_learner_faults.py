@@ -21,8 +21,8 @@ from safetensors.torch import load_file
 
 from learner.dpo import OPTIMIZER_FILE
 from learner.worker import LEARNER_TAG, Learner, build
-from policy_store import PolicyStore
 from qrloop.events import PolicyAnnouncement, decode, encode
+from qrloop.runs import open_store
 from qrloop.settings import REPO_ROOT, Settings
 from tests.faults.conftest import (
     dead_letters,
@@ -128,7 +128,7 @@ def test_resumed_optimizer_ends_bit_identical_to_an_uninterrupted_run(
     last_resumed = run_until(second, 2)[-1]
     second.consumer.close()
 
-    store = PolicyStore.from_settings(learner_settings)
+    store = open_store(learner_settings)
     a, b = store.load_dir(last_straight), store.load_dir(last_resumed)
     weights_a, weights_b = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert weights_a.keys() == weights_b.keys()
@@ -160,7 +160,7 @@ def wait_for_training(settings: Settings, n: int, process: subprocess.Popen[byte
 
 
 def mine(settings: Settings) -> list[int]:
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     ids = sorted(v.id for v in store.list() if v.tags.get(LEARNER_TAG) == settings.dpo.learner_name)
     store.close()
     return ids
@@ -178,7 +178,7 @@ def test_sigkill_at_a_named_fault_point_loses_and_repeats_nothing(
     process = start_learner(settings, log, QRLOOP_FAULT=point, QRLOOP_FAULT_HIT="2")
     assert process.wait(timeout=240) == -signal.SIGKILL, log.read_text()[-3000:]
     assert f"fault point {point} reached" in log.read_text()
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     alias, versions = store.resolve("production").id, mine(settings)
     # Where the kill landed, as the store shows it.
     if point == "mid_blob_write":
@@ -198,7 +198,7 @@ def test_sigkill_at_a_named_fault_point_loses_and_repeats_nothing(
     assert set(counts) == {p.pair_id for p in pairs}, "no pair lost"
     assert set(counts.values()) == {1}, "no pair trained twice"
     assert {step: len(ids) for step, ids in steps(settings).items()} == {1: 16, 2: 16, 3: 16}
-    store = PolicyStore.from_settings(settings)
+    store = open_store(settings)
     versions = mine(settings)
     assert [store.get(v).train_steps for v in versions] == [1, 2, 3]
     assert store.resolve("production").id == versions[-1]

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
-from simulators.catalog import Catalog
 
+from qrloop.catalog import Catalog
 from qrloop.events import (
     DeadLetter,
     Interaction,
@@ -32,7 +32,7 @@ from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
 from streams import attribution
 from tests.faults.conftest import private_topics
-from tests.test_aggregator_stream import env_for, feedback, query
+from tests.helpers import aggregator_env, bracket_query, interaction
 
 
 @dataclass
@@ -100,7 +100,8 @@ def worker(
     process = subprocess.Popen(
         [sys.executable, "-m", "qrloop", "aggregate"],
         cwd=REPO_ROOT,
-        env=env_for(settings, log.parent) | {"QRLOOP_TOPICS__QUERY_OUTCOMES": settings.topics.query_outcomes},
+        env=aggregator_env(settings, log.parent)
+        | {"QRLOOP_TOPICS__QUERY_OUTCOMES": settings.topics.query_outcomes},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
@@ -134,7 +135,7 @@ def closed_with_session_end(w: Worker, event: QueryEvent, raw: bytes | None = No
 
 def test_poison_records_are_dead_lettered_and_the_stream_goes_on(worker: Worker) -> None:
     w, t = worker, worker.settings.topics
-    valid = encode(query(w.ids, datetime.now(UTC))).decode()
+    valid = encode(bracket_query(w.ids, datetime.now(UTC))).decode()
     poison = {
         "huge_number": valid.replace('"logprob":-3.0', '"logprob":' + "7" * 6000).encode(),
         "deep_nesting": valid.replace(
@@ -152,7 +153,7 @@ def test_poison_records_are_dead_lettered_and_the_stream_goes_on(worker: Worker)
         "deep",
         b'{"schema_version": 1, "type": "interaction", "x": ' + b"[" * 6000 + b"]" * 6000 + b"}",
     )
-    after = query(w.ids, datetime.now(UTC))
+    after = bracket_query(w.ids, datetime.now(UTC))
     closed_with_session_end(w, after)
     w.wait(lambda: after.event_id in w.scored and all(w.letters_for(raw) for raw in poison.values()), 240)
     landed = {name: w.letters_for(raw) for name, raw in poison.items()}
@@ -168,16 +169,16 @@ def test_poison_records_are_dead_lettered_and_the_stream_goes_on(worker: Worker)
 def test_event_times_far_from_the_clock_are_dead_lettered_and_leave_the_watermark(worker: Worker) -> None:
     w, t = worker, worker.settings.topics
     now = datetime.now(UTC)
-    future = query(w.ids, datetime(9999, 12, 31, tzinfo=UTC))
-    past = query(w.ids, now - timedelta(days=30))
+    future = bracket_query(w.ids, datetime(9999, 12, 31, tzinfo=UTC))
+    past = bracket_query(w.ids, now - timedelta(days=30))
     w.send(t.query_events, future.event_id, encode(future))
     w.send(t.query_events, past.event_id, encode(past))
-    live = query(w.ids, datetime.now(UTC))
+    live = bracket_query(w.ids, datetime.now(UTC))
     w.send(t.query_events, live.event_id, encode(live))
     # With the watermark at 9999 the window would close at the next tick, without the clicks below.
     time.sleep(2.5)
-    clicks = [feedback(live, "r2", p, "click", 1) for p in live.rewrites[1].products[1:]]
-    clicks.append(feedback(live, "r2", live.rewrites[1].products[0], "click", -1.0))  # 1 s clock skew
+    clicks = [interaction(live, "r2", p, "click", 1) for p in live.rewrites[1].products[1:]]
+    clicks.append(interaction(live, "r2", live.rewrites[1].products[0], "click", -1.0))  # 1 s clock skew
     for click in clicks:
         w.send(t.interactions, live.event_id, encode(click))
     w.wait(lambda: live.event_id in w.pairs)
@@ -191,7 +192,7 @@ def test_event_times_far_from_the_clock_are_dead_lettered_and_leave_the_watermar
 
 def test_an_unknown_product_is_dead_lettered_once_and_its_window_closed(worker: Worker) -> None:
     w = worker
-    ghost = query(w.ids, datetime.now(UTC))
+    ghost = bracket_query(w.ids, datetime.now(UTC))
     ghost = ghost.model_copy(
         update={
             "rewrites": [
@@ -201,7 +202,7 @@ def test_an_unknown_product_is_dead_lettered_once_and_its_window_closed(worker: 
         }
     )
     closed_with_session_end(w, ghost)
-    after = query(w.ids, datetime.now(UTC))
+    after = bracket_query(w.ids, datetime.now(UTC))
     closed_with_session_end(w, after)
     w.wait(lambda: after.event_id in w.scored and any(x.reason == "unknown_product" for x in w.letters))
     time.sleep(3)  # a dozen ticks: the window is not closed again
@@ -213,8 +214,8 @@ def test_an_unknown_product_is_dead_lettered_once_and_its_window_closed(worker: 
 
 def test_the_attribution_window_allows_a_small_clock_skew() -> None:
     t0 = datetime(2026, 12, 1, 12, tzinfo=UTC)
-    event = query([f"p{i}" for i in range(8)], t0)
-    early = feedback(event, "r1", "p4", "click", -1.5)
+    event = bracket_query([f"p{i}" for i in range(8)], t0)
+    early = interaction(event, "r1", "p4", "click", -1.5)
     for skew, expected in ((0.0, "outside_window"), (2.0, "counted")):
         state = attribution.apply_query(attribution.new_state(now_wall=0.0), event, 30.0, skew)
         assert attribution.apply_interaction(state, early, 30.0, skew) == expected
@@ -222,7 +223,7 @@ def test_the_attribution_window_allows_a_small_clock_skew() -> None:
         attribution.apply_interaction(waiting, early, 30.0, skew)
         attribution.apply_query(waiting, event, 30.0, skew)
         assert len(waiting["seen"]) == (1 if expected == "counted" else 0)
-    too_early = feedback(event, "r1", "p4", "click", -3.0)
+    too_early = interaction(event, "r1", "p4", "click", -3.0)
     state = attribution.apply_query(attribution.new_state(now_wall=0.0), event, 30.0, 2.0)
     assert attribution.apply_interaction(state, too_early, 30.0, 2.0) == "outside_window"
     assert isinstance(early, Interaction)
