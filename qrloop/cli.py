@@ -178,11 +178,16 @@ def kafka_status() -> None:
 
 
 @app.command()
-def doctor() -> None:
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
     """Check broker, database, models and data; print the exact command that fixes each problem."""
+    from dataclasses import asdict
+
     from qrloop.doctor import run_checks
 
     results = run_checks(get_settings())
+    if as_json:
+        print(json.dumps([asdict(r) for r in results]))
+        raise typer.Exit(0 if all(r.ok for r in results) else 1)
     table = Table("check", "status", "detail / fix")
     for result in results:
         status = "[green]ok[/]" if result.ok else "[red]FAIL[/]"
@@ -407,7 +412,20 @@ def evaluate_cmd(
         err.print(f"[bold yellow]warning:[/] {est.warning}")
 
 
+# --- the operator's view: status, status page, Prometheus, demo topics (qrloop/status.py, qrloop/ui/) -------
+
+
+def _mount_operator_view() -> None:
+    from qrloop.ui import commands
+
+    app.command("status")(commands.status_command)
+    app.command("ui")(commands.ui_command)
+    app.add_typer(commands.prometheus_app, name="prometheus")
+    kafka_app.command("clean-runs")(commands.clean_runs_command)
+
+
 _mount_component_clis()
+_mount_operator_view()
 
 
 def main() -> None:  # pragma: no cover - console entry point indirection for `python -m qrloop`

@@ -190,6 +190,26 @@ class DaemonSettings(BaseModel):
     backoff_max_s: float = Field(60.0, description="Longest restart delay.")
 
 
+class UISettings(BaseModel):
+    port: int = Field(
+        8780,
+        description="Port of the read-only status page (`qrloop ui`, `qrloop run --ui`); 127.0.0.1 only.",
+    )
+    refresh_s: int = Field(10, description="The status page reloads itself this often (seconds).")
+    with_run: bool = Field(False, description="`qrloop run` also serves the status page (as `--ui` does).")
+    versions: int = Field(50, description="Newest versions the status page and `qrloop status` show.")
+
+
+class PrometheusSettings(BaseModel):
+    port: int = Field(
+        9090, description="Port of the Prometheus that scripts/prometheus.sh starts (127.0.0.1)."
+    )
+    scrape_interval_s: float = Field(5.0, description="How often Prometheus scrapes every role's /metrics.")
+    home: Path | None = Field(
+        None, description="Its generated config, data and log; default <cache_dir>/prometheus."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="QRLOOP_",
@@ -216,6 +236,8 @@ class Settings(BaseSettings):
     canary: CanarySettings = Field(default_factory=CanarySettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
+    ui: UISettings = Field(default_factory=UISettings)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -243,6 +265,8 @@ class Settings(BaseSettings):
             self.kafka.log_dir = self.kafka.home / "data"
         if self.models.policy_dir is None:
             self.models.policy_dir = self.cache_dir / "models" / "smollm2-135m-instruct"
+        if self.prometheus.home is None:
+            self.prometheus.home = self.cache_dir / "prometheus"
         if self.models.relevance_dir is None:
             self.models.relevance_dir = self.cache_dir / "models" / "relevance-m1"
         return self

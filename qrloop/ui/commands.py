@@ -1,0 +1,83 @@
+"""The operator's commands, mounted by ``qrloop/cli.py``: ``qrloop status``, ``qrloop ui``,
+``qrloop prometheus config`` and ``qrloop kafka clean-runs``.
+
+Like the rest of the CLI, each command imports its machinery when it runs: every role of the loop starts as
+a ``qrloop`` process, and matplotlib, scipy (through the canary) and starlette would add seconds to each.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from qrloop.settings import REPO_ROOT, get_settings
+
+RULES_FILE = REPO_ROOT / "ops" / "prometheus" / "qrloop-rules.yml"
+prometheus_app = typer.Typer(help="Prometheus for the daemon's roles (scripts/prometheus.sh).")
+
+
+def status_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    broker: Annotated[bool, typer.Option(help="Also read lag, rewards and dead letters from Kafka.")] = True,
+) -> None:
+    """The loop on one screen: versions and lineage, alias moves, the canary, lag, dead letters."""
+    from policy_store import PolicyStore
+    from qrloop.status import gather
+    from qrloop.ui.terminal import render
+
+    settings = get_settings()
+    with PolicyStore.from_settings(settings) as store:
+        summary = gather(store, settings, broker=broker)
+    console = Console()
+    if as_json:
+        console.print_json(json.dumps(summary.as_dict()))
+    else:
+        render(summary, settings, console)
+
+
+def ui_command(
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1 (default: ui.port).")] = 0,
+) -> None:
+    """Serve the read-only status page on 127.0.0.1 (it refreshes itself every ui.refresh_s)."""
+    from qrloop.ui.app import serve
+
+    settings = get_settings()
+    port = port or settings.ui.port
+    Console(stderr=True).print(f"status page on http://127.0.0.1:{port}/ (JSON: /api/status)")
+    serve(settings, port)
+
+
+@prometheus_app.command("config")
+def prometheus_config(
+    rules: Annotated[Path | None, typer.Option(help="Alert rule file to load.")] = RULES_FILE,
+    ui: Annotated[bool, typer.Option(help="Scrape the status page (ui.port) too.")] = True,
+) -> None:
+    """Print a scrape config for every role's /metrics (ports from the settings) and the alert rules."""
+    from qrloop.ui.prometheus import scrape_config
+
+    typer.echo(scrape_config(get_settings(), rules, ui), nl=False)
+
+
+def clean_runs_command(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would be deleted.")] = False,
+    keep: Annotated[list[str] | None, typer.Option(help="A run id to keep (repeatable).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Delete the topics (and consumer-group offsets) of old `qrloop demo` runs; running runs are kept."""
+    from qrloop.topics import clean_runs
+    from qrloop.ui.terminal import compact_table
+
+    report = clean_runs(get_settings(), dry_run=dry_run, keep=keep or ())
+    console = Console()
+    if as_json:
+        console.print_json(json.dumps([asdict(r) for r in report]))
+        return
+    table = compact_table("demo runs on the broker", "run", "topics", "deleted", "why")
+    for r in report:
+        table.add_row(r.run_id, str(len(r.topics)), "yes" if r.deleted else "no", r.why)
+    console.print(table if report else "no demo run topics on the broker")
