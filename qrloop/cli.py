@@ -280,11 +280,24 @@ def demo(
         help="DPO learning rate of the demo's learner. Higher than dpo.learning_rate (5e-6, for a daemon "
         "that runs for days) so that 20 steps move the policy visibly; QRLOOP_DPO__LEARNING_RATE wins.",
     ),
+    keep_topics: bool = typer.Option(
+        False,
+        "--keep-topics",
+        help="Keep the run's Kafka topics at the end (benchmarks and `qrloop export` read them); by default "
+        "they are deleted, and `qrloop kafka clean-runs` deletes those of older runs.",
+    ),
 ) -> None:
     """The online loop end to end on simulated traffic, with live progress and a reward curve."""
     from qrloop.demo import run_demo
 
-    run_demo(get_settings(), queries, console, warm_start_steps=warm_start_steps, learning_rate=learning_rate)
+    run_demo(
+        get_settings(),
+        queries,
+        console,
+        warm_start_steps=warm_start_steps,
+        learning_rate=learning_rate,
+        keep_topics=keep_topics,
+    )
 
 
 topics_app = typer.Typer(help="Kafka topics of the online loop.", no_args_is_help=True)
@@ -310,6 +323,9 @@ def run_cmd(
         help="Comma-separated roles (serve,aggregate,learn,canary) or 'all'; default: settings.daemon.roles.",
     ),
     log_format: str = typer.Option("", help="text or json (default: settings.logging.format)."),
+    ui: bool = typer.Option(
+        False, "--ui", help="Also serve the status page on 127.0.0.1:ui.port (as ui.with_run does)."
+    ),
 ) -> None:
     """Start the roles as supervised processes (restarted with backoff); SIGTERM stops them all."""
     import os
@@ -327,6 +343,8 @@ def run_cmd(
         chosen = daemon.resolve_roles(roles or settings.daemon.roles)
     except ValueError as exc:
         fail(str(exc))
+    if (ui or settings.ui.with_run) and "ui" not in chosen:
+        chosen.append("ui")
     raise typer.Exit(daemon.run(settings, chosen))
 
 

@@ -7,7 +7,8 @@ all on SIGTERM/SIGINT. Every role answers ``/healthz``, ``/readyz`` and ``/metri
 service port, the aggregator and the learner on ``daemon.aggregate_port`` / ``daemon.learn_port`` (the
 canary job exposes no HTTP endpoint of its own).
 
-``all`` is serve, aggregate, learn, and canary when this build has the ``qrloop canary run`` command.
+``all`` is serve, aggregate, learn, and canary when this build has the ``qrloop canary run`` command. The
+status page (``ui``, ``qrloop ui``) is a role too, started only when asked for (``--ui``, ``ui.with_run``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from qrloop.settings import Settings
 from qrloop.supervisor import Backoff, Supervised, Supervisor, spawn_qrloop
 
 log = logging.getLogger("qrloop.daemon")
-KNOWN_ROLES = ("serve", "aggregate", "learn", "canary")
+KNOWN_ROLES = ("serve", "aggregate", "learn", "canary", "ui")
 
 
 def canary_available() -> bool:
@@ -63,6 +64,7 @@ def plan(settings: Settings, roles: Sequence[str]) -> list[RolePlan]:
         "aggregate": (["aggregate"], d.aggregate_port),
         "learn": (["learn"], d.learn_port),
         "canary": (["canary", "run"], None),
+        "ui": (["ui", "--port", str(settings.ui.port)], settings.ui.port),
     }
     return [RolePlan(r, argv[r][0], argv[r][1]) for r in roles]
 

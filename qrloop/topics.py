@@ -12,6 +12,7 @@ import contextlib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
@@ -172,9 +173,19 @@ class RunCleanup:
     why: str
 
 
-def clean_runs(settings: Settings, dry_run: bool = False, keep: Iterable[str] = ()) -> list[RunCleanup]:
-    """Delete the topics of every demo run on the broker except those in ``keep`` and those still running
-    (a consumer group of theirs has members). Returns what was (or, ``dry_run``, would be) done per run."""
+def seconds_since_written(run_dir: Path) -> float | None:
+    """How long ago a file in a demo run's directory (its logs, its store) last changed; None: no files."""
+    times = [p.stat().st_mtime for p in run_dir.glob("*") if p.is_file()] if run_dir.is_dir() else []
+    return time.time() - max(times) if times else None
+
+
+def clean_runs(
+    settings: Settings, dry_run: bool = False, keep: Iterable[str] = (), min_idle_s: float = 300.0
+) -> list[RunCleanup]:
+    """Delete the topics of every demo run on the broker except those in ``keep`` and those still running:
+    a consumer group of theirs has members, or their run directory was written less than ``min_idle_s``
+    ago (a run starting up has topics before its roles join). Returns what was (or, ``dry_run``, would
+    be) done per run."""
     admin = KafkaAdminClient(
         bootstrap_servers=settings.kafka.bootstrap_servers,
         client_id=f"{settings.kafka.client_id}-admin",
@@ -183,9 +194,16 @@ def clean_runs(settings: Settings, dry_run: bool = False, keep: Iterable[str] = 
     report = []
     try:
         for run_id, topics in sorted(demo_runs(settings, admin.list_topics()).items()):
+            why = ""
             busy = active_groups(admin, run_consumer_groups(settings, run_id))
-            if run_id in keep or busy:
-                why = "kept" if run_id in keep else f"running (group {busy[0]} has members)"
+            idle = seconds_since_written(settings.cache_dir / "runs" / run_id)
+            if run_id in keep:
+                why = "kept"
+            elif busy:
+                why = f"running (group {busy[0]} has members)"
+            elif idle is not None and idle < min_idle_s:
+                why = f"running (its run directory was written {idle:.0f} s ago)"
+            if why:
                 report.append(RunCleanup(run_id, topics, deleted=False, why=why))
                 continue
             if not dry_run:

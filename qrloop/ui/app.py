@@ -26,6 +26,7 @@ from starlette.templating import Jinja2Templates
 from policy_store import PolicyStore
 from qrloop.settings import Settings
 from qrloop.status import Summary, broker_part, store_part
+from qrloop.ui.format import number
 from qrloop.ui.plots import lineage_svg, rewards_svg
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -54,6 +55,7 @@ class SummaryCache:
 
 def build_app(store: PolicyStore, settings: Settings, cache_s: float = 2.0) -> Starlette:
     templates = Jinja2Templates(directory=str(TEMPLATES))
+    templates.env.filters["fmt"] = number
     cache = SummaryCache(store, settings, cache_s)
 
     def page(request: Request) -> Response:

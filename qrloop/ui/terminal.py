@@ -10,6 +10,7 @@ from rich.text import Text
 
 from qrloop.settings import Settings
 from qrloop.status import Summary
+from qrloop.ui.format import number as _num
 
 VERDICT_STYLES = {"promote": "green", "rollback": "red"}
 
@@ -30,10 +31,6 @@ def compact_table(title: str, *columns: str) -> Table:
 
 def _v(version: int | None) -> str:
     return "–" if version is None else f"v{version}"
-
-
-def _num(value: object, spec: str) -> str:
-    return format(value, spec) if isinstance(value, int | float) else "–"
 
 
 def lineage_line(summary: Summary, limit: int = 12) -> Text:
