@@ -113,7 +113,8 @@ def test_prometheus_scrapes_every_role_of_qrloop_run(
         for port in ports.values():
             assert f"127.0.0.1:{port}" in config, config
         for role in ("serve", "aggregate", "learn"):
-            wait_for(lambda r=role: get(f"http://127.0.0.1:{ports[r]}/readyz")[0] == 200, 180, role, log_path)
+            port = ports[role]
+            wait_for(lambda p=port: get(f"http://127.0.0.1:{p}/readyz")[0] == 200, 180, role, log_path)
 
         producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
         for n in range(16):
