@@ -14,6 +14,7 @@ import subprocess
 import sys
 import urllib.parse
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,10 @@ def test_grafana_dashboard_queries_exported_metrics() -> None:
     assert all(any(a.startswith(f) for a in asked) for f in families), sorted(families)
 
 
+def ready(port: int) -> bool:
+    return get(f"http://127.0.0.1:{port}/readyz")[0] == 200
+
+
 def prometheus_query(port: int, query: str) -> list[dict[str, Any]]:
     url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
     status, body = get(url)
@@ -113,8 +118,7 @@ def test_prometheus_scrapes_every_role_of_qrloop_run(
         for port in ports.values():
             assert f"127.0.0.1:{port}" in config, config
         for role in ("serve", "aggregate", "learn"):
-            port = ports[role]
-            wait_for(lambda p=port: get(f"http://127.0.0.1:{p}/readyz")[0] == 200, 180, role, log_path)
+            wait_for(partial(ready, ports[role]), 180, role, log_path)
 
         producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
         for n in range(16):
