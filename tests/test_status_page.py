@@ -78,16 +78,17 @@ def test_status_page_in_chromium(
     browser: webdriver.Chrome,
 ) -> None:
     run = isolated(base_settings, unique_topic, f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "blobs")
-    v = short_run(run, tmp_path)
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), QRLOOP_UI__REFRESH_S="2", **env_of(run))
     log = (tmp_path / "ui.log").open("wb")
+    # The server starts while the run is written (its imports take seconds); it reads only per request.
     server = subprocess.Popen(
         [sys.executable, "-m", "qrloop", "ui", "--port", str(port)], cwd=REPO_ROOT, env=env, stdout=log,
         stderr=subprocess.STDOUT,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}/"
     try:
+        v = short_run(run, tmp_path)
         wait_until(lambda: healthy(url + "healthz") or server.poll() is not None, 120, "qrloop ui")
         assert server.poll() is None, (tmp_path / "ui.log").read_text()
         browser.get(url)
