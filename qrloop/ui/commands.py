@@ -26,13 +26,20 @@ def status_command(
     broker: Annotated[bool, typer.Option(help="Also read lag, rewards and dead letters from Kafka.")] = True,
 ) -> None:
     """The loop on one screen: versions and lineage, alias moves, the canary, lag, dead letters."""
+    from sqlalchemy.exc import DatabaseError
+
     from policy_store import PolicyStore
     from qrloop.status import gather
     from qrloop.ui.terminal import render
 
     settings = get_settings()
-    with PolicyStore.from_settings(settings) as store:
-        summary = gather(store, settings, broker=broker)
+    try:
+        with PolicyStore.from_settings(settings) as store:
+            summary = gather(store, settings, broker=broker)
+    except DatabaseError as exc:  # a read-only view does not migrate; say what would
+        Console(stderr=True).print(f"[red]error:[/] the policy store cannot be read ({exc.orig}); "
+                                   "is it migrated? qrloop db upgrade")  # fmt: skip
+        raise typer.Exit(2) from None
     console = Console()
     if as_json:
         console.print_json(json.dumps(summary.as_dict()))

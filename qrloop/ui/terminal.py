@@ -121,6 +121,9 @@ def render(summary: Summary, settings: Settings, console: Console) -> None:
     for error in summary.errors:
         console.print(f"[red]{error}[/]", overflow="ellipsis", no_wrap=True)
     console.print(lineage_line(summary))
-    console.print(alias_table(summary))
+    if summary.alias_moves:
+        console.print(alias_table(summary))
+    else:
+        console.print(Text("no alias moves yet", style="dim"))
     console.print(canary_lines(summary, settings))
     console.print(kafka_lines(summary))
