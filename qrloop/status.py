@@ -176,6 +176,19 @@ def store_part(store: PolicyStore, settings: Settings, versions: int = 50, moves
     )
 
 
+def unreadable_store(settings: Settings, error: Exception) -> Summary:
+    """The summary of a store that cannot be read (not migrated yet, the server down): empty, saying why."""
+    return Summary(
+        generated_at=datetime.now(UTC),
+        database=make_url(settings.db_url).render_as_string(hide_password=True),
+        versions=[],
+        aliases=[],
+        alias_moves=[],
+        canary={"production": None, "canary": None, "live": False, "share": 0.0, "verdicts": []},
+        errors=[f"policy store: {type(error).__name__}: {error}".splitlines()[0]],
+    )
+
+
 # ----------------------------------------------------------------------------------------------- the broker
 
 

@@ -133,3 +133,25 @@ def test_status_page_in_chromium(
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_status_page_says_why_a_store_cannot_be_read(base_settings: Settings, tmp_path: Path) -> None:
+    """`qrloop run --ui` may start before the database is migrated: the page stays up and says so."""
+    run = base_settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'empty.db'}"})
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), QRLOOP_DATABASE_URL=run.db_url)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "qrloop", "ui", "--port", str(port)], cwd=REPO_ROOT, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        wait_until(lambda: healthy(url + "healthz") or server.poll() is not None, 120, "qrloop ui")
+        with urllib.request.urlopen(url, timeout=60) as response:
+            assert response.status == 200
+            page = response.read().decode()
+        assert "policy store: OperationalError" in page and "no such table" in page
+        assert "no versions published yet" in page
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

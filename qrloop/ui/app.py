@@ -17,6 +17,7 @@ from pathlib import Path
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy.exc import DatabaseError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -25,7 +26,7 @@ from starlette.templating import Jinja2Templates
 
 from policy_store import PolicyStore
 from qrloop.settings import Settings
-from qrloop.status import Summary, broker_part, store_part
+from qrloop.status import Summary, broker_part, store_part, unreadable_store
 from qrloop.ui.format import number
 from qrloop.ui.plots import lineage_svg, rewards_svg
 
@@ -47,7 +48,10 @@ class SummaryCache:
     def get(self) -> Summary:
         with self._lock:
             if self._summary is None or time.monotonic() - self._at > self.cache_s:
-                summary = store_part(self.store, self.settings, versions=self.settings.ui.versions)
+                try:
+                    summary = store_part(self.store, self.settings, versions=self.settings.ui.versions)
+                except DatabaseError as exc:  # e.g. not migrated yet: the page says so and keeps polling
+                    summary = unreadable_store(self.settings, exc)
                 broker_part(summary, self.settings)
                 self._summary, self._at = summary, time.monotonic()
             return self._summary
