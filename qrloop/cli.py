@@ -440,6 +440,9 @@ def _mount_operator_view() -> None:
     app.command("ui")(commands.ui_command)
     app.add_typer(commands.prometheus_app, name="prometheus")
     kafka_app.command("clean-runs")(commands.clean_runs_command)
+    kafka_app.command("topics", context_settings=commands.PASS_THROUGH)(commands.kafka_topics_command)
+    kafka_app.command("groups", context_settings=commands.PASS_THROUGH)(commands.kafka_groups_command)
+    kafka_app.command("consume", context_settings=commands.PASS_THROUGH)(commands.kafka_consume_command)
 
 
 _mount_component_clis()

@@ -8,6 +8,7 @@ a ``qrloop`` process, and matplotlib, scipy (through the canary) and starlette w
 from __future__ import annotations
 
 import json
+import subprocess
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -88,3 +89,29 @@ def clean_runs_command(
     for r in report:
         table.add_row(r.run_id, str(len(r.topics)), "yes" if r.deleted else "no", r.why)
     console.print(table if report else "no demo run topics on the broker")
+
+
+# Kafka's own tools as `qrloop kafka topics|groups|consume`: scripts/kafka.sh runs them, options pass on.
+PASS_THROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def _kafka_tool(*args: str) -> None:
+    script = REPO_ROOT / "scripts" / "kafka.sh"
+    raise typer.Exit(subprocess.run(["bash", str(script), *args], check=False).returncode)
+
+
+def kafka_topics_command(ctx: typer.Context) -> None:
+    """kafka-topics on the broker: the topic names (options instead, e.g. --describe --topic T)."""
+    _kafka_tool("topics", *ctx.args)
+
+
+def kafka_groups_command(ctx: typer.Context) -> None:
+    """kafka-consumer-groups on the broker: every group's offsets and lag per partition."""
+    _kafka_tool("groups", *ctx.args)
+
+
+def kafka_consume_command(
+    ctx: typer.Context, topic: Annotated[str, typer.Argument(help="Topic to read.")]
+) -> None:
+    """kafka-console-consumer: TOPIC from the beginning (options added, e.g. --max-messages 10)."""
+    _kafka_tool("consume", topic, *ctx.args)
