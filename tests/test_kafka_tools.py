@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -53,6 +54,13 @@ def test_topics_groups_and_consume(kafka_bootstrap: str, unique_topic: str) -> N
             if cells[:2] == [group, unique_topic]:
                 lag[int(cells[2])] = (int(cells[3]), int(cells[4]), int(cells[5]))
         assert lag == {0: (1, 3, 2), 1: (2, 2, 0)}, described
+
+        # The same through the CLI, options passed on.
+        cli = subprocess.run(
+            [sys.executable, "-m", "qrloop", "kafka", "groups", "--describe", "--group", group],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert cli.returncode == 0 and cli.stdout == described, cli.stderr
 
         consumed = kafka_sh("consume", unique_topic, "--max-messages", "5").split()
         assert sorted(consumed) == sorted(v.decode() for values in sent.values() for v in values)
