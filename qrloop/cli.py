@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import asdict
 
 import typer
 from rich.console import Console
@@ -180,8 +181,6 @@ def kafka_status() -> None:
 @app.command()
 def doctor(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
     """Check broker, database, models and data; print the exact command that fixes each problem."""
-    from dataclasses import asdict
-
     from qrloop.doctor import run_checks
 
     results = run_checks(get_settings())

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kafka import KafkaAdminClient
 from sqlalchemy import create_engine, text
 
 from qrloop.settings import Settings
@@ -97,8 +98,6 @@ def unique_topic() -> str:
 def own_topics(kafka_bootstrap: str, unique_topic: str) -> Iterator[str]:
     """``unique_topic`` as a prefix; the topics starting with it (Faust's too) are deleted afterwards."""
     yield unique_topic
-    from kafka import KafkaAdminClient
-
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     mine = [t for t in admin.list_topics() if t.startswith(unique_topic)]
     if mine:
