@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -82,6 +83,34 @@ def _time(at: datetime) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _short_time(at: datetime) -> str:
+    # Tables must fit 80 columns; the year is in --json and `policy show`.
+    return at.strftime("%m-%d %H:%M:%S")
+
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts) instead of a table.")]
+
+
+def _table(title: str, *columns: str, **options: Any) -> Table:
+    """A table readable at 80 columns and in a pipe: light borders, cells cut with an ellipsis, not wrapped
+    onto a second line, except the last column (free text such as a reason), which folds."""
+    # Columns two spaces apart, no outer edge: more room for the cells at 80 columns.
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0), **options)
+    for n, column in enumerate(columns):
+        last = n == len(columns) - 1
+        table.add_column(column, no_wrap=not last, overflow="fold" if last else "ellipsis")
+    return table
+
+
+def _print_json(data: object) -> None:
+    # Plain print, not rich: a pipe gets the JSON text unwrapped and without colour codes.
+    print(json.dumps(data, default=str, indent=2))
+
+
+def _version_json(v: PolicyVersion, aliases: list[str]) -> dict[str, Any]:
+    return {**asdict(v), "aliases": sorted(aliases)}
+
+
 def _size(n: int) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -99,15 +128,13 @@ def _held_by(store: PolicyStore) -> dict[int, list[str]]:
 
 
 def _audit_table(title: str, entries: list[AuditEntry]) -> Table:
-    table = Table(title=title)
-    for column in ("#", "at (UTC)", "action", "alias", "from", "to", "actor", "reason"):
-        table.add_column(column)
+    # One alias's history: no alias column, so the reason keeps room at 80 columns.
+    table = _table(title, "#", "at (UTC)", "action", "from", "to", "actor", "reason")
     for e in entries:
         table.add_row(
             str(e.id),
-            _time(e.at),
+            _short_time(e.at),
             e.action,
-            e.alias or "",
             "" if e.from_version is None else str(e.from_version),
             "" if e.to_version is None else str(e.to_version),
             e.actor,
@@ -120,38 +147,46 @@ def list_versions(
     ctx: typer.Context,
     status: Annotated[str | None, typer.Option(help="Only versions with this status.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many, newest first.")] = 50,
+    as_json: JsonFlag = False,
 ) -> None:
     """Versions, newest first, with the aliases that hold them."""
     with _store(ctx) as store:
         versions = store.list(status=status, limit=limit)
         held = _held_by(store)
-    table = Table(title="policy versions")
-    for column in ("id", "parent", "created (UTC)", "kind", "status", "steps", "size", "digest", "aliases"):
-        table.add_column(column)
+    if as_json:
+        _print_json([_version_json(v, held.get(v.id, [])) for v in versions])
+        return
+    # Kind and size are left to `policy show` and --json: nine columns do not fit 80.
+    table = _table("policy versions", "id", "parent", "created", "status", "steps", "digest", "aliases")
     for v in versions:
         table.add_row(
             str(v.id),
             "" if v.parent_id is None else str(v.parent_id),
-            _time(v.created_at),
-            v.kind,
+            _short_time(v.created_at),
             v.status,
             str(v.train_steps),
-            _size(v.size_bytes),
-            v.blob_digest[:12],
-            ", ".join(held.get(v.id, [])),
+            v.blob_digest[:7],
+            ",".join(held.get(v.id, [])),
         )
     _stdout().print(table)
 
 
-def show(ctx: typer.Context, version: Annotated[str, typer.Argument(help="Version id or alias.")]) -> None:
+def show(
+    ctx: typer.Context,
+    version: Annotated[str, typer.Argument(help="Version id or alias.")],
+    as_json: JsonFlag = False,
+) -> None:
     """Everything recorded about one version."""
     with _store(ctx) as store:
         v = _resolve_ref(store, version)
         lineage = [p.id for p in store.lineage(v)]
         held = _held_by(store).get(v.id, [])
-    table = Table(title=f"policy version {v.id}", show_header=False)
-    table.add_column("field", style="bold")
-    table.add_column("value")
+    if as_json:
+        _print_json({**_version_json(v, held), "lineage": lineage})
+        return
+    table = Table(title=f"policy version {v.id}", show_header=False, box=box.SIMPLE, pad_edge=False)
+    table.add_column("field", style="bold", no_wrap=True)
+    table.add_column("value", overflow="fold")
     rows = {
         "id": str(v.id),
         "lineage": " ← ".join(map(str, lineage)),
@@ -173,17 +208,18 @@ def show(ctx: typer.Context, version: Annotated[str, typer.Argument(help="Versio
     _stdout().print(table)
 
 
-def aliases(ctx: typer.Context) -> None:
-    """Every alias and the version it points at."""
+def aliases(ctx: typer.Context, as_json: JsonFlag = False) -> None:
+    """Every alias, the version it points at, and its pin."""
     with _store(ctx) as store:
         records = store.aliases()
-    table = Table(title="aliases")
-    for column in ("alias", "version", "updated (UTC)", "moves", "pinned"):
-        table.add_column(column)
+    if as_json:
+        _print_json([asdict(r) for r in records.values()])
+        return
+    table = _table("aliases", "alias", "version", "updated (UTC)", "moves", "pinned")
     for r in records.values():
         pinned = "" if r.pinned_by is None else f"by {r.pinned_by}"
         pinned += f": {r.pin_reason}" if r.pin_reason else ""
-        table.add_row(r.alias, str(r.version_id), _time(r.updated_at), str(r.generation), pinned)
+        table.add_row(r.alias, str(r.version_id), _short_time(r.updated_at), str(r.generation), pinned)
     _stdout().print(table)
 
 
@@ -240,17 +276,20 @@ def unpin(
     _stdout().print(f"{alias}: unpinned (holds {entry.to_version})")
 
 
-def history(ctx: typer.Context, alias: Annotated[str, typer.Argument(help="Alias.")]) -> None:
+def history(
+    ctx: typer.Context, alias: Annotated[str, typer.Argument(help="Alias.")], as_json: JsonFlag = False
+) -> None:
     """The audit rows about one alias, newest first."""
     with _store(ctx) as store:
         entries = store.history(alias)
+    if as_json:
+        _print_json([asdict(e) for e in entries])
+        return
     _stdout().print(_audit_table(f"history of {alias}", entries))
 
 
 def _retention_table(report: RetentionReport, dry_run: bool) -> Table:
-    table = Table(title="retention (dry run)" if dry_run else "retention")
-    for column in ("version", "verdict", "why"):
-        table.add_column(column)
+    table = _table("retention (dry run)" if dry_run else "retention", "version", "verdict", "why")
     for vid, reasons in sorted(report.plan.keep.items()):
         table.add_row(str(vid), "kept", ", ".join(reasons))
     done = set(report.archived)
@@ -281,6 +320,7 @@ def gc(
     keep_younger_than_hours: Annotated[
         float | None, typer.Option(help="With --retention [retention.keep_younger_than_h].")
     ] = None,
+    as_json: JsonFlag = False,
 ) -> None:
     """Remove blobs no version references (and stale temp files); --retention: archive old versions first."""
     access: StoreAccess = ctx.obj
@@ -295,20 +335,22 @@ def gc(
             )
             grace = default_grace if retention_hours is None else timedelta(hours=retention_hours)
             applied = store.apply_retention(rule, blob_grace=grace, actor="cli", dry_run=dry_run)
-            _stdout().print(_retention_table(applied, dry_run))
+            if not as_json:
+                _stdout().print(_retention_table(applied, dry_run))
             report = applied.gc
         else:
             grace = timedelta(hours=24.0 if retention_hours is None else retention_hours)
             report = store.gc(grace, actor="cli", dry_run=dry_run)
-    table = Table(title="gc (dry run)" if dry_run else "gc")
-    table.add_column("removed")
-    table.add_column("what")
+    if as_json:
+        _print_json(asdict(report))
+        return
+    table = _table("gc (dry run)" if dry_run else "gc", "what", "removed")
     for digest in report.removed_blobs:
-        table.add_row(f"sha256:{digest}", "blob")
+        table.add_row("blob", f"sha256:{digest}")
     for digest in report.removed_checkouts:
-        table.add_row(digest, "checkout")
+        table.add_row("checkout", digest)
     for name in report.removed_temp:
-        table.add_row(name, "temp")
+        table.add_row("temp", name)
     console = _stdout()
     console.print(table)
     console.print(f"freed {_size(report.freed_bytes)}; {report.kept_blobs} referenced blob(s) kept")

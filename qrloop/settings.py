@@ -498,6 +498,26 @@ class EventTimeSettings(Group):
 FaultPoint = Literal["after_step", "mid_blob_write", "after_db_commit", "before_announce"]
 
 
+class UISettings(BaseModel):
+    port: int = Field(
+        8780,
+        description="Port of the read-only status page (`qrloop ui`, `qrloop run --ui`); 127.0.0.1 only.",
+    )
+    refresh_s: int = Field(10, description="The status page reloads itself this often (seconds).")
+    with_run: bool = Field(False, description="`qrloop run` also serves the status page (as `--ui` does).")
+    versions: int = Field(50, description="Newest versions the status page and `qrloop status` show.")
+
+
+class PrometheusSettings(BaseModel):
+    port: int = Field(
+        9090, description="Port of the Prometheus that scripts/prometheus.sh starts (127.0.0.1)."
+    )
+    scrape_interval_s: float = Field(5.0, description="How often Prometheus scrapes every role's /metrics.")
+    home: Path | None = Field(
+        None, description="Its generated config, data and log; default <cache_dir>/prometheus."
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="QRLOOP_",
@@ -544,6 +564,8 @@ class Settings(BaseSettings):
         ge=1,
         description="Testing only (QRLOOP_FAULT_HIT): kill on the N-th time the fault point is reached.",
     )
+    ui: UISettings = Field(default_factory=UISettings)
+    prometheus: PrometheusSettings = Field(default_factory=PrometheusSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -585,6 +607,8 @@ class Settings(BaseSettings):
             self.kafka.log_dir = self.kafka.home / "data"
         if self.models.policy_dir is None:
             self.models.policy_dir = self.cache_dir / "models" / "smollm2-135m-instruct"
+        if self.prometheus.home is None:
+            self.prometheus.home = self.cache_dir / "prometheus"
         return self
 
     # Typed accessors for the derived paths (they are never None after validation).

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 
 from qrloop import metrics
@@ -168,3 +170,110 @@ def send_dead_letter(
     the send's future, for a caller that checks delivery (replay)."""
     letter = dead_letter(record, reason, error)
     return producer.send(settings.topics.dead_letter, key=record.key, value=encode(letter))
+
+
+# --------------------------------------------------------------------------------- the topics of demo runs
+
+
+def run_consumer_groups(settings: Settings, run_id: str) -> list[str]:
+    """The consumer groups a demo run's roles join (``qrloop.demo.make_run`` names them)."""
+    return [f"{settings.streams.app_id}-{run_id}", f"demo-{run_id}-learner"]
+
+
+def demo_runs(settings: Settings, names: Iterable[str]) -> dict[str, list[str]]:
+    """Run id → the topics of that demo run among ``names``.
+
+    ``settings`` are the base settings (not a run's): a run's topics are the declared ones suffixed with
+    ``.<run id>``, plus the Faust application's own topics (changelogs, the leader topic), which Faust
+    names ``<streams.app_id>-<run id>-...``.
+    """
+    names = sorted(names)
+    runs: dict[str, list[str]] = {}
+    for name in names:
+        for base in declared_topics(settings):
+            if name.startswith(base + ".") and len(name) > len(base) + 1:
+                runs.setdefault(name[len(base) + 1 :], []).append(name)
+    for name in names:
+        for run_id, topics in runs.items():
+            if name.startswith(f"{settings.streams.app_id}-{run_id}-"):
+                topics.append(name)
+    return runs
+
+
+def active_groups(admin: KafkaAdminClient, groups: list[str]) -> list[str]:
+    """The groups among ``groups`` with members now (a group that never existed is 'Dead')."""
+    return [g.group for g in admin.describe_consumer_groups(groups) if g.state not in ("Empty", "Dead")]
+
+
+def delete_run(admin: KafkaAdminClient, settings: Settings, run_id: str, topics: list[str]) -> None:
+    """Delete a finished run's topics and its consumer groups' committed offsets."""
+    if topics:
+        admin.delete_topics(topics, timeout_ms=30_000)
+    for group in run_consumer_groups(settings, run_id):
+        # A group that never committed does not exist; nothing to delete then.
+        with contextlib.suppress(KafkaError):
+            admin.delete_consumer_groups([group])
+
+
+@dataclass(frozen=True)
+class RunCleanup:
+    run_id: str
+    topics: list[str]
+    deleted: bool
+    why: str
+
+
+def seconds_since_written(run_dir: Path) -> float | None:
+    """How long ago a file in a demo run's directory (its logs, its store) last changed; None: no files."""
+    times = [p.stat().st_mtime for p in run_dir.glob("*") if p.is_file()] if run_dir.is_dir() else []
+    return time.time() - max(times) if times else None
+
+
+def clean_runs(
+    settings: Settings, dry_run: bool = False, keep: Iterable[str] = (), min_idle_s: float = 300.0
+) -> list[RunCleanup]:
+    """Delete the topics of every demo run on the broker except those in ``keep`` and those still running:
+    a consumer group of theirs has members, or their run directory was written less than ``min_idle_s``
+    ago (a run starting up has topics before its roles join). Returns what was (or, ``dry_run``, would
+    be) done per run."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        client_id=f"{settings.kafka.client_id}-admin",
+        request_timeout_ms=30_000,
+    )
+    report = []
+    try:
+        for run_id, topics in sorted(demo_runs(settings, admin.list_topics()).items()):
+            why = ""
+            busy = active_groups(admin, run_consumer_groups(settings, run_id))
+            idle = seconds_since_written(settings.cache_dir / "runs" / run_id)
+            if run_id in keep:
+                why = "kept"
+            elif busy:
+                why = f"running (group {busy[0]} has members)"
+            elif idle is not None and idle < min_idle_s:
+                why = f"running (its run directory was written {idle:.0f} s ago)"
+            if why:
+                report.append(RunCleanup(run_id, topics, deleted=False, why=why))
+                continue
+            if not dry_run:
+                delete_run(admin, settings, run_id, topics)
+            report.append(RunCleanup(run_id, topics, deleted=not dry_run, why="dry run" if dry_run else ""))
+    finally:
+        admin.close()
+    return report
+
+
+def delete_own_run(base: Settings, run: Settings, run_id: str) -> list[str]:
+    """At the end of a demo: delete this run's topics (those of ``run``'s settings and its Faust app's)."""
+    admin = KafkaAdminClient(
+        bootstrap_servers=run.kafka.bootstrap_servers,
+        client_id=f"{run.kafka.client_id}-admin",
+        request_timeout_ms=30_000,
+    )
+    try:
+        topics = demo_runs(base, admin.list_topics()).get(run_id, [])
+        delete_run(admin, base, run_id, topics)
+        return topics
+    finally:
+        admin.close()

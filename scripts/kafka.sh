@@ -7,6 +7,14 @@
 #   scripts/kafka.sh status    running or not, and where
 #   scripts/kafka.sh reset     stop and delete the data directory (a fresh, empty cluster on next start)
 #
+# Kafka's own command-line tools (the jars of org.apache.kafka:kafka-tools, fetched by install), pointed at
+# the project's broker; any further arguments are passed to the tool:
+#   scripts/kafka.sh topics [ARGS]         kafka-topics: the topic names (ARGS replace --list, e.g. --describe)
+#   scripts/kafka.sh groups [ARGS]         kafka-consumer-groups: every group's offsets and lag per partition
+#                                          (ARGS replace --describe --all-groups, e.g. --list)
+#   scripts/kafka.sh consume TOPIC [ARGS]  kafka-console-consumer: TOPIC from the beginning, exits after 5 s
+#                                          without a message (ARGS are added, e.g. --max-messages 10)
+#
 # Everything lives outside the clone, under $QRLOOP_CACHE_DIR/kafka (default ~/.cache/qrloop/kafka), so a
 # second install is instant and a fresh clone reuses the jars. Ports follow the settings object:
 # QRLOOP_KAFKA__BOOTSTRAP_SERVERS (default 127.0.0.1:9092) and QRLOOP_KAFKA__CONTROLLER_PORT (default 9093).
@@ -33,18 +41,34 @@ fi
 log() { printf '[kafka] %s\n' "$*" >&2; }
 
 install() {
-  if [ -f "$libs/.complete" ]; then
+  # The stamp holds the pom's hash: a pom that gained a dependency (kafka-tools) fetches again.
+  local want
+  want="$(sha256sum "$here/kafka/pom.xml" | cut -c1-16)"
+  if [ -f "$libs/.complete" ] && [ "$(cat "$libs/.complete")" = "$want" ]; then
     log "Kafka $version jars already in $libs"
     return
   fi
   command -v mvn >/dev/null || { log "mvn is missing: apt-get install -y maven"; exit 1; }
   command -v java >/dev/null || { log "java is missing: apt-get install -y openjdk-17-jre-headless"; exit 1; }
   log "fetching Kafka $version jars from Maven Central into $libs"
-  rm -rf "$libs" && mkdir -p "$libs"
+  # A half-done first fetch starts over; an update only adds jars, because a running broker was started
+  # on this directory and must not lose a class it has yet to load.
+  [ -f "$libs/.complete" ] || rm -rf "$libs"
+  mkdir -p "$libs"
   mvn -q -B -f "$here/kafka/pom.xml" dependency:copy-dependencies \
     -Dkafka.version="$version" -DoutputDirectory="$libs" -DincludeScope=runtime
-  touch "$libs/.complete"
+  echo "$want" >"$libs/.complete"
   log "installed $(ls "$libs"/*.jar | wc -l) jars"
+}
+
+tool() {
+  # One of Kafka's tools (the class bin/kafka-*.sh of the tarball runs), quiet logging, small heap.
+  local main="$1"
+  shift
+  install >&2  # the first use after a pom change fetches the tools
+  is_running || { log "the broker is not running: scripts/kafka.sh start"; exit 1; }
+  java -Xmx256m -Djava.awt.headless=true -Dlog4j2.configurationFile="$here/kafka/tools-log4j2.properties" \
+    -cp "$libs/*" "$main" --bootstrap-server "$bootstrap" "$@"
 }
 
 write_config() {
@@ -184,5 +208,21 @@ case "${1:-}" in
   status) status ;;
   restart) stop; start ;;
   reset) stop; rm -rf "$data" "$home/cluster.id"; log "data directory removed" ;;
-  *) echo "usage: $0 install|start|stop|status|restart|reset" >&2; exit 2 ;;
+  topics)
+    shift
+    [ $# -gt 0 ] || set -- --list
+    tool org.apache.kafka.tools.TopicCommand "$@"
+    ;;
+  groups)
+    shift
+    [ $# -gt 0 ] || set -- --describe --all-groups
+    tool org.apache.kafka.tools.consumer.group.ConsumerGroupCommand "$@"
+    ;;
+  consume)
+    [ $# -ge 2 ] || { echo "usage: $0 consume TOPIC [kafka-console-consumer options]" >&2; exit 2; }
+    topic="$2"
+    shift 2
+    tool org.apache.kafka.tools.consumer.ConsoleConsumer --topic "$topic" --from-beginning --timeout-ms 5000 "$@"
+    ;;
+  *) echo "usage: $0 install|start|stop|status|restart|reset|topics|groups|consume TOPIC" >&2; exit 2 ;;
 esac

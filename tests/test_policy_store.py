@@ -6,6 +6,7 @@ and on a fresh real PostgreSQL database.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -484,7 +485,12 @@ def test_cli_list_set_alias_rollback_and_errors(
 
     listed = runner.invoke(app, ["list"])
     assert listed.exit_code == 0, listed.output
-    assert v1.blob_digest[:12] in listed.stdout and v2.blob_digest[:12] in listed.stdout
+    assert v1.blob_digest[:7] in listed.stdout and v2.blob_digest[:7] in listed.stdout
+    as_json = json.loads(runner.invoke(app, ["list", "--json"]).stdout)
+    assert [(v["id"], v["blob_digest"]) for v in as_json] == [
+        (v2.id, v2.blob_digest),
+        (v1.id, v1.blob_digest),
+    ]
 
     assert runner.invoke(app, ["set-alias", "production", str(v1.id), "--reason", "init"]).exit_code == 0
     moved = runner.invoke(app, ["set-alias", "production", str(v2.id)])

@@ -7,7 +7,8 @@ them all on SIGTERM/SIGINT. Every role answers ``/healthz``, ``/readyz`` and ``/
 service port, the aggregator and the learner on ``daemon.aggregate_port`` / ``daemon.learn_port`` (the
 canary job exposes no HTTP endpoint of its own).
 
-``all`` is serve, aggregate, learn, and canary when this build has the ``qrloop canary run`` command.
+``all`` is serve, aggregate, learn, and canary when this build has the ``qrloop canary run`` command. The
+status page (``ui``, ``qrloop ui``) is a role too, started only when asked for (``--ui``, ``ui.with_run``).
 
 Beside the roles, the daemon applies the retention policy every ``retention.interval_s`` (in a thread, so
 supervision never waits for it): old versions are archived and their weights freed, as
@@ -33,7 +34,7 @@ from qrloop.runs import open_store
 from qrloop.settings import RetentionSettings, Settings
 
 log = logging.getLogger("qrloop.daemon")
-KNOWN_ROLES = ("serve", "aggregate", "learn", "canary")
+KNOWN_ROLES = ("serve", "aggregate", "learn", "canary", "ui")
 
 
 def canary_available() -> bool:
@@ -71,6 +72,7 @@ def plan(settings: Settings, roles: Sequence[str]) -> list[RolePlan]:
         "aggregate": (["aggregate"], d.aggregate_port),
         "learn": (["learn"], d.learn_port),
         "canary": (["canary", "run"], None),
+        "ui": (["ui", "--port", str(settings.ui.port)], settings.ui.port),
     }
     return [RolePlan(r, argv[r][0], argv[r][1]) for r in roles]
 

@@ -284,6 +284,7 @@ def run_demo(
     start_dir: Path | None = None,
     warm_start_steps: int = 0,
     learning_rate: float | None = None,
+    keep_topics: bool = False,
 ) -> Progress:
     ensure_broker(base, console)
     data.prepare(base)
@@ -340,7 +341,23 @@ def run_demo(
         consumer.close()
     progress.run = run
     finish(run, progress, console)
+    if not keep_topics:
+        remove_topics(base, run, console)
     return progress
+
+
+def remove_topics(base: Settings, run: RunLayout, console: Console) -> None:
+    """A run's ~10 topics would otherwise stay on the broker for good; its store and logs stay on disk."""
+    from kafka.errors import KafkaError
+
+    from qrloop.topics import delete_own_run
+
+    try:
+        removed = delete_own_run(base, run.settings, run.run_id)
+    except KafkaError as exc:  # the run's results are out already; leftover topics are only clutter
+        console.print(f"[yellow]could not delete the run's topics ({exc}); `qrloop kafka clean-runs` will[/]")
+        return
+    console.print(f"deleted the run's {len(removed)} topics (--keep-topics keeps them, e.g. for replay)")
 
 
 def finish(run: RunLayout, progress: Progress, console: Console) -> Path:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import typer
@@ -26,6 +27,7 @@ from qrloop import logs, models
 from qrloop.cli import daemon
 from qrloop.cli.canary import app as canary_app
 from qrloop.cli.daemon import retention_defaults
+from qrloop.cli.ui import commands as ui_commands
 from qrloop.runs import open_migrated_store, open_store
 from qrloop.settings import REPO_ROOT, get_settings
 from qrloop.topics import ensure_topics
@@ -207,11 +209,14 @@ def kafka_status() -> None:
 
 
 @app.command()
-def doctor() -> None:
+def doctor(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
     """Check broker, database, models and data; print the exact command that fixes each problem."""
     from qrloop.cli.doctor import run_checks  # pandas (the data check)
 
     results = run_checks(get_settings())
+    if as_json:
+        print(json.dumps([asdict(r) for r in results]))
+        raise typer.Exit(0 if all(r.ok for r in results) else 1)
     table = Table("check", "status", "detail / fix")
     for result in results:
         status = "[green]ok[/]" if result.ok else "[red]FAIL[/]"
@@ -305,11 +310,24 @@ def demo(
         help="DPO learning rate of the demo's learner. Higher than dpo.learning_rate (5e-6, for a daemon "
         "that runs for days) so that 20 steps move the policy visibly; QRLOOP_DPO__LEARNING_RATE wins.",
     ),
+    keep_topics: bool = typer.Option(
+        False,
+        "--keep-topics",
+        help="Keep the run's Kafka topics at the end (benchmarks and `qrloop export` read them); by default "
+        "they are deleted, and `qrloop kafka clean-runs` deletes those of older runs.",
+    ),
 ) -> None:
     """The online loop end to end on simulated traffic, with live progress and a reward curve."""
     from qrloop.cli.demo import run_demo  # every role's imports
 
-    run_demo(get_settings(), queries, console, warm_start_steps=warm_start_steps, learning_rate=learning_rate)
+    run_demo(
+        get_settings(),
+        queries,
+        console,
+        warm_start_steps=warm_start_steps,
+        learning_rate=learning_rate,
+        keep_topics=keep_topics,
+    )
 
 
 topics_app = typer.Typer(help="Kafka topics of the online loop.", no_args_is_help=True)
@@ -333,6 +351,9 @@ def run_cmd(
         help="Comma-separated roles (serve,aggregate,learn,canary) or 'all'; default: settings.daemon.roles.",
     ),
     log_format: str = typer.Option("", help="text or json (default: settings.logging.format)."),
+    ui: bool = typer.Option(
+        False, "--ui", help="Also serve the status page on 127.0.0.1:ui.port (as ui.with_run does)."
+    ),
 ) -> None:
     """Start the roles as supervised processes (restarted with backoff); SIGTERM stops them all."""
     if log_format:
@@ -346,6 +367,8 @@ def run_cmd(
         chosen = daemon.resolve_roles(roles or settings.daemon.roles)
     except ValueError as exc:
         fail(str(exc))
+    if (ui or settings.ui.with_run) and "ui" not in chosen:
+        chosen.append("ui")
     raise typer.Exit(daemon.run(settings, chosen))
 
 
@@ -428,3 +451,14 @@ def evaluate_cmd(
     )
     if est.warning:
         err.print(f"[bold yellow]warning:[/] {est.warning}")
+
+
+# --- the operator's view: status, status page, Prometheus, demo topics (qrloop/status.py, qrloop/cli/ui/) ---
+
+app.command("status")(ui_commands.status_command)
+app.command("ui")(ui_commands.ui_command)
+app.add_typer(ui_commands.prometheus_app, name="prometheus")
+kafka_app.command("clean-runs")(ui_commands.clean_runs_command)
+kafka_app.command("topics", context_settings=ui_commands.PASS_THROUGH)(ui_commands.kafka_topics_command)
+kafka_app.command("groups", context_settings=ui_commands.PASS_THROUGH)(ui_commands.kafka_groups_command)
+kafka_app.command("consume", context_settings=ui_commands.PASS_THROUGH)(ui_commands.kafka_consume_command)
