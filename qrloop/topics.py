@@ -176,7 +176,7 @@ def send_dead_letter(
 
 
 def run_consumer_groups(settings: Settings, run_id: str) -> list[str]:
-    """The consumer groups a demo run's roles join (``qrloop.demo.make_run`` names them)."""
+    """The consumer groups a demo run's roles join (``qrloop.cli.demo.run_settings`` names them)."""
     return [f"{settings.streams.app_id}-{run_id}", f"demo-{run_id}-learner"]
 
 

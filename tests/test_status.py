@@ -10,9 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from policy_store import PolicyStore
-from qrloop import db
+from policy_store import db
 from qrloop.models import build_tiny_policy, require_policy
+from qrloop.runs import open_store
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.status import gather
 from tests.helpers import CONSUMED, PAIRS, SERVED, env_of, isolated, short_run
@@ -22,7 +22,7 @@ def test_summary_of_a_short_run(settings: Settings, own_topics: str, tmp_path: P
     run = isolated(settings, own_topics, settings.db_url, tmp_path / "blobs")
     v = short_run(run, tmp_path)
 
-    with PolicyStore.from_settings(run) as store:
+    with open_store(run) as store:
         summary = gather(store, run)
 
     assert summary.errors == []
@@ -57,11 +57,11 @@ def test_summary_of_a_short_run(settings: Settings, own_topics: str, tmp_path: P
 def test_broker_down_keeps_the_store_part(settings: Settings, unique_topic: str, tmp_path: Path) -> None:
     run = isolated(settings, unique_topic, settings.db_url, tmp_path / "blobs")
     db.upgrade(run.db_url)
-    with PolicyStore.from_settings(run) as store:
+    with open_store(run) as store:
         store.set_alias("production", store.publish(
             build_tiny_policy(tmp_path / "tiny", require_policy(run)), base_model="start").id)  # fmt: skip
     down = run.model_copy(update={"kafka": run.kafka.model_copy(update={"bootstrap_servers": "127.0.0.1:1"})})
-    with PolicyStore.from_settings(down) as store:
+    with open_store(down) as store:
         summary = gather(store, down)
     assert [x.id for x in summary.versions] == [1]
     assert len(summary.errors) == 1 and "127.0.0.1:1" in summary.errors[0]
