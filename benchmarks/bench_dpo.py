@@ -1,23 +1,28 @@
 """One online DPO step on the real SmolLM2-135M (fp32, CPU): ours vs TRL's ``training_step`` vs LoRA.
 
-    .venv/bin/python benchmarks/bench_dpo.py [--repeats 3] [--threads 0]
+    .venv/bin/python benchmarks/bench_dpo.py [--repeats 5] [--threads 0]
 
-All three variants train on the *same* tensor batch: 16 Home Depot-like (query, chosen, rejected) pairs,
-tokenised once by ``learner.dpo.tokenize_pairs`` (which ``tests/test_dpo.py`` shows equals TRL's own
-tokenisation). A step is everything an update costs: policy forward, reference forward, loss, backward,
-gradient clipping and the AdamW update.
+All variants train on the *same* 16 Home Depot-like (query, chosen, rejected) pairs, tokenised once by
+``learner.dpo.tokenize_pairs`` (which ``tests/test_dpo.py`` shows equals TRL's own tokenisation). A step is
+everything an update costs on the learner's critical path, from the 16th pair to new weights:
 
-- ours:  ``DPOLearnerCore.step`` (full fine-tuning, frozen deep-copied reference);
-- TRL:   ``DPOTrainer.training_step`` (forward, reference forward, loss, backward through accelerate)
-         followed by the clip + ``optimizer.step`` + ``zero_grad`` that ``Trainer``'s loop does after it;
-- LoRA:  ``DPOLearnerCore.step`` with a peft adapter r=16 on q/k/v/o; the reference is the same model with
-         the adapter disabled, so there is one copy of the weights.
+- ours:  ``DPOLearnerCore.step``: the policy forward in the prompt-tree layout (the system message once per
+         batch, each pair's prompt once, only completions per row), loss, backward, clip, AdamW. The reference
+         terms were computed as the pairs arrived (``prepare_reference``, as the learner does while the batch
+         gathers); that cost is timed separately and shown as "ours + reference";
+- TRL:   ``DPOTrainer.training_step`` (policy and reference forwards over the concatenated, padded layout,
+         loss, backward through accelerate), then the clip + ``optimizer.step`` + ``zero_grad`` of
+         ``Trainer``'s loop;
+- LoRA:  ours with a peft adapter r=16 on q/k/v/o (reference = the adapter disabled, one copy of the weights).
 
-Each variant gets one untimed warm-up step (allocator, AdamW state), then the median of ``--repeats`` timed
-steps. The bound: torch's fp32 matmul rate measured here on a 1024×1024 product, against the step's
-estimated FLOPs (6 × parameters × tokens for full fine-tuning, the usual forward + backward estimate; the
-reference forward adds 2 × parameters × tokens on top, printed separately). The machine is shared: the load
-average is printed before and after, and timings move with it.
+Each variant gets one untimed warm-up step, then ``--repeats`` timed steps; medians are quoted and TRL/ours is
+the ratio of medians measured in the same run. FLOPs are counted for what each variant computes: 6·N_body per
+token position that goes through the transformer (padding included: it is computed), plus 6·N_head per
+position whose logits are computed (the LM head, tied to the embedding, is 28 M of the 134.5 M parameters);
+a reference forward is a third of that; LoRA skips the weight gradients (4·N instead of 6·N). The bound is
+torch's fp32 matmul rate measured here on a 1024×1024 product. After timing, ours's weights are copied into
+TRL's model and both losses are computed on the batch (policy ≠ reference by then): they must agree to 1e-4.
+The machine is shared: the load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import typer
 
-from learner.dpo import Batch, DPOConfig, DPOLearnerCore, Pair, tokenize_pairs
+from learner.dpo import Batch, DPOConfig, DPOLearnerCore, Pair, PromptTree, prompt_tree, tokenize_pairs
 from qrloop.models import load_policy, require_policy
 from qrloop.prompting import end_of_turn
 from qrloop.settings import get_settings
@@ -94,8 +100,8 @@ def time_steps(step: Callable[[], object], repeats: int) -> list[float]:
     return seconds
 
 
-def trl_step(model_dir: Path, batch: Batch, eos: str, config: DPOConfig) -> Callable[[], object]:
-    """TRL's DPOTrainer on the same batch; returns a closure doing one full update."""
+def trl_trainer(model_dir: Path, eos: str, config: DPOConfig) -> Any:
+    """TRL's DPOTrainer on the bench's pairs, with its optimizer created."""
     from datasets import Dataset
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
@@ -130,14 +136,18 @@ def trl_step(model_dir: Path, batch: Batch, eos: str, config: DPOConfig) -> Call
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
-    optimizer = trainer.create_optimizer()
+    trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which we do not run
-    trained = trainer.model
-    assert trained is not None
+    return trainer
+
+
+def trl_step(trainer: Any, batch: Batch) -> Callable[[], object]:
+    """A closure doing one full TRL update on ``batch``."""
+    trained, optimizer = trainer.model, trainer.optimizer
 
     def step() -> object:
         loss = trainer.training_step(trained, dict(batch))
-        torch.nn.utils.clip_grad_norm_(trained.parameters(), args.max_grad_norm)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), trainer.args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss
@@ -149,25 +159,48 @@ def load_average() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def bench_ours(model_dir: Path, config: DPOConfig, repeats: int) -> list[float]:
-    policy, tokenizer = load_policy(model_dir)
-    core = DPOLearnerCore.from_model(policy, tokenizer, config)
-    return time_steps(lambda: core.step(PAIRS), repeats)
+def time_core_steps(core: DPOLearnerCore, repeats: int) -> tuple[list[float], list[float]]:
+    """(step seconds, reference-preparation seconds) of ``repeats`` steps after one warm-up step.
+
+    As in the learner, the reference terms of a batch are computed before its step, one pair at a time."""
+    steps, references = [], []
+    for i in range(repeats + 1):
+        started = time.perf_counter()
+        core.prepare_reference(PAIRS)
+        prepared = time.perf_counter()
+        core.step(PAIRS)
+        if i:  # the first is the warm-up
+            references.append(prepared - started)
+            steps.append(time.perf_counter() - prepared)
+    return steps, references
 
 
-def bench_trl(model_dir: Path, batch: Batch, eos: str, config: DPOConfig, repeats: int) -> list[float]:
-    return time_steps(trl_step(model_dir, batch, eos, config), repeats)
+def step_flops(body: int, head: int, positions: int, logits: int, weight_grads: bool = True) -> float:
+    """Forward + backward FLOPs: 2 (forward) + 2 (input grads) + 2 (weight grads) per parameter use."""
+    per_use = 6 if weight_grads else 4
+    return per_use * (body * positions + head * logits)
 
 
-def bench_lora(model_dir: Path, config: DPOConfig, repeats: int) -> tuple[list[float], int]:
-    """Step times and the number of trained (adapter) parameters."""
-    policy, tokenizer = load_policy(model_dir)
-    core = DPOLearnerCore.from_model(policy, tokenizer, config)
-    trained = sum(p.numel() for p in core.trainable_parameters())
-    return time_steps(lambda: core.step(PAIRS), repeats), trained
+def forward_flops(body: int, head: int, positions: int, logits: int) -> float:
+    return 2 * (body * positions + head * logits)
 
 
-def main(repeats: int = 3, threads: int = 0, policy_dir: Path | None = None) -> None:
+def tree_positions(tree: PromptTree) -> tuple[int, int]:
+    """(positions through the transformer, padding included; positions whose logits are computed)."""
+    positions = tree.prefix_ids.numel() + tree.rest_ids.numel() + tree.tail_ids.numel()
+    return positions, tree.tail_ids.shape[0] * (tree.tail_ids.shape[1] - 1)
+
+
+def loss_gap_to_trl(core: DPOLearnerCore, trainer: Any, batch: Batch) -> tuple[float, float]:
+    """(ours, |ours − TRL|) on ``batch`` with ours's current weights in TRL's model (policy ≠ reference)."""
+    trainer.model.load_state_dict(core.policy.state_dict())
+    with torch.no_grad():
+        ours = float(core.loss(batch).loss)
+        theirs = float(trainer.compute_loss(trainer.model, dict(batch)))
+    return ours, abs(ours - theirs)
+
+
+def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> None:
     """``--policy-dir`` runs on another HF directory (e.g. a tiny model, to check the script quickly)."""
     settings = get_settings()
     threads = threads or settings.models.torch_threads
@@ -183,51 +216,83 @@ def main(repeats: int = 3, threads: int = 0, policy_dir: Path | None = None) -> 
     config = DPOConfig.from_settings(settings.dpo)
     policy, tokenizer = load_policy(model_dir)
     params = sum(p.numel() for p in policy.parameters())
+    head = policy.get_output_embeddings().weight.numel()
+    body = params - head
     eos = end_of_turn(tokenizer, policy.generation_config)
     batch = tokenize_pairs(tokenizer, PAIRS, config.max_length, eos)  # what DPOLearnerCore.step builds
+    tree = prompt_tree(batch)
     del policy
     real, padded = int(batch["attention_mask"].sum()), batch["input_ids"].numel()
     completion = int(batch["completion_mask"].sum())
     rows, width = batch["input_ids"].shape
+    tree_pos, tree_logits = tree_positions(tree)
     print(
         f"batch: {len(PAIRS)} pairs → {rows}×{width}, {real} real tokens ({padded} with padding), "
         f"{completion} completion tokens, prompt share {1 - completion / real:.0%}, terminator {eos!r}"
     )
-    print(f"parameters N = {params / 1e6:.1f} M; FLOPs are estimated on the T = {padded} padded tokens")
+    print(
+        f"prompt tree: shared prefix {tree.prefix_ids.shape[1]} tokens once, prompt rests "
+        f"{tuple(tree.rest_ids.shape)}, tails {tuple(tree.tail_ids.shape)}: {tree_pos} positions "
+        f"({tree_pos / padded:.0%} of TRL's {padded}), logits at {tree_logits}"
+    )
+    print(f"parameters N = {params / 1e6:.1f} M (body {body / 1e6:.1f} M, LM head {head / 1e6:.1f} M)")
 
     # One variant at a time: each one's models and optimizer state are freed before the next one loads.
-    ours = Timing("ours (full FT)", bench_ours(model_dir, config, repeats), 6 * params * padded)
-    print(f"  {ours.name}: {ours.seconds}", flush=True)
+    policy, tokenizer = load_policy(model_dir)
+    core = DPOLearnerCore.from_model(policy, tokenizer, config)
+    ours_s, ref_s = time_core_steps(core, repeats)
+    print(f"  ours: {ours_s}, reference preparation {ref_s}", flush=True)
+    trainer = trl_trainer(model_dir, eos, config)
+    trl_s = time_steps(trl_step(trainer, batch), repeats)
+    print(f"  TRL: {trl_s}", flush=True)
+    loss, gap = loss_gap_to_trl(core, trainer, batch)
+    del trainer, core
     gc.collect()
-    trl = Timing("TRL training_step", bench_trl(model_dir, batch, eos, config, repeats), 6 * params * padded)
-    print(f"  {trl.name}: {trl.seconds}", flush=True)
-    gc.collect()
-    lora_config = DPOConfig.from_settings(settings.dpo, lora_r=16)
-    lora_seconds, trained = bench_lora(model_dir, lora_config, repeats)
-    # LoRA still back-propagates activations through every frozen matmul (2NT) but skips weight grads (2NT).
-    lora = Timing(f"LoRA r=16 q,k,v,o ({trained / 1e6:.2f} M trained)", lora_seconds, 4 * params * padded)
-    timings = [ours, trl, lora]
-
-    print(f"\nload average after: {load_average()}\n")
-    header = (
-        f"{'variant':<38} {'median s':>9} {'runs s':>20} {'tokens/s':>9} {'GFLOP/s':>8} "
-        f"{'of bound':>9} {'+ref fwd':>9}"
+    lora_policy, tokenizer = load_policy(model_dir)
+    lora_core = DPOLearnerCore.from_model(
+        lora_policy, tokenizer, DPOConfig.from_settings(settings.dpo, lora_r=16)
     )
+    trained = sum(p.numel() for p in lora_core.trainable_parameters())
+    lora_s, _ = time_core_steps(lora_core, repeats)
+    del lora_core
+    gc.collect()
+
+    # TRL computes logits at every position of the padded rows (policy and reference).
+    trl_flops = step_flops(body, head, padded, padded) + forward_flops(body, head, padded, padded)
+    timings = [
+        Timing("ours (full FT, prompt tree)", ours_s, step_flops(body, head, tree_pos, tree_logits)),
+        Timing(
+            "ours + reference preparation",
+            [a + b for a, b in zip(ours_s, ref_s, strict=True)],
+            step_flops(body, head, tree_pos, tree_logits) + forward_flops(body, head, tree_pos, tree_logits),
+        ),
+        Timing("TRL training_step", trl_s, trl_flops),
+        Timing(
+            f"LoRA r=16 q,k,v,o ({trained / 1e6:.2f} M)",
+            lora_s,
+            step_flops(body, head, tree_pos, tree_logits, weight_grads=False),
+        ),
+    ]
+    print(f"\nload average after: {load_average()}\n")
+    header = f"{'variant':<32} {'median s':>9} {'runs s':>32} {'tokens/s':>9} {'GFLOP/s':>8} {'of bound':>9}"
     print(header)
     print("-" * len(header))
-    reference_fwd = 2 * params * padded
     for t in timings:
         achieved = t.flops / t.median / 1e9
-        with_ref = (t.flops + reference_fwd) / t.median / 1e9
         runs = ", ".join(f"{s:.2f}" for s in t.seconds)
         print(
-            f"{t.name:<38} {t.median:>9.2f} {runs:>20} {real / t.median:>9.0f} {achieved:>8.1f} "
-            f"{achieved / bound:>9.0%} {with_ref / bound:>9.0%}"
+            f"{t.name:<32} {t.median:>9.2f} {runs:>32} {real / t.median:>9.0f} {achieved:>8.1f} "
+            f"{achieved / bound:>9.0%}"
         )
-    print(f"\nTRL / ours: {trl.median / ours.median:.2f}×   LoRA / ours: {lora.median / ours.median:.2f}×")
+    ours, with_ref, trl, lora = timings
     print(
-        "FLOPs: full FT 6·N·T, LoRA 4·N·T (no weight gradients); "
-        "'+ref fwd' also counts the reference forward, 2·N·T."
+        f"\nTRL / ours: {trl.median / ours.median:.2f}×   TRL / (ours + reference): "
+        f"{trl.median / with_ref.median:.2f}×   LoRA / ours: {lora.median / ours.median:.2f}×"
+    )
+    print(f"loss after {repeats + 1} steps (policy ≠ reference): ours {loss:.6f}, |ours − TRL| = {gap:.2e}")
+    print(
+        "tokens/s: the batch's real tokens in TRL's layout per second, the same work unit for every variant; "
+        "FLOPs: see the module docstring."
     )
 
 

@@ -48,6 +48,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from policy_store import PolicyStore
 from qrloop.models import load_policy
@@ -211,6 +212,123 @@ def completion_logprobs(model: Any, batch: Batch) -> torch.Tensor:
     return (token_logps * mask).sum(dim=1)
 
 
+# -- the same log-probabilities with every prompt token computed once ---------------------------------------
+
+
+class PromptTree(NamedTuple):
+    """A TRL batch re-laid so that no prompt token goes through the model twice.
+
+    In a DPO batch the prompt is most of the tokens (the system message alone is ~29 of ~40 prompt tokens,
+    a rewrite 5–10), and TRL's layout runs every prompt twice (chosen row, rejected row). Here a batch is a
+    tree: the prefix every prompt shares (the system message) runs once, each pair's remaining prompt tokens
+    once, and only the completions run per row, attending to the prompt through the key/value cache.
+    Gradients flow through the cache, so the step is the same step, to float rounding.
+
+    A pair's *tail* is its last prompt token followed by its completion: the last prompt position predicts the
+    first completion token, so every logit the loss needs comes out of the tail forward.
+    """
+
+    prefix_ids: torch.Tensor  # (1, S) prompt tokens shared by every pair
+    rest_ids: torch.Tensor  # (B, R) each pair's prompt tokens after the prefix, but its last; right-padded
+    rest_mask: torch.Tensor  # (B, R) 1 on real tokens
+    tail_ids: torch.Tensor  # (2B, C) last prompt token + completion; chosen rows, then rejected; right-padded
+    tail_mask: torch.Tensor  # (2B, C) 1 on real tokens
+    target_mask: torch.Tensor  # (2B, C − 1) 1 where tail_ids[:, 1:] is a completion token
+    prompt_lens: torch.Tensor  # (B,) tokens of each pair's prompt
+
+    @property
+    def tokens(self) -> int:
+        """Tokens that go through the model (against TRL's ``attention_mask.sum()`` for the same pairs)."""
+        return int(self.prefix_ids.numel() + self.rest_mask.sum() + self.tail_mask.sum())
+
+
+def prompt_tree(batch: Batch) -> PromptTree:
+    """Re-lay a :func:`tokenize_pairs` batch as a :class:`PromptTree` (the same ids, not re-tokenised)."""
+    input_ids, attention, completion = batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+    pairs = input_ids.shape[0] // 2
+    lengths = attention.sum(dim=1)
+    # A row cut to no completion (its prompt filled max_length) is all prompt, as far as it goes.
+    starts = torch.where(completion.any(dim=1), completion.argmax(dim=1), lengths)
+    prompt_lens = torch.minimum(starts[:pairs], starts[pairs:])
+    if int(prompt_lens.min()) < 1:
+        raise ValueError("every pair needs at least one prompt token")
+    prompts = [input_ids[i, : int(prompt_lens[i])].tolist() for i in range(pairs)]
+    # The shared prefix stops one token short of the shortest prompt: every pair keeps its last prompt token
+    # for its tail.
+    shared = min(common_prefix_length(prompts[0], p) for p in prompts)
+    shared = min(shared, int(prompt_lens.min()) - 1)
+    rests = [(p[shared:-1], [1] * (len(p) - 1 - shared)) for p in prompts]
+    tails = []
+    for row in range(2 * pairs):
+        start = int(prompt_lens[row % pairs]) - 1
+        ids = input_ids[row, start : int(lengths[row])].tolist()
+        tails.append((ids, [0, *completion[row, start + 1 : int(lengths[row])].tolist()]))
+    pad = int(input_ids[0, -1]) if input_ids.numel() else 0  # any id: pads are masked everywhere
+    rest = _pad_right(rests, pad)
+    tail = _pad_right(tails, pad)
+    return PromptTree(
+        prefix_ids=torch.tensor([prompts[0][:shared]], dtype=torch.long),
+        rest_ids=rest["input_ids"],
+        rest_mask=rest["attention_mask"],
+        tail_ids=tail["input_ids"],
+        tail_mask=tail["attention_mask"],
+        target_mask=tail["completion_mask"][:, 1:],
+        prompt_lens=prompt_lens,
+    )
+
+
+def _cache_of(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    return DynamicCache(ddp_cache_data=[(k, v) for k, v in layers])
+
+
+def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def tree_logprobs(model: Any, tree: PromptTree) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`sequence_logprobs` of the same pairs, each prompt token computed once (see :class:`PromptTree`).
+
+    Three forwards: the shared prefix (one row), the rest of each prompt (B rows, over the prefix's cache),
+    the tails (2B rows, over the prompt caches). Padding sits *between* a prompt and its tail, so positions
+    are given explicitly and the 2-D attention mask has holes there; causal masking is by cache index, which
+    keeps every token's view of its own prompt exactly as in the plain layout.
+    """
+    pairs, shared = tree.rest_ids.shape[0], tree.prefix_ids.shape[1]
+    layers: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if shared:
+        prefix = model(input_ids=tree.prefix_ids, use_cache=True, logits_to_keep=1).past_key_values
+        layers = [(k.expand(pairs, -1, -1, -1), v.expand(pairs, -1, -1, -1)) for k, v in _layers(prefix)]
+    seen = torch.ones((pairs, shared), dtype=torch.long)
+    if tree.rest_ids.shape[1]:
+        rest_positions = shared + torch.arange(tree.rest_ids.shape[1]).expand(pairs, -1)
+        seen = torch.cat([seen, tree.rest_mask], dim=1)
+        out = model(
+            input_ids=tree.rest_ids,
+            attention_mask=seen,
+            position_ids=rest_positions,
+            past_key_values=_cache_of(layers) if layers else None,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        layers = _layers(out.past_key_values)
+    width = tree.tail_ids.shape[1]
+    tail_positions = (tree.prompt_lens - 1).repeat(2).unsqueeze(1) + torch.arange(width)
+    logits = model(
+        input_ids=tree.tail_ids,
+        attention_mask=torch.cat([seen.repeat(2, 1), tree.tail_mask], dim=1),
+        position_ids=tail_positions,
+        past_key_values=_cache_of([(k.repeat(2, 1, 1, 1), v.repeat(2, 1, 1, 1)) for k, v in layers])
+        if layers
+        else None,
+        use_cache=True,
+        logits_to_keep=torch.arange(0, width - 1),
+    ).logits  # (2B, C − 1, V): predictions for tail tokens 1 .. C − 1
+    targets = tree.tail_ids[:, 1:]
+    token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+    chosen, rejected = (token_logps * tree.target_mask.to(logits.dtype)).sum(dim=1).chunk(2, dim=0)
+    return chosen, rejected
+
+
 # -- loss ---------------------------------------------------------------------------------------------------
 
 
@@ -248,8 +366,9 @@ class StepStats:
     rejected_reward: float
     accuracy: float  # share of pairs whose chosen reward exceeds the rejected one
     seconds: float
-    tokens: int  # non-pad tokens through the policy (prompt + completion, chosen + rejected rows)
+    tokens: int  # non-pad tokens of the batch in TRL's layout (prompt + completion, chosen + rejected rows)
     grad_norm: float = 0.0  # before clipping
+    computed_tokens: int = 0  # tokens through the policy in the prompt-tree layout (each prompt token once)
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
@@ -312,6 +431,8 @@ class DPOLearnerCore:
         self.optimizer = torch.optim.AdamW(
             self.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
+        # Reference log-probabilities of pairs that arrived but are not trained yet (see prepare_reference).
+        self._reference_cache: dict[Pair, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_model(
@@ -346,21 +467,53 @@ class DPOLearnerCore:
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         if self.reference is not None:
-            return sequence_logprobs(self.reference, batch)
+            return tree_logprobs(self.reference, prompt_tree(batch))
         with self.policy.disable_adapter():
-            return sequence_logprobs(self.policy, batch)
+            return tree_logprobs(self.policy, prompt_tree(batch))
 
-    def loss(self, batch: Batch) -> DPOLoss:
-        policy_chosen, policy_rejected = sequence_logprobs(self.policy, batch)
-        ref_chosen, ref_rejected = self.reference_logprobs(batch)
+    def prepare_reference(self, pairs: Sequence[Pair]) -> None:
+        """Compute the reference log-probabilities of pairs as they arrive, off the step's critical path.
+
+        The reference is frozen for a lineage, so a pair's reference terms do not depend on when they are
+        computed. Each pair is computed alone (a batch of one) whether here or, if it was missed, in
+        :meth:`step`, so the result never depends on which other pairs shared a batch or on timing: a resumed
+        learner takes bit-identical steps.
+        """
+        for pair in pairs:
+            if pair not in self._reference_cache:
+                chosen, rejected = self.reference_logprobs(self.tokenize([pair]))
+                self._reference_cache[pair] = (chosen[0], rejected[0])
+
+    def _take_reference(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.prepare_reference(pairs)
+        chosen, rejected = zip(*(self._reference_cache[pair] for pair in pairs), strict=True)
+        for pair in set(pairs):  # the same texts may come twice in one batch (two queries, same rewrites)
+            del self._reference_cache[pair]
+        return torch.stack(chosen), torch.stack(rejected)
+
+    def loss(
+        self,
+        batch: Batch,
+        reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+        tree: PromptTree | None = None,
+    ) -> DPOLoss:
+        """The DPO loss of a batch.
+
+        ``reference``: precomputed (chosen, rejected) reference log-probabilities; ``tree``: the batch's
+        :func:`prompt_tree` if the caller has it already."""
+        tree = tree if tree is not None else prompt_tree(batch)
+        policy_chosen, policy_rejected = tree_logprobs(self.policy, tree)
+        ref_chosen, ref_rejected = reference if reference is not None else self.reference_logprobs(batch)
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.config.beta)
 
     def step(self, pairs: Sequence[Pair]) -> StepStats:
-        """One update on one mini-batch: forward (policy, reference), loss, backward, clip, AdamW."""
+        """One update on one mini-batch: policy forward (reference precomputed), loss, backward, AdamW."""
         started = time.perf_counter()
         batch = self.tokenize(pairs)
+        tree = prompt_tree(batch)
+        reference = self._take_reference(pairs)
         self.policy.train()
-        out = self.loss(batch)
+        out = self.loss(batch, reference, tree)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm)
@@ -376,6 +529,7 @@ class DPOLearnerCore:
             seconds=time.perf_counter() - started,
             tokens=int(batch["attention_mask"].sum()),
             grad_norm=float(grad_norm),
+            computed_tokens=tree.tokens,
         )
 
     # -- resuming -------------------------------------------------------------------------------------------

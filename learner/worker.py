@@ -176,6 +176,9 @@ class Learner:
             log.info("skipping pair %s: already queued or trained since the last publish", pair.pair_id)
             return
         self.pending.pairs.append(pair)
+        # A pair's reference terms are fixed for the lineage: computing them now, while the batch is still
+        # gathering, takes the reference forward off the step (the 16th pair → new version latency).
+        self.core.prepare_reference([(pair.prompt, pair.chosen, pair.rejected)])
         # Exponential moving average (about the last 32 pairs) of the chosen reward, per arm.
         previous = self._reward_avg.get(pair.arm, pair.chosen_reward)
         self._reward_avg[pair.arm] = previous + (pair.chosen_reward - previous) / 32

@@ -16,8 +16,10 @@ from learner.dpo import (
     DPOConfig,
     DPOLearnerCore,
     dpo_loss,
+    prompt_tree,
     sequence_logprobs,
     tokenize_pairs,
+    tree_logprobs,
 )
 from qrloop.models import build_tiny_policy, load_policy, policy_dir
 from qrloop.prompting import end_of_turn
@@ -142,19 +144,28 @@ def test_sequence_logprobs_equal_a_full_log_softmax(tiny_dir: Path) -> None:
 
 
 def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path) -> None:
-    """Same pairs, same tiny model: identical token ids, loss to 1e-4, same rewards and gradients."""
+    """Same pairs, same tiny model: identical token ids, loss to 1e-4, same rewards and gradients.
+
+    Compared after two steps, where the policy differs from the reference: at step 0 every DPO loss is log 2
+    whatever the log-probabilities, so equality there would prove little. Ours computes each prompt token once
+    (``prompt_tree``); TRL runs its concatenated layout: the same numbers must come out."""
     from datasets import Dataset
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
 
     from qrloop.prompting import build_prompt
 
-    core = core_for(tiny_dir, beta=0.1)
+    core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3)
+    core.step(PAIRS)
+    core.step(PAIRS)
     batch = core.tokenize(PAIRS)
+    core.optimizer.zero_grad(set_to_none=True)
     ours = core.loss(batch)
     ours.loss.backward()
+    assert abs(float(ours.loss.detach()) - math.log(2)) > 1e-3, "the policy must have moved off the reference"
 
     model, tokenizer = load_policy(tiny_dir)
+    model.load_state_dict(core.policy.state_dict())
     reference, _ = load_policy(tiny_dir)
     # TRL appends tokenizer.eos_token to plain-text completions; the converted tokenizer's EOS is
     # <|im_start|>, so TRL gets a tokenizer whose EOS is the end of turn the rewriter samples.
@@ -284,3 +295,44 @@ def test_optimizer_state_round_trips(tiny_dir: Path) -> None:
     assert all(torch.allclose(after[0][k], after[1][k], rtol=0, atol=1e-7) for k in after[0])
     worst = max(float((after[0][k] - after[2][k]).abs().max()) for k in after[0])
     assert worst > 1e-5, "without the optimizer state the step differs (the test would notice a no-op load)"
+
+
+# -- the prompt tree: each prompt token computed once -------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_len", [None, 36])
+def test_prompt_tree_gives_the_plain_layouts_logprobs_and_gradients(
+    tiny_dir: Path, max_len: int | None
+) -> None:
+    """The same log-probabilities and gradients as the TRL layout, with fewer tokens through the model;
+    36 tokens cuts some rows inside their completion and one pair to no completion at all."""
+    model, tokenizer = load_policy(tiny_dir)
+    batch = tokenize_pairs(tokenizer, PAIRS, max_len, eos_token=END)
+    tree = prompt_tree(batch)
+    assert tree.prefix_ids.shape[1] > 20, "the system message is shared by every prompt"
+    assert tree.tokens < int(batch["attention_mask"].sum()) / 2
+
+    plain = torch.cat(sequence_logprobs(model, batch))
+    plain.sum().backward()
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    shared = torch.cat(tree_logprobs(model, tree))
+    shared.sum().backward()
+    assert torch.allclose(plain, shared, atol=1e-5)
+    for name, param in model.named_parameters():
+        assert param.grad is not None
+        assert torch.allclose(param.grad, plain_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_reference_terms_prepared_on_arrival_give_the_same_step(tiny_dir: Path) -> None:
+    """Reference log-probabilities computed as pairs arrive (a batch of one each) make the step bit-identical
+    to one that computes them itself, so when they were computed never shows in the weights."""
+    prepared, lazy = core_for(tiny_dir, learning_rate=1e-3), core_for(tiny_dir, learning_rate=1e-3)
+    for pair in PAIRS:
+        prepared.prepare_reference([pair])
+    assert len(prepared._reference_cache) == len(PAIRS)
+    first = prepared.step(PAIRS), lazy.step(PAIRS)
+    assert not prepared._reference_cache, "used terms are dropped"
+    assert first[0].loss == first[1].loss
+    after = snapshot(prepared.policy), snapshot(lazy.policy)
+    assert all(torch.equal(after[0][k], after[1][k]) for k in after[0])
