@@ -257,15 +257,16 @@ def prompt_tree(batch: Batch) -> PromptTree:
     # for its tail.
     shared = min(common_prefix_length(prompts[0], p) for p in prompts)
     shared = min(shared, int(prompt_lens.min()) - 1)
-    rests = [(p[shared:-1], [1] * (len(p) - 1 - shared)) for p in prompts]
-    tails = []
-    for row in range(2 * pairs):
-        start = int(prompt_lens[row % pairs]) - 1
-        ids = input_ids[row, start : int(lengths[row])].tolist()
-        tails.append((ids, [0, *completion[row, start + 1 : int(lengths[row])].tolist()]))
+    # Rows of (ids, prompt tokens): a rest is all "prompt" (only its attention mask is used); a tail's first
+    # token is its pair's last prompt token and every later one is completion.
+    rests = [(p[shared:-1], 0) for p in prompts]
+    tails = [
+        (input_ids[row, int(prompt_lens[row % pairs]) - 1 : int(lengths[row])].tolist(), 1)
+        for row in range(2 * pairs)
+    ]
     pad = int(input_ids[0, -1]) if input_ids.numel() else 0  # any id: pads are masked everywhere
-    rest = _pad_right(rests, pad)
-    tail = _pad_right(tails, pad)
+    rest = pad_right(rests, pad)
+    tail = pad_right(tails, pad)
     return PromptTree(
         prefix_ids=torch.tensor([prompts[0][:shared]], dtype=torch.long),
         rest_ids=rest["input_ids"],
@@ -483,6 +484,11 @@ class DPOLearnerCore:
             if pair not in self._reference_cache:
                 chosen, rejected = self.reference_logprobs(self.tokenize([pair]))
                 self._reference_cache[pair] = (chosen[0], rejected[0])
+
+    def forget_reference(self, pairs: Sequence[Pair]) -> None:
+        """Drop prepared terms of pairs that will not be trained (already trained: a redelivery)."""
+        for pair in pairs:
+            self._reference_cache.pop(pair, None)
 
     def _take_reference(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         self.prepare_reference(pairs)

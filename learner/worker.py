@@ -44,7 +44,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
 
-from learner.dpo import DPOLearnerCore, StepStats
+from learner.dpo import DPOLearnerCore, Pair, StepStats
 from learner.ledger import already_trained, record_steps
 from policy_store import AliasPinnedError, AuditEntry, PolicyStore, PolicyVersion
 from qrloop import health, logs, metrics
@@ -57,6 +57,11 @@ from qrloop.topics import make_producer, send_dead_letter
 
 log = logging.getLogger("qrloop.learner")
 LEARNER_TAG = "learner"
+
+
+def triple(pair: PreferencePair) -> Pair:
+    """What a DPO step trains on: (query, chosen rewrite, rejected rewrite)."""
+    return (pair.prompt, pair.chosen, pair.rejected)
 
 
 def offset_key(topic: str, partition: int) -> str:
@@ -175,10 +180,10 @@ class Learner:
         if pair.pair_id in self.pending.ids or any(pair.pair_id in ids for _, ids in self._unpublished):
             log.info("skipping pair %s: already queued or trained since the last publish", pair.pair_id)
             return
-        self.pending.pairs.append(pair)
         # A pair's reference terms are fixed for the lineage: computing them now, while the batch is still
         # gathering, takes the reference forward off the step (the 16th pair → new version latency).
-        self.core.prepare_reference([(pair.prompt, pair.chosen, pair.rejected)])
+        self.core.prepare_reference([triple(pair)])
+        self.pending.pairs.append(pair)
         # Exponential moving average (about the last 32 pairs) of the chosen reward, per arm.
         previous = self._reward_avg.get(pair.arm, pair.chosen_reward)
         self._reward_avg[pair.arm] = previous + (pair.chosen_reward - previous) / 32
@@ -190,7 +195,7 @@ class Learner:
         batch = self.pending.pairs[: self.settings.dpo.batch_size]
         log.info("DPO step %d started on %d pairs", self.state.steps + 1, len(batch))
         started = time.perf_counter()
-        stats = self.core.step([(p.prompt, p.chosen, p.rejected) for p in batch])
+        stats = self.core.step([triple(p) for p in batch])
         seconds = time.perf_counter() - started
         self.state.steps += 1
         metrics.DPO_STEPS.inc()
@@ -351,6 +356,7 @@ class Learner:
             done = already_trained(session, self.settings.dpo.learner_name, self.pending.ids)
         if done:
             log.info("skipping %d pairs already trained: %s", len(done), sorted(done)[:5])
+            self.core.forget_reference([triple(p) for p in self.pending.pairs if p.pair_id in done])
             self.pending.pairs = [p for p in self.pending.pairs if p.pair_id not in done]
 
     def _rebase_if_rejected(self) -> None:
