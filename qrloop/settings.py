@@ -498,21 +498,28 @@ class EventTimeSettings(Group):
 FaultPoint = Literal["after_step", "mid_blob_write", "after_db_commit", "before_announce"]
 
 
-class UISettings(BaseModel):
+class UISettings(Group):
     port: int = Field(
         8780,
+        ge=1,
+        le=MAX_PORT,
         description="Port of the read-only status page (`qrloop ui`, `qrloop run --ui`); 127.0.0.1 only.",
     )
-    refresh_s: int = Field(10, description="The status page reloads itself this often (seconds).")
+    refresh_s: int = Field(10, ge=1, description="The status page reloads itself this often (seconds).")
     with_run: bool = Field(False, description="`qrloop run` also serves the status page (as `--ui` does).")
-    versions: int = Field(50, description="Newest versions the status page and `qrloop status` show.")
+    versions: int = Field(50, ge=1, description="Newest versions the status page and `qrloop status` show.")
 
 
-class PrometheusSettings(BaseModel):
+class PrometheusSettings(Group):
     port: int = Field(
-        9090, description="Port of the Prometheus that scripts/prometheus.sh starts (127.0.0.1)."
+        9090,
+        ge=1,
+        le=MAX_PORT,
+        description="Port of the Prometheus that scripts/prometheus.sh starts (127.0.0.1).",
     )
-    scrape_interval_s: float = Field(5.0, description="How often Prometheus scrapes every role's /metrics.")
+    scrape_interval_s: float = Field(
+        5.0, gt=0, description="How often Prometheus scrapes every role's /metrics."
+    )
     home: Path | None = Field(
         None, description="Its generated config, data and log; default <cache_dir>/prometheus."
     )
