@@ -454,7 +454,8 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int) -> None:
     import torch
 
-    from qrloop.serving import Rewriter, load_version, normalise
+    from qrloop.data import normalise_query as normalise
+    from qrloop.serving import Rewriter, load_version
     from simulators.catalog import Catalog
     from simulators.search import SearchEngine
     from simulators.shoppers import training_queries

@@ -83,6 +83,12 @@ class RewriterSettings(BaseModel):
     top_p: float = Field(0.95, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(16, description="Rewrites are short queries; this caps runaway generations.")
     top_k_products: int = Field(10, description="Products retrieved per query / rewrite.")
+    max_resamples: int = Field(
+        2,
+        ge=0,
+        description="Extra sampling rounds (two rewrites each) while the two rewrites are the same text or "
+        "one echoes the query; after that the best available pair is served.",
+    )
 
 
 class DPOSettings(BaseModel):
@@ -113,7 +119,28 @@ class RewardSettings(BaseModel):
     click: float = Field(1.0, description="Weight of click rate.")
     add2cart: float = Field(1.0, description="Weight of add-to-cart rate.")
     purchase: float = Field(1.0, description="Weight of purchase rate.")
-    margin: float = Field(0.02, description="Rewards closer than this are a tie: counted, never emitted.")
+    ranking: Literal["gain", "paper"] = Field(
+        "gain",
+        description="The scalar DPO ranks by: 'gain' pays for what a rewrite adds beyond the original "
+        "query's results (novelty and engagement of new relevant products, 0 for an echo; see "
+        "qrloop/rewards.py); 'paper' is the weighted mean of the five signals above, which taught the loop "
+        "to echo the query.",
+    )
+    novelty: float = Field(1.0, description="Weight of relevance-weighted novelty in the gain.")
+    engagement: float = Field(
+        1.0, description="Weight of clicks/add-to-carts/purchases on new relevant products in the gain."
+    )
+    relevant_above: float | None = Field(
+        None,
+        description="M1 score from which a product counts as relevant in the gain. None: calibrated for the "
+        "M1 in use on training-split labels (the score that best separates human relevance >= 0.75, i.e. "
+        "Home Depot grade >= 2.5, from below; qrloop/relevance_threshold.py), cached per model and data set.",
+    )
+    margin: float = Field(
+        0.02,
+        description="Rewards closer than this are a tie: counted, never emitted. Set from the reward's "
+        "measured noise across simulated shoppers (benchmarks/bench_rewards.py).",
+    )
 
 
 class StreamSettings(BaseModel):

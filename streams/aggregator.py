@@ -36,9 +36,12 @@ from streams.app import AggregatorApp
 log = logging.getLogger("qrloop.aggregator")
 
 
-def make_relevance_fn(settings: Any) -> attribution.RelevanceFn:
-    """M1 over the catalog's product texts (the fine-tuned model, or the logged cosine fallback)."""
+def make_relevance_fn(settings: Any) -> attribution.CalibratedRelevance:
+    """M1 over the catalog's product texts (the fine-tuned model, or the logged cosine fallback), with the
+    gain's relevance threshold that belongs to this M1 (``rewards.relevant_above`` when configured, else
+    calibrated once per model on training labels and cached): whoever scores with M1 scores with its τ."""
     from qrloop.relevance import RelevanceModel
+    from qrloop.relevance_threshold import relevant_above
     from simulators.catalog import Catalog
 
     catalog = Catalog.open(settings)
@@ -49,7 +52,7 @@ def make_relevance_fn(settings: Any) -> attribution.RelevanceFn:
             return []
         return [float(s) for s in model.score(query, [catalog.text(pid) for pid in product_ids])]
 
-    return relevance
+    return attribution.CalibratedRelevance(relevance, relevant_above(settings, model, catalog.dataset))
 
 
 def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | None = None) -> None:
