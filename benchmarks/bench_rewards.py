@@ -192,7 +192,12 @@ def report(results: dict[str, list[Scores]], weights: RewardSettings, shoppers: 
             f"50/90/95 {np.percentile(draws, 50):.4f} / {np.percentile(draws, 90):.4f} / "
             f"{np.percentile(draws, 95):.4f}"
         )
-    print(f"  gain margin from that noise (drift p90): {margin:.4f} (configured: {weights.margin})")
+    print(f"  margin from that noise (the sd of a difference): {margin:.4f} (configured: {weights.margin})")
+    for scalar, m in (("paper", PAPER.margin), ("gain", weights.margin)):
+        print(
+            f"  two shoppers' {scalar} rewards of the same rewrite differ by more than the margin {m}: "
+            f"{same_rewrite_disagreement(results, scalar, m):.1%} of draws (a pure-noise preference)"
+        )
 
     print(
         "\nshare of queries where the direction holds (mean over shoppers; 'clear': by more than the margin)"
@@ -225,18 +230,32 @@ def report(results: dict[str, list[Scores]], weights: RewardSettings, shoppers: 
 
 
 def noise_margin(results: dict[str, list[Scores]]) -> float:
-    """What shoppers' chance alone pays: the 90th percentile of the single-shopper gain of drift lists.
+    """``rewards.margin``: the sd of the difference between two shoppers' gains of the *same* rewrite, i.e.
+    √2 × the median (over lists whose gain varies at all) of the per-list sd across shoppers.
 
-    A drift list shows new products the shopper did not ask for (another query's results); M1 rarely finds
-    them relevant, so what such a rewrite gains comes from the click model's chance clicks per shopper.
-    Two rewrites whose gains differ by less than that are not told apart by the evidence: a tie.
+    Two draws of one rewrite differ by about that much by chance alone; a preference smaller than that is
+    noise, a tie. (M1's novelty is deterministic: all of this noise is the shoppers'.)
     """
-    draws = [g for r in results["drift"] for g in r.gain]
-    return float(np.percentile(draws, 90)) if draws else 0.0
+    sds = [float(np.std(r.gain, ddof=1)) for rows in results.values() for r in rows]
+    varying = [s for s in sds if s > 0]
+    return math.sqrt(2) * float(np.median(varying)) if varying else 0.0
 
 
-def pairs(settings: Settings, run_id: str) -> None:
-    """The same traffic, attributed with the old and with the new reward."""
+def same_rewrite_disagreement(results: dict[str, list[Scores]], scalar: str, margin: float) -> float:
+    """Share of pairs of two shoppers' draws of the same rewrite that differ by more than ``margin``: how
+    often a pair of equally good rewrites would be emitted as a preference."""
+    diffs = [
+        abs(draws[i] - draws[i + 1])
+        for rows in results.values()
+        for r in rows
+        for draws in [getattr(r, scalar)]
+        for i in range(0, len(draws) - 1, 2)
+    ]
+    return float(np.mean([d > margin for d in diffs])) if diffs else float("nan")
+
+
+def pairs(settings: Settings, run_id: str, limit: int | None) -> None:
+    """The same traffic, attributed with the old and with the new reward (the first ``limit`` queries)."""
     from qrloop.demo import make_run
     from qrloop.replay import attribute, export_log, parse, read_jsonl
     from streams.aggregator import make_relevance_fn
@@ -246,6 +265,12 @@ def pairs(settings: Settings, run_id: str) -> None:
     if not path.is_file():
         export_log(run.settings, path)
     events = parse(read_jsonl(path)).events
+    if limit is not None:
+        first = sorted((e for e in events if isinstance(e, QueryEvent)), key=lambda e: e.event_time)[:limit]
+        kept = {q.event_id for q in first}
+        events = [
+            e for e in events if (e.event_id if isinstance(e, QueryEvent) else e.query_event_id) in kept
+        ]
     relevance = make_relevance_fn(run.settings)
     queries = [e for e in events if isinstance(e, QueryEvent)]
     echo = sum(rewards.is_echo(e.query, r.text) for e in queries for r in e.rewrites)
@@ -281,10 +306,11 @@ def main() -> None:
     s.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("pairs")
     p.add_argument("--run", required=True, help="run id of a demo run (its directory under <cache>/runs)")
+    p.add_argument("--queries", type=int, default=None, help="only the run's first N queries")
     args = parser.parse_args()
     settings = get_settings()
     if args.command == "pairs":
-        pairs(settings, args.run)
+        pairs(settings, args.run, args.queries)
     else:
         sanity(
             settings, getattr(args, "queries", 200), getattr(args, "shoppers", 8), getattr(args, "seed", 0)
