@@ -38,8 +38,11 @@ SUPPORTED_VERSIONS = frozenset({SCHEMA_VERSION})
 PAIR_NAMESPACE = uuid.UUID("6f1d2c3e-8a4b-4e1f-9c2d-7b5a3e9f1c0d")
 # The list of products shown for the shopper's own query, as opposed to one of the two rewrites.
 ORIGINAL_LIST = "original"
-# The reward signals of qrloop.rewards.RewardComponents; a pair may carry a subset (or none in tests).
-REWARD_COMPONENTS = frozenset({"relevance", "diversity", "click", "add2cart", "purchase"})
+# The reward signals of qrloop.rewards.RewardComponents (the paper's five and the gain's two); a pair may
+# carry a subset (or none in tests).
+REWARD_COMPONENTS = frozenset(
+    {"relevance", "diversity", "click", "add2cart", "purchase", "novelty", "engagement"}
+)
 
 Arm = Literal["production", "canary"]
 InteractionKind = Literal["impression", "click", "add_to_cart", "purchase"]
@@ -79,6 +82,12 @@ class Rewrite(BaseModel):
         None,
         description="Log-probability of the same tokens under the production policy, logged when the canary "
         "arm served the rewrite (the canary's KL guard); None otherwise.",
+    )
+    draw: int = Field(
+        1,
+        ge=1,
+        description="The sampling round that produced it: 1 is the first; more means the rewriter resampled "
+        "because earlier rewrites repeated each other or echoed the query (rewriter.max_resamples).",
     )
 
 
@@ -167,9 +176,9 @@ class QueryOutcome(Event):
     event_time: UtcDatetime = Field(description="The query's event time (the canary's windows use it).")
     policy_version: int | None
     arm: Arm
-    reward: float = Field(description="Mean combined reward of the two rewrites.")
+    reward: float = Field(description="Mean reward (rewards.ranking's scalar) of the two rewrites.")
     relevance: float = Field(description="Mean relevance component of the two rewrites (the hacking guard).")
-    rewards: list[float] = Field(min_length=2, max_length=2, description="Each rewrite's combined reward.")
+    rewards: list[float] = Field(min_length=2, max_length=2, description="Each rewrite's reward.")
     logprobs: list[float] = Field(
         min_length=2, max_length=2, description="Each rewrite's logged log-probability under its policy."
     )

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qrloop.data import dataset_name
+from qrloop.data import Dataset, dataset_name
 from qrloop.models import load_encoder
 from qrloop.settings import Settings
 
@@ -266,6 +266,33 @@ def _cross_encoder_scorer(model: Any) -> Scorer:
         return np.asarray(scores, dtype=np.float64).reshape(-1)
 
     return score
+
+
+# --- training labels (pure functions of a Dataset; M1 training and the gain's τ calibration read them) ----
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Aligned (query, product text, relevance in [0, 1]) triples."""
+
+    queries: list[str]
+    texts: list[str]
+    targets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+def training_pairs(dataset: Dataset, max_pairs: int, seed: int) -> Pairs:
+    """A seeded subsample of the *training split's* labels; held-out labels never reach training."""
+    labels = dataset.labels_for("train").merge(dataset.queries[["query_id", "query"]], on="query_id")
+    labels = labels.merge(dataset.products[["product_id", "text"]], on="product_id")
+    labels = labels.sort_values(["query_id", "product_id"], kind="stable")  # independent of file order
+    if len(labels) > max_pairs:
+        labels = labels.sample(n=max_pairs, random_state=seed)
+    return Pairs(
+        labels["query"].tolist(), labels["text"].tolist(), labels["relevance"].to_numpy(dtype=np.float32)
+    )
 
 
 def load_scorer(folder: Path, kind: str, settings: Settings) -> Scorer:

@@ -36,11 +36,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from policy_store import PolicyStore
 from qrloop import health, logs, metrics
 from qrloop.canary_job import canary_share
-from qrloop.data import normalise_query
 from qrloop.events import Arm, PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
 from qrloop.models import load_policy
 from qrloop.prompting import build_prompt, end_of_turn
 from qrloop.reload import reload_on_sighup
+from qrloop.rewards import is_echo, same_text
 from qrloop.settings import CanarySettings, RewriterSettings, Settings
 
 log = logging.getLogger("qrloop.rewriter")
@@ -93,6 +93,37 @@ class Sampled(NamedTuple):
     text: str
     logprob: float
     reference_logprob: float | None = None
+    draw: int = 1  # the sampling round that produced it (1: the first)
+
+
+def adds_nothing(query: str, text: str) -> bool:
+    """An empty rewrite or an echo of the query: it cannot retrieve anything the original did not."""
+    return not text.strip() or is_echo(query, text)
+
+
+def pick_two(query: str, candidates: Sequence[Sampled]) -> list[Sampled] | None:
+    """The first two candidates (in draw order) that differ from each other and from the query, if any."""
+    picked: list[Sampled] = []
+    for candidate in candidates:
+        if adds_nothing(query, candidate.text) or any(same_text(candidate.text, p.text) for p in picked):
+            continue
+        picked.append(candidate)
+        if len(picked) == 2:
+            return picked
+    return None
+
+
+def best_two(query: str, candidates: Sequence[Sampled]) -> list[Sampled]:
+    """Without two useful, distinct candidates: useful ones first, then distinct texts, then the rest."""
+    order = sorted(range(len(candidates)), key=lambda i: adds_nothing(query, candidates[i].text))
+    picked: list[int] = []
+    for i in order:
+        if len(picked) < 2 and not any(same_text(candidates[i].text, candidates[j].text) for j in picked):
+            picked.append(i)
+    for i in order:  # every candidate says the same: serve two of them anyway
+        if len(picked) < 2 and i not in picked:
+            picked.append(i)
+    return [candidates[i] for i in picked]
 
 
 class Rewriter:
@@ -126,7 +157,7 @@ class Rewriter:
             self.config = config
 
     def _sample(
-        self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None
+        self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None, draw: int = 1
     ) -> list[Sampled]:
         tokenizer = policy.tokenizer
         inputs = tokenizer(build_prompt(tokenizer, query), return_tensors="pt")
@@ -151,19 +182,29 @@ class Rewriter:
         if reference is not None:
             refs = [float(x) for x in _reference_logprobs(reference, out.sequences, prompt_len, stop_id)]
         rows = zip(texts, logps, refs, strict=True)
-        return [Sampled(" ".join(t.split()), float(lp), ref) for t, lp, ref in rows]
+        return [Sampled(" ".join(t.split()), float(lp), ref, draw) for t, lp, ref in rows]
 
     def sample_rewrites(
         self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None
     ) -> list[Sampled]:
-        first = self._sample(policy, query, reference)
-        if normalise_query(first[0][0]) == normalise_query(first[1][0]):
-            # Identical rewrites teach DPO nothing; one resample usually separates them.
-            second = self._sample(policy, query, reference)
-            distinct = [r for r in second if normalise_query(r[0]) != normalise_query(first[0][0])]
-            if distinct:
-                return [first[0], distinct[0]]
-        return first
+        """Two rewrites that differ from each other and from the query, resampling a bounded number of times.
+
+        Identical rewrites make no pair and an echo adds nothing, so serving them wastes the query's
+        exploration; left alone, a policy drifting towards echoing the query serves ever fewer useful pairs
+        (the collapse issue #12 measured). Each round draws two more; after ``max_resamples`` extra rounds the
+        best available pair is served. Every served rewrite keeps the log-probability of its *own* tokens from
+        the round that drew it (log π(y | x) at temperature 1, as always), so what is logged is exactly what
+        was served. The behaviour distribution is then π conditioned on being accepted, not π itself: the
+        importance weights of off-policy evaluation treat it as π (the rejected mass is reported per version
+        through ``Rewrite.draw``); DPO recomputes log-probabilities and is unaffected.
+        """
+        candidates: list[Sampled] = []
+        for draw in range(1, self.config.max_resamples + 2):
+            candidates += self._sample(policy, query, reference, draw)
+            picked = pick_two(query, candidates)
+            if picked is not None:
+                return picked
+        return best_two(query, candidates)
 
     def serve(
         self,
@@ -198,8 +239,9 @@ class Rewriter:
                     logprob=logprob,
                     products=self.search(text)[:k] if text else [],
                     reference_logprob=reference_logprob,
+                    draw=draw,
                 )
-                for i, (text, logprob, reference_logprob) in enumerate(rewrites)
+                for i, (text, logprob, reference_logprob, draw) in enumerate(rewrites)
             ],
         )
 
@@ -589,7 +631,7 @@ def _json_response(
 # Not the products per list (rewards of lists of other lengths are not comparable), nor topics, aliases or
 # the database; the canary's share is the canary job's to step (its audit log is the state), not a setting.
 # The HTTP limits are not reloaded either: the server's handler class and semaphore are built with them.
-RELOADABLE = ("temperature", "top_p", "max_new_tokens")
+RELOADABLE = ("temperature", "top_p", "max_new_tokens", "max_resamples")
 
 
 class _RewriterHttpServer(ThreadingHTTPServer):

@@ -42,6 +42,7 @@ from qrloop.events import (
 )
 from qrloop.models import encoder_dir
 from qrloop.relevance import RelevanceModel, read_report, relevance_dir
+from qrloop.relevance_threshold import relevant_above
 from qrloop.reload import reload_on_sighup
 from qrloop.settings import Settings, get_settings
 from streams import attribution
@@ -50,8 +51,10 @@ from streams.app import AggregatorApp, create_app
 log = logging.getLogger("qrloop.aggregator")
 
 
-def make_relevance_fn(settings: Settings) -> attribution.RelevanceFn:
-    """M1 over the catalog's product texts (the fine-tuned model, or the logged cosine fallback)."""
+def make_relevance_fn(settings: Settings) -> attribution.CalibratedRelevance:
+    """M1 over the catalog's product texts (the fine-tuned model, or the logged cosine fallback), with the
+    gain's relevance threshold that belongs to this M1 (``rewards.relevant_above`` when configured, else
+    calibrated once per model on training labels and cached): whoever scores with M1 scores with its τ."""
     catalog = Catalog.open(settings)
     model = RelevanceModel.load(settings)
 
@@ -60,7 +63,7 @@ def make_relevance_fn(settings: Settings) -> attribution.RelevanceFn:
             return []
         return [float(s) for s in model.score(query, [catalog.text(pid) for pid in product_ids])]
 
-    return relevance
+    return attribution.CalibratedRelevance(relevance, relevant_above(settings, model, catalog.dataset))
 
 
 def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | None = None) -> None:

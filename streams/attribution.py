@@ -164,6 +164,17 @@ RelevanceFn = Callable[[str, Sequence[str]], Sequence[float]]
 
 
 @dataclass(frozen=True)
+class CalibratedRelevance:
+    """A relevance function with the gain's threshold that belongs to its scale (M1 and its calibration)."""
+
+    score: RelevanceFn
+    relevant_above: float
+
+    def __call__(self, query: str, product_ids: Sequence[str]) -> Sequence[float]:
+        return self.score(query, product_ids)
+
+
+@dataclass(frozen=True)
 class Scored:
     """What closing one query produced: a pair, or a tie (counted, never emitted)."""
 
@@ -176,30 +187,57 @@ class Scored:
     pair: PreferencePair | None
 
 
-def _components(event: QueryEvent, index: int, feedback: dict[str, ListFeedback], relevance: RelevanceFn):  # type: ignore[no-untyped-def,unused-ignore]
+def _components(
+    event: QueryEvent,
+    index: int,
+    feedback: dict[str, ListFeedback],
+    relevance: RelevanceFn,
+    relevant_above: float,
+) -> rewards.RewardComponents:
     rewrite = event.rewrites[index]
     got = feedback.get(rewrite.rewrite_id, ListFeedback())
-    shown = set(rewrite.products)
-    return rewards.components(
+    return rewards.rewrite_components(
+        query=event.query,
+        rewrite=rewrite.text,
         original_products=event.original_products,
         rewrite_products=rewrite.products,
         relevance_scores=list(relevance(event.query, rewrite.products)),
-        # Only interactions on products the list actually showed are attributable to it.
-        clicks=len(got.clicks & shown),
-        add2carts=len(got.add_to_carts & shown),
-        purchases=len(got.purchases & shown),
+        feedback=rewards.Feedback(got.clicks, got.add_to_carts, got.purchases),
+        relevant_above=relevant_above,
+    )
+
+
+def threshold(weights: RewardSettings, relevance: RelevanceFn) -> float:
+    """τ of the gain: ``rewards.relevant_above`` when configured, else the one calibrated with M1."""
+    if weights.relevant_above is not None:
+        return weights.relevant_above
+    if isinstance(relevance, CalibratedRelevance):
+        return relevance.relevant_above
+    raise ValueError(
+        "rewards.relevant_above is not set and the relevance function has no calibrated threshold: "
+        "streams.aggregator.make_relevance_fn calibrates one for M1; another relevance function needs "
+        "RewardSettings(relevant_above=...) or CalibratedRelevance(fn, relevant_above)"
     )
 
 
 def score(state: State, relevance: RelevanceFn, weights: RewardSettings) -> Scored:
-    """Score both rewrites and decide the preference (the paper's §3.2 signals, weighted by settings)."""
+    """Score both rewrites and decide the preference by ``weights.ranking``'s scalar (default: the gain).
+
+    Not a pair: two rewrites that normalise to the same text (DPO would learn nothing), and, by the gain's
+    construction, never one whose chosen side is an echo of the query (its gain is 0, the floor of all gains;
+    checked here too, so a 'paper' ranking cannot teach the echo either).
+    """
     event = QueryEvent.model_validate(state["query"])
     feedback = feedback_by_list(state)
-    first, second = (_components(event, i, feedback, relevance) for i in (0, 1))
-    first_reward, second_reward = first.combined(weights), second.combined(weights)
+    tau = threshold(weights, relevance)
+    first, second = (_components(event, i, feedback, relevance, tau) for i in (0, 1))
+    first_reward, second_reward = first.scalar(weights), second.scalar(weights)
     preference = rewards.prefer(first_reward, second_reward, weights.margin)
-    if " ".join(event.rewrites[0].text.lower().split()) == " ".join(event.rewrites[1].text.lower().split()):
+    texts = [r.text for r in event.rewrites]
+    if rewards.same_text(*texts):
         preference = "tie"  # the same text as chosen and rejected teaches DPO nothing
+    elif preference != "tie" and rewards.is_echo(event.query, texts[0 if preference == "first" else 1]):
+        preference = "tie"  # the query itself is never the lesson: copying it adds nothing
     pair = None
     if preference != "tie":
         chosen_i = 0 if preference == "first" else 1

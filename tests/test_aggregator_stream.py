@@ -52,6 +52,11 @@ def stream_settings(base_settings: Settings, kafka_bootstrap: str, unique_topic:
     return settings
 
 
+# The stream's plumbing, checked against the paper's hand-checkable scalar; every new product counts for the
+# gain's components (τ = 0), whichever M1 this machine has.
+PAPER_SCALAR = {"QRLOOP_REWARDS__RANKING": "paper", "QRLOOP_REWARDS__RELEVANT_ABOVE": "0"}
+
+
 def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path: Path) -> None:
     settings = stream_settings
     catalog = Catalog.open(settings)
@@ -114,7 +119,7 @@ def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path:
     worker = subprocess.Popen(
         [sys.executable, "-m", "qrloop", "aggregate"],
         cwd=REPO_ROOT,
-        env=aggregator_env(settings, tmp_path),
+        env=aggregator_env(settings, tmp_path) | PAPER_SCALAR,
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -163,11 +168,26 @@ def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path:
     # Hand-computed components for Q1 (relevance from the same M1 the aggregator loads).
     m1 = RelevanceModel.load(settings)
 
-    def relevance_of(products: list[str]) -> float:
-        return rewards.relevance(list(m1.score(q1.query, [catalog.text(p) for p in products])))
+    def scores(products: list[str]) -> list[float]:
+        return list(m1.score(q1.query, [catalog.text(p) for p in products]))
 
-    r1 = rewards.RewardComponents(relevance_of(q1.rewrites[0].products), 0.75, 2 / 4, 1 / 4, 1 / 4)
-    r2 = rewards.RewardComponents(relevance_of(q1.rewrites[1].products), 1 / 4, 1 / 4, 0.0, 0.0)
+    def relevance_of(products: list[str]) -> float:
+        return rewards.relevance(scores(products))
+
+    # Gain terms at τ = 0: novelty = Σ M1 of the new products / 4; engagement = stages on new products / 3 / 4
+    # (r1: e clicked, carted, bought and f clicked = 4 stages; r2: its click on a is on an original product).
+    r1 = rewards.RewardComponents(
+        relevance_of(q1.rewrites[0].products),
+        0.75,
+        2 / 4,
+        1 / 4,
+        1 / 4,
+        sum(scores([e, f, g])) / 4,
+        4 / 3 / 4,
+    )
+    r2 = rewards.RewardComponents(
+        relevance_of(q1.rewrites[1].products), 1 / 4, 1 / 4, 0.0, 0.0, sum(scores([ids[7]])) / 4, 0.0
+    )
     p1 = pairs[q1.event_id]
     assert p1.pair_id == pair_id_for(q1.event_id)
     assert (p1.chosen, p1.rejected) == ("metal angle bracket", "bracket")
@@ -175,7 +195,8 @@ def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path:
         assert p1.chosen_components[name] == pytest.approx(value, abs=1e-6), name
     for name, value in r2.as_dict().items():
         assert p1.rejected_components[name] == pytest.approx(value, abs=1e-6), name
-    assert p1.chosen_reward == pytest.approx(r1.combined(settings.rewards), abs=1e-6)
+    paper = settings.rewards.model_copy(update={"ranking": "paper"})
+    assert p1.chosen_reward == pytest.approx(r1.combined(paper), abs=1e-6)
     assert p1.policy_version == 7
 
     reasons = sorted(letter.reason for letter in letters)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -47,7 +48,7 @@ def interaction(rewrite_id: str, product_id: str, kind: str, after_s: float, n: 
     )
 
 
-def relevance_table(_query: str, product_ids: list[str] | tuple[str, ...]) -> list[float]:
+def relevance_table(_query: str, product_ids: Sequence[str]) -> list[float]:
     # p1..p4 relevant to the query, the rest not: a hand-checkable M1.
     return [1.0 if pid in {"p1", "p2", "p3", "p4", "p5"} else 0.0 for pid in product_ids]
 
@@ -126,27 +127,73 @@ def test_score_matches_hand_computed_rewards() -> None:
         interaction("r2", "p7", "click", 2),  # p7 is not in r2's list: not attributable to r2
     ):
         attribution.apply_interaction(state, item, WINDOW)
-    weights = RewardSettings(relevance=1, diversity=1, click=1, add2cart=1, purchase=1, margin=0.01)
+    weights = RewardSettings(
+        relevance=1, diversity=1, click=1, add2cart=1, purchase=1, margin=0.01, relevant_above=0.5
+    )
     scored = attribution.score(state, relevance_table, weights)
     # r1: products p1,p5,p6,p7 -> relevance 2/4; diversity (4 - |{p1}|)/4 = 0.75; clicks 2/4; a2c 1/4.
-    assert scored.first == rewards.RewardComponents(0.5, 0.75, 0.5, 0.25, 0.0)
-    # r2: p1,p2,p8,p9 -> relevance 2/4; diversity (4 - 2)/4 = 0.5; clicks 1/4 (p7 ignored).
-    assert scored.second == rewards.RewardComponents(0.5, 0.5, 0.25, 0.0, 0.0)
-    assert scored.first_reward == pytest.approx((0.5 + 0.75 + 0.5 + 0.25) / 5)
+    # Gain: new p5 (1.0), p6, p7 (0.0): novelty 1/4; engagement on new products: p5 click + cart, p6 click.
+    assert scored.first == rewards.RewardComponents(0.5, 0.75, 0.5, 0.25, 0.0, 0.25, 3 / 3 / 4)
+    # r2: p1,p2,p8,p9 -> relevance 2/4; diversity (4 - 2)/4 = 0.5; clicks 1/4 (p7 ignored). Its new products
+    # p8, p9 are irrelevant and its click was on p1, which the original showed: it adds nothing.
+    assert scored.second == rewards.RewardComponents(0.5, 0.5, 0.25, 0.0, 0.0, 0.0, 0.0)
+    assert scored.first_reward == pytest.approx((0.25 + 0.25) / 2), "DPO ranks by the gain"
+    assert scored.second_reward == 0.0
     assert scored.preference == "first"
     pair = scored.pair
     assert pair is not None
     assert (pair.chosen, pair.rejected) == ("metal angle bracket", "bracket")
     assert pair.pair_id == pair_id_for("q-1")
-    assert pair.chosen_components["diversity"] == 0.75
+    assert pair.chosen_components["diversity"] == 0.75 and pair.chosen_components["novelty"] == 0.25
     assert pair.policy_version == 3
+    paper = attribution.score(state, relevance_table, weights.model_copy(update={"ranking": "paper"}))
+    assert paper.first_reward == pytest.approx((0.5 + 0.75 + 0.5 + 0.25) / 5), "the paper's scalar on request"
 
 
 def test_tie_emits_no_pair() -> None:
     state = open_state()
-    weights = RewardSettings(relevance=1, diversity=0, click=1, add2cart=1, purchase=1, margin=0.05)
+    weights = RewardSettings(diversity=0, margin=0.05, relevant_above=0.5, ranking="paper")
     scored = attribution.score(state, relevance_table, weights)
     assert scored.preference == "tie" and scored.pair is None
+
+
+def scored_with(texts: tuple[str, str], weights: RewardSettings) -> attribution.Scored:
+    """Score the standard event with other rewrite texts (the same lists, no interactions)."""
+    event = query_event()
+    rewrites = [r.model_copy(update={"text": t}) for r, t in zip(event.rewrites, texts, strict=True)]
+    state = attribution.apply_query(
+        attribution.new_state(now_wall=0.0), event.model_copy(update={"rewrites": rewrites}), WINDOW
+    )
+    return attribution.score(state, relevance_table, weights)
+
+
+def test_an_echo_is_never_chosen() -> None:
+    weights = RewardSettings(relevant_above=0.5, margin=0.0)
+    # r1 adds a relevant product (p5): chosen over the echo, which gains exactly 0.
+    scored = scored_with(("metal angle bracket", "Angle Bracket"), weights)
+    assert scored.second_reward == 0.0 and scored.preference == "first"
+    assert scored.pair is not None and scored.pair.rejected == "Angle Bracket"
+    # Even where a rewrite *would* score above: under the paper's scalar r1 (relevance 2/4, diversity 3/4)
+    # beats r2 (2/4, 2/4), but r1's text is the query itself, so it is no lesson: a tie, not a pair.
+    paper = weights.model_copy(update={"ranking": "paper"})
+    assert scored_with(("metal angle bracket", "bracket"), paper).preference == "first"
+    echo_first = scored_with(("angle  BRACKET", "bracket"), paper)
+    assert echo_first.first_reward > echo_first.second_reward
+    assert echo_first.preference == "tie" and echo_first.pair is None
+    # Under the gain an echo cannot even score above anything (all gains are >= 0, an echo's is 0).
+    assert scored_with(("angle bracket", "bracket"), weights).preference == "tie"
+
+
+def test_two_rewrites_of_the_same_text_are_no_pair() -> None:
+    weights = RewardSettings(relevant_above=0.5, margin=0.0, ranking="paper")
+    # Different lists (a stale index, say), so different rewards, but the same text: DPO learns nothing.
+    scored = scored_with(("Metal angle bracket", "metal  angle bracket"), weights)
+    assert scored.first_reward != scored.second_reward and scored.pair is None
+
+
+def test_an_unset_threshold_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="relevant_above"):
+        attribution.score(open_state(), relevance_table, RewardSettings())
 
 
 def test_watermark_follows_event_time_then_the_clock_when_idle() -> None:

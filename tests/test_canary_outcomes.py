@@ -77,7 +77,8 @@ def test_outcome_carries_arm_version_mean_reward_relevance_and_kl() -> None:
     state = attribution.apply_query(attribution.new_state(), event, window_s=30)
     attribution.apply_interaction(state, click(event, "r1", "p4"), window_s=30)
     relevance = {"p4": 0.9, "p5": 0.7, "p6": 0.5, "p7": 0.3, "p0": 0.2, "p1": 0.2, "p2": 0.2, "p3": 0.2}
-    scored = attribution.score(state, lambda _q, ps: [relevance[p] for p in ps], RewardSettings())
+    weights = RewardSettings(relevant_above=0.5)
+    scored = attribution.score(state, lambda _q, ps: [relevance[p] for p in ps], weights)
     outcome = attribution.outcome(state, scored)
     assert (outcome.arm, outcome.policy_version, outcome.query_event_id) == ("canary", 4, event.event_id)
     assert outcome.rewards == [scored.first_reward, scored.second_reward]
@@ -91,7 +92,7 @@ def test_outcome_carries_arm_version_mean_reward_relevance_and_kl() -> None:
     production = query_event(products, "production", 3, (None, None))
     state = attribution.apply_query(attribution.new_state(), production, window_s=30)
     tied = attribution.outcome(
-        state, attribution.score(state, lambda _q, ps: [0.5] * len(ps), RewardSettings(diversity=0))
+        state, attribution.score(state, lambda _q, ps: [0.5] * len(ps), RewardSettings(relevant_above=0.5))
     )
     assert tied.tie is True and tied.kl_to_reference is None and tied.arm == "production"
 
@@ -148,6 +149,9 @@ def test_the_faust_aggregator_emits_an_outcome_per_query_ties_included(
         QRLOOP_TOPICS__PARTITIONS="1",
         QRLOOP_STREAMS__APP_ID=f"{unique_topic}-agg",
         QRLOOP_CACHE_DIR=str(settings.cache_dir),
+        # Every new product counts for the gain (τ = 0), whichever M1 this machine has: the canary's click
+        # on a new product is then in its reward by construction.
+        QRLOOP_REWARDS__RELEVANT_ABOVE="0",
         PYTHONUNBUFFERED="1",
         # A free port for Faust's worker web server: another aggregator may hold the default 6066.
         FAUST_WEB_PORT=str(free_port()),

@@ -147,6 +147,9 @@ def test_job_verdicts_move_real_aliases_and_the_rewriter_follows(
     follower = ArmsFollower(configured, armed, store).start()
     job = CanaryJob(configured, store, producer)
     relevance = lambda _q, products: [0.5] * len(products)  # noqa: E731
+    # The paper's scalar: clicks anywhere in a list count, so fewer clicks on the canary's lists lower its
+    # reward whatever the tiny policy's rewrites retrieve (the canary compares whichever scalar is set).
+    weights = settings.rewards.model_copy(update={"ranking": "paper", "relevant_above": 0.0})
     try:
         assert armed.arms() == {"production_version": v1, "canary_version": v2, "share": 0.3}
         time.sleep(1.0)  # the follower starts at the end of the topic
@@ -159,7 +162,7 @@ def test_job_verdicts_move_real_aliases_and_the_rewriter_follows(
                 arms[event.arm] += 1
                 clicks = canary_clicks if event.arm == "canary" else production_clicks
                 state = outcome_of(event, clicks)
-                outcome = attribution.outcome(state, attribution.score(state, relevance, settings.rewards))
+                outcome = attribution.outcome(state, attribution.score(state, relevance, weights))
                 assert (outcome.arm, outcome.policy_version) == (event.arm, event.policy_version)
                 producer.send(topics.query_outcomes, key=outcome.kafka_key(), value=encode(outcome))
             producer.flush()

@@ -90,6 +90,17 @@ def traffic_log(ids: Sequence[str], queries: int, seed: int) -> list[QueryEvent 
     return events
 
 
+@pytest.fixture(autouse=True)
+def plumbing_rewards(base_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replay and OPE are about moving and re-scoring logged traffic, not about the reward's shape (that is
+    test_rewards.py's): here the reward is the paper's hand-checkable weighted mean, and every new product
+    counts for the gain (τ = 0), in this process and in the roles it starts (undone after each test)."""
+    monkeypatch.setenv("QRLOOP_REWARDS__RANKING", "paper")
+    monkeypatch.setenv("QRLOOP_REWARDS__RELEVANT_ABOVE", "0")
+    plumbing = base_settings.rewards.model_copy(update={"ranking": "paper", "relevant_above": 0.0})
+    monkeypatch.setattr(base_settings, "rewards", plumbing)
+
+
 def isolated(base: Settings, name: str, **update: object) -> Settings:
     """An isolated run (``qrloop.runs.isolate``; the store stays ``base``'s unless ``update`` names one) with
     two partitions, a quick watermark and batches of 8."""

@@ -15,8 +15,18 @@ from qrloop.data import normalise_query as normalise
 from qrloop.events import PolicyAnnouncement, encode
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.prompting import build_prompt, end_of_turn
+from qrloop.rewards import is_echo
 from qrloop.runs import open_store
-from qrloop.serving import AnnouncementFollower, Rewriter, _completion_logprobs, load_version
+from qrloop.serving import (
+    AnnouncementFollower,
+    LoadedPolicy,
+    Rewriter,
+    Sampled,
+    _completion_logprobs,
+    best_two,
+    load_version,
+    pick_two,
+)
 from qrloop.settings import RewriterSettings, Settings
 from qrloop.topics import ensure_topics
 from tests.helpers import free_port, get, isolated_env, store_settings, wait_for
@@ -79,6 +89,59 @@ def test_logged_logprob_is_the_policys_own(tiny_dirs: tuple[Path, Path]) -> None
         targets = full[0, prompt_len:]
         expected = float(logps[prompt_len - 1 :].gather(1, targets[:, None]).sum())
         assert float(logged[row]) == pytest.approx(expected, abs=1e-3)
+
+
+def test_pick_two_skips_echoes_empties_and_repeats_in_draw_order() -> None:
+    a, b, c = (
+        Sampled("Drill", -1.0),
+        Sampled("cordless drill", -2.0, draw=1),
+        Sampled("drill bit", -3.0, draw=2),
+    )
+    assert pick_two("drill", [a, b, Sampled(" ", -0.5), Sampled("Cordless  drill", -2.5, draw=2), c]) == [
+        b,
+        c,
+    ]
+    assert pick_two("drill", [a, b]) is None, "one useful rewrite is not a pair"
+    # Out of tries: the useful one first, then a distinct text (an echo if nothing else), then anything.
+    assert best_two("drill", [a, a, b]) == [b, a]
+    assert best_two("drill", [a, Sampled("drill", -1.5)]) == [a, Sampled("drill", -1.5)]
+    assert best_two("drill", [a, a]) == [a, a], "two identical draws are still two rewrites"
+
+
+class EchoingRewriter(Rewriter):
+    """The real rewriter and model, except that the first rewrite of the first round echoes the query (what a
+    collapsing policy does); it remembers every round it served from."""
+
+    rounds: list[list[Sampled]]
+
+    def _sample(
+        self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None, draw: int = 1
+    ) -> list[Sampled]:
+        out = super()._sample(policy, query, reference, draw)
+        if draw == 1:
+            out[0] = out[0]._replace(text=query.upper())
+        self.rounds.append(out)
+        return out
+
+
+def test_resamples_an_echo_and_logs_each_served_rewrite_with_its_own_round(
+    tiny_dirs: tuple[Path, Path],
+) -> None:
+    config = RewriterSettings(max_new_tokens=6, max_resamples=3)
+    rewriter = EchoingRewriter(load_version(tiny_dirs[0], 1), fake_search, config)
+    rewriter.rounds = []
+    torch.manual_seed(7)
+    event = rewriter.serve("angle bracket", shopper_id="s", session_id="x")
+    assert len(rewriter.rounds) >= 2, "an echo in the first round makes the rewriter sample again"
+    assert len(rewriter.rounds) <= 1 + config.max_resamples, "bounded"
+    assert all(not is_echo("angle bracket", r.text) for r in event.rewrites), "the echo is not served"
+    assert normalise(event.rewrites[0].text) != normalise(event.rewrites[1].text)
+    # Each served rewrite is one of the drawn candidates, with the log-probability computed in its own round
+    # (that computation is test_logged_logprob_is_the_policys_own's), and says which round that was.
+    drawn = {(c.text, c.logprob, c.draw) for number, rnd in enumerate(rewriter.rounds, 1) for c in rnd}
+    assert all(c.draw == number for number, rnd in enumerate(rewriter.rounds, 1) for c in rnd)
+    assert {(r.text, r.logprob, r.draw) for r in event.rewrites} <= drawn
+    assert max(r.draw for r in event.rewrites) >= 2, "the second rewrite came from a later round"
 
 
 def test_swap_waits_for_the_query_in_flight(tiny_dirs: tuple[Path, Path]) -> None:

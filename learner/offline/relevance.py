@@ -60,11 +60,13 @@ from qrloop.relevance import (
     MAX_LENGTH,
     REPORT,
     Kind,
+    Pairs,
     Scorer,
     apply_torch_threads,
     cosine_scorer,
     load_scorer,
     relevance_dir,
+    training_pairs,
 )
 from qrloop.settings import Settings
 
@@ -73,30 +75,6 @@ Progress = Callable[[int, int, float], None]
 
 
 # --- data (pure functions of a Dataset) ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Pairs:
-    """Aligned (query, product text, relevance in [0, 1]) triples."""
-
-    queries: list[str]
-    texts: list[str]
-    targets: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.queries)
-
-
-def training_pairs(dataset: Dataset, max_pairs: int, seed: int) -> Pairs:
-    """A seeded subsample of the *training split's* labels; held-out labels never reach training."""
-    labels = dataset.labels_for("train").merge(dataset.queries[["query_id", "query"]], on="query_id")
-    labels = labels.merge(dataset.products[["product_id", "text"]], on="product_id")
-    labels = labels.sort_values(["query_id", "product_id"], kind="stable")  # independent of file order
-    if len(labels) > max_pairs:
-        labels = labels.sample(n=max_pairs, random_state=seed)
-    return Pairs(
-        labels["query"].tolist(), labels["text"].tolist(), labels["relevance"].to_numpy(dtype=np.float32)
-    )
 
 
 @dataclass(frozen=True)

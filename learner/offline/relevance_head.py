@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from learner.offline.relevance import Pairs, evaluate, heldout_queries, training_pairs
+from learner.offline.relevance import evaluate, heldout_queries
 from qrloop.data import load_prepared
 from qrloop.models import load_encoder
 from qrloop.relevance import (
@@ -36,11 +36,13 @@ from qrloop.relevance import (
     MAX_LENGTH,
     REPORT,
     Head,
+    Pairs,
     apply_torch_threads,
     cosine_scorer,
     load_scorer,
     pair_features,
     relevance_dir,
+    training_pairs,
 )
 from qrloop.settings import Settings
 

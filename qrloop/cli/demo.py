@@ -36,6 +36,7 @@ from qrloop.cli.doctor import check_kafka
 from qrloop.cli.supervisor import Supervised, Supervisor, spawn_qrloop
 from qrloop.data import dataset_name
 from qrloop.events import PolicyAnnouncement, PreferencePair, QueryEvent, QueryOutcome, decode
+from qrloop.rewards import is_echo, same_text
 from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
@@ -171,6 +172,12 @@ class Progress:
     reward_versions: list[int | None] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     served_versions: list[int | None] = field(default_factory=list)
+    # Per served query, in arrival order: rewrites that echo the query (0-2), whether the two are the same
+    # text, whether the rewriter had to resample (rewriter.max_resamples): is exploration collapsing?
+    served_echoes: list[int] = field(default_factory=list)
+    served_same: list[bool] = field(default_factory=list)
+    served_resampled: list[bool] = field(default_factory=list)
+    ties: int = 0
     prompts: list[str] = field(default_factory=list)
     chosen_texts: list[str] = field(default_factory=list)
     rejected_texts: list[str] = field(default_factory=list)
@@ -214,7 +221,11 @@ def absorb(progress: Progress, run: RunLayout, records: dict[TopicPartition, lis
         for message in messages:
             if tp.topic == topics.query_events:
                 progress.queries += 1
-                progress.served_versions.append(decode(QueryEvent, message.value).policy_version)
+                event = decode(QueryEvent, message.value)
+                progress.served_versions.append(event.policy_version)
+                progress.served_echoes.append(sum(is_echo(event.query, r.text) for r in event.rewrites))
+                progress.served_same.append(same_text(event.rewrites[0].text, event.rewrites[1].text))
+                progress.served_resampled.append(any(r.draw > 1 for r in event.rewrites))
             elif tp.topic == topics.preference_pairs:
                 pair = decode(PreferencePair, message.value)
                 progress.pairs += 1
@@ -227,6 +238,7 @@ def absorb(progress: Progress, run: RunLayout, records: dict[TopicPartition, lis
             elif tp.topic == topics.query_outcomes:
                 outcome = decode(QueryOutcome, message.value)
                 progress.query_rewards.append(outcome.reward)
+                progress.ties += outcome.tie
                 progress.reward_versions.append(outcome.policy_version)
             elif tp.topic == topics.policy_versions:
                 note = decode(PolicyAnnouncement, message.value)
@@ -376,6 +388,7 @@ def finish(run: RunLayout, progress: Progress, console: Console) -> Path:
     store.close()
     console.print(table)
     console.print(reward_by_version(progress))
+    console.print(exploration_by_version(progress))
     png = plot_rewards(progress, run.run_dir / "rewards.png")
     summary = summarise(progress, run.settings.dpo.batch_size)
     (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -385,7 +398,46 @@ def finish(run: RunLayout, progress: Progress, console: Console) -> Path:
         f"{summary['reward_last_quarter']:.3f} ({summary['reward_gain_pct']:+.1f}%); chosen "
         f"{summary['chosen_first_quarter']:.3f} -> {summary['chosen_last_quarter']:.3f}; curve: {png}"
     )
+    console.print(
+        f"ties {summary['ties']}; served rewrites echoing the query, first vs last quarter: "
+        f"{summary['echo_first_quarter']:.1%} -> {summary['echo_last_quarter']:.1%}; "
+        f"pairs whose chosen rewrite is the query: {summary['chosen_is_echo']}"
+    )
     return png
+
+
+def exploration_by_version(progress: Progress) -> Table:
+    """Per serving version: how often served rewrites echo the query, differ from each other, needed a
+    resample. A rising resample share means the policy itself is collapsing even where serving hides it."""
+    rows: dict[int | None, list[tuple[int, bool, bool]]] = {}
+    records = zip(
+        progress.served_versions,
+        progress.served_echoes,
+        progress.served_same,
+        progress.served_resampled,
+        strict=True,
+    )
+    for version, echoes, same, resampled in records:
+        rows.setdefault(version, []).append((echoes, same, resampled))
+    table = Table(
+        "served by version",
+        "queries",
+        "echo rate",
+        "distinct rewrites",
+        "resampled",
+        title="exploration by serving version",
+    )
+    for version in sorted(rows, key=lambda v: -1 if v is None else v):
+        got = rows[version]
+        n = len(got)
+        table.add_row(
+            str(version),
+            str(n),
+            f"{sum(e for e, _, _ in got) / (2 * n):.1%}",
+            f"{sum(not s for _, s, _ in got) / n:.1%}",
+            f"{sum(r for _, _, r in got) / n:.1%}",
+        )
+    return table
 
 
 def reward_by_version(progress: Progress) -> Table:
@@ -419,4 +471,16 @@ def summarise(progress: Progress, batch: int) -> dict[str, Any]:
         "rejected_first_quarter": mean(progress.rejected[:quarter]),
         "rejected_last_quarter": mean(progress.rejected[-quarter:]),
         "batch_size": batch,
+        "ties": progress.ties,
+        "echo_first_quarter": echo_rate(progress.served_echoes[: max(1, len(progress.served_echoes) // 4)]),
+        "echo_last_quarter": echo_rate(progress.served_echoes[-max(1, len(progress.served_echoes) // 4) :]),
+        "chosen_is_echo": sum(
+            is_echo(prompt, chosen)
+            for prompt, chosen in zip(progress.prompts, progress.chosen_texts, strict=True)
+        ),
     }
+
+
+def echo_rate(echoes_per_query: list[int]) -> float:
+    """Share of served rewrites (two per query) that echo the query."""
+    return sum(echoes_per_query) / (2 * len(echoes_per_query)) if echoes_per_query else float("nan")
