@@ -29,11 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from learner.lease import LearnerLease
+from policy_store import LeaseLostError, PolicyStore
 from qrloop import metrics
 from qrloop.events import DeadLetter, PolicyAnnouncement, PreferencePair, SchemaError, decode, encode
 from qrloop.settings import Settings
 
 log = logging.getLogger("qrloop.learner")
+# Loads the lineage's weights: DPOLearnerCore.from_versions, or learner.distributed's for data parallelism.
+CoreFactory = Callable[..., Any]
 LEARNER_TAG = "learner"
 
 
@@ -125,6 +129,9 @@ class Learner:
         self.publishing = threading.Lock()
         self.finished = threading.Event()
         self._reward_avg: dict[str, float] = {}
+        self.make_core: CoreFactory | None = None  # None: DPOLearnerCore.from_versions
+        # The lineage's lease (learner.lease): fences every publish. None only for a learner driven by hand.
+        self.lease: LearnerLease | None = None
 
     # -- consuming ------------------------------------------------------------------------------------------
 
@@ -173,8 +180,6 @@ class Learner:
             return self._publish(trained_ids, stats)
 
     def _publish(self, trained_ids: list[str], stats: Any) -> int:
-        from learner.ledger import record_pairs
-
         settings = self.settings
         with tempfile.TemporaryDirectory(dir=settings.cache_dir) as tmp:
             self.core.save(Path(tmp))
@@ -191,7 +196,7 @@ class Learner:
                 },
                 actor="learner",
                 reason=f"DPO step {self.state.steps}",
-                extra_sql=lambda session, version_id: record_pairs(session, version_id, trained_ids),
+                extra_sql=lambda session, version_id: self._in_publish(session, version_id, trained_ids),
             )
         self.state.version = version.id
         self.state.offsets = dict(self.next_offsets)
@@ -209,6 +214,15 @@ class Learner:
         if self.on_publish:
             self.on_publish(version.id)
         return version.id
+
+    def _in_publish(self, session: Any, version_id: int, trained_ids: list[str]) -> None:
+        """Inside the publish transaction: the lease's epoch check first (a stale learner's publish is
+        refused by the database), then the ledger rows."""
+        from learner.ledger import record_pairs
+
+        if self.lease is not None:
+            self.lease.fence(session)
+        record_pairs(session, version_id, trained_ids)
 
     def _commit_kafka_offsets(self) -> None:
         from kafka import TopicPartition
@@ -266,9 +280,8 @@ class Learner:
             return
         start = rebase_target(self.store, self.settings, rejected=self.state.version)
         self._unpublished = []  # steps on the rejected weights are discarded with them
-        self.core = DPOLearnerCore.from_versions(
-            self.settings, self.store, policy_version=start.id, reference_version=start.id
-        )
+        make_core = self.make_core or DPOLearnerCore.from_versions
+        self.core = make_core(self.settings, self.store, policy_version=start.id, reference_version=start.id)
         self.state.version = self.state.reference_version = start.id
         self.state.steps = start.train_steps
 
@@ -287,9 +300,16 @@ class Learner:
             lag = max(0, int(ends[tp] or 0) - self.consumer.position(tp))
             metrics.CONSUMER_LAG.labels("learner", tp.topic, str(tp.partition)).set(lag)
 
+    def lease_lost(self) -> bool:
+        return self.lease is not None and self.lease.lost.is_set()
+
     def run(self) -> None:
-        while not self.stop_requested.is_set():
-            self.run_once()
+        """Until a stop is requested or the lease is lost (then the caller goes back to standby)."""
+        while not self.stop_requested.is_set() and not self.lease_lost():
+            try:
+                self.run_once()
+            except LeaseLostError as exc:
+                log.warning("publish refused, another learner took over: %s", exc)
         log.info("learner stopping after step %d (version %d)", self.state.steps, self.state.version)
         self.finished.set()
 
@@ -366,15 +386,19 @@ def seek_to_stored_offsets(consumer: Any, settings: Settings, state: LearnerStat
             consumer.seek(tp, stored)
 
 
-def build(settings: Settings) -> Learner:
+def build(
+    settings: Settings, lease: LearnerLease | None = None, make_core: CoreFactory | None = None
+) -> Learner:
+    """A learner resumed from the store. ``lease``: already acquired, fences its publishes (``run`` passes
+    one; tests that drive ``run_once`` by hand may leave it out). ``make_core``: how weights are loaded
+    (default ``DPOLearnerCore.from_versions``; ``learner.distributed`` passes its data-parallel one)."""
     from kafka import KafkaConsumer, KafkaProducer
 
     from learner.dpo import DPOLearnerCore
-    from policy_store import PolicyStore
 
     store = PolicyStore.from_settings(settings)
     state = resume_state(store, settings)
-    core = DPOLearnerCore.from_versions(
+    core = (make_core or DPOLearnerCore.from_versions)(
         settings, store, policy_version=state.version, reference_version=state.reference_version
     )
     consumer = KafkaConsumer(
@@ -388,24 +412,27 @@ def build(settings: Settings) -> Learner:
     producer = KafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True, acks="all"
     )
-    return Learner(settings, store, core, state, consumer, producer)
+    learner = Learner(settings, store, core, state, consumer, producer)
+    learner.lease = lease
+    learner.make_core = make_core
+    return learner
 
 
-def run() -> None:
+def run(make_core: CoreFactory | None = None) -> None:
     """``qrloop learn``: the long-running learner, its probes and metrics on ``dpo.metrics_port``.
 
     SIGTERM/SIGINT: stop after the step in progress, or abandon it past ``dpo.stop_deadline_s`` (exit 0
     either way); SIGHUP: reload the log level and the ``RELOADABLE`` DPO settings.
     """
     from qrloop import health
-    from qrloop.settings import Settings, get_settings
+    from qrloop.settings import get_settings
 
     settings = get_settings()
     loaded: dict[str, Learner] = {}
 
     def model_check() -> str:
         if "learner" not in loaded:
-            raise RuntimeError("loading the policy and reference models")
+            raise RuntimeError("standby for the lineage's lease, or loading the models")
         return f"version {loaded['learner'].state.version} loaded"
 
     health.serve(
@@ -417,20 +444,38 @@ def run() -> None:
         },
         role="learner",
     )
-    # Until the loop runs there is nothing to finish: a stop while loading the models just exits.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: sys.exit(0))
-    learner = loaded["learner"] = build(settings)
+    lease = LearnerLease.for_settings(settings, PolicyStore.from_settings(settings))
+    while True:
+        # Until the loop runs there is nothing to finish: a stop while waiting or loading just exits.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: sys.exit(0))
+        lease.wait_until_acquired(threading.Event())
+        if not train_while_holding(settings, lease, loaded, make_core):
+            lease.release()
+            return
+        loaded.clear()
+
+
+def train_while_holding(
+    settings: Settings, lease: LearnerLease, loaded: dict[str, Learner], make_core: CoreFactory | None
+) -> bool:
+    """Resume and train until a stop (False) or until the lease is lost to another learner (True)."""
+    learner = loaded["learner"] = build(settings, lease, make_core)
     metrics.ALIAS_VERSION.labels(settings.dpo.alias).set(learner.state.version)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: learner.request_stop(learner.settings.dpo.stop_deadline_s))
     signal.signal(signal.SIGHUP, lambda *_: learner.reload(Settings()))
     log.info(
-        "learner resuming at version %d (reference %d, step %d)",
+        "learner resuming at version %d (reference %d, step %d, lease epoch %d)",
         learner.state.version,
         learner.state.reference_version,
         learner.state.steps,
+        lease.epoch,
     )
     learner.run()
     learner.consumer.close()
     learner.producer.close()
+    if learner.lease_lost():
+        log.warning("lease lost at version %d: back to standby", learner.state.version)
+        return True
+    return False

@@ -8,6 +8,7 @@ from policy_store.errors import (
     BlobIntegrityError,
     BlobMissingError,
     InvalidWeightsError,
+    LeaseLostError,
     NoPreviousVersionError,
     PolicyStoreError,
     StaleVerdictError,
@@ -17,6 +18,7 @@ from policy_store.errors import (
     VersionInUseError,
     VersionNotReadyError,
 )
+from policy_store.lease import Lease, Leases
 from policy_store.store import PolicyStore
 from policy_store.watch import AliasWatcher
 
@@ -30,6 +32,9 @@ __all__ = [
     "BlobStore",
     "GcReport",
     "InvalidWeightsError",
+    "Lease",
+    "LeaseLostError",
+    "Leases",
     "NoPreviousVersionError",
     "PolicyStore",
     "PolicyStoreError",

@@ -31,6 +31,10 @@ class StaleVerdictError(PolicyStoreError):
     """A canary verdict names alias holders that have moved since the analysis; nothing was changed."""
 
 
+class LeaseLostError(PolicyStoreError):
+    """The lease's epoch moved on (another holder took it over): writes fenced by the old one are refused."""
+
+
 class InvalidWeightsError(PolicyStoreError, ValueError):
     """The directory to publish is not a safetensors HF model / PEFT adapter directory."""
 

@@ -200,6 +200,12 @@ class PolicyStore:
             yield session
 
     @contextmanager
+    def write_session(self) -> Iterator[Session]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite) for tables beside the store's (leases)."""
+        with self._writing() as session:
+            yield session
+
+    @contextmanager
     def _reading(self) -> Iterator[Session]:
         with self._read_sessions() as session, session.begin():
             yield session

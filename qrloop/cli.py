@@ -240,12 +240,16 @@ def aggregate() -> None:
 
 
 @app.command()
-def learn() -> None:
+def learn(
+    nproc: int = typer.Option(
+        0, help="Data-parallel ranks (torch.distributed: gloo on CPU, NCCL on GPUs); 0: dpo.nproc."
+    ),
+) -> None:
     """The DPO learner: one step per batch of pairs, each published as a version with its offsets."""
-    from learner.worker import run
+    from learner.distributed import launch
 
     _logging()
-    run()
+    launch(nproc or get_settings().dpo.nproc)
 
 
 @app.command()
@@ -293,6 +297,18 @@ def topics_create() -> None:
 
     for name in ensure_topics(get_settings()):
         console.print(f"[green]ok[/] {name}")
+
+
+@topics_app.command("grow")
+def topics_grow() -> None:
+    """Raise existing topics to the configured partition counts (stop the rewriter and drain first)."""
+    from qrloop.topics import grow_topics
+
+    grown = grow_topics(get_settings())
+    for name, (before, after) in grown.items():
+        console.print(f"[green]grown[/] {name}: {before} -> {after} partitions")
+    if not grown:
+        console.print("every topic already has the configured partition count")
 
 
 # --- the daemon: every role, supervised (qrloop/daemon.py) ------------------------------------------------

@@ -54,9 +54,18 @@ class TopicSettings(BaseModel):
     preference_pairs: str = Field("qrloop.preference-pairs", description="Chosen/rejected rewrite pairs.")
     policy_versions: str = Field("qrloop.policy-versions", description="Announcements of versions/aliases.")
     dead_letter: str = Field("qrloop.dead-letter", description="Messages that could not be processed.")
-    partitions: int = Field(4, description="Partitions of the query-event and interaction topics.")
+    partitions: int = Field(
+        4,
+        ge=1,
+        description="Partitions of the query-event and interaction topics (≥ 3: the unit of aggregator "
+        "parallelism; raise with QRLOOP_TOPICS__PARTITIONS before first start, or `qrloop topics create` "
+        "after `kafka-topics.sh --alter --partitions` on both topics together).",
+    )
     pair_partitions: int = Field(
-        1, description="Partitions of the pair topic (one learner reads it in order)."
+        3,
+        ge=1,
+        description="Partitions of the pair topic (≥ 3; the learner reads every one and stores an offset "
+        "per partition with each version). Raise with QRLOOP_TOPICS__PAIR_PARTITIONS.",
     )
     replication_factor: int = Field(1, description="Replication factor (1 on the single-node broker).")
     query_outcomes: str = Field(
@@ -97,6 +106,15 @@ class DPOSettings(BaseModel):
         "qrloop", description="Names this learner's lineage: it resumes from its own latest version."
     )
     metrics_port: int = Field(0, description="Port of the learner's /metrics (0: off).")
+    lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="Lease of the lineage's one active learner (renewed every third of it): a standby "
+        "takes over at most this long after the active learner dies.",
+    )
+    nproc: int = Field(
+        1, ge=1, description="Data-parallel ranks of `qrloop learn` (torch.distributed; --nproc wins)."
+    )
     stop_deadline_s: float = Field(
         30.0,
         description="After SIGTERM the learner finishes the step in progress; past this deadline it abandons "
@@ -131,6 +149,18 @@ class StreamSettings(BaseModel):
     )
     tombstone_s: float = Field(300.0, description="How long a closed window still recognises late events.")
     metrics_port: int = Field(0, description="Port of the aggregator's /metrics (0: off).")
+    session_timeout_s: float = Field(
+        10.0,
+        ge=6.0,
+        description="Kafka group session of an aggregator worker: a worker killed without leaving the group "
+        "has its partitions (and table state) moved to the others after this long (Faust's default: 60).",
+    )
+    standby_replicas: int = Field(
+        1,
+        ge=0,
+        description="Standby copies of each window-table partition kept warm on other aggregator workers, "
+        "so a takeover replays little of the changelog.",
+    )
 
 
 class CanarySettings(BaseModel):

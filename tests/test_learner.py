@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from kafka import KafkaProducer
 
+from learner.lease import lease_name
 from learner.ledger import SqlTrainedPair
 from learner.worker import LEARNER_TAG, build, resume_state
-from policy_store import PolicyStore
+from policy_store import Leases, PolicyStore, PolicyVersion
 from qrloop import db
 from qrloop.events import PreferencePair, encode, pair_id_for
 from qrloop.models import build_tiny_policy, require_policy
@@ -47,6 +48,7 @@ def learner_settings(settings: Settings, kafka_bootstrap: str, unique_topic: str
             "dead_letter": f"{unique_topic}.d",
             "query_events": f"{unique_topic}.q",
             "interactions": f"{unique_topic}.i",
+            "pair_partitions": 3,  # pairs keyed by id spread over all three
         }
     )
     dpo = settings.dpo.model_copy(update={"learner_name": unique_topic, "learning_rate": 1e-4})
@@ -120,43 +122,78 @@ def test_versions_lineage_offsets_and_duplicates(learner_settings: Settings) -> 
     assert all(
         v.tags[LEARNER_TAG] == settings.dpo.learner_name and v.tags["reference_version"] == 1 for v in chain
     )
-    topic_key = f"{settings.topics.preference_pairs}:0"
-    assert chain[0].offsets[topic_key] == 16
-    assert chain[1].offsets[topic_key] == 33, "the duplicate was consumed and skipped inside the second batch"
+    # One stored offset per partition; together they count the records consumed: 16 pairs a step, plus the
+    # duplicate and the malformed record wherever the partitions' interleaving put them.
+    partitions = {f"{settings.topics.preference_pairs}:{p}" for p in range(3)}
+    assert set(chain[-1].offsets) == partitions and min(chain[-1].offsets.values()) > 0, "spread over 3"
+    consumed = [sum(v.offsets.values()) for v in chain]
+    assert [16 <= c - 16 * k <= 18 for k, c in enumerate(consumed)] == [True] * 3, consumed
     assert store.resolve("production").id == versions[-1]
     counts = ledger_counts(settings)
     assert len(counts) == 48 and set(counts.values()) == {1}
     assert set(counts) == {p.pair_id for p in pairs}
+
+    # A restart resumes every partition from the offsets stored with the latest version, and goes on.
+    restarted = build(settings)
+    assigned = restarted.consumer.assignment()
+    positions = {f"{tp.topic}:{tp.partition}": restarted.consumer.position(tp) for tp in assigned}
+    assert positions == chain[-1].offsets
+    more = [pair(n) for n in range(48, 64)]
+    publish_pairs(settings, more)
+    deadline = time.monotonic() + 120
+    fourth = None
+    while fourth is None and time.monotonic() < deadline:
+        fourth = restarted.run_once(timeout_ms=500)
+    restarted.consumer.close()
+    assert fourth is not None and store.get(fourth).parent_id == versions[-1]
+    counts = ledger_counts(settings)
+    assert set(counts) == {p.pair_id for p in pairs + more} and set(counts.values()) == {1}
     store.close()
 
 
-def test_exactly_once_across_kill_minus_nine(learner_settings: Settings, tmp_path: Path) -> None:
-    settings = learner_settings
-    pairs = [pair(n) for n in range(96)]
-    publish_pairs(settings, pairs)
+def learner_env(settings: Settings) -> dict[str, str]:
+    """The environment of a `qrloop learn` subprocess on the test's topics and store."""
     t = settings.topics
-    env = dict(
+    return dict(
         os.environ,
         QRLOOP_DATABASE_URL=settings.db_url,
         QRLOOP_BLOB_DIR=str(settings.blob_dir),
         QRLOOP_TOPICS__PREFERENCE_PAIRS=t.preference_pairs,
         QRLOOP_TOPICS__POLICY_VERSIONS=t.policy_versions,
         QRLOOP_TOPICS__DEAD_LETTER=t.dead_letter,
+        QRLOOP_TOPICS__PAIR_PARTITIONS=str(t.pair_partitions),
         QRLOOP_DPO__LEARNER_NAME=settings.dpo.learner_name,
-        QRLOOP_DPO__LEARNING_RATE="1e-4",
+        QRLOOP_DPO__LEARNING_RATE=str(settings.dpo.learning_rate),
+        # A killed learner's lease must lapse before another may train: keep that wait short.
+        QRLOOP_DPO__LEASE_S="3",
     )
-    rng = random.Random(7)
-    kills = 0
-    log = (tmp_path / "learner.log").open("wb")
 
-    def start() -> subprocess.Popen[bytes]:
+
+def start_learner(settings: Settings, log_path: Path, *args: str) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "qrloop", "learn"],
+            [sys.executable, "-m", "qrloop", "learn", *args],
             cwd=REPO_ROOT,
-            env=env,
+            env=learner_env(settings),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+def lineage(store: PolicyStore, settings: Settings) -> list[PolicyVersion]:
+    mine = (v for v in store.list() if v.tags.get(LEARNER_TAG) == settings.dpo.learner_name)
+    return sorted(mine, key=lambda v: v.id)
+
+
+def test_exactly_once_across_kill_minus_nine(learner_settings: Settings, tmp_path: Path) -> None:
+    settings = learner_settings
+    pairs = [pair(n) for n in range(96)]
+    publish_pairs(settings, pairs)
+    rng = random.Random(7)
+    kills = 0
+
+    def start() -> subprocess.Popen[bytes]:
+        return start_learner(settings, tmp_path / "learner.log")
 
     def trained() -> int:
         return sum(ledger_counts(settings).values())
@@ -179,17 +216,61 @@ def test_exactly_once_across_kill_minus_nine(learner_settings: Settings, tmp_pat
     finally:
         if process.poll() is None:
             process.kill()
-        log.close()
     counts = ledger_counts(settings)
     assert kills == 4
     assert set(counts) == {p.pair_id for p in pairs}, (tmp_path / "learner.log").read_text()[-3000:]
     assert set(counts.values()) == {1}, "no pair trained twice"
     store = PolicyStore.from_settings(settings)
-    mine = sorted(
-        (v for v in store.list() if v.tags.get(LEARNER_TAG) == settings.dpo.learner_name), key=lambda v: v.id
-    )
+    mine = lineage(store, settings)
     assert [v.train_steps for v in mine] == list(range(1, 7)), "six steps of sixteen, none repeated or lost"
     assert [v.parent_id for v in mine[1:]] == [v.id for v in mine[:-1]]
+    store.close()
+
+
+def test_two_learners_one_chain_standby_takes_over(learner_settings: Settings, tmp_path: Path) -> None:
+    settings = learner_settings
+    pairs = [pair(n) for n in range(64)]
+    publish_pairs(settings, pairs[:32])
+    logs = {name: tmp_path / f"learner-{name}.log" for name in "ab"}
+    processes = {name: start_learner(settings, path) for name, path in logs.items()}
+    store = PolicyStore.from_settings(settings)
+
+    def trained() -> int:
+        return sum(ledger_counts(settings).values())
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 240
+        while trained() < count and time.monotonic() < deadline:
+            assert all(p.poll() is None for p in processes.values()), "no learner exits (or crash-loops)"
+            time.sleep(0.5)
+
+    try:
+        wait_for(32)
+        holder = Leases(store).current(lease_name(settings))
+        assert holder is not None and holder.epoch == 1
+        active = next(n for n, p in processes.items() if holder.holder.split(":")[1] == str(p.pid))
+        standby = next(n for n in processes if n != active)
+        assert "standby: lease" in logs[standby].read_text(), "the second learner waited, it did not train"
+
+        processes.pop(active).send_signal(signal.SIGKILL)
+        publish_pairs(settings, pairs[32:])
+        wait_for(64)
+        survivor = processes[standby]
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(timeout=60) == 0
+    finally:
+        for p in processes.values():
+            if p.poll() is None:
+                p.kill()
+    output = {name: path.read_text() for name, path in logs.items()}
+    counts = ledger_counts(settings)
+    assert set(counts) == {p.pair_id for p in pairs}, output[standby][-3000:]
+    assert set(counts.values()) == {1}, "every pair trained exactly once"
+    mine = lineage(store, settings)
+    assert [v.train_steps for v in mine] == [1, 2, 3, 4]
+    assert [v.parent_id for v in mine] == [1] + [v.id for v in mine[:-1]], "one parent chain"
+    assert "lease learner:" in output[standby] and "epoch 2" in output[standby], "took over with a new epoch"
+    assert all("Traceback" not in text for text in output.values()), output
     store.close()
 
 
@@ -256,13 +337,12 @@ def test_a_rejected_lineage_is_abandoned_for_the_start_alias(learner_settings: S
     rebased = store.get(second)
     assert rebased.parent_id == 1 and rebased.tags["reference_version"] == 1, "trained from production again"
     assert rebased.train_steps == 1
-    topic_key = f"{settings.topics.preference_pairs}:0"
-    assert rebased.offsets[topic_key] == 32, "the rejected version's pairs are not replayed"
+    assert sum(rebased.offsets.values()) == 32, "the rejected version's pairs are not replayed"
     learner.consumer.close()
 
     # A restarted learner whose latest version was rejected rebases the same way, from the stored offsets.
     store.set_alias("canary", 1, reason="rollback", actor="test")
     store.reject(second, reason="worse again", actor="test")
     state = resume_state(store, settings)
-    assert (state.version, state.reference_version, state.offsets[topic_key]) == (1, 1, 32)
+    assert (state.version, state.reference_version, sum(state.offsets.values())) == (1, 1, 32)
     store.close()

@@ -42,7 +42,7 @@ from policy_store import (
 from policy_store.models import Base
 from qrloop.db import downgrade, make_engine, upgrade
 
-TABLES = {"policy_versions", "policy_aliases", "audit_log"}
+TABLES = {"policy_versions", "policy_aliases", "audit_log", "leases"}
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
