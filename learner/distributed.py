@@ -23,6 +23,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -234,9 +235,27 @@ def run_rank() -> None:
         dist.destroy_process_group()
 
 
-def _spawned(index: int, world: int, port: int) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Ranks die with their launcher (a SIGKILLed `qrloop learn --nproc N` leaves no orphans): abrupt exit is
+    safe, nothing of a step is visible before its publish transaction commits."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _spawned(index: int, world: int, port: int, parent: int) -> None:
     from qrloop import logs
 
+    _exit_with_parent(parent)
+    if index > 0:
+        # Followers stop when rank 0 tells them; a Ctrl-C reaching the whole process group must not kill
+        # one in the middle of an all_reduce.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
     os.environ.update(
         RANK=str(index),
         LOCAL_RANK=str(index),
@@ -264,7 +283,7 @@ def launch(nproc: int) -> None:
         worker.run()
         return
     context = mp.start_processes(
-        _spawned, args=(nproc, free_port()), nprocs=nproc, join=False, start_method="spawn"
+        _spawned, args=(nproc, free_port(), os.getpid()), nprocs=nproc, join=False, start_method="spawn"
     )
     rank0 = context.processes[0]
 

@@ -238,7 +238,12 @@ class Learner:
     def _move_alias(self, version_id: int) -> int | None:
         alias = self.settings.dpo.alias
         current = self.store.aliases().get(alias)
-        self.store.set_alias(alias, version_id, reason=f"learner published {version_id}", actor="learner")
+        # Fenced too: a learner taken over right after its publish must not move the alias back over the
+        # new holder's later versions.
+        fence = self.lease.fence if self.lease is not None else None
+        self.store.set_alias(
+            alias, version_id, reason=f"learner published {version_id}", actor="learner", fence=fence
+        )
         metrics.ALIAS_VERSION.labels(alias).set(version_id)
         return current.version_id if current else None
 

@@ -408,10 +408,16 @@ class PolicyStore:
         actor: str = "operator",
         *,
         force: bool = False,
+        fence: Callable[[Session], object] | None = None,
     ) -> AuditEntry:
-        """Point ``alias`` at ``version`` (creating the alias if new); returns the audit row of the move."""
+        """Point ``alias`` at ``version`` (creating the alias if new); returns the audit row of the move.
+
+        ``fence(session)`` runs first inside the transaction and may refuse the move by raising (a learner's
+        lease check, ``policy_store.lease.Leases.fence``)."""
         _check_alias_name(alias)
         with self._writing() as session:
+            if fence is not None:
+                fence(session)
             target = self._ready_version(session, _version_id(version), force=force)
             return self._move_alias(session, alias, target.id, "set_alias", actor=actor, reason=reason)
 

@@ -241,7 +241,10 @@ def test_two_learners_one_chain_standby_takes_over(learner_settings: Settings, t
     def wait_for(count: int) -> None:
         deadline = time.monotonic() + 240
         while trained() < count and time.monotonic() < deadline:
-            assert all(p.poll() is None for p in processes.values()), "no learner exits (or crash-loops)"
+            exited = {n: p.returncode for n, p in processes.items() if p.poll() is not None}
+            assert not exited, f"no learner exits (or crash-loops): {exited}\n" + "\n".join(
+                path.read_text()[-3000:] for path in logs.values()
+            )
             time.sleep(0.5)
 
     try:

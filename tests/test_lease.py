@@ -71,6 +71,12 @@ def test_takeover_after_expiry_fences_the_stale_publish(store: PolicyStore, weig
         weights, base_model="tiny", extra_sql=lambda session, _vid: Leases.fence(session, fresh)
     )
     assert [v.id for v in store.list()] == [published.id]
+    # Alias moves are fenced the same way: the stale holder cannot point production anywhere.
+    with pytest.raises(LeaseLostError):
+        store.set_alias("production", published.id, fence=lambda session: Leases.fence(session, stale))
+    assert "production" not in store.aliases()
+    store.set_alias("production", published.id, fence=lambda session: Leases.fence(session, fresh))
+    assert store.resolve("production").id == published.id
 
     # An expired lease nobody took over is still current: the epoch, not the clock, fences.
     lapsed = leases.try_acquire("learner:z", "c", ttl_s=0.2)
