@@ -471,11 +471,10 @@ def train_while_holding(
         signal.signal(sig, lambda *_: learner.request_stop(learner.settings.dpo.stop_deadline_s))
     signal.signal(signal.SIGHUP, lambda *_: learner.reload(Settings()))
     log.info(
-        "learner resuming at version %d (reference %d, step %d, lease epoch %d)",
+        "learner resuming at version %d (reference %d, step %d)",
         learner.state.version,
         learner.state.reference_version,
         learner.state.steps,
-        lease.epoch,
     )
     learner.run()
     learner.consumer.close()

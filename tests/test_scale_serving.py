@@ -91,7 +91,7 @@ def test_two_rewriters_follow_the_same_announcements_and_route_shoppers_alike(
         producer.send(settings.topics.policy_versions, key=str(newer.id).encode(), value=encode(note))
         producer.flush()
         producer.close()
-        line = f"now serving version {newer.id}"
+        line = f"production arm now serves version {newer.id}"
         for log_path in logs:
             wait_for(lambda p=log_path: line in p.read_text(errors="replace"), 120, line, log_path)
         first, second = served(ports[0]), served(ports[1])
