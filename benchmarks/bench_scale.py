@@ -99,6 +99,13 @@ def load() -> str:
     return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+def log_dir(settings: Settings) -> Path:
+    """The roles' logs outlive the run (the stores and weights do not): read them when a figure is odd."""
+    path = settings.cache_dir / "bench_scale_logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -298,7 +305,7 @@ def bench_aggregator(base: Settings, root: Path, workers: int, n: int, kill: boo
     settings = isolated(base, root, f"bench-agg{workers}-{uuid.uuid4().hex[:6]}")
     catalog = Catalog.open(settings)
     rng = random.Random(workers)
-    logs = [root / f"{settings.streams.app_id}-{i}.log" for i in range(workers)]
+    logs = [log_dir(base) / f"{settings.streams.app_id}-{i}.log" for i in range(workers)]
     topic = settings.topics.query_events
     with processes([["aggregate"]] * workers, env_of(settings), logs) as started:
         wait_until(lambda: all(owned(p, topic) for p in logs), 240, "every worker assigned")
@@ -402,7 +409,7 @@ def bench_rewriter(base: Settings, root: Path, servers: int, n: int) -> None:
         version = store.publish(require_policy(settings), base_model="smollm2-135m", actor="bench")
         store.set_alias("production", version.id, reason="bench", actor="bench")
     ports = [free_port() for _ in range(servers)]
-    logs = [root / f"rewriter-{port}.log" for port in ports]
+    logs = [log_dir(base) / f"rewriter-{port}.log" for port in ports]
     env = env_of(settings, QRLOOP_MODELS__TORCH_THREADS=str(max(1, 2 // servers)))
     commands = [["serve", "--port", str(port)] for port in ports]
     texts = [query for query, _, _ in PAIRS]
@@ -467,7 +474,7 @@ def bench_learner_takeover(base: Settings, root: Path) -> None:
     store.set_alias("production", start.id, reason="bench", actor="bench")
     leases = Leases(store)
     name = lease_name(settings)
-    logs = [root / f"learner-{i}.log" for i in range(2)]
+    logs = [log_dir(base) / f"{settings.dpo.learner_name}-{i}.log" for i in range(2)]
     with processes([["learn"], ["learn"]], env_of(settings), logs) as started:
         send_pairs(settings, range(16))
         wait_until(lambda: len(store.list()) >= 2, 300, "the first version")
