@@ -54,6 +54,7 @@ from policy_store import Leases, PolicyStore
 from qrloop import db
 from qrloop.events import (
     Interaction,
+    PolicyAnnouncement,
     PreferencePair,
     QueryEvent,
     Rewrite,
@@ -435,6 +436,29 @@ def bench_rewriter(base: Settings, root: Path, servers: int, n: int) -> None:
         for thread in threads:
             thread.join()
         record(f"rewriter queries/s, {servers} process(es)", n / (time.monotonic() - started))
+        if servers > 1:
+            record("rewriters: gap between their swaps to a new version (s)", swap_gap(settings, logs))
+
+
+def swap_gap(settings: Settings, logs: list[Path]) -> float:
+    """Publish a version, move the alias, announce it (the learner's path); seconds between the first and
+    the last rewriter logging that it serves it."""
+    with PolicyStore.from_settings(settings) as store:
+        version = store.publish(require_policy(settings), base_model="smollm2-135m", actor="bench")
+        store.set_alias("production", version.id, reason="bench", actor="bench")
+    note = PolicyAnnouncement(kind="alias_moved", version=version.id, alias="production")
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    producer.send(settings.topics.policy_versions, key=str(version.id).encode(), value=encode(note))
+    producer.flush()
+    producer.close()
+    line = re.compile(rf"^(\S+ \S+) INFO .*now serving version {version.id} ", re.M)
+    wait_until(lambda: all(line.search(p.read_text(errors="replace")) for p in logs), 300, "both swaps")
+    stamps = []
+    for path in logs:
+        found = line.search(path.read_text(errors="replace"))
+        assert found is not None
+        stamps.append(datetime.strptime(found.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return max(stamps) - min(stamps)
 
 
 # -- learner takeover ---------------------------------------------------------------------------------------
