@@ -411,7 +411,9 @@ def bench_rewriter(base: Settings, root: Path, servers: int, n: int) -> None:
         store.set_alias("production", version.id, reason="bench", actor="bench")
     ports = [free_port() for _ in range(servers)]
     logs = [log_dir(base) / f"rewriter-{port}.log" for port in ports]
-    env = env_of(settings, QRLOOP_MODELS__TORCH_THREADS=str(max(1, 2 // servers)))
+    # The rewriter takes torch's default thread count, which OMP_NUM_THREADS sets: 2 cores split evenly.
+    threads = str(max(1, 2 // servers))
+    env = env_of(settings, QRLOOP_MODELS__TORCH_THREADS=threads) | {"OMP_NUM_THREADS": threads}
     commands = [["serve", "--port", str(port)] for port in ports]
     texts = [query for query, _, _ in PAIRS]
     with processes(commands, env, logs):
