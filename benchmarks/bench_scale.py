@@ -412,8 +412,8 @@ def bench_rewriter(base: Settings, root: Path, servers: int, n: int) -> None:
     ports = [free_port() for _ in range(servers)]
     logs = [log_dir(base) / f"rewriter-{port}.log" for port in ports]
     # The rewriter takes torch's default thread count, which OMP_NUM_THREADS sets: 2 cores split evenly.
-    threads = str(max(1, 2 // servers))
-    env = env_of(settings, QRLOOP_MODELS__TORCH_THREADS=threads) | {"OMP_NUM_THREADS": threads}
+    cores = str(max(1, 2 // servers))
+    env = env_of(settings, QRLOOP_MODELS__TORCH_THREADS=cores) | {"OMP_NUM_THREADS": cores}
     commands = [["serve", "--port", str(port)] for port in ports]
     texts = [query for query, _, _ in PAIRS]
     with processes(commands, env, logs):
