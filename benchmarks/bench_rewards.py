@@ -256,10 +256,9 @@ def same_rewrite_disagreement(results: dict[str, list[Scores]], scalar: str, mar
 
 def pairs(settings: Settings, run_id: str, limit: int | None) -> None:
     """The same traffic, attributed with the old and with the new reward (the first ``limit`` queries)."""
-    from qrloop.replay import attribute, export_log, parse, read_jsonl
-
     from qrloop.cli.demo import make_run
     from streams.aggregator import make_relevance_fn
+    from streams.replay import attribute, export_log, parse, read_jsonl
 
     run = make_run(settings, run_id)
     path = run.run_dir / "traffic.jsonl"

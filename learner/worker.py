@@ -43,10 +43,12 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import OffsetOutOfRangeError
 from kafka.structs import OffsetAndMetadata
+from sqlalchemy.orm import Session
 
 from learner.dpo import DPOLearnerCore, Pair, StepStats
+from learner.lease import LearnerLease
 from learner.ledger import already_trained, record_steps
-from policy_store import AliasPinnedError, AuditEntry, PolicyStore, PolicyVersion
+from policy_store import AliasPinnedError, AuditEntry, LeaseLostError, PolicyStore, PolicyVersion
 from qrloop import health, logs, metrics
 from qrloop.data import dataset_name
 from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, check_event_time, decode, encode
@@ -56,6 +58,8 @@ from qrloop.settings import FaultPoint, Settings, get_settings
 from qrloop.topics import make_producer, send_dead_letter
 
 log = logging.getLogger("qrloop.learner")
+# Loads the lineage's weights: DPOLearnerCore.from_versions, or learner.distributed's for data parallelism.
+CoreFactory = Callable[..., Any]
 LEARNER_TAG = "learner"
 
 
@@ -153,6 +157,9 @@ class Learner:
         self.finished = threading.Event()
         self._reward_avg: dict[str, float] = {}
         self.heartbeat: health.Heartbeat | None = None  # /healthz: beaten once per poll of the loop below
+        self.make_core: CoreFactory | None = None  # None: DPOLearnerCore.from_versions
+        # The lineage's lease (learner.lease): fences every publish. None only for a learner driven by hand.
+        self.lease: LearnerLease | None = None
 
     # -- consuming ------------------------------------------------------------------------------------------
 
@@ -241,7 +248,7 @@ class Learner:
                 },
                 actor="learner",
                 reason=f"DPO step {self.state.steps}",
-                extra_sql=lambda session, version_id: record_steps(session, version_id, name, steps),
+                extra_sql=lambda session, version_id: self._in_publish(session, version_id, name, steps),
                 on_blob_write=lambda _written: self.fault("mid_blob_write"),
             )
         self.fault("after_db_commit")
@@ -269,6 +276,15 @@ class Learner:
                 previous_version=moved.from_version,
             )
         )
+
+    def _in_publish(
+        self, session: Session, version_id: int, learner: str, steps: list[tuple[int, list[str]]]
+    ) -> None:
+        """Inside the publish transaction: the lease's epoch check first (a stale learner's publish is
+        refused by the database), then the training records."""
+        if self.lease is not None:
+            self.lease.fence(session)
+        record_steps(session, version_id, learner, steps)
 
     def finish_interrupted_publish(self) -> None:
         """At start, for the version this learner resumes from: a crash after its commit may have left the
@@ -302,9 +318,12 @@ class Learner:
         """The audit row of the move, or None when an operator pinned the alias (the store refuses the move;
         the version stays published and the learner trains on)."""
         alias = self.settings.dpo.alias
+        # Fenced too: a learner taken over right after its publish must not move the alias back over the
+        # new holder's later versions.
+        fence = self.lease.fence if self.lease is not None else None
         try:
             entry = self.store.set_alias(
-                alias, version_id, reason=f"learner published {version_id}", actor="learner"
+                alias, version_id, reason=f"learner published {version_id}", actor="learner", fence=fence
             )
         except AliasPinnedError as exc:
             log.warning("published version %d but did not move %r: %s", version_id, alias, exc)
@@ -367,9 +386,8 @@ class Learner:
             return
         start = rebase_target(self.store, self.settings, rejected=self.state.version)
         self._unpublished = []  # steps on the rejected weights are discarded with them
-        self.core = DPOLearnerCore.from_versions(
-            self.settings, self.store, policy_version=start.id, reference_version=start.id
-        )
+        make_core = self.make_core or DPOLearnerCore.from_versions
+        self.core = make_core(self.settings, self.store, policy_version=start.id, reference_version=start.id)
         self.state.version = self.state.reference_version = start.id
         self.state.steps = start.train_steps
 
@@ -388,12 +406,19 @@ class Learner:
             lag = max(0, int(ends[tp] or 0) - self.consumer.position(tp))
             metrics.CONSUMER_LAG.labels("learner", tp.topic, str(tp.partition)).set(lag)
 
+    def lease_lost(self) -> bool:
+        return self.lease is not None and self.lease.lost.is_set()
+
     def run(self) -> None:
+        """Until a stop is requested or the lease is lost (then the caller goes back to standby)."""
         self.finish_interrupted_publish()
-        while not self.stop_requested.is_set():
+        while not self.stop_requested.is_set() and not self.lease_lost():
             if self.heartbeat is not None:
                 self.heartbeat.beat()
-            self.run_once()
+            try:
+                self.run_once()
+            except LeaseLostError as exc:
+                log.warning("publish refused, another learner took over: %s", exc)
         log.info("learner stopping after step %d (version %d)", self.state.steps, self.state.version)
         self.finished.set()
 
@@ -516,11 +541,16 @@ def recover_lost_range(consumer: KafkaConsumer, tp: TopicPartition, offset: int,
     consumer.seek(tp, start)
 
 
-def build(settings: Settings) -> Learner:
+def build(
+    settings: Settings, lease: LearnerLease | None = None, make_core: CoreFactory | None = None
+) -> Learner:
+    """A learner resumed from the store. ``lease``: already acquired, fences its publishes (``run`` passes
+    one; tests that drive ``run_once`` by hand may leave it out). ``make_core``: how weights are loaded
+    (default ``DPOLearnerCore.from_versions``; ``learner.distributed`` passes its data-parallel one)."""
     remove_stale_saves(settings)
     store = open_store(settings)
     state = resume_state(store, settings)
-    core = DPOLearnerCore.from_versions(
+    core = (make_core or DPOLearnerCore.from_versions)(
         settings, store, policy_version=state.version, reference_version=state.reference_version
     )
     consumer = KafkaConsumer(
@@ -533,10 +563,13 @@ def build(settings: Settings) -> Learner:
     )
     seek_to_stored_offsets(consumer, settings, state)
     producer = make_producer(settings)
-    return Learner(settings, store, core, state, consumer, producer)
+    learner = Learner(settings, store, core, state, consumer, producer)
+    learner.lease = lease
+    learner.make_core = make_core
+    return learner
 
 
-def run() -> None:
+def run(make_core: CoreFactory | None = None) -> None:
     """``qrloop learn``: the long-running learner, its probes and metrics on ``dpo.metrics_port``.
 
     SIGTERM/SIGINT: stop after the step in progress, or abandon it past ``dpo.stop_deadline_s`` (exit 0
@@ -547,7 +580,7 @@ def run() -> None:
 
     def model_check() -> str:
         if "learner" not in loaded:
-            raise RuntimeError("loading the policy and reference models")
+            raise RuntimeError("standby for the lineage's lease, or loading the models")
         return f"version {loaded['learner'].state.version} loaded"
 
     heartbeat = health.Heartbeat(settings.daemon.liveness_max_age_s, settings.daemon.liveness_start_grace_s)
@@ -561,10 +594,28 @@ def run() -> None:
         role="learner",
         heartbeat=heartbeat,
     )
-    # Until the loop runs there is nothing to finish: a stop while loading the models just exits.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: sys.exit(0))
-    learner = loaded["learner"] = build(settings)
+    lease = LearnerLease.for_settings(settings, open_store(settings))
+    while True:
+        # Until the loop runs there is nothing to finish: a stop while waiting or loading just exits.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: sys.exit(0))
+        # A standby is alive while it waits: its heartbeat goes on, or the supervisor would restart it.
+        lease.wait_until_acquired(threading.Event(), on_poll=heartbeat.beat)
+        if not train_while_holding(settings, lease, loaded, make_core, heartbeat):
+            lease.release()
+            return
+        loaded.clear()
+
+
+def train_while_holding(
+    settings: Settings,
+    lease: LearnerLease,
+    loaded: dict[str, Learner],
+    make_core: CoreFactory | None,
+    heartbeat: health.Heartbeat,
+) -> bool:
+    """Resume and train until a stop (False) or until the lease is lost to another learner (True)."""
+    learner = loaded["learner"] = build(settings, lease, make_core)
     learner.heartbeat = heartbeat
     metrics.ALIAS_VERSION.labels(settings.dpo.alias).set(learner.state.version)
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -579,3 +630,7 @@ def run() -> None:
     learner.run()
     learner.consumer.close()
     learner.producer.close()
+    if learner.lease_lost():
+        log.warning("lease lost at version %d: back to standby", learner.state.version)
+        return True
+    return False

@@ -9,6 +9,7 @@ from policy_store.errors import (
     BlobIntegrityError,
     BlobMissingError,
     InvalidWeightsError,
+    LeaseLostError,
     NoPreviousVersionError,
     PolicyStoreError,
     StaleVerdictError,
@@ -18,6 +19,7 @@ from policy_store.errors import (
     VersionInUseError,
     VersionNotReadyError,
 )
+from policy_store.lease import Lease, Leases
 from policy_store.store import PolicyStore
 
 __all__ = [
@@ -30,6 +32,9 @@ __all__ = [
     "BlobStore",
     "GcReport",
     "InvalidWeightsError",
+    "Lease",
+    "LeaseLostError",
+    "Leases",
     "NoPreviousVersionError",
     "PolicyStore",
     "PolicyStoreError",

@@ -35,6 +35,10 @@ class AliasPinnedError(PolicyStoreError):
     """The alias is pinned (an operator's decision): no move until ``unpin``; nothing was changed."""
 
 
+class LeaseLostError(PolicyStoreError):
+    """The lease's epoch moved on (another holder took it over): writes fenced by the old one are refused."""
+
+
 class InvalidWeightsError(PolicyStoreError, ValueError):
     """The directory to publish is not a safetensors HF model / PEFT adapter directory."""
 

@@ -1,10 +1,11 @@
 """SQLAlchemy rows of the policy store (``migrations/versions/0001_policy_store.py`` mirrors them).
 
-Three tables, in the manner of MLflow's model registry:
+Three tables, in the manner of MLflow's model registry, and a fourth for leases (``lease.py``):
 
 - ``policy_versions``: one immutable row per published policy. Only ``status`` ever changes.
 - ``policy_aliases``: a tiny ``alias → version`` row, so promotion and rollback are one-row updates.
 - ``audit_log``: append-only; every state change writes one row in the same transaction as the change.
+- ``leases``: one row per named role (a learner lineage) with its holder and fencing epoch.
 
 Rows convert to the plain entities of ``entities.py`` with ``to_entity()``; nothing outside this package
 should hold a row.
@@ -181,3 +182,16 @@ class SqlAuditEntry(Base):
             to_version=self.to_version,
             details=dict(self.details or {}),
         )
+
+
+class SqlLease(Base):
+    """Who holds the lease called ``name`` until when; ``epoch`` grows by one with every change of holder."""
+
+    __tablename__ = "leases"
+    __table_args__ = (sa.CheckConstraint("epoch >= 0", name="epoch"),)
+
+    name: Mapped[str] = mapped_column(sa.String(128), primary_key=True)
+    holder: Mapped[str | None] = mapped_column(sa.String(256))  # None: released
+    epoch: Mapped[int] = mapped_column(sa.Integer, default=0)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

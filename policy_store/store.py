@@ -214,6 +214,12 @@ class PolicyStore:
             yield session
 
     @contextmanager
+    def write_session(self) -> Iterator[Session]:
+        """A write transaction (``BEGIN IMMEDIATE`` on SQLite) for tables beside the store's (leases)."""
+        with self._writing() as session:
+            yield session
+
+    @contextmanager
     def _reading(self) -> Iterator[Session]:
         with self._read_sessions() as session, session.begin():
             yield session
@@ -412,10 +418,16 @@ class PolicyStore:
         actor: str = "operator",
         *,
         force: bool = False,
+        fence: Callable[[Session], object] | None = None,
     ) -> AuditEntry:
-        """Point ``alias`` at ``version`` (creating the alias if new); returns the audit row of the move."""
+        """Point ``alias`` at ``version`` (creating the alias if new); returns the audit row of the move.
+
+        ``fence(session)`` runs first inside the transaction and may refuse the move by raising (a learner's
+        lease check, ``policy_store.lease.Leases.fence``)."""
         _check_alias_name(alias)
         with self._writing() as session:
+            if fence is not None:
+                fence(session)
             target = self._ready_version(session, _version_id(version), force=force)
             return self._move_alias(session, alias, target.id, "set_alias", actor=actor, reason=reason)
 

@@ -173,9 +173,18 @@ class TopicSettings(Group):
         default="qrloop.dead-letter",
         description="Messages that could not be processed.",
     )
-    partitions: int = Field(4, ge=1, description="Partitions of the query-event and interaction topics.")
+    partitions: int = Field(
+        4,
+        ge=1,
+        description="Partitions of the query-event and interaction topics (≥ 3: the unit of aggregator "
+        "parallelism; raise with QRLOOP_TOPICS__PARTITIONS before first start, or `qrloop topics grow`).",
+    )
     pair_partitions: int = Field(
-        1, ge=1, description="Partitions of the pair topic (one learner reads it in order)."
+        3,
+        ge=1,
+        description="Partitions of the pair topic (≥ 3; the learner reads every one and stores an offset "
+        "per partition with each version). Raise with QRLOOP_TOPICS__PAIR_PARTITIONS or "
+        "`qrloop topics grow`.",
     )
     replication_factor: int = Field(1, ge=1, description="Replication factor (1 on the single-node broker).")
     query_outcomes: str = Field(
@@ -263,6 +272,15 @@ class DPOSettings(Group):
         description="Store AdamW's moments with each version (optimizer.safetensors, twice the fp32 weights) "
         "so a restart or rebase resumes them; off: a restart starts AdamW from zero.",
     )
+    lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="Lease of the lineage's one active learner (renewed every third of it): a standby "
+        "takes over at most this long after the active learner dies.",
+    )
+    nproc: int = Field(
+        1, ge=1, description="Data-parallel ranks of `qrloop learn` (torch.distributed; --nproc wins)."
+    )
     stop_deadline_s: float = Field(
         30.0,
         ge=0,
@@ -336,6 +354,18 @@ class StreamSettings(Group):
         300.0, ge=0, description="How long a closed window still recognises late events."
     )
     metrics_port: int = Field(0, ge=0, le=MAX_PORT, description="Port of the aggregator's /metrics (0: off).")
+    session_timeout_s: float = Field(
+        10.0,
+        ge=6.0,
+        description="Kafka group session of an aggregator worker: a worker killed without leaving the group "
+        "has its partitions (and table state) moved to the others after this long (Faust's default: 60).",
+    )
+    standby_replicas: int = Field(
+        1,
+        ge=0,
+        description="Standby copies of each window-table partition kept warm on other aggregator workers, "
+        "so a takeover replays little of the changelog.",
+    )
 
 
 class CanarySettings(Group):

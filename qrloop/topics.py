@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from kafka import KafkaAdminClient, KafkaProducer
-from kafka.admin import NewTopic
+from kafka.admin import NewPartitions, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.producer.future import FutureRecordMetadata
 
@@ -79,6 +79,37 @@ def ensure_topics(
             _create(admin, {n: wanted[n] for n in missing}, replication)
         _wait_until_ready(admin, wanted, timeout_s)
         return list(wanted)
+    finally:
+        admin.close()
+
+
+def grow_topics(settings: Settings, timeout_s: float = 30.0) -> dict[str, tuple[int, int]]:
+    """Raise existing topics to the partition counts in settings; returns ``{topic: (before, after)}``.
+
+    Kafka can add partitions but never remove them, so a count below the existing one is an error. Adding
+    partitions changes which partition a key hashes to *for new records*: a query whose event was written
+    before the change and whose interactions after it would be split across partitions and never joined.
+    Grow while the rewriter is stopped and the aggregator has closed its windows (``qrloop status`` shows no
+    lag), and grow query events and interactions in the same call (this does both, from one settings
+    object). Learners and aggregators pick the new partitions up on restart (the learner reads a new
+    partition from its beginning: no stored offset).
+    """
+    wanted = declared_topics(settings)
+    admin = KafkaAdminClient(
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        client_id=f"{settings.kafka.client_id}-admin",
+        request_timeout_ms=10_000,
+    )
+    try:
+        existing = {name: len(leaders) for name, leaders in _layout(admin, list(wanted)).items()}
+        shrink = {n: (existing[n], p) for n, p in wanted.items() if n in existing and p < existing[n]}
+        if shrink:
+            raise TopicLayoutError(f"Kafka cannot remove partitions; settings ask for fewer: {shrink}")
+        grow = {n: p for n, p in wanted.items() if n in existing and p > existing[n]}
+        if grow:
+            admin.create_partitions({n: NewPartitions(total_count=p) for n, p in grow.items()})
+        _wait_until_ready(admin, {n: wanted[n] for n in existing}, timeout_s)
+        return {n: (existing[n], p) for n, p in grow.items()}
     finally:
         admin.close()
 

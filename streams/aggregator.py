@@ -237,6 +237,13 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
         metrics.DEAD_LETTERS.labels("orphan_interaction").inc()
         await built.dead_letter.send(key=key.encode(), value=encode(letter))
 
+    @app.on_partitions_assigned.connect
+    async def log_assignment(_app: Any, /, *args: Any, **_kwargs: Any) -> None:
+        # Each rebalance of the group (a worker joined, left or died): what this worker now owns.
+        assigned = args[0]
+        mine = sorted(tp.partition for tp in assigned if tp.topic == settings.topics.query_events)
+        log.info("assigned partitions of %s: %s", settings.topics.query_events, mine)
+
     @app.timer(settings.streams.tick_s)
     async def request_closes() -> None:
         # Tables may only be *read* here; the close itself happens in on_close, inside stream iteration.

@@ -50,6 +50,11 @@ def create_app(settings: Settings) -> AggregatorApp:
         # pair re-emitted after a crash is recognised downstream; exactly-once training is the learner's job.
         processing_guarantee="at_least_once",
         datadir=str(datadir),
+        # Several `qrloop aggregate` workers form one consumer group named by the app id; Kafka hands each
+        # some partitions of the co-partitioned inputs and the same partitions of the table's changelog.
+        broker_session_timeout=settings.streams.session_timeout_s,
+        broker_heartbeat_interval=settings.streams.session_timeout_s / 5,  # Kafka wants it below 1/3
+        table_standby_replicas=settings.streams.standby_replicas,
     )
     topics = settings.topics
     query_events = app.topic(topics.query_events, partitions=topics.partitions)

@@ -308,6 +308,15 @@ def paced(items: Sequence[Any], rate: float, clock: Callable[[], float] = time.m
         yield item
 
 
+def pinned(event: LoggedEvent | PreferencePair) -> int | None:
+    """The partition a replayed record must go to, or None for its key's.
+
+    Pairs of an in-process replay all go to partition 0: the learner interleaves partitions as fetches
+    return, so pairs spread by key would form other batches of 16 on each replay; one partition is read in
+    order and the versions stay bit-identical. Live pairs are spread by key (``topics.pair_partitions``)."""
+    return 0 if isinstance(event, PreferencePair) else None
+
+
 def publish(
     settings: Settings,
     events: Sequence[LoggedEvent | PreferencePair],
@@ -326,15 +335,12 @@ def publish(
     sent: list[tuple[str, Any]] = []  # (topic, future): every delivery is checked before the report
     try:
         for record, error in bad:
-            sent.append(
-                (
-                    settings.topics.dead_letter,
-                    send_dead_letter(producer, settings, record, error.reason, str(error)),
-                )
-            )
+            letter = send_dead_letter(producer, settings, record, error.reason, str(error))
+            sent.append((settings.topics.dead_letter, letter))
         for event in paced(events, rate):
             topic = topic_of(event, settings)
-            sent.append((topic, producer.send(topic, key=event.kafka_key(), value=encode(event))))
+            future = producer.send(topic, key=event.kafka_key(), value=encode(event), partition=pinned(event))
+            sent.append((topic, future))
             by_topic[topic] = by_topic.get(topic, 0) + 1
         producer.flush()
         check_delivered(sent)

@@ -13,9 +13,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from learner.ledger import SqlTrainingRecord
 from policy_store import db
 from qrloop.events import (
     DeadLetter,
@@ -334,3 +336,26 @@ def short_run(settings: Settings, tmp_path: Path) -> dict[str, int]:
     group.commit({pairs: OffsetAndMetadata(CONSUMED, "", -1)})
     group.close()
     return {"v1": v1, "v2": v2, "v3": v3, "v4": v4}
+
+
+# --- learner subprocesses ----------------------------------------------------------------------------
+
+
+def learner_env(settings: Settings, lease_s: float = 3.0) -> dict[str, str]:
+    """The environment of a `qrloop learn` subprocess on the test's topics and store."""
+    return run_env(settings) | {
+        "QRLOOP_DPO__LEARNING_RATE": str(settings.dpo.learning_rate),
+        # A killed learner's lease must lapse before another may train: keep that wait short.
+        "QRLOOP_DPO__LEASE_S": str(lease_s),
+    }
+
+
+def ledger_counts(settings: Settings) -> dict[str, int]:
+    """Pair id → how many times a training record trained it (exactly-once means every value is 1)."""
+    engine = db.make_engine(settings.db_url)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(SqlTrainingRecord.pair_id, sa.func.count()).group_by(SqlTrainingRecord.pair_id)
+        ).all()
+    engine.dispose()
+    return {pid: n for pid, n in rows}

@@ -204,8 +204,9 @@ def test_learner_sigterm_mid_step_commits_nothing_half_done_and_resumes(
         assert learner.wait(timeout=120) == 0
         versions = mine()
         assert [v.train_steps for v in versions] == [1], lines()[-3000:]
-        assert versions[0].offsets == {f"{settings.topics.preference_pairs}:0": 4}
-        assert set(ledger(settings)) == {p.pair_id for p in pairs[:4]}
+        assert sum(versions[0].offsets.values()) == 4, "four pairs consumed, over the pair partitions"
+        first = set(ledger(settings))  # whichever four the partitions' interleaving delivered first
+        assert len(first) == 4 and first <= {p.pair_id for p in pairs}
 
         # 3. The next start resumes at offset 4 and trains the rest, each pair exactly once. SIGHUP reloads
         # the DPO temperature from the edited config file.

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from learner.ledger import SqlTrainingRecord
+from learner.lease import lease_name
 from learner.worker import LEARNER_TAG, build, resume_state
-from policy_store import db
+from policy_store import Leases, PolicyStore, PolicyVersion, db
 from qrloop.models import build_tiny_policy, require_policy
-from qrloop.runs import isolate, open_store, run_env
+from qrloop.runs import isolate, open_store
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
-from tests.helpers import pair, publish_pairs
+from tests.helpers import learner_env, ledger_counts, pair, publish_pairs
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,9 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def learner_settings(settings: Settings, kafka_bootstrap: str, unique_topic: str, tiny_dir: Path) -> Settings:
     isolated = isolate(settings, unique_topic, None)  # the store stays the db_url fixture's
+    topics = isolated.topics.model_copy(update={"pair_partitions": 3})  # pairs keyed by id spread over all
     dpo = isolated.dpo.model_copy(update={"learning_rate": 1e-4})
-    configured = isolated.model_copy(update={"dpo": dpo})
+    configured = isolated.model_copy(update={"topics": topics, "dpo": dpo})
     ensure_topics(configured)
     db.upgrade(configured.db_url)
     store = open_store(configured)
@@ -39,18 +40,6 @@ def learner_settings(settings: Settings, kafka_bootstrap: str, unique_topic: str
     store.set_alias("production", start.id, reason="start", actor="test")
     store.close()
     return configured
-
-
-def ledger_counts(settings: Settings) -> dict[str, int]:
-    import sqlalchemy as sa
-
-    engine = db.make_engine(settings.db_url)
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(SqlTrainingRecord.pair_id, sa.func.count()).group_by(SqlTrainingRecord.pair_id)
-        ).all()
-    engine.dispose()
-    return {pid: n for pid, n in rows}
 
 
 def test_versions_lineage_offsets_and_duplicates(learner_settings: Settings) -> None:
@@ -73,33 +62,60 @@ def test_versions_lineage_offsets_and_duplicates(learner_settings: Settings) -> 
     assert all(
         v.tags[LEARNER_TAG] == settings.dpo.learner_name and v.tags["reference_version"] == 1 for v in chain
     )
-    topic_key = f"{settings.topics.preference_pairs}:0"
-    assert chain[0].offsets[topic_key] == 16
-    assert chain[1].offsets[topic_key] == 33, "the duplicate was consumed and skipped inside the second batch"
+    # One stored offset per partition; together they count the records consumed: 16 pairs a step, plus the
+    # duplicate and the malformed record wherever the partitions' interleaving put them.
+    partitions = {f"{settings.topics.preference_pairs}:{p}" for p in range(3)}
+    assert set(chain[-1].offsets) == partitions and min(chain[-1].offsets.values()) > 0, "spread over 3"
+    consumed = [sum(v.offsets.values()) for v in chain]
+    assert [16 <= c - 16 * k <= 18 for k, c in enumerate(consumed)] == [True] * 3, consumed
     assert store.resolve("production").id == versions[-1]
     counts = ledger_counts(settings)
     assert len(counts) == 48 and set(counts.values()) == {1}
     assert set(counts) == {p.pair_id for p in pairs}
+
+    # A restart resumes every partition from the offsets stored with the latest version, and goes on.
+    restarted = build(settings)
+    assigned = restarted.consumer.assignment()
+    positions = {f"{tp.topic}:{tp.partition}": restarted.consumer.position(tp) for tp in assigned}
+    assert positions == chain[-1].offsets
+    more = [pair(n) for n in range(48, 64)]
+    publish_pairs(settings, more)
+    deadline = time.monotonic() + 120
+    fourth = None
+    while fourth is None and time.monotonic() < deadline:
+        fourth = restarted.run_once(timeout_ms=500)
+    restarted.consumer.close()
+    assert fourth is not None and store.get(fourth).parent_id == versions[-1]
+    counts = ledger_counts(settings)
+    assert set(counts) == {p.pair_id for p in pairs + more} and set(counts.values()) == {1}
     store.close()
+
+
+def start_learner(settings: Settings, log_path: Path, lease_s: float = 3.0) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "qrloop", "learn"],
+            cwd=REPO_ROOT,
+            env=learner_env(settings, lease_s),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def lineage(store: PolicyStore, settings: Settings) -> list[PolicyVersion]:
+    mine = (v for v in store.list() if v.tags.get(LEARNER_TAG) == settings.dpo.learner_name)
+    return sorted(mine, key=lambda v: v.id)
 
 
 def test_exactly_once_across_kill_minus_nine(learner_settings: Settings, tmp_path: Path) -> None:
     settings = learner_settings
     pairs = [pair(n) for n in range(96)]
     publish_pairs(settings, pairs)
-    env = run_env(settings) | {"QRLOOP_DPO__LEARNING_RATE": "1e-4"}
     rng = random.Random(7)
     kills = 0
-    log = (tmp_path / "learner.log").open("wb")
 
     def start() -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, "-m", "qrloop", "learn"],
-            cwd=REPO_ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        return start_learner(settings, tmp_path / "learner.log")
 
     def trained() -> int:
         return sum(ledger_counts(settings).values())
@@ -122,17 +138,67 @@ def test_exactly_once_across_kill_minus_nine(learner_settings: Settings, tmp_pat
     finally:
         if process.poll() is None:
             process.kill()
-        log.close()
     counts = ledger_counts(settings)
     assert kills == 4
     assert set(counts) == {p.pair_id for p in pairs}, (tmp_path / "learner.log").read_text()[-3000:]
     assert set(counts.values()) == {1}, "no pair trained twice"
     store = open_store(settings)
-    mine = sorted(
-        (v for v in store.list() if v.tags.get(LEARNER_TAG) == settings.dpo.learner_name), key=lambda v: v.id
-    )
+    mine = lineage(store, settings)
     assert [v.train_steps for v in mine] == list(range(1, 7)), "six steps of sixteen, none repeated or lost"
     assert [v.parent_id for v in mine[1:]] == [v.id for v in mine[:-1]]
+    store.close()
+
+
+def test_two_learners_one_chain_standby_takes_over(learner_settings: Settings, tmp_path: Path) -> None:
+    settings = learner_settings
+    pairs = [pair(n) for n in range(64)]
+    publish_pairs(settings, pairs[:32])
+    logs = {name: tmp_path / f"learner-{name}.log" for name in "ab"}
+    # A lease long enough that the holder keeps it on a loaded machine (a handover before the kill would be
+    # correct too, but then the kill would not be what the standby recovers from).
+    processes = {name: start_learner(settings, path, lease_s=10) for name, path in logs.items()}
+    store = open_store(settings)
+
+    def trained() -> int:
+        return sum(ledger_counts(settings).values())
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 240
+        while trained() < count and time.monotonic() < deadline:
+            exited = {n: p.returncode for n, p in processes.items() if p.poll() is not None}
+            assert not exited, f"no learner exits (or crash-loops): {exited}\n" + "\n".join(
+                path.read_text()[-3000:] for path in logs.values()
+            )
+            time.sleep(0.5)
+
+    try:
+        wait_for(32)
+        holder = Leases(store).current(lease_name(settings))
+        assert holder is not None
+        active = next(n for n, p in processes.items() if holder.holder.split(":")[1] == str(p.pid))
+        standby = next(n for n in processes if n != active)
+        assert "standby: lease" in logs[standby].read_text(), "the second learner waited, it did not train"
+
+        processes.pop(active).send_signal(signal.SIGKILL)
+        publish_pairs(settings, pairs[32:])
+        wait_for(64)
+        survivor = processes[standby]
+        survivor.send_signal(signal.SIGTERM)
+        assert survivor.wait(timeout=60) == 0
+    finally:
+        for p in processes.values():
+            if p.poll() is None:
+                p.kill()
+    output = {name: path.read_text() for name, path in logs.items()}
+    counts = ledger_counts(settings)
+    assert set(counts) == {p.pair_id for p in pairs}, output[standby][-3000:]
+    assert set(counts.values()) == {1}, "every pair trained exactly once"
+    mine = lineage(store, settings)
+    assert [v.train_steps for v in mine] == [1, 2, 3, 4]
+    assert [v.parent_id for v in mine] == [1] + [v.id for v in mine[:-1]], "one parent chain"
+    took_over = f"lease {lease_name(settings)} acquired by"
+    assert took_over in output[standby] and f"epoch {holder.epoch + 1}" in output[standby], "a new epoch"
+    assert all("Traceback" not in text for text in output.values()), output
     store.close()
 
 
@@ -199,13 +265,12 @@ def test_a_rejected_lineage_is_abandoned_for_the_start_alias(learner_settings: S
     rebased = store.get(second)
     assert rebased.parent_id == 1 and rebased.tags["reference_version"] == 1, "trained from production again"
     assert rebased.train_steps == 1
-    topic_key = f"{settings.topics.preference_pairs}:0"
-    assert rebased.offsets[topic_key] == 32, "the rejected version's pairs are not replayed"
+    assert sum(rebased.offsets.values()) == 32, "the rejected version's pairs are not replayed"
     learner.consumer.close()
 
     # A restarted learner whose latest version was rejected rebases the same way, from the stored offsets.
     store.set_alias("canary", 1, reason="rollback", actor="test")
     store.reject(second, reason="worse again", actor="test")
     state = resume_state(store, settings)
-    assert (state.version, state.reference_version, state.offsets[topic_key]) == (1, 1, 32)
+    assert (state.version, state.reference_version, sum(state.offsets.values())) == (1, 1, 32)
     store.close()

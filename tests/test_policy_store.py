@@ -42,7 +42,7 @@ from policy_store.cli import build_app
 from policy_store.db import downgrade, make_engine, upgrade
 from policy_store.models import Base
 
-TABLES = {"policy_versions", "policy_aliases", "audit_log"}
+TABLES = {"policy_versions", "policy_aliases", "audit_log", "leases"}
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

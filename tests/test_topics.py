@@ -9,7 +9,7 @@ import pytest
 from kafka import KafkaAdminClient
 
 from qrloop.settings import Settings
-from qrloop.topics import TopicLayoutError, declared_topics, ensure_topics
+from qrloop.topics import TopicLayoutError, declared_topics, ensure_topics, grow_topics
 
 
 @pytest.fixture
@@ -71,6 +71,42 @@ def test_creates_the_declared_topics_with_configured_partitions(
     with pytest.raises(TopicLayoutError, match=rf"{unique_topic}\.q has 3 partitions, settings say 5"):
         ensure_topics(wrong)
     assert layout(admin, [f"{unique_topic}.q"]) == {f"{unique_topic}.q": 3}, "a mismatch changes nothing"
+
+
+def test_partitioned_by_default_and_grown_on_request(
+    admin: KafkaAdminClient, unique_topic: str, cleanup: list[str]
+) -> None:
+    # Defaults: every high-volume topic has at least 3 partitions, the unit of consumer parallelism.
+    defaults = Settings().topics
+    assert min(defaults.partitions, defaults.pair_partitions) >= 3
+    names = {
+        "query_events": f"{unique_topic}.q",
+        "interactions": f"{unique_topic}.i",
+        "preference_pairs": f"{unique_topic}.p",
+        "policy_versions": f"{unique_topic}.v",
+        "dead_letter": f"{unique_topic}.d",
+        "query_outcomes": f"{unique_topic}.o",
+    }
+    settings = Settings(topics=defaults.model_copy(update=names))
+    cleanup.extend(declared_topics(settings))
+    ensure_topics(settings)
+    assert layout(admin, [names["query_events"], names["preference_pairs"]]) == {
+        names["query_events"]: defaults.partitions,
+        names["preference_pairs"]: defaults.pair_partitions,
+    }
+
+    # The documented way up: raise the counts in settings, then `qrloop topics grow` (query events and
+    # interactions together, so the join stays co-partitioned).
+    more = defaults.model_copy(update={**names, "partitions": 6, "pair_partitions": 5})
+    grown = grow_topics(Settings(topics=more))
+    assert grown == {
+        names["query_events"]: (defaults.partitions, 6),
+        names["interactions"]: (defaults.partitions, 6),
+        names["preference_pairs"]: (defaults.pair_partitions, 5),
+    }
+    assert ensure_topics(Settings(topics=more)), "the grown layout is now the checked one"
+    with pytest.raises(TopicLayoutError, match="cannot remove partitions"):
+        grow_topics(Settings(topics=defaults.model_copy(update=names)))
 
 
 def test_bootstrap_form_needs_explicit_topics_and_races_are_harmless(

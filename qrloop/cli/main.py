@@ -30,7 +30,7 @@ from qrloop.cli.daemon import retention_defaults
 from qrloop.cli.ui import commands as ui_commands
 from qrloop.runs import open_migrated_store, open_store
 from qrloop.settings import REPO_ROOT, get_settings
-from qrloop.topics import ensure_topics
+from qrloop.topics import ensure_topics, grow_topics
 from simulators.cli import app as sim_app
 
 console = Console()
@@ -275,12 +275,16 @@ def aggregate() -> None:
 
 
 @app.command()
-def learn() -> None:
+def learn(
+    nproc: int = typer.Option(
+        0, help="Data-parallel ranks (torch.distributed: gloo on CPU, NCCL on GPUs); 0: dpo.nproc."
+    ),
+) -> None:
     """The DPO learner: one step per batch of pairs, each published as a version with its offsets."""
-    from learner.worker import run  # torch
+    from learner.distributed import launch  # torch
 
     _logging()
-    run()
+    launch(nproc or get_settings().dpo.nproc)
 
 
 @app.command()
@@ -339,6 +343,16 @@ def topics_create() -> None:
     """Create every topic with the configured partition counts (idempotent)."""
     for name in ensure_topics(get_settings()):
         console.print(f"[green]ok[/] {name}")
+
+
+@topics_app.command("grow")
+def topics_grow() -> None:
+    """Raise existing topics to the configured partition counts (stop the rewriter and drain first)."""
+    grown = grow_topics(get_settings())
+    for name, (before, after) in grown.items():
+        console.print(f"[green]grown[/] {name}: {before} -> {after} partitions")
+    if not grown:
+        console.print("every topic already has the configured partition count")
 
 
 # --- the daemon: every role, supervised (qrloop/cli/daemon.py) --------------------------------------------
