@@ -31,7 +31,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
@@ -86,6 +86,9 @@ class OutcomeLog:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __iter__(self) -> Iterator[QueryOutcome]:
+        return iter(self._items)
 
     def add(self, outcome: QueryOutcome) -> None:
         self._items.append(outcome)

@@ -74,6 +74,7 @@ def run_env(settings: Settings, base: Mapping[str, str] | None = None) -> dict[s
             "QRLOOP_BLOB_DIR": str(settings.blob_dir),
             **{f"QRLOOP_TOPICS__{f.upper()}": getattr(settings.topics, f) for f in topic_fields()},
             "QRLOOP_TOPICS__PARTITIONS": str(settings.topics.partitions),
+            "QRLOOP_TOPICS__PAIR_PARTITIONS": str(settings.topics.pair_partitions),
             "QRLOOP_STREAMS__APP_ID": settings.streams.app_id,
             "QRLOOP_DPO__LEARNER_NAME": settings.dpo.learner_name,
             "PYTHONUNBUFFERED": "1",

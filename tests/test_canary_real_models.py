@@ -29,6 +29,9 @@ from qrloop.settings import CanarySettings, RewriterSettings, Settings
 from qrloop.topics import ensure_topics
 from streams import attribution
 
+# End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 CONFIG = CanarySettings(share_steps=[0.5], interval_s=1.0)
 QUERIES = ["drill bit", "paint roller", "garden hose", "wood screws", "led bulb", "door hinge"]
 

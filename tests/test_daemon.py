@@ -15,6 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from kafka import KafkaProducer
 
@@ -26,6 +27,9 @@ from qrloop.models import build_tiny_policy, require_policy
 from qrloop.runs import open_store
 from qrloop.settings import REPO_ROOT, Settings
 from tests.helpers import feedback, free_port, get, isolated_env, metric, pair, store_settings, wait_for
+
+# End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
 
 
 def test_run_roles_ready_metrics_move_crash_restart_and_stop(

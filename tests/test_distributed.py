@@ -20,6 +20,9 @@ from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
 from tests.helpers import learner_env, ledger_counts, pair, publish_pairs
 
+# End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 LEARNING_RATE = 1e-3  # large enough that one step moves weights far beyond the 1e-5 tolerance
 
 

@@ -21,6 +21,9 @@ from qrloop.models import build_tiny_policy, load_policy, require_policy
 from qrloop.runs import open_store
 from qrloop.settings import Settings
 
+# End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def test_sixty_four_queries_train_and_serve_new_versions(
     base_settings: Settings, kafka_bootstrap: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

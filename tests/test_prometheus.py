@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kafka import KafkaProducer
 from prometheus_client import REGISTRY
 
@@ -26,6 +27,9 @@ from qrloop.events import QueryEvent, encode
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.settings import REPO_ROOT, Settings
 from tests.helpers import feedback, free_port, get, isolated_env, metric, store_settings, wait_for
+
+# End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
 
 RULES = REPO_ROOT / "ops" / "prometheus"
 DASHBOARD = REPO_ROOT / "ops" / "grafana" / "qrloop.json"

@@ -49,6 +49,9 @@ from streams.replay import (
 )
 from tests.helpers import feedback
 
+# End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 QUERIES = ["angle bracket", "cordless drill", "toungh groove", "paint storage contaiers", "shower faucet"]
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 

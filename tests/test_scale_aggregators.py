@@ -21,6 +21,9 @@ from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
 from tests.helpers import aggregator_env, bracket_query
 
+# End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 BEFORE_KILL, AFTER_KILL = 12, 12  # queries completed before the kill / left open across it
 
 

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 from kafka import KafkaProducer
 
 from qrloop.events import PolicyAnnouncement, encode
@@ -18,6 +19,9 @@ from qrloop.models import build_tiny_policy, require_policy
 from qrloop.runs import open_store
 from qrloop.settings import REPO_ROOT, Settings
 from tests.helpers import free_port, get, isolated_env, store_settings, wait_for
+
+# End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
 
 SHOPPERS = [f"shopper-{i}" for i in range(24)]
 

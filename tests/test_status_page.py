@@ -25,6 +25,9 @@ from qrloop.runs import open_store
 from qrloop.settings import REPO_ROOT, Settings
 from tests.helpers import env_of, free_port, isolated, short_run
 
+# End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = REPO_ROOT / "artifacts"
 

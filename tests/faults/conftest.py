@@ -3,7 +3,6 @@ what landed where (dead letters, training records, announcements)."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,9 +14,10 @@ from learner.ledger import steps_of, training_counts
 from policy_store import db
 from qrloop.events import DeadLetter, PreferencePair, decode, encode, pair_id_for
 from qrloop.models import build_tiny_policy, require_policy
-from qrloop.runs import open_store
+from qrloop.runs import isolate, open_store
 from qrloop.settings import Settings
 from qrloop.topics import ensure_topics
+from tests import helpers
 
 QUERIES = [
     "angle bracket",
@@ -34,17 +34,11 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def private_topics(settings: Settings, prefix: str) -> Settings:
-    topics = settings.topics.model_copy(
-        update={
-            "preference_pairs": f"{prefix}.p",
-            "policy_versions": f"{prefix}.v",
-            "dead_letter": f"{prefix}.d",
-            "query_events": f"{prefix}.q",
-            "interactions": f"{prefix}.i",
-            "query_outcomes": f"{prefix}.o",
-        }
-    )
-    return settings.model_copy(update={"topics": topics})
+    """An isolated run (``qrloop.runs.isolate``) on one pair partition: these tests delete records and count
+    offsets on partition 0 (offsets per partition across several are ``tests/test_learner.py``'s)."""
+    isolated = isolate(settings, prefix, None)
+    topics = isolated.topics.model_copy(update={"pair_partitions": 1})
+    return isolated.model_copy(update={"topics": topics})
 
 
 @pytest.fixture
@@ -135,18 +129,9 @@ def steps(settings: Settings) -> dict[int, list[str]]:
 
 
 def learner_env(settings: Settings, **extra: str) -> dict[str, str]:
-    """The environment of a ``qrloop learn`` subprocess on these settings."""
-    t = settings.topics
-    return dict(
-        os.environ,
-        QRLOOP_DATABASE_URL=settings.db_url,
-        QRLOOP_BLOB_DIR=str(settings.blob_dir),
-        QRLOOP_TOPICS__PREFERENCE_PAIRS=t.preference_pairs,
-        QRLOOP_TOPICS__POLICY_VERSIONS=t.policy_versions,
-        QRLOOP_TOPICS__DEAD_LETTER=t.dead_letter,
-        QRLOOP_DPO__LEARNER_NAME=settings.dpo.learner_name,
-        QRLOOP_DPO__LEARNING_RATE=str(settings.dpo.learning_rate),
-        QRLOOP_DPO__PUBLISH_EVERY=str(settings.dpo.publish_every),
-        PYTHONUNBUFFERED="1",
+    """The environment of a ``qrloop learn`` subprocess on these settings (a short lease: a killed learner's
+    successor must not wait long to train)."""
+    return helpers.learner_env(settings) | {
+        "QRLOOP_DPO__PUBLISH_EVERY": str(settings.dpo.publish_every),
         **extra,
-    )
+    }

@@ -47,6 +47,9 @@ from tests.faults import fuzz
 from tests.faults.conftest import make_pair, private_topics
 from tests.helpers import aggregator_env
 
+# End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 N = 10_000
 ALL = list(fuzz.CATEGORIES)
 NO_PAST = [c for c in ALL if c != "past_time"]

@@ -35,6 +35,9 @@ from tests.faults.conftest import (
     trained,
 )
 
+# End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
+pytestmark = pytest.mark.slow
+
 
 def run_until(learner: Learner, versions: int, timeout_s: float = 180) -> list[int]:
     published: list[int] = []

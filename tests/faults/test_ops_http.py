@@ -19,6 +19,7 @@ from kafka import KafkaProducer
 
 from qrloop import health
 from qrloop.models import build_tiny_policy, require_policy
+from qrloop.runs import isolate
 from qrloop.serving import Rewriter, RewriterService, load_version
 from qrloop.settings import Settings
 from qrloop.topics import ensure_topics
@@ -42,9 +43,7 @@ class Served:
 def served(
     base_settings: Settings, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
-    topic = f"test-ops-http-{time.time_ns()}"
-    settings = base_settings.model_copy(deep=True)
-    settings.topics = settings.topics.model_copy(update={"query_events": topic})
+    settings = isolate(base_settings, f"ops-http-{time.time_ns()}", None).model_copy(deep=True)
     settings.rewriter = settings.rewriter.model_copy(
         update={
             "max_new_tokens": 4,
