@@ -350,11 +350,13 @@ def test_fuzz_every_input_topic(fuzz_settings: Settings, tmp_path: Path, tiny_di
 
     for topic in (t.query_events, t.interactions, t.preference_pairs, t.query_outcomes):
         assert per_topic[topic] == N, (topic, per_topic[topic], dict(reasons.get(topic, {})))
-    assert ignored == N, follower_reasons
+    # An announcement of an unknown version is harmless now: it only makes the follower read the alias from
+    # the store (the authority); every unreadable one is counted.
+    assert ignored == N - sent[t.policy_versions]["unknown"], follower_reasons
     assert aggregator_alive and "Crashed" not in log_text, log_text[-4000:]
     assert follower_alive and v2.id in [v for v, _ in follower.swaps], (
         "the follower still swaps after the fuzz"
     )
     assert [o.query_event_id for o in agg_outcomes] == [valid_query.event_id], "the valid query was scored"
     assert published is not None, "the learner trained the 16 valid pairs after the fuzz"
-    assert read == N + 1 and len(canary.window) == 1, "the canary job read everything and kept the valid one"
+    assert read == N + 1 and len(canary.outcomes) == 1, "the canary job read everything and kept the valid one"
