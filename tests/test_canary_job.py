@@ -419,6 +419,7 @@ def test_canary_status_shows_aliases_share_and_the_last_analysis(
     get_settings.cache_clear()
     try:
         shown = CliRunner().invoke(app, ["canary", "status"], env={"COLUMNS": "200"})
+        narrow = CliRunner().invoke(app, ["canary", "status"], env={"COLUMNS": "80"})
         as_json = CliRunner().invoke(app, ["canary", "status", "--json"])
     finally:
         get_settings.cache_clear()
@@ -426,5 +427,6 @@ def test_canary_status_shows_aliases_share_and_the_last_analysis(
     assert f"production → {env.production}" in shown.stdout and f"canary → {env.canary}" in shown.stdout
     assert "live at 25% of shoppers" in shown.stdout and "continue" in shown.stdout
     assert "not yet conclusive" in shown.stdout
+    assert narrow.exit_code == 0 and max(map(len, narrow.stdout.splitlines())) <= 80, narrow.stdout
     assert as_json.exit_code == 0, as_json.output
     assert '"share": 0.25' in as_json.stdout and '"n_canary": 60' in as_json.stdout

@@ -8,8 +8,8 @@ from typing import Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
+from qrloop.cli.ui.terminal import compact_table
 from qrloop.runs import open_store
 from qrloop.settings import get_settings
 
@@ -59,27 +59,22 @@ def status_command(
         f"{config.production_alias} → [bold]{status['production']}[/]   "
         f"{config.canary_alias} → [bold]{status['canary']}[/]   {live}"
     )
-    table = Table(
-        "when", "canary", "outcome", "n prod/can", "mean prod", "mean can", "effect", "always-valid interval",
-        "relevance prod/can", "KL", "share", "reason",
-        title=f"last {limit} analyses",
-    )  # fmt: skip
+    # Fits 80 columns, in a terminal or a pipe (cells cut, the reason folds); KL, share and the full figures
+    # are in --json.
+    columns = ("when (UTC)", "ver", "outcome", "n p/c", "reward p/c", "interval", "rel p/c", "reason")
+    table = compact_table(f"last {limit} analyses", *columns)
     for v in status["verdicts"]:
         verdict = str(v.get("verdict"))
         colour = {"promote": "green", "rollback": "red", "inconclusive": "magenta"}.get(verdict, "yellow")
         low, high = v.get("effect_low"), v.get("effect_high")
         table.add_row(
-            str(v["at"])[:19],
+            str(v["at"])[5:19].replace("T", " "),
             str(v["version"]),
             f"[{colour}]{v.get('outcome') or verdict}[/]",
             f"{v.get('n_production')}/{v.get('n_canary')}",
-            _fmt(v.get("mean_production")),
-            _fmt(v.get("mean_canary")),
-            _fmt(v.get("effect"), "+.3f"),
-            "–" if low is None or high is None else f"[{low:+.3f}, {high:+.3f}]",
+            f"{_fmt(v.get('mean_production'))}/{_fmt(v.get('mean_canary'))}",
+            "–" if low is None or high is None else f"[{low:+.3f},{high:+.3f}]",
             f"{_fmt(v.get('relevance_production'))}/{_fmt(v.get('relevance_canary'))}",
-            _fmt(v.get("mean_kl"), ".2f"),
-            _fmt(v.get("share"), ".0%"),
             str(v.get("reason", "")),
         )
     console.print(table)
