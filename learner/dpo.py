@@ -163,11 +163,13 @@ def pad_right(rows: Sequence[tuple[Sequence[int], int]], pad_id: int) -> Batch:
     rows of (token ids, number of prompt tokens). Right padding keeps every real token at its natural
     position. The one padding of every teacher-forced batch: DPO's pairs, offline SFT and distillation."""
     width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    # An explicit device: a model loading in another thread may have made "meta" the default one for a while.
+    cpu = torch.device("cpu")
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=cpu)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device=cpu)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long, device=cpu)
     for i, (ids, prompt_len) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long)
+        input_ids[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long, device=cpu)
         attention_mask[i, : len(ids)] = 1
         completion_mask[i, prompt_len : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
@@ -203,7 +205,7 @@ def completion_logprobs(model: Any, batch: Batch) -> torch.Tensor:
         input_ids=input_ids,
         attention_mask=batch["attention_mask"],
         use_cache=False,
-        logits_to_keep=torch.arange(start, width - 1),
+        logits_to_keep=torch.arange(start, width - 1, device=input_ids.device),
     ).logits  # (2B, width − 1 − start, V): predictions for tokens start + 1 .. width − 1
     targets = input_ids[:, start + 1 :]
     mask = completion_mask[:, start + 1 :].to(logits.dtype)
@@ -268,7 +270,7 @@ def prompt_tree(batch: Batch) -> PromptTree:
     rest = pad_right(rests, pad)
     tail = pad_right(tails, pad)
     return PromptTree(
-        prefix_ids=torch.tensor([prompts[0][:shared]], dtype=torch.long),
+        prefix_ids=torch.tensor([prompts[0][:shared]], dtype=torch.long, device=input_ids.device),
         rest_ids=rest["input_ids"],
         rest_mask=rest["attention_mask"],
         tail_ids=tail["input_ids"],
@@ -299,9 +301,10 @@ def tree_logprobs(model: Any, tree: PromptTree) -> tuple[torch.Tensor, torch.Ten
     if shared:
         prefix = model(input_ids=tree.prefix_ids, use_cache=True, logits_to_keep=1).past_key_values
         layers = [(k.expand(pairs, -1, -1, -1), v.expand(pairs, -1, -1, -1)) for k, v in _layers(prefix)]
-    seen = torch.ones((pairs, shared), dtype=torch.long)
+    device = tree.rest_ids.device
+    seen = torch.ones((pairs, shared), dtype=torch.long, device=device)
     if tree.rest_ids.shape[1]:
-        rest_positions = shared + torch.arange(tree.rest_ids.shape[1]).expand(pairs, -1)
+        rest_positions = shared + torch.arange(tree.rest_ids.shape[1], device=device).expand(pairs, -1)
         seen = torch.cat([seen, tree.rest_mask], dim=1)
         out = model(
             input_ids=tree.rest_ids,
@@ -313,7 +316,7 @@ def tree_logprobs(model: Any, tree: PromptTree) -> tuple[torch.Tensor, torch.Ten
         )
         layers = _layers(out.past_key_values)
     width = tree.tail_ids.shape[1]
-    tail_positions = (tree.prompt_lens - 1).repeat(2).unsqueeze(1) + torch.arange(width)
+    tail_positions = (tree.prompt_lens - 1).repeat(2).unsqueeze(1) + torch.arange(width, device=device)
     logits = model(
         input_ids=tree.tail_ids,
         attention_mask=torch.cat([seen.repeat(2, 1), tree.tail_mask], dim=1),
@@ -322,7 +325,7 @@ def tree_logprobs(model: Any, tree: PromptTree) -> tuple[torch.Tensor, torch.Ten
         if layers
         else None,
         use_cache=True,
-        logits_to_keep=torch.arange(0, width - 1),
+        logits_to_keep=torch.arange(0, width - 1, device=device),
     ).logits  # (2B, C − 1, V): predictions for tail tokens 1 .. C − 1
     targets = tree.tail_ids[:, 1:]
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)

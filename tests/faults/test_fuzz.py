@@ -216,7 +216,7 @@ def test_fuzz_every_input_topic(fuzz_settings: Settings, tmp_path: Path, tiny_di
     # The aggregator first: its start and the relevance model's load overlap the generation. Its pairs and
     # outcomes go to topics of their own: the learner and the canary job see only the fuzz and their events.
     log = tmp_path / "aggregator.log"
-    prefix = t.dead_letter.removesuffix(".d")
+    prefix = settings.dpo.learner_name  # the fixture created its aggregator topics under this name
     aggregator_settings = settings.model_copy(
         update={
             "topics": t.model_copy(
