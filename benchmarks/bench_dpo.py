@@ -239,7 +239,9 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> 
 
     # One variant at a time: each one's models and optimizer state are freed before the next one loads.
     policy, tokenizer = load_policy(model_dir)
-    core = DPOLearnerCore.from_model(policy, tokenizer, config)
+    core = DPOLearnerCore.from_model(
+        policy, tokenizer, DPOConfig.from_settings(settings.dpo, prompt_tree=True)
+    )
     ours_s, ref_s = time_core_steps(core, repeats)
     print(f"  ours: {ours_s}, reference preparation {ref_s}", flush=True)
     trainer = trl_trainer(model_dir, eos, config)
@@ -250,7 +252,7 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> 
     gc.collect()
     lora_policy, tokenizer = load_policy(model_dir)
     lora_core = DPOLearnerCore.from_model(
-        lora_policy, tokenizer, DPOConfig.from_settings(settings.dpo, lora_r=16)
+        lora_policy, tokenizer, DPOConfig.from_settings(settings.dpo, lora_r=16, prompt_tree=True)
     )
     trained = sum(p.numel() for p in lora_core.trainable_parameters())
     lora_s, _ = time_core_steps(lora_core, repeats)

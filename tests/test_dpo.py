@@ -143,7 +143,8 @@ def test_sequence_logprobs_equal_a_full_log_softmax(tiny_dir: Path) -> None:
 # -- equality with TRL ---------------------------------------------------------------------------------------
 
 
-def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prompt_tree", [False, True])
+def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path, prompt_tree: bool) -> None:
     """Same pairs, same tiny model: identical token ids, loss to 1e-4, same rewards and gradients.
 
     Compared after two steps, where the policy differs from the reference: at step 0 every DPO loss is log 2
@@ -155,7 +156,7 @@ def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path) -> None:
 
     from qrloop.prompting import build_prompt
 
-    core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3)
+    core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3, prompt_tree=prompt_tree)
     core.step(PAIRS)
     core.step(PAIRS)
     batch = core.tokenize(PAIRS)
