@@ -163,6 +163,12 @@ class DataParallelCore:
     def optimizer(self) -> torch.optim.Optimizer:
         return self.core.optimizer
 
+    def prepare_reference(self, pairs: Sequence[Pair]) -> None:
+        """Nothing ahead of the step: each rank computes the reference terms of its own share in the step."""
+
+    def forget_reference(self, pairs: Sequence[Pair]) -> None:
+        """Nothing was prepared (see ``prepare_reference``)."""
+
     def step(self, pairs: Sequence[Pair]) -> StepStats:
         settings = {name: getattr(self.core.config, name) for name in RELOADED}
         self.control.send("step", list(pairs), settings)
