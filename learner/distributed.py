@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -174,8 +175,8 @@ class DataParallelCore:
         self.control.send("step", list(pairs), settings)
         return data_parallel_step(self.core, pairs, 0, self.world)
 
-    def save(self, out_dir: Any) -> None:
-        self.core.save(out_dir)
+    def save(self, out_dir: Path, optimizer: bool = True) -> None:
+        self.core.save(out_dir, optimizer=optimizer)
 
 
 def core_factory(control: ControlChannel, world: int) -> worker.CoreFactory:
