@@ -123,6 +123,11 @@ class ControlChannel:
     def send(self, *command: object) -> None:
         dist.broadcast_object_list([command], src=0, group=self.group)
 
+    def close(self) -> None:
+        """Every rank waits here after "stop": a rank that tore its group down while another was still
+        receiving the stop made gloo abort that one ("terminate called without an active exception")."""
+        dist.barrier(group=self.group)
+
     def receive(self) -> tuple[Any, ...]:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0, group=self.group)
@@ -237,8 +242,10 @@ def run_rank() -> None:
                 worker.run(make_core=core_factory(control, world))
             finally:
                 control.send("stop")
+                control.close()
         else:
             follow(settings, control, rank, world)
+            control.close()
     finally:
         dist.destroy_process_group()
 

@@ -106,6 +106,9 @@ def test_two_gloo_ranks_step_like_one_process(dp_settings: Settings, tmp_path: P
     assert (published.parent_id, published.train_steps) == (1, 1)
     assert sum(published.offsets.values()) == 16
     assert set(ledger_counts(settings)) == {p.pair_id for p in pairs}
-    for name in ("loss", "margin", "accuracy", "grad_norm"):
+    for name in ("loss", "margin", "grad_norm"):
         assert published.metrics[name] == pytest.approx(getattr(stats, name), rel=1e-5, abs=1e-6), name
+    # Not the accuracy: it counts margins > 0, and at the first step policy = reference, so every margin is
+    # float noise (~1e-7) whose sign depends on how the reference terms were batched (per pair as they arrive
+    # in the single process, per rank share in the data-parallel step).
     assert published.metrics["tokens"] == stats.tokens
