@@ -167,6 +167,11 @@ def publish_pairs(settings: Settings, pairs: list[PreferencePair], extra: Sequen
     producer.close()
 
 
+# The stream's plumbing is checked against the paper's hand-checkable scalar, with every new product counted
+# by the gain's components (τ = 0), whichever M1 this machine has.
+PAPER_SCALAR = {"QRLOOP_REWARDS__RANKING": "paper", "QRLOOP_REWARDS__RELEVANT_ABOVE": "0"}
+
+
 def aggregator_env(settings: Settings, tmp_path: Path) -> dict[str, str]:
     """The environment of a `qrloop aggregate` subprocess on the run's topics and stream timings."""
     s = settings.streams

@@ -28,7 +28,7 @@ from qrloop.relevance import RelevanceModel
 from qrloop.runs import isolate
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
-from tests.helpers import aggregator_env, bracket_query, interaction
+from tests.helpers import PAPER_SCALAR, aggregator_env, bracket_query, interaction
 
 WINDOW_S = 5.0
 GRACE_S = 1.0
@@ -50,11 +50,6 @@ def stream_settings(base_settings: Settings, kafka_bootstrap: str, unique_topic:
     settings = settings.model_copy(update={"topics": topics, "streams": streams})
     ensure_topics(settings)
     return settings
-
-
-# The stream's plumbing, checked against the paper's hand-checkable scalar; every new product counts for the
-# gain's components (τ = 0), whichever M1 this machine has.
-PAPER_SCALAR = {"QRLOOP_REWARDS__RANKING": "paper", "QRLOOP_REWARDS__RELEVANT_ABOVE": "0"}
 
 
 def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path: Path) -> None:

@@ -121,7 +121,7 @@ def run_canary(
     job = CanaryJob(settings, store, producer)
     relevance = lambda _query, products: [0.6] * len(products)  # noqa: E731
     # That stand-in M1 finds every product relevant (0.6 above the gain's threshold of 0.5): a rewrite earns
-    # by what it retrieves beyond the query's own list, and the empty rewrites of the damaged copy earn nothing.
+    # by what it retrieves beyond the query's own list; the empty rewrites of the damaged copy earn nothing.
     weights = settings.rewards.model_copy(update={"relevant_above": 0.5})
     try:
         served = 0

@@ -19,7 +19,7 @@ from qrloop.catalog import Catalog
 from qrloop.events import Interaction, PreferencePair, QueryEvent, SessionEnd, decode, encode
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
-from tests.helpers import aggregator_env, bracket_query
+from tests.helpers import PAPER_SCALAR, aggregator_env, bracket_query
 
 # End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
 pytestmark = pytest.mark.slow
@@ -101,10 +101,14 @@ def test_two_aggregators_share_the_stream_and_survive_a_kill(
     def send(topic: str, event: QueryEvent, value: bytes) -> None:
         producer.send(topic, key=event.event_id.encode(), value=value)
 
-    env = aggregator_env(settings, tmp_path) | {
-        "QRLOOP_TOPICS__QUERY_OUTCOMES": t.query_outcomes,
-        "QRLOOP_STREAMS__SESSION_TIMEOUT_S": str(settings.streams.session_timeout_s),
-    }
+    env = (
+        aggregator_env(settings, tmp_path)
+        | PAPER_SCALAR
+        | {
+            "QRLOOP_TOPICS__QUERY_OUTCOMES": t.query_outcomes,
+            "QRLOOP_STREAMS__SESSION_TIMEOUT_S": str(settings.streams.session_timeout_s),
+        }
+    )
     logs = {name: tmp_path / f"aggregator-{name}.log" for name in "ab"}
     workers: dict[str, subprocess.Popen[bytes]] = {}
     for name, path in logs.items():

@@ -359,4 +359,6 @@ def test_fuzz_every_input_topic(fuzz_settings: Settings, tmp_path: Path, tiny_di
     )
     assert [o.query_event_id for o in agg_outcomes] == [valid_query.event_id], "the valid query was scored"
     assert published is not None, "the learner trained the 16 valid pairs after the fuzz"
-    assert read == N + 1 and len(canary.outcomes) == 1, "the canary job read everything and kept the valid one"
+    assert read == N + 1 and len(canary.outcomes) == 1, (
+        "the canary job read everything and kept the valid one"
+    )
