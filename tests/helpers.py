@@ -107,7 +107,8 @@ PAIR_QUERIES = [
 ]
 
 
-def pair(n: int) -> PreferencePair:
+def pair(n: int, event_time: datetime | None = None) -> PreferencePair:
+    """The n-th test pair: a known query, "<query> kit" chosen over "<query> <n>" (its id from its event)."""
     query = PAIR_QUERIES[n % len(PAIR_QUERIES)]
     event_id = f"event-{n}"
     return PreferencePair(
@@ -121,7 +122,7 @@ def pair(n: int) -> PreferencePair:
         rejected_components={},
         policy_version=1,
         source_event_id=event_id,
-        event_time=datetime.now(UTC),
+        event_time=event_time or datetime.now(UTC),
     )
 
 

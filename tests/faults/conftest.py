@@ -4,7 +4,6 @@ what landed where (dead letters, training records, announcements)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -12,20 +11,12 @@ from kafka import KafkaConsumer, KafkaProducer
 
 from learner.ledger import steps_of, training_counts
 from policy_store import db
-from qrloop.events import DeadLetter, PreferencePair, decode, encode, pair_id_for
+from qrloop.events import DeadLetter, PreferencePair, decode, encode
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.runs import isolate, open_store
 from qrloop.settings import Settings
 from qrloop.topics import ensure_topics
 from tests import helpers
-
-QUERIES = [
-    "angle bracket",
-    "cordless drill",
-    "toungh groove",
-    "paint storage contaiers",
-    "shower faucet trim",
-]
 
 
 @pytest.fixture(scope="session")
@@ -54,24 +45,6 @@ def learner_settings(settings: Settings, kafka_bootstrap: str, unique_topic: str
     store.set_alias("production", start.id, reason="start", actor="test")
     store.close()
     return configured
-
-
-def make_pair(n: int, event_time: datetime | None = None) -> PreferencePair:
-    query = QUERIES[n % len(QUERIES)]
-    event_id = f"event-{n}"
-    return PreferencePair(
-        pair_id=pair_id_for(event_id),
-        prompt=query,
-        chosen=f"{query} kit",
-        rejected=f"{query} {n}",
-        chosen_reward=0.6,
-        rejected_reward=0.3,
-        chosen_components={},
-        rejected_components={},
-        policy_version=1,
-        source_event_id=event_id,
-        event_time=event_time or datetime.now(UTC),
-    )
 
 
 def send_all(settings: Settings, topic: str, messages: Iterable[tuple[bytes | None, bytes]]) -> int:

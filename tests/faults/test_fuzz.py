@@ -44,8 +44,8 @@ from qrloop.serving import AnnouncementFollower, Rewriter, load_version
 from qrloop.settings import REPO_ROOT, RewriterSettings, Settings
 from qrloop.topics import ensure_topics
 from tests.faults import fuzz
-from tests.faults.conftest import make_pair, private_topics
-from tests.helpers import aggregator_env
+from tests.faults.conftest import private_topics
+from tests.helpers import aggregator_env, pair
 
 # End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
 pytestmark = pytest.mark.slow
@@ -120,7 +120,7 @@ def orphan_of_unknown_product(rng: random.Random, event: object) -> bytes:
 
 
 def pair_template(rng: random.Random) -> PreferencePair:
-    return make_pair(rng.randrange(10**9))
+    return pair(rng.randrange(10**9))
 
 
 def outcome_template(rng: random.Random) -> QueryOutcome:
@@ -275,7 +275,7 @@ def test_fuzz_every_input_topic(fuzz_settings: Settings, tmp_path: Path, tiny_di
             event_time=valid_query.event_time,
         )
         producer.send(t.interactions, key=valid_query.event_id.encode(), value=encode(end))
-        valid_pairs = [make_pair(n) for n in range(16)]
+        valid_pairs = [pair(n) for n in range(16)]
         for p in valid_pairs:
             producer.send(t.preference_pairs, key=p.pair_id.encode(), value=encode(p))
         producer.send(t.query_outcomes, value=encode(outcome_template(random.Random(10))))

@@ -27,13 +27,13 @@ from qrloop.settings import REPO_ROOT, Settings
 from tests.faults.conftest import (
     dead_letters,
     learner_env,
-    make_pair,
     read_topic,
     send_all,
     send_pairs,
     steps,
     trained,
 )
+from tests.helpers import pair
 
 # End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_a_resent_pair_with_publish_every_two_is_trained_once(learner_settings: 
     """Pair 3 comes again inside the next (unpublished) step's batch and again after the publish: the first
     re-send was an IntegrityError at the publish, after every restart."""
     settings = with_dpo(learner_settings, publish_every=2)
-    pairs = [make_pair(n) for n in range(64)]
+    pairs = [pair(n) for n in range(64)]
     stream = [*pairs[:20], pairs[3], *pairs[20:40], pairs[3], pairs[17], *pairs[40:]]
     send_pairs(settings, stream)
     learner = build(settings)
@@ -74,7 +74,7 @@ def test_a_resent_pair_with_publish_every_two_is_trained_once(learner_settings: 
 
 def test_poison_pairs_are_dead_lettered_and_training_goes_on(learner_settings: Settings) -> None:
     settings = learner_settings
-    valid = encode(make_pair(0)).decode()
+    valid = encode(pair(0)).decode()
     poison = {
         "huge_number": valid.replace('"chosen_reward":0.6', '"chosen_reward":' + "9" * 5000).encode(),
         "deep_nesting": valid.replace(
@@ -84,11 +84,11 @@ def test_poison_pairs_are_dead_lettered_and_training_goes_on(learner_settings: S
         "year_9999": valid.replace(
             valid[valid.index('"event_time":') :], '"event_time":"9999-12-31T23:59:59-05:00"}'
         ).encode(),
-        "future": encode(make_pair(1, datetime.now(UTC) + timedelta(days=2))),
+        "future": encode(pair(1, datetime.now(UTC) + timedelta(days=2))),
         "wrong_type": valid.replace('"chosen":"angle bracket kit"', '"chosen":["kit"]').encode(),
     }
     send_all(settings, settings.topics.preference_pairs, ((b"bad", raw) for raw in poison.values()))
-    send_pairs(settings, [make_pair(n) for n in range(2, 18)])
+    send_pairs(settings, [pair(n) for n in range(2, 18)])
     learner = build(settings)
     run_until(learner, 1)
     learner.producer.flush()
@@ -115,7 +115,7 @@ def test_resumed_optimizer_ends_bit_identical_to_an_uninterrupted_run(
 ) -> None:
     """Two lineages on the same pairs: one runs 4 steps; the other stops after step 2 (a new process would
     build exactly this: everything from the store) and runs steps 3 and 4 after resuming."""
-    send_pairs(learner_settings, [make_pair(n) for n in range(64)])
+    send_pairs(learner_settings, [pair(n) for n in range(64)])
     # Each lineage moves an alias of its own; both start from production's version.
     straight = with_dpo(learner_settings, learner_name=f"{unique_topic}-straight", alias="straight")
     resumed = with_dpo(learner_settings, learner_name=f"{unique_topic}-resumed", alias="resumed")
@@ -174,7 +174,7 @@ def test_sigkill_at_a_named_fault_point_loses_and_repeats_nothing(
     learner_settings: Settings, point: str, tmp_path: Path
 ) -> None:
     settings = learner_settings
-    pairs = [make_pair(n) for n in range(48)]
+    pairs = [pair(n) for n in range(48)]
     send_pairs(settings, pairs)
     log = tmp_path / "learner.log"
     # The second time the point is reached: the first version is out, the kill hits the second step.
@@ -218,7 +218,7 @@ def test_sigkill_at_random_moments_loses_and_repeats_nothing(
     """Three kills at random moments after the 1st, 2nd and 3rd publish (a step takes seconds under load, so
     a kill before the first publish would only ever hit step 1). Where they landed is printed."""
     settings = learner_settings
-    pairs = [make_pair(n) for n in range(80)]
+    pairs = [pair(n) for n in range(80)]
     send_pairs(settings, pairs)
     log = tmp_path / "learner.log"
     rng = random.Random(11)
@@ -256,7 +256,7 @@ def test_offsets_deleted_before_they_were_read_are_reported_and_counted(
 ) -> None:
     settings = learner_settings
     topic = settings.topics.preference_pairs
-    send_pairs(settings, [make_pair(n) for n in range(48)])
+    send_pairs(settings, [pair(n) for n in range(48)])
     learner = build(settings)
     run_until(learner, 1)  # offsets stored: 16
     learner.consumer.close()
@@ -264,7 +264,7 @@ def test_offsets_deleted_before_they_were_read_are_reported_and_counted(
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
     admin.delete_records({TopicPartition(topic, 0): 40})
     admin.close()
-    send_pairs(settings, [make_pair(n) for n in range(48, 56)])
+    send_pairs(settings, [pair(n) for n in range(48, 56)])
     labels = {"role": "learner", "topic": topic, "partition": "0"}
     before = metric("qrloop_records_lost_total", **labels)
     restarted = build(settings)
@@ -274,6 +274,6 @@ def test_offsets_deleted_before_they_were_read_are_reported_and_counted(
     assert any("records 16..39 (24) were deleted" in r.getMessage() for r in caplog.records)
     counts = trained(settings)
     assert {f"event-{n}" for n in range(16, 40)}.isdisjoint(
-        {p.source_event_id for p in (make_pair(n) for n in range(56)) if p.pair_id in counts}
+        {p.source_event_id for p in (pair(n) for n in range(56)) if p.pair_id in counts}
     )
     assert len(counts) == 32 and set(counts.values()) == {1}
