@@ -1,8 +1,10 @@
 """The online loop end to end on the real broker: rewriter, shoppers, Faust aggregator and learner as separate
 processes (the demo's runner), with a tiny random policy of SmolLM2's architecture and tokenizer for speed.
 
-Batch size 8 and a zero tie margin keep four DPO steps within 64 queries: a random policy's two rewrites
-often retrieve identical lists, and the production margin would turn many of those queries into ties.
+Batch size 8, a zero tie margin and the paper's scalar keep four DPO steps within 64 queries: a random
+policy's two rewrites often retrieve identical lists or add nothing beyond the original query's, which the
+gain (rightly) scores as ties; this test is about the loop's plumbing, not about what the gain teaches
+(tests/test_rewards.py and benchmarks/bench_learning.py are).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from qrloop.cli.demo import run_demo
 from qrloop.models import build_tiny_policy, load_policy, require_policy
 from qrloop.runs import open_store
 from qrloop.settings import Settings
+from tests.helpers import PAPER_SCALAR
 
 # End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
 pytestmark = pytest.mark.slow
@@ -31,6 +34,8 @@ def test_sixty_four_queries_train_and_serve_new_versions(
     monkeypatch.setenv("QRLOOP_DPO__BATCH_SIZE", "8")
     monkeypatch.setenv("QRLOOP_DPO__LEARNING_RATE", "1e-4")
     monkeypatch.setenv("QRLOOP_REWARDS__MARGIN", "0")
+    for name, value in PAPER_SCALAR.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("QRLOOP_BLOB_DIR", str(tmp_path / "blobs"))
     settings = Settings()
     tiny = build_tiny_policy(tmp_path / "tiny", require_policy(base_settings))
