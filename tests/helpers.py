@@ -3,6 +3,7 @@ daemon environment and store, and the events several tests build."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 import urllib.error
@@ -354,6 +355,26 @@ def learner_env(settings: Settings, lease_s: float = 3.0) -> dict[str, str]:
         # A killed learner's lease must lapse before another may train: keep that wait short.
         "QRLOOP_DPO__LEASE_S": str(lease_s),
     }
+
+
+def serve_and_click(port: int, interactions_topic: str, bootstrap: str, queries: int = 16) -> None:
+    """Queries through a running `qrloop serve` on ``port``; each shopper then clicks a different number
+    of products on the two lists (0, 1, 2 of the first rewrite's, one of the original's), so with margin 0
+    every query whose lists differ makes a pair."""
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    for n in range(queries):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/rewrite",
+            data=json.dumps({"query": ["angle bracket", "cordless drill", "led bulb"][n % 3]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            event = QueryEvent.model_validate_json(response.read())
+        clicks = {"r1": event.rewrites[0].products[: n % 3], "original": event.original_products[:1]}
+        for item in feedback(event, clicks):
+            producer.send(interactions_topic, key=item.kafka_key(), value=encode(item))
+    producer.flush()
+    producer.close()
 
 
 def ledger_counts(settings: Settings) -> dict[str, int]:

@@ -151,7 +151,9 @@ def test_job_verdicts_move_real_aliases_and_the_rewriter_follows(
     # reward whatever the tiny policy's rewrites retrieve (the canary compares whichever scalar is set).
     # Without diversity, which differs between the tiny policies' rewrites, equal clicks score alike: with
     # it, a canary clicked like production was once rolled back as "worse by -0.011" (CI, PostgreSQL side).
-    weights = settings.rewards.model_copy(update={"ranking": "paper", "relevant_above": 0.0, "diversity": 0.0})
+    weights = settings.rewards.model_copy(
+        update={"ranking": "paper", "relevant_above": 0.0, "diversity": 0.0}
+    )
     try:
         assert armed.arms() == {"production_version": v1, "canary_version": v2, "share": 0.3}
         time.sleep(1.0)  # the follower starts at the end of the topic

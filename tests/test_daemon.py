@@ -11,22 +11,27 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 from kafka import KafkaProducer
 
-from learner.ledger import SqlTrainingRecord
 from learner.worker import LEARNER_TAG
-from policy_store import db
-from qrloop.events import QueryEvent, encode
+from qrloop.events import encode
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.runs import open_store
 from qrloop.settings import REPO_ROOT, Settings
-from tests.helpers import feedback, free_port, get, isolated_env, metric, pair, store_settings, wait_for
+from tests.helpers import (
+    free_port,
+    get,
+    isolated_env,
+    ledger_counts,
+    metric,
+    pair,
+    serve_and_click,
+    store_settings,
+    wait_for,
+)
 
 # End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
 pytestmark = pytest.mark.slow
@@ -75,20 +80,7 @@ def test_run_roles_ready_metrics_move_crash_restart_and_stop(
 
         # Traffic: queries through the rewriter, then each shopper clicks a different number of products
         # on the two lists (margin 0: every query whose lists differ is a pair).
-        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-        for n in range(16):
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{ports['serve']}/rewrite",
-                data=json.dumps({"query": ["angle bracket", "cordless drill", "led bulb"][n % 3]}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=60) as response:
-                event = QueryEvent.model_validate_json(response.read())
-            clicks = {"r1": event.rewrites[0].products[: n % 3], "original": event.original_products[:1]}
-            for item in feedback(event, clicks):
-                producer.send(settings.topics.interactions, key=item.kafka_key(), value=encode(item))
-        producer.flush()
-        producer.close()
+        serve_and_click(ports["serve"], settings.topics.interactions, kafka_bootstrap)
         assert metric(ports["serve"], "qrloop_queries_served_total") == 16
         wait_for(
             lambda: metric(ports["aggregate"], "qrloop_pairs_emitted_total") >= 4, 120, "pairs", log_path
@@ -134,16 +126,6 @@ def test_run_roles_ready_metrics_move_crash_restart_and_stop(
     learner_lines = [r for r in records if r.get("logger") == "qrloop.learner"]
     assert any(r["message"].startswith("DPO step 1:") for r in learner_lines), "JSON logs from the learner"
     assert {"time", "level", "logger", "message", "pid"} <= set(learner_lines[0])
-
-
-def ledger(settings: Settings) -> dict[str, int]:
-    engine = db.make_engine(settings.db_url)
-    with engine.connect() as conn:
-        rows = conn.execute(
-            sa.select(SqlTrainingRecord.pair_id, sa.func.count()).group_by(SqlTrainingRecord.pair_id)
-        ).all()
-    engine.dispose()
-    return {pid: n for pid, n in rows}
 
 
 def test_learner_sigterm_mid_step_commits_nothing_half_done_and_resumes(
@@ -199,7 +181,7 @@ def test_learner_sigterm_mid_step_commits_nothing_half_done_and_resumes(
         assert time.monotonic() - sent < 10
         assert "abandoning the step in progress" in lines()
         assert "DPO step 1:" not in lines(), "the step was abandoned, not finished"
-        assert mine() == [] and ledger(settings) == {}
+        assert mine() == [] and ledger_counts(settings) == {}
 
         # 2. A generous deadline: SIGTERM inside the (redone) step 1 lets it finish and publish, then exit 0.
         learner = start(deadline_s=120)
@@ -209,7 +191,7 @@ def test_learner_sigterm_mid_step_commits_nothing_half_done_and_resumes(
         versions = mine()
         assert [v.train_steps for v in versions] == [1], lines()[-3000:]
         assert sum(versions[0].offsets.values()) == 4, "four pairs consumed, over the pair partitions"
-        first = set(ledger(settings))  # whichever four the partitions' interleaving delivered first
+        first = set(ledger_counts(settings))  # whichever four the partitions' interleaving delivered first
         assert len(first) == 4 and first <= {p.pair_id for p in pairs}
 
         # 3. The next start resumes at offset 4 and trains the rest, each pair exactly once. SIGHUP reloads
@@ -227,7 +209,7 @@ def test_learner_sigterm_mid_step_commits_nothing_half_done_and_resumes(
         versions = mine()
         assert [v.train_steps for v in versions] == [1, 2, 3]
         assert [v.parent_id for v in versions[1:]] == [v.id for v in versions[:-1]]
-        counts = ledger(settings)
+        counts = ledger_counts(settings)
         assert set(counts) == {p.pair_id for p in pairs} and set(counts.values()) == {1}
         assert f"learner resuming at version {versions[0].id} (reference 1, step 1)" in lines()
     finally:

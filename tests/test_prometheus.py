@@ -19,14 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka import KafkaProducer
 from prometheus_client import REGISTRY
 
 import qrloop.metrics  # noqa: F401  (registers every qrloop_* metric in the default registry)
-from qrloop.events import QueryEvent, encode
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.settings import REPO_ROOT, Settings
-from tests.helpers import feedback, free_port, get, isolated_env, metric, store_settings, wait_for
+from tests.helpers import free_port, get, isolated_env, metric, serve_and_click, store_settings, wait_for
 
 # End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
 pytestmark = pytest.mark.slow
@@ -123,20 +121,7 @@ def test_prometheus_scrapes_every_role_of_qrloop_run(
         for role in ("serve", "aggregate", "learn"):
             wait_for(partial(ready, ports[role]), 180, role, log_path)
 
-        producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, acks="all")
-        for n in range(16):
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{ports['serve']}/rewrite",
-                data=json.dumps({"query": ["angle bracket", "cordless drill", "led bulb"][n % 3]}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=60) as response:
-                event = QueryEvent.model_validate_json(response.read())
-            clicks = {"r1": event.rewrites[0].products[: n % 3], "original": event.original_products[:1]}
-            for item in feedback(event, clicks):
-                producer.send(settings.topics.interactions, key=item.kafka_key(), value=encode(item))
-        producer.flush()
-        producer.close()
+        serve_and_click(ports["serve"], settings.topics.interactions, kafka_bootstrap)
         wait_for(lambda: metric(ports["learn"], "qrloop_dpo_steps_total") >= 1, 180, "a DPO step", log_path)
 
         # What Prometheus scraped: every role up, and the learner's steps through the query API.
