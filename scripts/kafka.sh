@@ -33,10 +33,9 @@ broker_port="${bootstrap##*:}"
 controller_port="${QRLOOP_KAFKA__CONTROLLER_PORT:-9093}"
 pidfile="$home/broker.pid"
 props="$home/server.properties"
-python="${QRLOOP_PYTHON:-}"
-if [ -z "$python" ]; then
-  if [ -x "$repo/.venv/bin/python" ]; then python="$repo/.venv/bin/python"; else python=python3; fi
-fi
+# shellcheck source=scripts/lib.sh
+. "$here/lib.sh"
+python="$(project_python)"
 
 log() { printf '[kafka] %s\n' "$*" >&2; }
 
@@ -120,10 +119,6 @@ cluster_id() {
   cat "$f"
 }
 
-is_running() {
-  [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
-}
-
 wait_ready() {
   # Ready means: the broker answers a metadata request from a real client, not merely that a port is open.
   local deadline=$((SECONDS + ${1:-90}))
@@ -173,23 +168,7 @@ start() {
 }
 
 stop() {
-  if ! is_running; then
-    log "not running"
-    rm -f "$pidfile"
-    return
-  fi
-  local pid
-  pid="$(cat "$pidfile")"
-  log "stopping broker (pid $pid)"
-  kill -TERM "$pid"
-  # A controlled shutdown flushes logs and writes a clean-shutdown marker, so the next start skips recovery.
-  for _ in $(seq 1 60); do
-    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; log "stopped"; return; }
-    sleep 1
-  done
-  log "broker did not stop in 60 s; killing it"
-  kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$pidfile"
+  stop_pid 60
 }
 
 status() {

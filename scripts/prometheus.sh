@@ -20,10 +20,9 @@ cache="${QRLOOP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/qrloop}"
 home="${QRLOOP_PROMETHEUS__HOME:-$cache/prometheus}"
 port="${QRLOOP_PROMETHEUS__PORT:-9090}"
 pidfile="$home/prometheus.pid"
-python="${QRLOOP_PYTHON:-}"
-if [ -z "$python" ]; then
-  if [ -x "$repo/.venv/bin/python" ]; then python="$repo/.venv/bin/python"; else python=python3; fi
-fi
+# shellcheck source=scripts/lib.sh
+. "$here/lib.sh"
+python="$(project_python)"
 
 log() { printf '[prometheus] %s\n' "$*" >&2; }
 
@@ -41,10 +40,6 @@ install() {
   if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
     systemctl disable --now prometheus >/dev/null 2>&1 || true
   fi
-}
-
-is_running() {
-  [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null
 }
 
 start() {
@@ -78,21 +73,7 @@ start() {
 }
 
 stop() {
-  if ! is_running; then
-    log "not running"
-    rm -f "$pidfile"
-    return
-  fi
-  local pid
-  pid="$(cat "$pidfile")"
-  kill -TERM "$pid"
-  for _ in $(seq 1 60); do
-    kill -0 "$pid" 2>/dev/null || { rm -f "$pidfile"; log "stopped"; return; }
-    sleep 0.5
-  done
-  log "did not stop in 30 s; killing it"
-  kill -KILL "$pid" 2>/dev/null || true
-  rm -f "$pidfile"
+  stop_pid 30
 }
 
 status() {
