@@ -435,8 +435,9 @@ class CanarySettings(Group):
         800,
         ge=1,
         description="Canary queries after which a candidate without a verdict is inconclusive: production "
-        "stays, the candidate is archived (not rejected). From queries_for_power: +10% mean reward is "
-        "promoted with >= 80% power within this (see the README).",
+        "stays, the candidate is archived (not rejected). From queries_for_power on the paper's scalar "
+        "(sd/mean 0.33): +10% is promoted with >= 80% power within this. The gain (sd/mean ~1.8) needs "
+        "~10,000 for +10%, ~1,700 for +25% (see the README).",
     )
     max_analyses: int = Field(
         240,
