@@ -237,8 +237,8 @@ def queries_for_power(
     def promoted(n: float) -> float:
         p = shown(effect, sd, n, tau, policy.reward_alpha)
         if relevance is not None:
-            mean, spread = relevance
-            allowed = policy.relevance_margin * mean
+            relevance_mean, spread = relevance
+            allowed = policy.relevance_margin * relevance_mean
             p *= shown(allowed, spread, n, allowed, policy.guard_alpha, 1 - policy.relevance_margin)
         return p
 
