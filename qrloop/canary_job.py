@@ -66,7 +66,7 @@ def policy_of(config: CanarySettings) -> CanaryPolicy:
         min_samples=config.min_samples,
         alpha=config.alpha,
         guard_alpha=config.guard_alpha,
-        design_effect=config.design_effect,
+        design_lift=config.design_lift,
         relevance_margin=config.relevance_margin,
         max_kl=config.max_kl,
         max_queries=config.max_queries,
@@ -129,6 +129,7 @@ class CanaryState:
     canary_version: int | None  # None: no canary alias, or it holds production's version (nothing to test)
     share: float
     analyses: int = 0  # analyses of this candidate so far that had enough queries in both arms
+    reward_tau: float | None = None  # the reward test's spread, fixed by the first of them (None: none yet)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ def decide(
     """The verdict on the canary and the share that follows from it (no I/O)."""
     if state.canary_version is None:
         return Decision("idle", "no canary to analyse", state.share)
-    analysis = analyse(production, canary, policy_of(config), state.analyses)
+    analysis = analyse(production, canary, policy_of(config), state.analyses, state.reward_tau)
     share = state.share
     healthy_but_inconclusive = analysis.verdict == "continue" and analysis.tested
     if healthy_but_inconclusive:
@@ -200,8 +201,22 @@ def canary_state(store: PolicyStore, config: CanarySettings) -> CanaryState | No
         if e.details.get("verdict") == "continue" and e.details.get("effect_low") is not None
     )
     return CanaryState(
-        production.version_id, holder.version_id, canary_share(store, holder.version_id, config), analyses
+        production.version_id,
+        holder.version_id,
+        canary_share(store, holder.version_id, config),
+        analyses,
+        _reward_tau(history),
     )
+
+
+def _reward_tau(history: list[AuditEntry]) -> float | None:
+    """The spread the candidate's first tested analysis fixed (every later one repeats it; see
+    ``qrloop.canary.design_tau``): a restarted job goes on with the same sequence."""
+    for entry in reversed(history):  # oldest first: the first one fixed it
+        tau = entry.details.get("reward_tau")
+        if isinstance(tau, int | float) and tau > 0:
+            return float(tau)
+    return None
 
 
 def canary_started_at(store: Any, config: CanarySettings) -> datetime | None:

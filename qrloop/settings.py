@@ -407,12 +407,14 @@ class CanarySettings(Group):
         lt=0.5,
         description="Each guard's (relevance, KL) share of alpha; the reward test gets the rest.",
     )
-    design_effect: float = Field(
-        0.02,
+    design_lift: float = Field(
+        0.10,
         gt=0,
-        description="Mean-reward difference the reward test is tuned for (the normal mixture's spread, "
-        "reward units): +10% of the demo's mean reward per query (0.20). Any effect is detected; this one "
-        "soonest.",
+        description="Relative improvement of the mean reward the reward test is tuned for (0.10: +10%): "
+        "the normal mixture's spread is this fraction of the mean reward per query at the candidate's "
+        "first tested analysis, fixed from then on (recorded in the audit log as reward_tau), so it fits "
+        "any reward scale (the gain's ~0.013 per query as the paper's scalar's ~0.20). Any effect is "
+        "detected; this one soonest. (Replaces design_effect, an absolute 0.02.)",
     )
     relevance_margin: float = Field(
         0.10,
@@ -433,8 +435,9 @@ class CanarySettings(Group):
         800,
         ge=1,
         description="Canary queries after which a candidate without a verdict is inconclusive: production "
-        "stays, the candidate is archived (not rejected). From queries_for_power: +10% mean reward is "
-        "promoted with >= 80% power within this (see the README).",
+        "stays, the candidate is archived (not rejected). From queries_for_power on the paper's scalar "
+        "(sd/mean 0.33): +10% is promoted with >= 80% power within this. The gain (sd/mean ~1.8) needs "
+        "~10,000 for +10%, ~1,700 for +25% (see the README).",
     )
     max_analyses: int = Field(
         240,

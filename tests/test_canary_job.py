@@ -307,6 +307,38 @@ def test_inconclusive_windows_step_the_share_and_survive_a_restart(env: Env) -> 
     assert shares == [0.25, 0.5, 0.5]
 
 
+def test_the_reward_tests_spread_is_fixed_by_the_first_analysis_and_survives_a_restart(env: Env) -> None:
+    """``design_lift`` of the mean reward at the first tested analysis, recorded with it; a restarted job
+    reads it back from the audit log instead of re-estimating it from the evidence it has by then."""
+    start = datetime.now(UTC)
+    env.outcomes("production", env.production, reward=0.50, seed=21, start=start)
+    env.outcomes("canary", env.canary, reward=0.50, seed=22, start=start)
+    job = CanaryJob(env.settings, env.store, env.producer)
+    try:
+        first = job.tick()
+    finally:
+        job.close()
+    assert first is not None and first.action == "continue"
+    tau = first.details["reward_tau"]
+    assert tau == pytest.approx(
+        CONFIG.design_lift * (first.details["mean_production"] + first.details["mean_canary"]) / 2
+    )
+    assert canary_state(env.store, CONFIG).reward_tau == tau  # type: ignore[union-attr]
+    # More evidence at a lower level: re-estimating the spread now would give about 0.035, not 0.05.
+    later = start + timedelta(seconds=60)
+    env.outcomes("production", env.production, reward=0.20, seed=23, start=later)
+    env.outcomes("canary", env.canary, reward=0.20, seed=24, start=later)
+    restarted = CanaryJob(env.settings, env.store, env.producer)
+    try:
+        second = restarted.tick()
+    finally:
+        restarted.close()
+    assert second is not None and second.details["n_canary"] == 120, "the restart re-read all the evidence"
+    pooled_now = (second.details["mean_production"] + second.details["mean_canary"]) / 2
+    assert abs(CONFIG.design_lift * pooled_now - tau) > 0.01
+    assert second.details["reward_tau"] == tau
+
+
 def test_kl_guard_rolls_back_a_canary_far_from_production(env: Env) -> None:
     env.outcomes("production", env.production, reward=0.40, seed=9)
     env.outcomes("canary", env.canary, reward=0.60, seed=10, kl=CONFIG.max_kl + 3)

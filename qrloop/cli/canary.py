@@ -83,11 +83,13 @@ def status_command(
 @app.command("power")
 def power_command(
     effect: float = typer.Option(0.10, help="True relative improvement of the mean reward (0.10: +10%)."),
-    mean: float = typer.Option(0.20, help="Production's mean reward per query."),
-    sd: float = typer.Option(0.064, help="Standard deviation of the reward per query (bench_canary's pool)."),
+    mean: float = typer.Option(
+        0.012, help="Production's mean reward per query (default: the gain in a 320-query demo run)."
+    ),
+    sd: float = typer.Option(0.021, help="Standard deviation of the reward per query (the same run)."),
     power: float = typer.Option(0.8, help="Probability of promoting such a candidate."),
-    relevance_mean: float = typer.Option(0.63, help="Mean relevance per query (the guard's margin scales)."),
-    relevance_sd: float = typer.Option(0.19, help="Standard deviation of the relevance per query."),
+    relevance_mean: float = typer.Option(0.31, help="Mean relevance per query (the guard's margin scales)."),
+    relevance_sd: float = typer.Option(0.15, help="Standard deviation of the relevance per query."),
 ) -> None:
     """Canary queries (per arm) the rule needs to promote a given true improvement with the given power."""
     from qrloop.canary import queries_for_power
@@ -96,7 +98,7 @@ def power_command(
     policy = policy_of(get_settings().canary)
     for ratio, label in ((1.0, "equal arms (share 0.5)"), (3.0, "production 3× canary (share 0.25)")):
         n = queries_for_power(
-            effect * mean, sd, policy, power, ratio, relevance=(relevance_mean, relevance_sd)
+            effect, mean, sd, policy, power, ratio, relevance=(relevance_mean, relevance_sd)
         )
         gain = f"{effect:+.0%} (+{effect * mean:.4f})"
         console.print(f"{label}: {n} canary queries for {power:.0%} power at {gain}")
