@@ -30,7 +30,9 @@ def run_command() -> None:
     run()
 
 
-def _fmt(value: Any, spec: str = ".3f") -> str:
+# Three significant digits, not three decimals: the gain's mean is ~0.012 and its intervals ~±0.002, which
+# ".3f" printed as 0.012/0.013 and [+0.000,+0.002].
+def _fmt(value: Any, spec: str = ".3g") -> str:
     return "–" if value is None else format(value, spec)
 
 
@@ -73,7 +75,7 @@ def status_command(
             f"[{colour}]{v.get('outcome') or verdict}[/]",
             f"{v.get('n_production')}/{v.get('n_canary')}",
             f"{_fmt(v.get('mean_production'))}/{_fmt(v.get('mean_canary'))}",
-            "–" if low is None or high is None else f"[{low:+.3f},{high:+.3f}]",
+            "–" if low is None or high is None else f"[{low:+.2g},{high:+.2g}]",
             f"{_fmt(v.get('relevance_production'))}/{_fmt(v.get('relevance_canary'))}",
             str(v.get("reason", "")),
         )

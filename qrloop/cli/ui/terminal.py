@@ -82,7 +82,7 @@ def canary_lines(summary: Summary, settings: Settings, verdicts: int = 3) -> Gro
         table.add_row(
             str(v["at"])[11:19], _v(v.get("version")), Text(verdict, VERDICT_STYLES.get(verdict, "yellow")),
             f"{_num(v.get('n_production'), 'd')}/{_num(v.get('n_canary'), 'd')}",
-            f"{_num(v.get('mean_production'), '.3f')}/{_num(v.get('mean_canary'), '.3f')}",
+            f"{_num(v.get('mean_production'), '.3g')}/{_num(v.get('mean_canary'), '.3g')}",
             _num(v.get("p_value"), ".2g"), str(v.get("reason", "")),
         )  # fmt: skip
     return Group(head, table) if table.row_count else Group(head)
@@ -94,7 +94,7 @@ def kafka_lines(summary: Summary) -> Group:
         committed = "–" if p.committed is None else str(p.committed)
         style = "yellow" if p.lag else ""
         lag.add_row(str(p.lag), f"{committed}/{p.end}", p.group, f"{p.topic}:{p.partition}", style=style)
-    rewards = " ".join(f"{_v(r.version)} {r.mean_reward:.3f} (n={r.queries})" for r in summary.rewards[-6:])
+    rewards = " ".join(f"{_v(r.version)} {r.mean_reward:.3g} (n={r.queries})" for r in summary.rewards[-6:])
     letters = summary.dead_letters
     reasons = ", ".join(f"{k} {n}" for k, n in letters.by_reason.items())
     parts: list[Text | Table] = [
