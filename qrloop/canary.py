@@ -72,7 +72,7 @@ class CanaryPolicy:
     design_lift: float = 0.10
     relevance_margin: float = 0.10
     max_kl: float = 5.0
-    max_queries: int = 800
+    max_queries: int = 12_000
     max_analyses: int = 240
 
     @property

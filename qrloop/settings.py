@@ -432,12 +432,13 @@ class CanarySettings(Group):
         "before a promotion; shown above it: rolled back as worse.",
     )
     max_queries: int = Field(
-        800,
+        12_000,
         ge=1,
         description="Canary queries after which a candidate without a verdict is inconclusive: production "
-        "stays, the candidate is archived (not rejected). From queries_for_power on the paper's scalar "
-        "(sd/mean 0.33): +10% is promoted with >= 80% power within this. The gain (sd/mean ~1.8) needs "
-        "~10,000 for +10%, ~1,700 for +25% (see the README).",
+        "stays, the candidate is archived (not rejected). From queries_for_power on the gain, the default "
+        "reward (sd/mean ~1.8): +10% needs ~10,000 canary queries for 80% power, +25% ~1,700 (the paper's "
+        "scalar, sd/mean 0.33, needs ~415 for +10%; see the README). On quiet traffic max_analyses ends a "
+        "canary first.",
     )
     max_analyses: int = Field(
         240,
