@@ -1,6 +1,6 @@
 """One online DPO step on the real SmolLM2-135M (fp32, CPU): ours vs TRL's ``training_step`` vs LoRA.
 
-    .venv/bin/python benchmarks/bench_dpo.py [--repeats 5] [--threads 0]
+    .venv/bin/python benchmarks/bench_dpo.py [--repeats 5] [--threads 0] [--no-lora]
 
 All variants train on the *same* 16 Home Depot-like (query, chosen, rejected) pairs, tokenised once by
 ``learner.dpo.tokenize_pairs`` (which ``tests/test_dpo.py`` shows equals TRL's own tokenisation). A step is
@@ -10,6 +10,8 @@ everything an update costs on the learner's critical path, from the 16th pair to
          batch, each pair's prompt once, only completions per row), loss, backward, clip, AdamW. The reference
          terms were computed as the pairs arrived (``prepare_reference``, as the learner does while the batch
          gathers); that cost is timed separately and shown as "ours + reference";
+- ours (plain): the same step in TRL's layout (every prompt twice, padded rows; ``DPOConfig.prompt_tree``
+         off), so the tree's share of the gain is measured, not assumed;
 - TRL:   ``DPOTrainer.training_step`` (policy and reference forwards over the concatenated, padded layout,
          loss, backward through accelerate), then the clip + ``optimizer.step`` + ``zero_grad`` of
          ``Trainer``'s loop;
@@ -44,7 +46,7 @@ import typer
 from learner.dpo import Batch, DPOConfig, DPOLearnerCore, Pair, PromptTree, prompt_tree, tokenize_pairs
 from qrloop.models import load_policy, require_policy
 from qrloop.prompting import end_of_turn
-from qrloop.settings import get_settings
+from qrloop.settings import DPOSettings, get_settings
 
 PAIRS: list[Pair] = [
     ("cordless drill", "20v cordless drill driver kit", "drill"),
@@ -175,6 +177,29 @@ def time_core_steps(core: DPOLearnerCore, repeats: int) -> tuple[list[float], li
     return steps, references
 
 
+def time_plain_steps(model_dir: Path, dpo: DPOSettings, repeats: int) -> list[float]:
+    """Ours in the plain layout (``prompt_tree`` off), from the same starting weights."""
+    policy, tokenizer = load_policy(model_dir)
+    core = DPOLearnerCore.from_model(policy, tokenizer, DPOConfig.from_settings(dpo, prompt_tree=False))
+    steps, _ = time_core_steps(core, repeats)
+    del core
+    gc.collect()
+    return steps
+
+
+def time_lora_steps(model_dir: Path, dpo: DPOSettings, repeats: int) -> tuple[list[float], int]:
+    """(step seconds, trainable parameters) of ours with a LoRA adapter r=16."""
+    lora_policy, tokenizer = load_policy(model_dir)
+    lora_core = DPOLearnerCore.from_model(
+        lora_policy, tokenizer, DPOConfig.from_settings(dpo, lora_r=16, prompt_tree=True)
+    )
+    trained = sum(p.numel() for p in lora_core.trainable_parameters())
+    steps, _ = time_core_steps(lora_core, repeats)
+    del lora_core
+    gc.collect()
+    return steps, trained
+
+
 def step_flops(body: int, head: int, positions: int, logits: int, weight_grads: bool = True) -> float:
     """Forward + backward FLOPs: 2 (forward) + 2 (input grads) + 2 (weight grads) per parameter use."""
     per_use = 6 if weight_grads else 4
@@ -183,6 +208,14 @@ def step_flops(body: int, head: int, positions: int, logits: int, weight_grads: 
 
 def forward_flops(body: int, head: int, positions: int, logits: int) -> float:
     return 2 * (body * positions + head * logits)
+
+
+def plain_positions(batch: Batch) -> tuple[int, int]:
+    """The same for the plain layout: every padded position; logits from the position before the earliest
+    completion token on (``learner.dpo.completion_logprobs``)."""
+    rows, width = batch["input_ids"].shape
+    first = int(batch["completion_mask"].argmax(dim=1).min())
+    return rows * width, rows * (width - 1 - max(first - 1, 0))
 
 
 def tree_positions(tree: PromptTree) -> tuple[int, int]:
@@ -200,8 +233,9 @@ def loss_gap_to_trl(core: DPOLearnerCore, trainer: Any, batch: Batch) -> tuple[f
     return ours, abs(ours - theirs)
 
 
-def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> None:
-    """``--policy-dir`` runs on another HF directory (e.g. a tiny model, to check the script quickly)."""
+def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None, lora: bool = True) -> None:
+    """``--policy-dir`` runs on another HF directory (e.g. a tiny model, to check the script quickly);
+    ``--no-lora`` leaves the LoRA variant out (a shorter run on a busy machine)."""
     settings = get_settings()
     threads = threads or settings.models.torch_threads
     if threads:
@@ -226,6 +260,7 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> 
     completion = int(batch["completion_mask"].sum())
     rows, width = batch["input_ids"].shape
     tree_pos, tree_logits = tree_positions(tree)
+    plain_pos, plain_logits = plain_positions(batch)
     print(
         f"batch: {len(PAIRS)} pairs → {rows}×{width}, {real} real tokens ({padded} with padding), "
         f"{completion} completion tokens, prompt share {1 - completion / real:.0%}, terminator {eos!r}"
@@ -244,20 +279,15 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> 
     )
     ours_s, ref_s = time_core_steps(core, repeats)
     print(f"  ours: {ours_s}, reference preparation {ref_s}", flush=True)
+    plain_s = time_plain_steps(model_dir, settings.dpo, repeats)
+    print(f"  ours (plain): {plain_s}", flush=True)
     trainer = trl_trainer(model_dir, eos, config)
     trl_s = time_steps(trl_step(trainer, batch), repeats)
     print(f"  TRL: {trl_s}", flush=True)
     loss, gap = loss_gap_to_trl(core, trainer, batch)
     del trainer, core
     gc.collect()
-    lora_policy, tokenizer = load_policy(model_dir)
-    lora_core = DPOLearnerCore.from_model(
-        lora_policy, tokenizer, DPOConfig.from_settings(settings.dpo, lora_r=16, prompt_tree=True)
-    )
-    trained = sum(p.numel() for p in lora_core.trainable_parameters())
-    lora_s, _ = time_core_steps(lora_core, repeats)
-    del lora_core
-    gc.collect()
+    lora_s, trained = time_lora_steps(model_dir, settings.dpo, repeats) if lora else ([], 0)
 
     # TRL computes logits at every position of the padded rows (policy and reference).
     trl_flops = step_flops(body, head, padded, padded) + forward_flops(body, head, padded, padded)
@@ -268,13 +298,17 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> 
             [a + b for a, b in zip(ours_s, ref_s, strict=True)],
             step_flops(body, head, tree_pos, tree_logits) + forward_flops(body, head, tree_pos, tree_logits),
         ),
+        Timing("ours (full FT, plain layout)", plain_s, step_flops(body, head, plain_pos, plain_logits)),
         Timing("TRL training_step", trl_s, trl_flops),
-        Timing(
-            f"LoRA r=16 q,k,v,o ({trained / 1e6:.2f} M)",
-            lora_s,
-            step_flops(body, head, tree_pos, tree_logits, weight_grads=False),
-        ),
     ]
+    if lora:
+        timings.append(
+            Timing(
+                f"LoRA r=16 q,k,v,o ({trained / 1e6:.2f} M)",
+                lora_s,
+                step_flops(body, head, tree_pos, tree_logits, weight_grads=False),
+            )
+        )
     print(f"\nload average after: {load_average()}\n")
     header = f"{'variant':<32} {'median s':>9} {'runs s':>32} {'tokens/s':>9} {'GFLOP/s':>8} {'of bound':>9}"
     print(header)
@@ -286,10 +320,12 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> 
             f"{t.name:<32} {t.median:>9.2f} {runs:>32} {real / t.median:>9.0f} {achieved:>8.1f} "
             f"{achieved / bound:>9.0%}"
         )
-    ours, with_ref, trl, lora = timings
+    ours, with_ref, plain, trl = timings[:4]
     print(
         f"\nTRL / ours: {trl.median / ours.median:.2f}×   TRL / (ours + reference): "
-        f"{trl.median / with_ref.median:.2f}×   LoRA / ours: {lora.median / ours.median:.2f}×"
+        f"{trl.median / with_ref.median:.2f}×   TRL / ours (plain): {trl.median / plain.median:.2f}×   "
+        f"plain / tree: {plain.median / ours.median:.2f}×"
+        + (f"   LoRA / ours: {timings[4].median / ours.median:.2f}×" if lora else "")
     )
     print(f"loss after {repeats + 1} steps (policy ≠ reference): ours {loss:.6f}, |ours − TRL| = {gap:.2e}")
     print(
