@@ -17,13 +17,15 @@ everything an update costs on the learner's critical path, from the 16th pair to
          ``Trainer``'s loop;
 - LoRA:  ours with a peft adapter r=16 on q/k/v/o (reference = the adapter disabled, one copy of the weights).
 
-Each variant gets one untimed warm-up step, then ``--repeats`` timed steps; medians are quoted and TRL/ours is
-the ratio of medians measured in the same run. FLOPs are counted for what each variant computes: 6·N_body per
-token position that goes through the transformer (padding included: it is computed), plus 6·N_head per
-position whose logits are computed (the LM head, tied to the embedding, is 28 M of the 134.5 M parameters);
-a reference forward is a third of that; LoRA skips the weight gradients (4·N instead of 6·N). The bound is
-torch's fp32 matmul rate measured here on a 1024×1024 product. After timing, ours's weights are copied into
-TRL's model and both losses are computed on the batch (policy ≠ reference by then): they must agree to 1e-4.
+Each variant gets one untimed warm-up step, then ``--repeats`` timed steps; ours (tree), ours (plain) and TRL
+take theirs in turns, one of each per round, so a shared machine's drifting load weighs on all three alike.
+Medians are quoted and TRL/ours is the ratio of medians measured in the same run. FLOPs are counted for
+what each variant computes: 6·N_body per token position that goes through the transformer (padding
+included: it is computed), plus 6·N_head per position whose logits are computed (the LM head, tied to the
+embedding, is 28 M of the 134.5 M parameters); a reference forward is a third of that; LoRA skips the
+weight gradients (4·N instead of 6·N). The bound is torch's fp32 matmul rate measured here on a 1024×1024
+product. After timing, ours's weights are copied into TRL's model and both losses are computed on the
+batch (policy ≠ reference by then): they must agree to 1e-4.
 The machine is shared: the load average is printed before and after.
 """
 
@@ -92,14 +94,10 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def time_steps(step: Callable[[], object], repeats: int) -> list[float]:
-    step()  # warm-up: allocator, optimizer state, lazy inits
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - started)
-    return seconds
+def timed(step: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
 
 
 def trl_trainer(model_dir: Path, eos: str, config: DPOConfig) -> Any:
@@ -167,32 +165,50 @@ def time_core_steps(core: DPOLearnerCore, repeats: int) -> tuple[list[float], li
     As in the learner, the reference terms of a batch are computed before its step, one pair at a time."""
     steps, references = [], []
     for i in range(repeats + 1):
-        started = time.perf_counter()
-        core.prepare_reference(PAIRS)
-        prepared = time.perf_counter()
-        core.step(PAIRS)
+        step, reference = timed_core_step(core)
         if i:  # the first is the warm-up
-            references.append(prepared - started)
-            steps.append(time.perf_counter() - prepared)
+            steps.append(step)
+            references.append(reference)
     return steps, references
 
 
-def time_plain_steps(model_dir: Path, dpo: DPOSettings, repeats: int) -> list[float]:
-    """Ours in the plain layout (``prompt_tree`` off), from the same starting weights."""
+def timed_core_step(core: DPOLearnerCore) -> tuple[float, float]:
+    """(step seconds, reference-preparation seconds) of one step of ``core`` on the bench's pairs."""
+    reference = timed(lambda: core.prepare_reference(PAIRS))
+    return timed(lambda: core.step(PAIRS)), reference
+
+
+def interleaved_steps(
+    tree: DPOLearnerCore, plain: DPOLearnerCore, trl: Callable[[], object], repeats: int
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(tree, reference preparation, plain, TRL) step seconds, timed in turns: one step of each per round
+    after one untimed warm-up round (allocator, optimizer state, lazy inits), so a load that drifts during
+    the run (the machine is shared) weighs on the three alike and their ratio stays meaningful."""
+    tree_s, reference_s, plain_s, trl_s = [], [], [], []
+    for i in range(repeats + 1):
+        tree_step, reference = timed_core_step(tree)
+        plain_step, _ = timed_core_step(plain)
+        trl_step_s = timed(trl)
+        if i:
+            tree_s.append(tree_step)
+            reference_s.append(reference)
+            plain_s.append(plain_step)
+            trl_s.append(trl_step_s)
+        print(
+            f"  round {i}: tree {tree_step:.2f} s, plain {plain_step:.2f} s, TRL {trl_step_s:.2f} s",
+            flush=True,
+        )
+    return tree_s, reference_s, plain_s, trl_s
+
+
+def core_of(model_dir: Path, dpo: DPOSettings, **config: Any) -> DPOLearnerCore:
     policy, tokenizer = load_policy(model_dir)
-    core = DPOLearnerCore.from_model(policy, tokenizer, DPOConfig.from_settings(dpo, prompt_tree=False))
-    steps, _ = time_core_steps(core, repeats)
-    del core
-    gc.collect()
-    return steps
+    return DPOLearnerCore.from_model(policy, tokenizer, DPOConfig.from_settings(dpo, **config))
 
 
 def time_lora_steps(model_dir: Path, dpo: DPOSettings, repeats: int) -> tuple[list[float], int]:
     """(step seconds, trainable parameters) of ours with a LoRA adapter r=16."""
-    lora_policy, tokenizer = load_policy(model_dir)
-    lora_core = DPOLearnerCore.from_model(
-        lora_policy, tokenizer, DPOConfig.from_settings(dpo, lora_r=16, prompt_tree=True)
-    )
+    lora_core = core_of(model_dir, dpo, lora_r=16, prompt_tree=True)
     trained = sum(p.numel() for p in lora_core.trainable_parameters())
     steps, _ = time_core_steps(lora_core, repeats)
     del lora_core
@@ -272,20 +288,13 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None, lor
     )
     print(f"parameters N = {params / 1e6:.1f} M (body {body / 1e6:.1f} M, LM head {head / 1e6:.1f} M)")
 
-    # One variant at a time: each one's models and optimizer state are freed before the next one loads.
-    policy, tokenizer = load_policy(model_dir)
-    core = DPOLearnerCore.from_model(
-        policy, tokenizer, DPOConfig.from_settings(settings.dpo, prompt_tree=True)
-    )
-    ours_s, ref_s = time_core_steps(core, repeats)
-    print(f"  ours: {ours_s}, reference preparation {ref_s}", flush=True)
-    plain_s = time_plain_steps(model_dir, settings.dpo, repeats)
-    print(f"  ours (plain): {plain_s}", flush=True)
+    # Ours (tree), ours (plain) and TRL side by side, in turns (three models + optimizers, ~8 GB); LoRA after.
+    core = core_of(model_dir, settings.dpo, prompt_tree=True)
+    plain_core = core_of(model_dir, settings.dpo, prompt_tree=False)
     trainer = trl_trainer(model_dir, eos, config)
-    trl_s = time_steps(trl_step(trainer, batch), repeats)
-    print(f"  TRL: {trl_s}", flush=True)
+    ours_s, ref_s, plain_s, trl_s = interleaved_steps(core, plain_core, trl_step(trainer, batch), repeats)
     loss, gap = loss_gap_to_trl(core, trainer, batch)
-    del trainer, core
+    del trainer, core, plain_core
     gc.collect()
     lora_s, trained = time_lora_steps(model_dir, settings.dpo, repeats) if lora else ([], 0)
 
