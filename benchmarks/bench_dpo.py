@@ -32,9 +32,11 @@ The machine is shared: the load average is printed before and after.
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -100,8 +102,9 @@ def timed(step: Callable[[], object]) -> float:
     return time.perf_counter() - started
 
 
-def trl_trainer(model_dir: Path, eos: str, config: DPOConfig) -> Any:
-    """TRL's DPOTrainer on the bench's pairs, with its optimizer created."""
+def trl_trainer(model_dir: Path, eos: str, config: DPOConfig, reference: Any = None) -> Any:
+    """TRL's DPOTrainer on the bench's pairs, with its optimizer created; ``reference``: a frozen copy of the
+    starting weights to share (default: a copy of its own)."""
     from datasets import Dataset
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
@@ -109,7 +112,7 @@ def trl_trainer(model_dir: Path, eos: str, config: DPOConfig) -> Any:
     from qrloop.prompting import build_prompt
 
     model, tokenizer = load_policy(model_dir)
-    reference = copy.deepcopy(model)
+    reference = reference if reference is not None else copy.deepcopy(model)
     tokenizer.eos_token = eos  # TRL appends tokenizer.eos_token; make it the end of turn (see learner.dpo)
     rows = [{"prompt": build_prompt(tokenizer, q), "chosen": c, "rejected": r} for q, c, r in PAIRS]
     args = TRLConfig(
@@ -187,8 +190,11 @@ def interleaved_steps(
     tree_s, reference_s, plain_s, trl_s = [], [], [], []
     for i in range(repeats + 1):
         tree_step, reference = timed_core_step(tree)
+        release_memory()
         plain_step, _ = timed_core_step(plain)
+        release_memory()
         trl_step_s = timed(trl)
+        release_memory()
         if i:
             tree_s.append(tree_step)
             reference_s.append(reference)
@@ -201,9 +207,22 @@ def interleaved_steps(
     return tree_s, reference_s, plain_s, trl_s
 
 
-def core_of(model_dir: Path, dpo: DPOSettings, **config: Any) -> DPOLearnerCore:
+def release_memory() -> None:
+    """Hand the freed activations of a step back to the OS between variants (glibc keeps them otherwise):
+    three models side by side on a shared machine must not hold each one's peak at once."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def core_of(model_dir: Path, dpo: DPOSettings, reference: Any = None, **config: Any) -> DPOLearnerCore:
+    """Ours from the starting weights; ``reference``: a frozen copy of them to share (the variants' reference
+    is the same model; sharing it saves a copy of the weights per variant)."""
     policy, tokenizer = load_policy(model_dir)
-    return DPOLearnerCore.from_model(policy, tokenizer, DPOConfig.from_settings(dpo, **config))
+    settings = DPOConfig.from_settings(dpo, **config)
+    if reference is None:
+        return DPOLearnerCore.from_model(policy, tokenizer, settings)
+    return DPOLearnerCore(policy, reference, tokenizer, settings)
 
 
 def time_lora_steps(model_dir: Path, dpo: DPOSettings, repeats: int) -> tuple[list[float], int]:
@@ -290,8 +309,8 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None, lor
 
     # Ours (tree), ours (plain) and TRL side by side, in turns (three models + optimizers, ~8 GB); LoRA after.
     core = core_of(model_dir, settings.dpo, prompt_tree=True)
-    plain_core = core_of(model_dir, settings.dpo, prompt_tree=False)
-    trainer = trl_trainer(model_dir, eos, config)
+    plain_core = core_of(model_dir, settings.dpo, core.reference, prompt_tree=False)
+    trainer = trl_trainer(model_dir, eos, config, core.reference)
     ours_s, ref_s, plain_s, trl_s = interleaved_steps(core, plain_core, trl_step(trainer, batch), repeats)
     loss, gap = loss_gap_to_trl(core, trainer, batch)
     del trainer, core, plain_core
