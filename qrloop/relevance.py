@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 
 from qrloop.data import Dataset, dataset_name
-from qrloop.models import load_encoder
+from qrloop.models import load_encoder, loading_models
 from qrloop.settings import Settings
 
 log = logging.getLogger("qrloop.relevance")
@@ -306,11 +306,14 @@ def load_scorer(folder: Path, kind: str, settings: Settings) -> Scorer:
     if kind == "cross-encoder":
         from sentence_transformers import CrossEncoder
 
-        return _cross_encoder_scorer(CrossEncoder(str(folder), device="cpu", max_length=MAX_LENGTH))
+        with loading_models():  # transformers patches process-wide state while it builds a model
+            cross_encoder = CrossEncoder(str(folder), device="cpu", max_length=MAX_LENGTH)
+        return _cross_encoder_scorer(cross_encoder)
     if kind == "bi-encoder":
         from sentence_transformers import SentenceTransformer
 
-        encoder = SentenceTransformer(str(folder), device="cpu")
+        with loading_models():
+            encoder = SentenceTransformer(str(folder), device="cpu")
         encoder.max_seq_length = MAX_LENGTH
         return _bi_encoder_scorer(encoder)
     raise ValueError(

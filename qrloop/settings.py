@@ -254,6 +254,13 @@ class DPOSettings(Group):
     beta: float = Field(0.1, gt=0, description="DPO temperature β of eq. 2.")
     learning_rate: float = Field(5e-6, gt=0, lt=1, description="AdamW learning rate.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    prompt_tree: bool = Field(
+        True,
+        description="Lay a DPO step out as a prompt tree: the system prefix every prompt shares once, each "
+        "pair's prompt once, only the completions per row over the key/value cache (555 instead of 1,568 "
+        "positions for 16 pairs), the same loss and gradients as TRL's layout to float rounding. false: "
+        "TRL's layout, every prompt in both its chosen and its rejected row.",
+    )
     publish_every: int = Field(1, ge=1, description="Publish a version every N DPO steps.")
     alias: str = Field(
         "production", pattern=ALIAS_PATTERN, description="Alias the learner moves after publishing."

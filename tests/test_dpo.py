@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from learner.dpo import (
     DPOConfig,
     DPOLearnerCore,
+    StepStats,
     dpo_loss,
     prompt_tree,
     sequence_logprobs,
@@ -96,6 +98,9 @@ def test_config_defaults_come_from_the_settings() -> None:
     )
     tuned = DPOConfig.from_settings(DPOSettings(beta=0.3, learning_rate=1e-4), lora_r=8)
     assert (tuned.beta, tuned.learning_rate, tuned.lora_r) == (0.3, 1e-4, 8)
+    # The learner lays its steps out as a prompt tree unless the setting says otherwise.
+    assert config.prompt_tree and settings.prompt_tree
+    assert not DPOConfig.from_settings(DPOSettings(prompt_tree=False)).prompt_tree
 
 
 # -- tokenisation and log-probs ------------------------------------------------------------------------------
@@ -337,3 +342,57 @@ def test_reference_terms_prepared_on_arrival_give_the_same_step(tiny_dir: Path) 
     assert first[0].loss == first[1].loss
     after = snapshot(prepared.policy), snapshot(lazy.policy)
     assert all(torch.equal(after[0][k], after[1][k]) for k in after[0])
+
+
+def test_a_tree_step_while_another_thread_loads_a_model(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 17's crash, made deterministic: the learner loads its policy and takes a prompt-tree step while
+    another thread of the process (the rewriter's announcement follower in ``test_fuzz``) is in the middle of
+    loading a model. transformers makes ``PreTrainedModel.tie_weights`` a no-op process-wide while it builds
+    a model, so without ``qrloop.models.loading_models`` the learner's load ties nothing: its LM head stays on
+    the meta device and the step's backward fails ("MmBackward0 … expected device meta but got cpu").
+
+    The other load is held inside its model construction (where transformers' patches are in place) until
+    the learner has finished or 3 s have passed: with the lock the learner waits for it instead."""
+    from transformers import LlamaForCausalLM, PreTrainedModel
+
+    tie_weights = PreTrainedModel.tie_weights
+    build = LlamaForCausalLM.__init__
+    inside, release, learned = threading.Event(), threading.Event(), threading.Event()
+    failures: list[BaseException] = []
+    steps: list[StepStats] = []
+
+    def held_build(self: LlamaForCausalLM, *args: Any, **kwargs: Any) -> None:
+        build(self, *args, **kwargs)
+        if threading.current_thread() is other:
+            inside.set()
+            release.wait(timeout=60)
+
+    def load_meanwhile() -> None:
+        try:
+            load_policy(tiny_dir)
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+
+    def learn() -> None:
+        try:
+            steps.append(core_for(tiny_dir, learning_rate=1e-3, prompt_tree=True).step(PAIRS))
+        except BaseException as exc:  # reported by the main thread
+            failures.append(exc)
+        finally:
+            learned.set()
+
+    monkeypatch.setattr(LlamaForCausalLM, "__init__", held_build)
+    other, learner = threading.Thread(target=load_meanwhile), threading.Thread(target=learn)
+    other.start()
+    assert inside.wait(timeout=60), "the other load never reached its model construction"
+    learner.start()
+    learned_while_the_other_loaded = learned.wait(timeout=3.0)
+    release.set()
+    other.join(timeout=60)
+    learner.join(timeout=120)
+    assert not failures, failures
+    assert len(steps) == 1 and math.isfinite(steps[0].loss)
+    assert not learned_while_the_other_loaded, "model loads in two threads overlapped"
+    assert PreTrainedModel.tie_weights is tie_weights, "transformers' patch outlived the loads"

@@ -62,3 +62,16 @@ def test_tiny_policy_shares_the_tokenizer(base_settings: Settings, tmp_path: Pat
     _, real_tok = models.load_policy(models.require_policy(base_settings))
     assert tiny_tok("angle bracket").input_ids == real_tok("angle bracket").input_ids
     assert sum(p.numel() for p in tiny.parameters()) < 5_000_000
+
+
+def test_a_half_built_model_is_refused(base_settings: Settings, tmp_path: Path) -> None:
+    """What a load gets when another thread's load has made ``tie_weights`` a no-op (issue 17): the tied LM
+    head left on the meta device. load_policy refuses it with the cause instead of handing out a model whose
+    forward computes garbage and whose backward fails far away."""
+    from transformers.initialization import no_tie_weights
+
+    tiny_dir = models.build_tiny_policy(tmp_path / "tiny", models.require_policy(base_settings))
+    with no_tie_weights(), pytest.raises(models.ModelLoadError, match=r"meta device .*lm_head"):
+        models.load_policy(tiny_dir)
+    model, _ = models.load_policy(tiny_dir)  # the patch is gone: a whole model again
+    assert model.lm_head.weight is model.model.embed_tokens.weight
