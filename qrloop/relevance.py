@@ -206,10 +206,11 @@ Embedder = Callable[[str, Sequence[str]], tuple[np.ndarray, np.ndarray]]
 def cached_embedder(
     encoder: Any, cached_texts: int = 20_000, known: CatalogEmbeddings | None = None
 ) -> Embedder:
-    """Unit embeddings of a query and its products. Product embeddings do not depend on the query: a text in
-    the precomputed catalog matrix ``known`` is looked up (no forward); the most recent ``cached_texts``
-    others are kept (1.5 KB each): embedding a list of known products costs one query encoding. Every vector,
-    looked up or encoded, comes from :func:`encode_one_by_one`, so its bits do not depend on the path."""
+    """Unit embeddings of a query and its products. An embedding depends on its text alone: a text in the
+    precomputed catalog matrix ``known`` is looked up (no forward); the most recent ``cached_texts`` others,
+    queries included, are kept (1.5 KB each): the lists of one query (the original's and both rewrites') cost
+    one query encoding together, none when all their products are known. Every vector, looked up or encoded,
+    comes from :func:`encode_one_by_one`, so its bits do not depend on the path it took."""
     vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def lookup(text: str) -> np.ndarray:
@@ -217,16 +218,17 @@ def cached_embedder(
         return vectors[text] if found is None else found
 
     def embed(query: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        new = [t for t in dict.fromkeys(texts) if t not in vectors and (known is None or t not in known.rows)]
-        encoded = encode_one_by_one(encoder, [query, *new])
-        vectors.update(zip(new, encoded[1:], strict=True))
-        for text in texts:
+        wanted = list(dict.fromkeys([query, *texts]))
+        new = [t for t in wanted if t not in vectors and (known is None or t not in known.rows)]
+        if new:
+            vectors.update(zip(new, encode_one_by_one(encoder, new), strict=True))
+        for text in wanted:
             if text in vectors:
                 vectors.move_to_end(text)
-        products = np.stack([lookup(t) for t in texts])
+        query_vector, products = lookup(query), np.stack([lookup(t) for t in texts])
         while len(vectors) > cached_texts:
             vectors.popitem(last=False)
-        return encoded[0], products
+        return query_vector, products
 
     return embed
 
