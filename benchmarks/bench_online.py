@@ -1,7 +1,7 @@
 """Figures of the online loop (issue #6, "Benchmark"), each sub-command measured side by side in one run.
 
     .venv/bin/python benchmarks/bench_online.py table3 --run ~/.cache/qrloop/runs/<id> [--queries 200]
-    .venv/bin/python benchmarks/bench_online.py speed [--queries 20] [--agg-queries 100]
+    .venv/bin/python benchmarks/bench_online.py speed [--queries 20] [--agg-queries 100] [--repeats 3]
     .venv/bin/python benchmarks/bench_online.py latency --run ~/.cache/qrloop/runs/<id>
 
 ``table3`` — the paper's Table 3 (five online metrics) and Table 4 (product coverage) on held-out queries.
@@ -36,9 +36,13 @@
   warm (the Faust worker has scored a few warm-up queries, so M1 is loaded). Time: from the first produce
   until the last query's ``QueryOutcome`` is on its topic (every scored query emits one, ties included),
   vs until the pass-through has re-produced the last message. Feedback messages per second are compared.
-  A third row runs the pure path in-process on the same messages (decode, ``streams.attribution`` join /
-  dedupe / score with a fresh M1 cache, encode the outcome) so the Faust + Kafka share can be told from the
-  scoring cost.
+  The Faust worker runs three ways, each on its own topics and consumer group: M1 encoding each product on
+  first sight (``models.use_catalog_embeddings`` false), M1 with the precomputed catalog embeddings (``qrloop
+  models embed-catalog``; the row is left out when none are built), and no M1 at all (this file's
+  ``_aggregate_unscored``: the same agents, a relevance that is a hash of the product id), so Faust's own
+  cost is told from scoring. ``--repeats`` runs of every row (order alternating per repeat), medians.
+  The pure path also runs in-process on the same messages (decode, ``streams.attribution`` join / dedupe /
+  score with a fresh M1 cache, encode the outcome), matrix off and on.
   The DPO step is *not* re-measured here: ``benchmarks/bench_dpo.py`` prints ours vs TRL's
   ``training_step`` vs LoRA vs the fp32 matmul bound on the same batch.
 
