@@ -1,7 +1,7 @@
 """Figures of the online loop (issue #6, "Benchmark"), each sub-command measured side by side in one run.
 
     .venv/bin/python benchmarks/bench_online.py table3 --run ~/.cache/qrloop/runs/<id> [--queries 200]
-    .venv/bin/python benchmarks/bench_online.py speed [--queries 20] [--agg-queries 100]
+    .venv/bin/python benchmarks/bench_online.py speed [--queries 20] [--agg-queries 100] [--repeats 3]
     .venv/bin/python benchmarks/bench_online.py latency --run ~/.cache/qrloop/runs/<id>
 
 ``table3`` — the paper's Table 3 (five online metrics) and Table 4 (product coverage) on held-out queries.
@@ -36,9 +36,13 @@
   warm (the Faust worker has scored a few warm-up queries, so M1 is loaded). Time: from the first produce
   until the last query's ``QueryOutcome`` is on its topic (every scored query emits one, ties included),
   vs until the pass-through has re-produced the last message. Feedback messages per second are compared.
-  A third row runs the pure path in-process on the same messages (decode, ``streams.attribution`` join /
-  dedupe / score with a fresh M1 cache, encode the outcome) so the Faust + Kafka share can be told from the
-  scoring cost.
+  The Faust worker runs three ways, each on its own topics and consumer group: M1 encoding each product on
+  first sight (``models.use_catalog_embeddings`` false), M1 with the precomputed catalog embeddings (``qrloop
+  models embed-catalog``; the row is left out when none are built), and no M1 at all (this file's
+  ``_aggregate_unscored``: the same agents, a relevance that is a hash of the product id), so Faust's own
+  cost is told from scoring. ``--repeats`` runs of every row (order alternating per repeat), medians.
+  The pure path also runs in-process on the same messages (decode, ``streams.attribution`` join / dedupe /
+  score with a fresh M1 cache, encode the outcome), matrix off and on.
   The DPO step is *not* re-measured here: ``benchmarks/bench_dpo.py`` prints ours vs TRL's
   ``training_step`` vs LoRA vs the fp32 matmul bound on the same batch.
 
@@ -64,6 +68,7 @@ import sys
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -74,7 +79,7 @@ import numpy as np
 
 from learner.evaluate_online import paired_stats
 from qrloop.cli.demo import run_settings
-from qrloop.cli.supervisor import Supervised, Supervisor, spawn_command, spawn_qrloop
+from qrloop.cli.supervisor import Spawner, Supervised, Supervisor, spawn_command, spawn_qrloop
 from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import Settings, get_settings
 from qrloop.topics import make_producer
@@ -584,11 +589,31 @@ def count_to(n: int) -> Callable[[Any], bool]:
     return done
 
 
-def time_faust(settings: Settings, warm: Traffic, measured: Traffic, threads: int, tmp: Path) -> float:
+@dataclass(frozen=True)
+class FaustVariant:
+    """One way of running the Faust worker: the real ``qrloop aggregate`` with the catalog matrix on or off,
+    or this file's ``_aggregate_unscored`` (the same agents, a constant-cost relevance instead of M1)."""
+
+    label: str
+    scoring: bool
+    matrix: bool = False
+
+    def spawn(self, settings: Settings, threads: int, tmp: Path) -> tuple[Supervised, Spawner]:
+        env = worker_env(settings, threads) | {
+            "QRLOOP_MODELS__USE_CATALOG_EMBEDDINGS": "true" if self.matrix else "false"
+        }
+        if self.scoring:
+            return Supervised("aggregator", ["aggregate"]), spawn_qrloop(env, log_dir=tmp)
+        worker = Supervised("aggregator-unscored", ["_aggregate_unscored"])
+        return worker, spawn_command([sys.executable, __file__], env, log_dir=tmp)
+
+
+def time_faust(
+    settings: Settings, variant: FaustVariant, warm: Traffic, measured: Traffic, threads: int, tmp: Path
+) -> float:
     bootstrap, t = settings.kafka.bootstrap_servers, settings.topics
     topics = {"q": t.query_events, "i": t.interactions}
-    worker = Supervised("aggregator", ["aggregate"])
-    spawn = spawn_qrloop(worker_env(settings, threads), log_dir=tmp)
+    worker, spawn = variant.spawn(settings, threads, tmp)
     supervisor = Supervisor([worker], spawn, stop_deadline_s=60)
     supervisor.start()
     producer = make_producer(settings, linger_ms=5)
@@ -640,12 +665,14 @@ def time_raw(settings: Settings, prefix: str, warm: Traffic, measured: Traffic, 
         supervisor.stop()
 
 
-def time_pure(settings: Settings, warm: Traffic, measured: Traffic) -> float:
+def time_pure(settings: Settings, warm: Traffic, measured: Traffic, matrix: bool) -> float:
     """The aggregator's decisions without Kafka or Faust: decode, join, dedupe, M1, score, outcome."""
     from qrloop.events import Interaction, QueryEvent, decode, decode_feedback, encode
     from streams import attribution
     from streams.aggregator import make_relevance_fn
 
+    models = settings.models.model_copy(update={"use_catalog_embeddings": matrix})
+    settings = settings.model_copy(update={"models": models})
     relevance = make_relevance_fn(settings)  # a fresh M1 cache, as the worker's
     window_s = settings.streams.attribution_window_s
 
@@ -680,43 +707,97 @@ def delete_topics(bootstrap: str, prefix: str) -> None:
         admin.close()
 
 
-def bench_aggregator(settings: Settings, n: int, n_warm: int, threads: int, seed: int) -> None:
+def bench_aggregator(settings: Settings, n: int, n_warm: int, threads: int, seed: int, repeats: int) -> None:
     from qrloop.catalog import Catalog
+    from qrloop.catalog_embeddings import EMBED_COMMAND, embeddings_dir, read_meta
     from qrloop.relevance import RelevanceModel
-    from qrloop.topics import ensure_topics
     from simulators.judge import ClickModelJudge, labelled_or_model
 
-    prefix = f"bench-online-{uuid.uuid4().hex[:8]}"
-    settings = isolate(settings, prefix, Path(tempfile.gettempdir()) / prefix)  # no store: only its topics
+    base = settings
     catalog = Catalog.open(settings)
-    judge = ClickModelJudge(labelled_or_model(catalog, RelevanceModel.load(settings).score))
+    # The shoppers' judge only makes the traffic (the same for every row): the matrix makes it faster.
+    judge = ClickModelJudge(labelled_or_model(catalog, RelevanceModel.load(settings, catalog).score))
     warm, measured = (make_traffic(settings, catalog, judge, k, seed + j) for j, k in enumerate((n_warm, n)))
-    ensure_topics(settings)
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
-            faust_s = time_faust(settings, warm, measured, threads, Path(tmp))
-            raw_s = time_raw(settings, prefix, warm, measured, Path(tmp))
-    finally:
-        delete_topics(settings.kafka.bootstrap_servers, prefix)
-        shutil.rmtree(settings.cache_dir / "faust" / settings.streams.app_id, ignore_errors=True)
-    pure_s = time_pure(settings, warm, measured)
+    meta = read_meta(embeddings_dir(settings))
+    variants = [FaustVariant("Faust + M1, products encoded on first sight (matrix off)", True)]
+    if meta is None:
+        print(f"(no catalog embeddings in {embeddings_dir(settings)}: `{EMBED_COMMAND}` builds them)")
+    else:
+        print(f"catalog embeddings: {meta['rows']:,} product texts in {embeddings_dir(settings)}")
+        variants.append(FaustVariant("Faust + M1, catalog embeddings (matrix on)", True, matrix=True))
+    variants.append(FaustVariant("Faust, no M1 (constant-cost relevance)", False))
+    faust_s: dict[str, list[float]] = {v.label: [] for v in variants}
+    raw_s: list[float] = []
+    for rep in range(repeats):
+        # Alternate the order per repeat so a load change on the shared machine does not favour one row.
+        order = variants if rep % 2 == 0 else variants[::-1]
+        for variant in order:
+            faust_s[variant.label].append(
+                timed_isolated(base, f"f{variants.index(variant)}r{rep}", variant, warm, measured, threads)
+            )
+        raw_s.append(timed_isolated(base, f"rawr{rep}", None, warm, measured, threads))
+        print(f"  repeat {rep + 1}/{repeats} done ({load_average()})")
+    pure = {m: time_pure(settings, warm, measured, matrix=m) for m in ([False, True] if meta else [False])}
     feedback = measured.n_feedback
     print(
         f"\n== (b) aggregator, {n} queries, {feedback} feedback messages (+{n} query events), "
-        f"{settings.topics.partitions} partitions =="
+        f"{settings.topics.partitions} partitions, medians of {repeats} =="
     )
-    print(f"{'path':<60} {'seconds':>8} {'feedback msgs/s':>16}")
-    faust = "Faust aggregator (join, dedupe, M1, score, emit outcome)"
-    print(f"{faust:<60} {faust_s:>8.2f} {feedback / faust_s:>16.0f}")
+    print(f"{'path':<62} {'seconds':>8} {'feedback msgs/s':>16} {'of raw':>7}")
+    raw = median(raw_s)
+
+    def row(label: str, seconds: float) -> None:
+        print(f"{label:<62} {seconds:>8.2f} {feedback / seconds:>16.0f} {raw / seconds:>7.1%}")
+
+    row("raw kafka-python consume + produce, same messages", raw)
+    for label, times in faust_s.items():
+        row(label, median(times))
+    for matrix, seconds in pure.items():
+        row(f"pure attribution + M1 in-process, matrix {'on' if matrix else 'off'}", seconds)
     print(
-        f"{'raw kafka-python consume + produce, same messages':<60} {raw_s:>8.2f} {feedback / raw_s:>16.0f}"
+        f"all runs (s): raw {[round(x, 2) for x in raw_s]}; "
+        + "; ".join(
+            f"{label.split(',')[-1].strip()} {[round(x, 2) for x in times]}"
+            for label, times in faust_s.items()
+        )
     )
-    pure = "pure attribution + scoring in-process (no Kafka, no Faust)"
-    print(f"{pure:<60} {pure_s:>8.2f} {feedback / pure_s:>16.0f}")
-    print(
-        f"raw / Faust throughput: {faust_s / raw_s:.1f}x; the pure path (mostly M1 on unseen products) is "
-        f"{pure_s / faust_s:.0%} of the Faust time"
-    )
+
+
+def timed_isolated(
+    base: Settings, name: str, variant: FaustVariant | None, warm: Traffic, measured: Traffic, threads: int
+) -> float:
+    """One timed run on its own topics and consumer group (a second run on the same topics would see the same
+    event ids as duplicates): the Faust ``variant``, or the raw pass-through when None."""
+    from qrloop.topics import ensure_topics
+
+    prefix = f"bench-online-{uuid.uuid4().hex[:8]}-{name}"
+    settings = isolate(base, prefix, Path(tempfile.gettempdir()) / prefix)  # no store: only its topics
+    ensure_topics(settings)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-online-") as tmp:
+            if variant is None:
+                return time_raw(settings, prefix, warm, measured, Path(tmp))
+            return time_faust(settings, variant, warm, measured, threads, Path(tmp))
+    finally:
+        delete_topics(settings.kafka.bootstrap_servers, prefix)
+        shutil.rmtree(settings.cache_dir / "faust" / settings.streams.app_id, ignore_errors=True)
+
+
+def cmd_aggregate_unscored(_args: argparse.Namespace) -> None:
+    """The Faust worker of ``qrloop aggregate`` with every agent, but a relevance that costs nothing (a hash
+    of the product id): what Faust, Kafka and attribution cost without M1."""
+    from streams.aggregator import install_agents
+    from streams.app import create_app
+    from streams.attribution import CalibratedRelevance
+
+    def relevance(_query: str, product_ids: Sequence[str]) -> Sequence[float]:
+        return [zlib.crc32(pid.encode()) / 2**32 for pid in product_ids]
+
+    # Faust's App.main() reads its own command line, as in `qrloop aggregate`.
+    sys.argv = [sys.argv[0], "worker", "--loglevel", "info", "--without-web"]
+    built = create_app(get_settings())
+    install_agents(built, CalibratedRelevance(relevance, 0.5))
+    built.app.main()
 
 
 def cmd_speed(args: argparse.Namespace) -> None:
@@ -726,7 +807,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     if args.queries > 0:
         bench_rewriter(settings, args.policy_dir, args.queries, args.seed)
     if args.agg_queries > 0:
-        bench_aggregator(settings, args.agg_queries, args.warm_queries, args.threads, args.seed)
+        bench_aggregator(settings, args.agg_queries, args.warm_queries, args.threads, args.seed, args.repeats)
     print("\n(DPO step: see benchmarks/bench_dpo.py — ours vs TRL vs LoRA vs the fp32 matmul bound)")
     print(load_average())
 
@@ -902,6 +983,9 @@ def parser() -> argparse.ArgumentParser:
     speed.add_argument("--policy-dir", help="an HF policy directory (default: the store's production)")
     speed.add_argument("--agg-queries", type=int, default=100, help="aggregator queries (0: skip)")
     speed.add_argument("--warm-queries", type=int, default=4, help="untimed queries before each measurement")
+    speed.add_argument(
+        "--repeats", type=int, default=3, help="timed runs of each aggregator row (medians; order alternates)"
+    )
     speed.set_defaults(fn=cmd_speed)
     lat = sub.add_parser("latency", help="16th pair → new version served, from a demo run's artefacts")
     lat.add_argument("--run", required=True)
@@ -911,6 +995,8 @@ def parser() -> argparse.ArgumentParser:
     passthrough.add_argument("--out", required=True)
     passthrough.add_argument("topics", nargs="+")
     passthrough.set_defaults(fn=cmd_passthrough)
+    unscored = sub.add_parser("_aggregate_unscored", help="internal: the Faust worker without M1")
+    unscored.set_defaults(fn=cmd_aggregate_unscored)
     for p in (t3, speed, lat):
         p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
         p.add_argument("--seed", type=int, default=1234)

@@ -17,6 +17,10 @@ per product (so a product's score never depends on what was scored with it).
 M1 belongs to one data set (``<cache_dir>/models/relevance-m1/<dataset>``; its report records the data set).
 Without a model for the configured data set :meth:`RelevanceModel.load` falls back to the plain MiniLM cosine
 similarity (clipped to [0, 1]) and logs a WARNING naming the commands that build M1.
+
+Given the catalog, :meth:`RelevanceModel.load` also maps the precomputed product embeddings of the encoder in
+use (``qrloop models embed-catalog``, ``qrloop/catalog_embeddings.py``) when they are present and match: a
+catalog product then costs no encoder forward at all, with the same bits as encoding it here.
 """
 
 from __future__ import annotations
@@ -31,8 +35,15 @@ from typing import Any, Literal
 
 import numpy as np
 
+from qrloop.catalog import Catalog
+from qrloop.catalog_embeddings import (
+    CatalogEmbeddings,
+    encode_one_by_one,
+    load_catalog_embeddings,
+    product_texts,
+)
 from qrloop.data import Dataset, dataset_name
-from qrloop.models import load_encoder, loading_models
+from qrloop.models import encoder_dir, load_encoder, loading_models
 from qrloop.settings import Settings
 
 log = logging.getLogger("qrloop.relevance")
@@ -64,17 +75,28 @@ class RelevanceModel:
         self._cache_size = cache_size
         self.hits = 0
         self.misses = 0
+        self.precomputed = 0  # catalog texts whose embeddings are looked up, not encoded (load sets it)
 
     @classmethod
-    def load(cls, settings: Settings) -> RelevanceModel:
-        """The fine-tuned M1 in ``settings.models.relevance_dir`` if present, else the cosine fallback."""
+    def load(cls, settings: Settings, catalog: Catalog | None = None) -> RelevanceModel:
+        """The fine-tuned M1 in ``settings.models.relevance_dir`` if present, else the cosine fallback. With
+        the ``catalog`` (and ``models.use_catalog_embeddings``), its precomputed product embeddings are used
+        when they belong to this catalog and M1's encoder."""
         apply_torch_threads(settings)
         folder = relevance_dir(settings)
         report = read_report(folder)
         problem = report_problem(report, settings)
+        loader = matrix_loader(settings, catalog)
+        found: list[CatalogEmbeddings] = []
+
+        def known(encoder: Any, source: Path) -> CatalogEmbeddings | None:
+            matrix = loader(encoder, source) if loader is not None else None
+            found.extend([matrix] if matrix is not None else [])
+            return matrix
+
         if report is not None and problem is None:
             kind = report.get("kind", DEFAULT_KIND)
-            return cls(load_scorer(folder, kind, settings), kind)
+            return cls(load_scorer(folder, kind, settings, known), kind).with_precomputed(found)
         log.warning(
             "%s: scoring with plain MiniLM cosine similarity instead. Build M1 with `%s` (about a minute) "
             "or `%s` (fine-tuning, about 20 minutes).",
@@ -82,7 +104,11 @@ class RelevanceModel:
             HEAD_COMMAND,
             TRAIN_COMMAND,
         )
-        return cls(cosine_scorer(settings), "cosine")
+        return cls(cosine_scorer(settings, known), "cosine").with_precomputed(found)
+
+    def with_precomputed(self, matrices: Sequence[CatalogEmbeddings]) -> RelevanceModel:
+        self.precomputed = sum(len(m) for m in matrices)
+        return self
 
     def score(self, query: str, product_texts: Sequence[str]) -> np.ndarray:
         """Relevance of each text to the query, in [0, 1], in the texts' order."""
@@ -152,46 +178,64 @@ def report_problem(report: dict[str, Any] | None, settings: Settings) -> str | N
 # --- scorers ------------------------------------------------------------------------------------------------
 
 
-def cosine_scorer(settings: Settings) -> Scorer:
+KnownEmbeddings = Callable[[Any, Path], CatalogEmbeddings | None]
+"""(encoder, the folder of its files) → the catalog's precomputed embeddings for it, if present and valid."""
+
+
+def matrix_loader(settings: Settings, catalog: Catalog | None) -> KnownEmbeddings | None:
+    """How the scorer finds the catalog's precomputed embeddings for its encoder (None when there is no
+    catalog or ``models.use_catalog_embeddings`` is off)."""
+    if catalog is None or not settings.models.use_catalog_embeddings:
+        return None
+    texts = product_texts(catalog)
+    return lambda encoder, source: load_catalog_embeddings(
+        settings, dataset_name(settings), texts, encoder, source
+    )
+
+
+def cosine_scorer(settings: Settings, known: KnownEmbeddings | None = None) -> Scorer:
     """Plain all-MiniLM-L6-v2 cosine similarity, negative similarities clipped to 0 (the untrained M1)."""
-    return _bi_encoder_scorer(load_encoder(settings))
+    encoder = load_encoder(settings)
+    return _bi_encoder_scorer(encoder, known(encoder, encoder_dir(settings)) if known else None)
 
 
 Embedder = Callable[[str, Sequence[str]], tuple[np.ndarray, np.ndarray]]
 """(query, product texts) → (the query's unit embedding, one unit embedding per text)."""
 
 
-def cached_embedder(encoder: Any, cached_texts: int = 20_000) -> Embedder:
-    """Unit embeddings of a query and its products. Product embeddings do not depend on the query, so the most
-    recent ``cached_texts`` of them are kept (1.5 KB each): embedding a list of known products costs one
-    query encoding."""
+def cached_embedder(
+    encoder: Any, cached_texts: int = 20_000, known: CatalogEmbeddings | None = None
+) -> Embedder:
+    """Unit embeddings of a query and its products. An embedding depends on its text alone: a text in the
+    precomputed catalog matrix ``known`` is looked up (no forward); the most recent ``cached_texts`` others,
+    queries included, are kept (1.5 KB each): the lists of one query (the original's and both rewrites') cost
+    one query encoding together, none when all their products are known. Every vector, looked up or encoded,
+    comes from :func:`encode_one_by_one`, so its bits do not depend on the path it took."""
     vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    def encode(texts: list[str]) -> np.ndarray:
-        # One text per forward pass: in a padded batch an embedding differs in its last bits with the batch's
-        # other texts, so with a cache a product's score would depend on what was scored before it, and two
-        # replays of one log (which interleave partitions differently) would not give bit-identical rewards.
-        return np.asarray(
-            encoder.encode(texts, batch_size=1, normalize_embeddings=True, show_progress_bar=False)
-        )
+    def lookup(text: str) -> np.ndarray:
+        found = known.vector(text) if known is not None else None
+        return vectors[text] if found is None else found
 
     def embed(query: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        new = [t for t in dict.fromkeys(texts) if t not in vectors]
-        encoded = encode([query, *new])
-        vectors.update(zip(new, encoded[1:], strict=True))
-        for text in texts:
-            vectors.move_to_end(text)
-        products = np.stack([vectors[t] for t in texts])
+        wanted = list(dict.fromkeys([query, *texts]))
+        new = [t for t in wanted if t not in vectors and (known is None or t not in known.rows)]
+        if new:
+            vectors.update(zip(new, encode_one_by_one(encoder, new), strict=True))
+        for text in wanted:
+            if text in vectors:
+                vectors.move_to_end(text)
+        query_vector, products = lookup(query), np.stack([lookup(t) for t in texts])
         while len(vectors) > cached_texts:
             vectors.popitem(last=False)
-        return encoded[0], products
+        return query_vector, products
 
     return embed
 
 
-def _bi_encoder_scorer(encoder: Any) -> Scorer:
-    """Cosine of query and product embeddings (product embeddings cached)."""
-    embed = cached_embedder(encoder)
+def _bi_encoder_scorer(encoder: Any, known: CatalogEmbeddings | None = None) -> Scorer:
+    """Cosine of query and product embeddings (product embeddings precomputed or cached)."""
+    embed = cached_embedder(encoder, known=known)
 
     def score(query: str, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -243,9 +287,10 @@ class Head:
             return cls(data["mean"], data["scale"], data["weight"], float(data["bias"]))
 
 
-def _head_scorer(encoder: Any, head: Head) -> Scorer:
-    """M1 as a small head on frozen MiniLM embeddings: product embeddings cached, a list costs one query."""
-    embed = cached_embedder(encoder)
+def _head_scorer(encoder: Any, head: Head, known: CatalogEmbeddings | None = None) -> Scorer:
+    """M1 as a small head on frozen MiniLM embeddings: product embeddings precomputed or cached, a list costs
+    one query encoding."""
+    embed = cached_embedder(encoder, known=known)
 
     def score(query: str, texts: Sequence[str]) -> np.ndarray:
         if not texts:
@@ -295,27 +340,61 @@ def training_pairs(dataset: Dataset, max_pairs: int, seed: int) -> Pairs:
     )
 
 
-def load_scorer(folder: Path, kind: str, settings: Settings) -> Scorer:
-    """The scorer of a saved M1 directory of the given kind (a head also needs the frozen encoder)."""
-    # sentence-transformers (and torch) are imported when M1 loads, not with this module: the aggregator joins
-    # its consumer group first and pays for M1 on the first window it scores.
-    if kind == HEAD_KIND:
-        encoder = load_encoder(settings)
-        encoder.max_seq_length = MAX_LENGTH
-        return _head_scorer(encoder, Head.load(folder / HEAD_FILE))
+def load_scorer(folder: Path, kind: str, settings: Settings, known: KnownEmbeddings | None = None) -> Scorer:
+    """The scorer of a saved M1 directory of the given kind (a head also needs the frozen encoder); ``known``
+    gives the catalog's precomputed embeddings for the encoder a bi-encoder or head embeds with."""
     if kind == "cross-encoder":
         from sentence_transformers import CrossEncoder
 
         with loading_models():  # transformers patches process-wide state while it builds a model
             cross_encoder = CrossEncoder(str(folder), device="cpu", max_length=MAX_LENGTH)
         return _cross_encoder_scorer(cross_encoder)
+    embedding = embedding_encoder(folder, kind, settings)
+    if embedding is None:
+        raise ValueError(
+            f"unknown relevance model kind {kind!r} in {folder}; expected one of {(*KINDS, HEAD_KIND)}"
+        )
+    encoder, source = embedding
+    matrix = known(encoder, source) if known else None
+    if kind == HEAD_KIND:
+        return _head_scorer(encoder, Head.load(folder / HEAD_FILE), matrix)
+    return _bi_encoder_scorer(encoder, matrix)
+
+
+def embedding_encoder(folder: Path, kind: str, settings: Settings) -> tuple[Any, Path] | None:
+    """The sentence encoder M1 of this kind embeds products with, and the folder of its files (None for a
+    cross-encoder, which embeds no product alone). ``cosine`` is the untrained fallback."""
+    # sentence-transformers (and torch) are imported when M1 loads, not with this module: the aggregator joins
+    # its consumer group first and pays for M1 on the first window it scores.
+    source = embedding_source(folder, kind, settings)
+    if source is None:
+        return None
     if kind == "bi-encoder":
         from sentence_transformers import SentenceTransformer
 
         with loading_models():
-            encoder = SentenceTransformer(str(folder), device="cpu")
+            encoder = SentenceTransformer(str(source), device="cpu")
+    else:
+        encoder = load_encoder(settings)
+    if kind != "cosine":  # the fallback keeps the encoder's own truncation, as it always has
         encoder.max_seq_length = MAX_LENGTH
-        return _bi_encoder_scorer(encoder)
-    raise ValueError(
-        f"unknown relevance model kind {kind!r} in {folder}; expected one of {(*KINDS, HEAD_KIND)}"
-    )
+    return encoder, source
+
+
+def embedding_source(folder: Path, kind: str, settings: Settings) -> Path | None:
+    """The folder of the encoder M1 of this kind embeds products with: the fine-tuned bi-encoder's own, else
+    the frozen all-MiniLM-L6-v2 (None for a cross-encoder or an unknown kind)."""
+    if kind == "bi-encoder":
+        return folder
+    if kind in (HEAD_KIND, "cosine"):
+        return encoder_dir(settings)
+    return None
+
+
+def configured_kind(settings: Settings) -> tuple[Path, str]:
+    """M1's folder and the kind :meth:`RelevanceModel.load` scores with (``cosine`` when no usable M1)."""
+    folder = relevance_dir(settings)
+    report = read_report(folder)
+    if report is None or report_problem(report, settings) is not None:
+        return folder, "cosine"
+    return folder, str(report.get("kind", DEFAULT_KIND))

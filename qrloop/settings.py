@@ -207,6 +207,16 @@ class ModelSettings(Group):
         description="Relevance model M1 (a trained head or a fine-tuned MiniLM); default "
         "<cache_dir>/models/relevance-m1/<dataset>: one per data set, since M1 learns one catalog's labels.",
     )
+    catalog_embeddings_dir: Path | None = Field(
+        None,
+        description="Precomputed product embeddings of the catalog for M1's encoder (`qrloop models "
+        "embed-catalog`); default <cache_dir>/models/catalog-embeddings/<dataset>.",
+    )
+    use_catalog_embeddings: bool = Field(
+        True,
+        description="Score catalog products from the precomputed embeddings when they are present and match "
+        "the catalog and encoder (no encoder forward per product); false encodes every product on the fly.",
+    )
     torch_threads: int = Field(0, ge=0, description="torch.set_num_threads; 0 keeps torch's default.")
 
 

@@ -56,7 +56,7 @@ def make_relevance_fn(settings: Settings) -> attribution.CalibratedRelevance:
     gain's relevance threshold that belongs to this M1 (``rewards.relevant_above`` when configured, else
     calibrated once per model on training labels and cached): whoever scores with M1 scores with its τ."""
     catalog = Catalog.open(settings)
-    model = RelevanceModel.load(settings)
+    model = RelevanceModel.load(settings, catalog)  # with the catalog's precomputed embeddings, if built
 
     def relevance(query: str, product_ids: Sequence[str]) -> Sequence[float]:
         if not product_ids:

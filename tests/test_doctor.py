@@ -14,7 +14,8 @@ def test_doctor_passes_on_the_real_setup(
 ) -> None:
     db.upgrade(sqlite_url)
     results = {r.name: r for r in run_checks(base_settings.model_copy(update={"database_url": sqlite_url}))}
-    for name in ("kafka", "database", "policy model", "relevance encoder", "relevance model M1", "data"):
+    models = ("policy model", "relevance encoder", "relevance model M1", "catalog embeddings")
+    for name in ("kafka", "database", *models, "data"):
         assert results[name].ok, f"{name}: {results[name].detail}"
 
 

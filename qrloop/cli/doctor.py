@@ -12,7 +12,7 @@ from kafka import KafkaAdminClient
 from sqlalchemy.engine import make_url
 
 from policy_store.db import alembic_config, make_engine
-from qrloop import data, models
+from qrloop import catalog_embeddings, data, models
 from qrloop.settings import Settings
 
 
@@ -97,6 +97,37 @@ def check_relevance_model(settings: Settings) -> CheckResult:
     )
 
 
+def check_catalog_embeddings(settings: Settings) -> CheckResult:
+    """Optional (set-up does not build them): present and recorded for this data set and M1's encoder files?
+    The full check (this catalog's texts, a few rows re-encoded bit for bit) runs when M1 loads."""
+    from qrloop import relevance
+
+    folder = catalog_embeddings.embeddings_dir(settings)
+    meta = catalog_embeddings.read_meta(folder)
+    name, command = "catalog embeddings", catalog_embeddings.EMBED_COMMAND
+    if meta is None:
+        return CheckResult(
+            name,
+            True,
+            f"not built (optional: M1 encodes each product on first sight; `{command}` for "
+            "aggregator throughput)",
+        )
+    m1_folder, kind = relevance.configured_kind(settings)
+    source = relevance.embedding_source(m1_folder, kind, settings)
+    problem = None
+    if meta.get("dataset") != data.dataset_name(settings):
+        problem = f"built for data set {meta.get('dataset')!r}, not {data.dataset_name(settings)!r}"
+    elif source is None:
+        problem = f"M1 ({kind}) embeds no product alone: they are not used"
+    elif meta.get("encoder", {}).get("files_sha256") != catalog_embeddings.files_digest(source):
+        problem = f"built with another encoder than M1's ({kind}, {source})"
+    if problem is not None:
+        return CheckResult(
+            name, False, f"{folder}: {problem}; ignored (products encoded on the fly)", command
+        )
+    return CheckResult(name, True, f"{int(meta['rows']):,} product texts for the {kind} encoder in {folder}")
+
+
 def check_data(settings: Settings) -> CheckResult:
     source = data.source_folder(settings)
     if not source.is_dir():
@@ -118,6 +149,7 @@ CHECKS: list[Callable[[Settings], CheckResult]] = [
     check_policy_model,
     check_encoder,
     check_relevance_model,
+    check_catalog_embeddings,
     check_data,
 ]
 

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -148,6 +149,34 @@ def models_train_relevance_head(
         return
     report = train_relevance_head(settings, max_pairs=max_pairs, baseline=baseline)
     console.print_json(json.dumps(report, default=str))
+
+
+@models_app.command("embed-catalog")
+def models_embed_catalog(
+    limit: int = typer.Option(None, help="Only the catalog's first N distinct product texts (default: all)."),
+) -> None:
+    """Precompute the catalog's product embeddings for M1's encoder (one memory-mapped matrix per data set):
+    the aggregator then scores catalog products without an encoder forward. Several CPU minutes for the full
+    Home Depot catalog; a rerun continues where an interrupted one stopped. Not part of set-up."""
+    from learner.offline.catalog_embeddings import embed_catalog  # torch and sentence-transformers
+
+    started, printed = time.monotonic(), [0]
+    with console.status("loading the catalog and M1's encoder...") as status:
+
+        def progress(done: int, wanted: int) -> None:
+            status.update(f"encoding product texts: {done:,} / {wanted:,}")
+            if done - printed[0] >= 5_000 or done == wanted:  # a line now and then, for logs too
+                printed[0] = done
+                console.print(f"{done:,} / {wanted:,} product texts ({time.monotonic() - started:.0f} s)")
+
+        report = embed_catalog(get_settings(), limit=limit, progress=progress)
+    what = (
+        "already covered" if report.encoded == 0 else f"encoded {report.encoded:,} in {report.seconds:.0f} s"
+    )
+    console.print(
+        f"[green]catalog embeddings[/] ({report.kind} encoder): {report.rows:,} of {report.catalog_texts:,} "
+        f"product texts in {report.folder} ({what})"
+    )
 
 
 # --- db -----------------------------------------------------------------------------------------------------
