@@ -254,6 +254,13 @@ class DPOSettings(Group):
     beta: float = Field(0.1, gt=0, description="DPO temperature β of eq. 2.")
     learning_rate: float = Field(5e-6, gt=0, lt=1, description="AdamW learning rate.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping.")
+    rpo_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of RPO's term: the chosen rewrites' negative log-likelihood per token added to "
+        "the DPO loss (TRL's loss_type=['sigmoid','sft'], loss_weights=[1, α]), against DPO lowering the "
+        "chosen likelihood too and the policy collapsing onto the echo. 0: plain DPO.",
+    )
     publish_every: int = Field(1, ge=1, description="Publish a version every N DPO steps.")
     alias: str = Field(
         "production", pattern=ALIAS_PATTERN, description="Alias the learner moves after publishing."
