@@ -413,9 +413,14 @@ def test_rpo_term_equals_trl_sigmoid_plus_sft(tiny_dir: Path, tmp_path: Path, rp
         assert torch.allclose(param.grad, other, rtol=1e-4, atol=1e-7), name
 
 
-def core_logprobs(core: DPOLearnerCore, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def core_logprobs(
+    core: DPOLearnerCore, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(policy chosen, policy rejected, reference chosen, reference rejected) log-probabilities."""
     with torch.no_grad():
-        return (*sequence_logprobs(core.policy, batch), *core.reference_logprobs(batch))
+        policy_chosen, policy_rejected = sequence_logprobs(core.policy, batch)
+        ref_chosen, ref_rejected = core.reference_logprobs(batch)
+    return policy_chosen, policy_rejected, ref_chosen, ref_rejected
 
 
 def test_rpo_keeps_the_chosen_likelihood_up(tiny_dir: Path) -> None:
