@@ -58,8 +58,14 @@ class Variant:
     lists: list[str]  # greedy rewrites, for examples
 
 
-def run_pairs(settings: Settings, run_dir: Path) -> tuple[list[PreferencePair], int]:
-    """The run's pairs as today's aggregator makes them, in the order their windows closed; and the ties."""
+def run_pairs(settings: Settings, run_dir: Path, m1: str) -> tuple[list[PreferencePair], int]:
+    """The run's pairs as today's aggregator makes them, in the order their windows closed; and the ties.
+
+    ``m1`` "cosine": score relevance with the untrained cosine fallback, as runs made before set-up trained
+    M1 did (their aggregator.log says so); "installed": the M1 set-up installed."""
+    if m1 == "cosine":  # a folder without M1 in it: RelevanceModel.load falls back to the cosine
+        models = settings.models.model_copy(update={"relevance_dir": run_dir / "no-m1"})
+        settings = settings.model_copy(update={"models": models})
     events = parse(read_jsonl(run_dir / "traffic.jsonl")).events
     attributed = attribute(events, make_relevance_fn(settings), settings)
     return attributed.pairs, attributed.ties
@@ -97,9 +103,7 @@ def pick_batches(
     if len(trained) >= steps:
         kept = [[triple(by_id[i]) for i in batch if i in by_id] for batch in trained[:steps]]
         dropped = sum(len(batch) for batch in trained[:steps]) - sum(len(batch) for batch in kept)
-        print(
-            f"batches: the run's own {steps} steps (training records); {dropped} of their pairs tie today"
-        )
+        print(f"batches: the run's own {steps} steps (training records); {dropped} of their pairs tie today")
         return kept
     print("batches: no training records for these steps; consecutive, in closing order")
     return [[triple(p) for p in pairs[k * size : (k + 1) * size]] for k in range(steps)]
@@ -112,8 +116,10 @@ def train(
     batches: Sequence[Sequence[Pair]],
     alpha: float,
     out: Path,
+    learning_rate: float | None = None,
 ) -> list[StepStats]:
-    tuned = settings.model_copy(update={"dpo": settings.dpo.model_copy(update={"rpo_alpha": alpha})})
+    lr = {"learning_rate": learning_rate} if learning_rate else {}
+    tuned = settings.model_copy(update={"dpo": settings.dpo.model_copy(update={"rpo_alpha": alpha, **lr})})
     core = DPOLearnerCore.from_versions(tuned, store, policy_version=start, reference_version=start)
     stats = []
     for step, batch in enumerate(batches):
@@ -211,6 +217,18 @@ def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     root.add_argument("--run", required=True, help="a demo run's directory (~/.cache/qrloop/runs/<id>)")
     root.add_argument("--alphas", default="0,0.2,1", help="rpo_alpha values to train, comma-separated")
+    root.add_argument(
+        "--m1",
+        choices=("installed", "cosine"),
+        default="installed",
+        help="M1 the attribution scores with (cosine: as runs made before set-up trained M1)",
+    )
+    root.add_argument(
+        "--learning-rate",
+        type=float,
+        help="DPO learning rate (default dpo.learning_rate; `qrloop demo`'s learner runs at 3e-5)",
+    )
+    root.add_argument("--skip-start", action="store_true", help="do not evaluate the start (saves a fifth)")
     root.add_argument("--steps", type=int, default=8, help="DPO steps of dpo.batch_size pairs each")
     root.add_argument("--start", type=int, default=0, help="version to start from (0: the store's first)")
     root.add_argument("--queries", type=int, default=60, help="labelled held-out Home Depot queries")
@@ -230,12 +248,12 @@ def main() -> None:
     settings = run_settings(base, run_dir)
     store = open_store(settings)
     start = args.start or store.list(newest_first=False)[0].id
-    pairs, ties = run_pairs(settings, run_dir)
+    pairs, ties = run_pairs(settings, run_dir, args.m1)
     need = args.steps * settings.dpo.batch_size
     print(
         f"== collapse: run {run_dir.name}, start v{start}; {len(pairs)} pairs, {ties} ties re-attributed "
         f"from traffic.jsonl; {args.steps} steps × {settings.dpo.batch_size}, β {settings.dpo.beta}, "
-        f"lr {settings.dpo.learning_rate}; {load_average()}",
+        f"lr {args.learning_rate or settings.dpo.learning_rate}; {load_average()}",
         flush=True,
     )
     if len(pairs) < need:
@@ -251,10 +269,14 @@ def main() -> None:
     )
     variants = []
     with tempfile.TemporaryDirectory(prefix="bench-collapse-") as tmp:
-        dirs: list[tuple[str, Path, list[StepStats]]] = [("start", store.load_dir(start), [])]
+        dirs: list[tuple[str, Path, list[StepStats]]] = (
+            [] if args.skip_start else [("start", store.load_dir(start), [])]
+        )
         for alpha in (float(a) for a in args.alphas.split(",")):
             out = Path(tmp) / f"alpha-{alpha:g}"
-            dirs.append((f"α={alpha:g}", out, train(settings, store, start, batches, alpha, out)))
+            dirs.append(
+                (f"α={alpha:g}", out, train(settings, store, start, batches, alpha, out, args.learning_rate))
+            )
         for number, (name, path, steps) in enumerate(dirs):
             t0 = time.perf_counter()
             run = evaluate_version(base, path, number, queries, misspellings, setup.search, None)

@@ -259,7 +259,8 @@ class DPOSettings(Group):
         ge=0,
         description="Weight of RPO's term: the chosen rewrites' negative log-likelihood per token added to "
         "the DPO loss (TRL's loss_type=['sigmoid','sft'], loss_weights=[1, α]), against DPO lowering the "
-        "chosen likelihood too and the policy collapsing onto the echo. 0: plain DPO.",
+        "chosen likelihood too and the policy collapsing onto the echo. 0: plain DPO (benchmarks/"
+        "bench_collapse.py: α 0.2 and 1 did not lower the greedy echo rate, raised the echo's likelihood).",
     )
     publish_every: int = Field(1, ge=1, description="Publish a version every N DPO steps.")
     alias: str = Field(
