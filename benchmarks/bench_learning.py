@@ -152,8 +152,9 @@ def evaluate_version(
     queries: Sequence[str],
     misspellings: Sequence[tuple[str, str]],
     search: Callable[[str], list[str]],
-    evaluator: Evaluator,
+    evaluator: Evaluator | None,
 ) -> VersionRun:
+    """``evaluator`` None: no Table 3 scores (only the human-label, echo and spelling figures; cheaper)."""
     policy = load_version(path, version)
     rewriter = Rewriter(policy, search, settings.rewriter, settings.seed)
     k = settings.rewriter.top_k_products
@@ -162,7 +163,8 @@ def evaluate_version(
     greedy_texts = greedy(policy, queries, settings.rewriter.max_new_tokens)
     for i, (query, best) in enumerate(zip(queries, greedy_texts, strict=True)):
         event = serve_seeded(rewriter, query, settings.seed + i)
-        run.table3.scores.append(evaluator.score(event))
+        if evaluator is not None:
+            run.table3.scores.append(evaluator.score(event))
         run.lists.append(
             QueryLists(
                 query,

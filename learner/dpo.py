@@ -32,6 +32,16 @@ diverge. Two deliberate differences:
 - TRL drops examples whose prompt alone fills ``max_length``; an online step never drops a pair silently —
   such a pair keeps no completion tokens, contributes log σ(0) to the loss and no gradient.
 
+**Against likelihood displacement: RPO** (``rpo_alpha``, Pang et al. 2024, "Iterative Reasoning Preference
+Optimization"). DPO only widens the gap between chosen and rejected; on small, noisy online batches it lowers
+*both* likelihoods, and the mass that leaves them goes to whatever the policy already favours — here, echoing
+the query (issue #12). RPO adds the negative log-likelihood of the chosen completions:
+
+    L_RPO = L + α · (−Σ log π(chosen tokens) / #chosen tokens)
+
+the token mean over every chosen completion token of the batch, exactly TRL's ``loss_type=["sigmoid", "sft"],
+loss_weights=[1.0, α]`` (TRL ≤ 0.x called it ``rpo_alpha``). α = 0 is the plain loss above, bit for bit.
+
 Only the completion positions need the vocabulary projection, so :func:`sequence_logprobs` asks the model for
 logits from the first completion position on (``logits_to_keep``); prompts are most of a step's tokens.
 By default (``DPOConfig.prompt_tree``, the ``dpo.prompt_tree`` setting) the step goes further and computes
@@ -77,6 +87,7 @@ class DPOConfig:
     beta: float = field(default=_default("beta"), metadata={"help": _help("beta")})
     learning_rate: float = field(default=_default("learning_rate"), metadata={"help": _help("learning_rate")})
     max_grad_norm: float = field(default=_default("max_grad_norm"), metadata={"help": _help("max_grad_norm")})
+    rpo_alpha: float = field(default=_default("rpo_alpha"), metadata={"help": _help("rpo_alpha")})
     max_length: int | None = field(
         default=128,
         metadata={
@@ -106,6 +117,7 @@ class DPOConfig:
             "learning_rate": dpo.learning_rate,
             "max_grad_norm": dpo.max_grad_norm,
             "prompt_tree": dpo.prompt_tree,
+            "rpo_alpha": dpo.rpo_alpha,
         }
         return cls(**(values | overrides))
 
@@ -351,6 +363,7 @@ class DPOLoss(NamedTuple):
     chosen_rewards: torch.Tensor  # (B,) β (log π − log π_ref) of the chosen rewrites, detached
     rejected_rewards: torch.Tensor  # (B,) the same for the rejected ones
     margin: torch.Tensor  # (B,) chosen − rejected implicit reward
+    nll: torch.Tensor  # scalar, detached: mean negative log-likelihood per chosen completion token
 
 
 def dpo_loss(
@@ -359,14 +372,20 @@ def dpo_loss(
     ref_chosen: torch.Tensor,
     ref_rejected: torch.Tensor,
     beta: float,
+    rpo_alpha: float = 0.0,
+    chosen_tokens: int = 1,
 ) -> DPOLoss:
-    """The sigmoid DPO loss, mean over the batch (see the module docstring for eq. 2)."""
+    """The sigmoid DPO loss, mean over the batch (see the module docstring for eq. 2), plus ``rpo_alpha``
+    times the chosen completions' NLL per token (RPO); ``chosen_tokens``: completion tokens of chosen rows."""
     chosen_logratios = policy_chosen - ref_chosen
     rejected_logratios = policy_rejected - ref_rejected
     loss = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
+    nll = -policy_chosen.sum() / max(chosen_tokens, 1)
+    if rpo_alpha:  # α = 0 adds nothing, not even 0 · nll: the plain loss stays TRL's bit for bit
+        loss = loss + rpo_alpha * nll
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
-    return DPOLoss(loss, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards)
+    return DPOLoss(loss, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards, nll.detach())
 
 
 # -- the step -----------------------------------------------------------------------------------------------
@@ -383,6 +402,7 @@ class StepStats:
     tokens: int  # non-pad tokens of the batch in TRL's layout (prompt + completion, chosen + rejected rows)
     grad_norm: float = 0.0  # before clipping
     computed_tokens: int = 0  # tokens through the policy in the prompt-tree layout (each prompt token once)
+    nll: float = 0.0  # mean NLL per chosen completion token (what RPO's term adds, times rpo_alpha)
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
@@ -526,7 +546,16 @@ class DPOLearnerCore:
         else:
             policy_chosen, policy_rejected = sequence_logprobs(self.policy, batch)
         ref_chosen, ref_rejected = reference if reference is not None else self.reference_logprobs(batch)
-        return dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, self.config.beta)
+        chosen_tokens = int(batch["completion_mask"].chunk(2, dim=0)[0].sum())
+        return dpo_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            self.config.beta,
+            self.config.rpo_alpha,
+            chosen_tokens,
+        )
 
     def step(self, pairs: Sequence[Pair]) -> StepStats:
         """One update on one mini-batch: policy forward (reference precomputed), loss, backward, AdamW."""
@@ -552,6 +581,7 @@ class DPOLearnerCore:
             tokens=int(batch["attention_mask"].sum()),
             grad_norm=float(grad_norm),
             computed_tokens=tree.tokens if tree is not None else int(batch["attention_mask"].sum()),
+            nll=float(out.nll),
         )
 
     # -- resuming -------------------------------------------------------------------------------------------

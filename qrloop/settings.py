@@ -271,6 +271,14 @@ class DPOSettings(Group):
         "positions for 16 pairs), the same loss and gradients as TRL's layout to float rounding. false: "
         "TRL's layout, every prompt in both its chosen and its rejected row.",
     )
+    rpo_alpha: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of RPO's term: the chosen rewrites' negative log-likelihood per token added to "
+        "the DPO loss (TRL's loss_type=['sigmoid','sft'], loss_weights=[1, α]), against DPO lowering the "
+        "chosen likelihood too and the policy collapsing onto the echo. 0: plain DPO (benchmarks/"
+        "bench_collapse.py: α 0.2 and 1 did not lower the greedy echo rate, raised the echo's likelihood).",
+    )
     publish_every: int = Field(1, ge=1, description="Publish a version every N DPO steps.")
     alias: str = Field(
         "production", pattern=ALIAS_PATTERN, description="Alias the learner moves after publishing."

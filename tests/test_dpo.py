@@ -396,3 +396,102 @@ def test_a_tree_step_while_another_thread_loads_a_model(
     assert len(steps) == 1 and math.isfinite(steps[0].loss)
     assert not learned_while_the_other_loaded, "model loads in two threads overlapped"
     assert PreTrainedModel.tie_weights is tie_weights, "transformers' patch outlived the loads"
+
+
+# -- RPO: the chosen completions' NLL added to the loss -----------------------------------------------------
+
+
+def trl_trainer(tiny_dir: Path, tmp_path: Path, core: DPOLearnerCore, **loss: Any) -> Any:
+    """TRL's DPOTrainer on ``PAIRS`` with ``core``'s current weights as the policy, the tiny model as the
+    reference, and ``loss`` (loss_type, loss_weights) as its loss."""
+    from datasets import Dataset
+    from trl import DPOConfig as TRLConfig
+    from trl import DPOTrainer
+
+    from qrloop.prompting import build_prompt
+
+    model, tokenizer = load_policy(tiny_dir)
+    model.load_state_dict(core.policy.state_dict())
+    reference, _ = load_policy(tiny_dir)
+    tokenizer.eos_token = END  # as in test_equals_trl_dpo_trainer
+    rows = [{"prompt": build_prompt(tokenizer, q), "chosen": c, "rejected": r} for q, c, r in PAIRS]
+    args = TRLConfig(
+        output_dir=str(tmp_path),
+        beta=core.config.beta,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=len(PAIRS),
+        max_length=core.config.max_length,
+        precompute_ref_log_probs=False,
+        logging_strategy="no",
+        save_strategy="no",
+        disable_tqdm=True,
+        **loss,
+    )
+    return DPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
+
+
+@pytest.mark.parametrize("rpo_alpha", [1.0, 0.2])
+def test_rpo_term_equals_trl_sigmoid_plus_sft(tiny_dir: Path, tmp_path: Path, rpo_alpha: float) -> None:
+    """``rpo_alpha`` is TRL's ``loss_type=["sigmoid", "sft"], loss_weights=[1, α]``: same loss and gradients,
+    after two steps (policy ≠ reference), and the term is really there (the loss differs from α = 0's)."""
+    core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3, rpo_alpha=rpo_alpha)
+    core.step(PAIRS)
+    core.step(PAIRS)
+    batch = core.tokenize(PAIRS)
+    core.optimizer.zero_grad(set_to_none=True)
+    ours = core.loss(batch)
+    ours.loss.backward()
+    plain = dpo_loss(*core_logprobs(core, batch), beta=0.1)
+    assert float(ours.loss.detach()) - float(plain.loss.detach()) == pytest.approx(
+        rpo_alpha * float(ours.nll), rel=1e-5
+    )
+    assert float(ours.nll) > 0.1, "the tiny model's chosen tokens are far from certain"
+
+    trainer = trl_trainer(
+        tiny_dir, tmp_path, core, loss_type=["sigmoid", "sft"], loss_weights=[1.0, rpo_alpha]
+    )
+    theirs_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    trainer.model.zero_grad(set_to_none=True)
+    theirs = trainer.compute_loss(trainer.model, theirs_batch)
+    theirs.backward()
+    assert float(ours.loss.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
+    their_grads = dict(trainer.model.named_parameters())
+    for name, param in core.policy.named_parameters():
+        other = their_grads[name].grad
+        assert param.grad is not None and other is not None, name
+        assert torch.allclose(param.grad, other, rtol=1e-4, atol=1e-7), name
+
+
+def core_logprobs(
+    core: DPOLearnerCore, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(policy chosen, policy rejected, reference chosen, reference rejected) log-probabilities."""
+    with torch.no_grad():
+        policy_chosen, policy_rejected = sequence_logprobs(core.policy, batch)
+        ref_chosen, ref_rejected = core.reference_logprobs(batch)
+    return policy_chosen, policy_rejected, ref_chosen, ref_rejected
+
+
+def test_rpo_keeps_the_chosen_likelihood_up(tiny_dir: Path) -> None:
+    """The point of the term: plain DPO may lower the chosen rewrites' likelihood while widening the margin
+    (likelihood displacement); with α = 1 the same steps leave the chosen rewrites more likely than α = 0."""
+    chosen: dict[float, float] = {}
+    for alpha in (0.0, 1.0):
+        core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3, rpo_alpha=alpha)
+        for _ in range(3):
+            stats = core.step(PAIRS)
+        policy_chosen, _, ref_chosen, _ = core_logprobs(core, core.tokenize(PAIRS))
+        chosen[alpha] = float((policy_chosen - ref_chosen).mean())
+        assert stats.nll > 0
+    assert chosen[1.0] > chosen[0.0]
+    assert chosen[1.0] > 0, "with the term the chosen rewrites become more likely than under the reference"
