@@ -148,27 +148,14 @@ def test_sequence_logprobs_equal_a_full_log_softmax(tiny_dir: Path) -> None:
 # -- equality with TRL ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("prompt_tree", [False, True])
-def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path, prompt_tree: bool) -> None:
-    """Same pairs, same tiny model: identical token ids, loss to 1e-4, same rewards and gradients.
-
-    Compared after two steps, where the policy differs from the reference: at step 0 every DPO loss is log 2
-    whatever the log-probabilities, so equality there would prove little. Ours computes each prompt token once
-    (``prompt_tree``); TRL runs its concatenated layout: the same numbers must come out."""
+def trl_trainer(tiny_dir: Path, tmp_path: Path, core: DPOLearnerCore, **loss: Any) -> Any:
+    """TRL's DPOTrainer on ``PAIRS`` with ``core``'s current weights as the policy, the tiny model as the
+    reference, and ``loss`` (loss_type, loss_weights) as its loss."""
     from datasets import Dataset
     from trl import DPOConfig as TRLConfig
     from trl import DPOTrainer
 
     from qrloop.prompting import build_prompt
-
-    core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3, prompt_tree=prompt_tree)
-    core.step(PAIRS)
-    core.step(PAIRS)
-    batch = core.tokenize(PAIRS)
-    core.optimizer.zero_grad(set_to_none=True)
-    ours = core.loss(batch)
-    ours.loss.backward()
-    assert abs(float(ours.loss.detach()) - math.log(2)) > 1e-3, "the policy must have moved off the reference"
 
     model, tokenizer = load_policy(tiny_dir)
     model.load_state_dict(core.policy.state_dict())
@@ -179,8 +166,7 @@ def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path, prompt_tree: boo
     rows = [{"prompt": build_prompt(tokenizer, q), "chosen": c, "rejected": r} for q, c, r in PAIRS]
     args = TRLConfig(
         output_dir=str(tmp_path),
-        beta=0.1,
-        loss_type=["sigmoid"],
+        beta=core.config.beta,
         bf16=False,
         fp16=False,
         gradient_checkpointing=False,
@@ -192,14 +178,34 @@ def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path, prompt_tree: boo
         logging_strategy="no",
         save_strategy="no",
         disable_tqdm=True,
+        **loss,
     )
-    trainer = DPOTrainer(
+    return DPOTrainer(
         model=model,
         ref_model=reference,
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
     )
+
+
+@pytest.mark.parametrize("prompt_tree", [False, True])
+def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path, prompt_tree: bool) -> None:
+    """Same pairs, same tiny model: identical token ids, loss to 1e-4, same rewards and gradients.
+
+    Compared after two steps, where the policy differs from the reference: at step 0 every DPO loss is log 2
+    whatever the log-probabilities, so equality there would prove little. Ours computes each prompt token once
+    (``prompt_tree``); TRL runs its concatenated layout: the same numbers must come out."""
+    core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3, prompt_tree=prompt_tree)
+    core.step(PAIRS)
+    core.step(PAIRS)
+    batch = core.tokenize(PAIRS)
+    core.optimizer.zero_grad(set_to_none=True)
+    ours = core.loss(batch)
+    ours.loss.backward()
+    assert abs(float(ours.loss.detach()) - math.log(2)) > 1e-3, "the policy must have moved off the reference"
+
+    trainer = trl_trainer(tiny_dir, tmp_path, core, loss_type=["sigmoid"])
 
     # 1. TRL's own tokenisation and collation of the same pairs, in order, is our batch.
     theirs_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
@@ -399,45 +405,6 @@ def test_a_tree_step_while_another_thread_loads_a_model(
 
 
 # -- RPO: the chosen completions' NLL added to the loss -----------------------------------------------------
-
-
-def trl_trainer(tiny_dir: Path, tmp_path: Path, core: DPOLearnerCore, **loss: Any) -> Any:
-    """TRL's DPOTrainer on ``PAIRS`` with ``core``'s current weights as the policy, the tiny model as the
-    reference, and ``loss`` (loss_type, loss_weights) as its loss."""
-    from datasets import Dataset
-    from trl import DPOConfig as TRLConfig
-    from trl import DPOTrainer
-
-    from qrloop.prompting import build_prompt
-
-    model, tokenizer = load_policy(tiny_dir)
-    model.load_state_dict(core.policy.state_dict())
-    reference, _ = load_policy(tiny_dir)
-    tokenizer.eos_token = END  # as in test_equals_trl_dpo_trainer
-    rows = [{"prompt": build_prompt(tokenizer, q), "chosen": c, "rejected": r} for q, c, r in PAIRS]
-    args = TRLConfig(
-        output_dir=str(tmp_path),
-        beta=core.config.beta,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=len(PAIRS),
-        max_length=core.config.max_length,
-        precompute_ref_log_probs=False,
-        logging_strategy="no",
-        save_strategy="no",
-        disable_tqdm=True,
-        **loss,
-    )
-    return DPOTrainer(
-        model=model,
-        ref_model=reference,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-    )
 
 
 @pytest.mark.parametrize("rpo_alpha", [1.0, 0.2])
