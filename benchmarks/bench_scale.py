@@ -45,10 +45,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import typer
+from bench_dpo import PAIRS  # the same 16 pairs the step benchmark times
 from kafka import KafkaConsumer, KafkaProducer
 
 from learner.distributed import data_parallel_step, free_port
-from learner.dpo import DPOConfig, DPOLearnerCore, Pair
+from learner.dpo import DPOConfig, DPOLearnerCore
 from learner.lease import lease_name
 from policy_store import Leases, db
 from qrloop.catalog import Catalog
@@ -68,24 +69,6 @@ from qrloop.runs import open_store
 from qrloop.settings import REPO_ROOT, Settings, get_settings
 from qrloop.topics import ensure_topics
 
-PAIRS: list[Pair] = [
-    ("cordless drill", "20v cordless drill driver kit", "drill"),
-    ("angle bracket", "metal angle bracket", "angle"),
-    ("toungh groove", "tongue and groove boards", "groove music"),
-    ("paint storage contaiers", "paint storage containers", "paint it black"),
-    ("led shop light", "4 ft led shop light fixture", "shop"),
-    ("deck screws", "exterior wood deck screws 3 inch", "screws for decks and fences and patios"),
-    ("ceiling fan with light", "indoor ceiling fan with led light kit", "fan"),
-    ("garden hose 50", "50 ft garden hose", "hose"),
-    ("pvc pipe 2in", "2 in pvc schedule 40 pipe", "pvc"),
-    ("outdoor paint", "exterior latex paint satin", "painting outdoors"),
-    ("kitchen faucet pull down", "pull down kitchen faucet stainless steel", "kitchen"),
-    ("ryobi battery", "ryobi 18v lithium ion battery", "battery charger for phones"),
-    ("weed killer", "concentrate weed and grass killer", "killer"),
-    ("shower head", "high pressure rain shower head", "head"),
-    ("smoke detecter", "smoke detector battery operated", "smoke"),
-    ("door knob", "interior privacy door knob satin nickel", "knob"),
-]
 CLICKS = 3  # per query, on the second rewrite's products; then a session end
 results: dict[str, Any] = {}
 

@@ -36,6 +36,7 @@ from qrloop.models import build_tiny_policy, require_policy
 from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import Settings
 from qrloop.topics import ensure_topics
+from streams import attribution
 
 
 def free_port() -> int:
@@ -125,6 +126,31 @@ def pair(n: int, event_time: datetime | None = None) -> PreferencePair:
         source_event_id=event_id,
         event_time=event_time or datetime.now(UTC),
     )
+
+
+def clicked_state(event: QueryEvent, clicks: int) -> attribution.State:
+    """What the aggregator holds for ``event`` after the shopper clicked the first ``clicks`` products of each
+    rewrite's list and ended the session (the real attribution logic, ready to score)."""
+    state = attribution.apply_query(attribution.new_state(), event, window_s=30)
+    for rewrite in event.rewrites:
+        for product in rewrite.products[:clicks]:
+            item = Interaction(
+                event_id=str(uuid.uuid4()),
+                query_event_id=event.event_id,
+                rewrite_id=rewrite.rewrite_id,
+                product_id=product,
+                position=0,
+                kind="click",
+                event_time=event.event_time,
+            )
+            attribution.apply_interaction(state, item, window_s=30)
+    attribution.apply_session_end(
+        state,
+        SessionEnd(
+            query_event_id=event.event_id, shopper_id="s", interactions_sent=0, event_time=event.event_time
+        ),
+    )
+    return state
 
 
 def feedback(

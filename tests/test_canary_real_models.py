@@ -10,7 +10,6 @@ aggregator's own attribution code, published to the outcome topic and judged by 
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from policy_store import PolicyStore, db
 from qrloop.canary_job import CanaryJob, Decision
-from qrloop.events import Interaction, QueryEvent, SessionEnd, encode
+from qrloop.events import encode
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.prompting import end_of_turn
 from qrloop.runs import open_store
@@ -28,6 +27,7 @@ from qrloop.serving import Rewriter, load_version, start_arms
 from qrloop.settings import CanarySettings, RewriterSettings, Settings
 from qrloop.topics import ensure_topics
 from streams import attribution
+from tests.helpers import clicked_state
 
 # End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
 pytestmark = pytest.mark.slow
@@ -84,30 +84,6 @@ def test_the_damaged_copy_rewrites_to_nothing_and_the_intact_policy_does_not(
     assert sum(bool(r.products) for e in served for r in e.rewrites) >= len(QUERIES)
 
 
-def scored(event: QueryEvent) -> attribution.State:
-    """The aggregator's state after the shopper clicked the first product of every non-empty list."""
-    state = attribution.apply_query(attribution.new_state(), event, window_s=30)
-    for rewrite in event.rewrites:
-        for product in rewrite.products[:1]:
-            click = Interaction(
-                event_id=str(uuid.uuid4()),
-                query_event_id=event.event_id,
-                rewrite_id=rewrite.rewrite_id,
-                product_id=product,
-                position=0,
-                kind="click",
-                event_time=event.event_time,
-            )
-            attribution.apply_interaction(state, click, window_s=30)
-    attribution.apply_session_end(
-        state,
-        SessionEnd(
-            query_event_id=event.event_id, shopper_id="s", interactions_sent=0, event_time=event.event_time
-        ),
-    )
-    return state
-
-
 def run_canary(
     settings: Settings, store: PolicyStore, production: int, canary: int, max_queries: int = 600
 ) -> Decision:
@@ -128,7 +104,7 @@ def run_canary(
         while served < max_queries:
             for i in range(served, served + 40):
                 event = armed.serve(QUERIES[i % len(QUERIES)], shopper_id=f"shopper-{i}", session_id="x")
-                state = scored(event)
+                state = clicked_state(event, 1)  # the first product of every non-empty list
                 outcome = attribution.outcome(state, attribution.score(state, relevance, weights))
                 producer.send(settings.topics.query_outcomes, key=outcome.kafka_key(), value=encode(outcome))
             producer.flush()

@@ -4,7 +4,6 @@ the KL guard's reference log-probs, and both aliases followed as the canary job 
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -15,13 +14,14 @@ from kafka import KafkaProducer
 
 from policy_store import db
 from qrloop.canary_job import CanaryJob
-from qrloop.events import Interaction, PolicyAnnouncement, QueryEvent, SessionEnd, encode
+from qrloop.events import PolicyAnnouncement, encode
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.runs import open_store
 from qrloop.serving import ArmedRewriter, ArmsFollower, Rewriter, assign_arm, load_version, start_arms
 from qrloop.settings import CanarySettings, RewriterSettings, Settings
 from qrloop.topics import ensure_topics
 from streams import attribution
+from tests.helpers import clicked_state
 
 CONFIG = CanarySettings(min_samples=20, share_steps=[0.3, 0.6])
 
@@ -97,31 +97,6 @@ def test_rewriter_splits_traffic_by_share_and_records_arm_version_and_reference(
     assert armed.serve("drill", shopper_id="s1", session_id="x").arm == "production"
 
 
-def outcome_of(event: QueryEvent, clicks: int) -> attribution.State:
-    """What the aggregator would hold for ``event`` after the shopper clicked ``clicks`` products of each
-    rewrite's list (the real attribution logic; relevance is a constant)."""
-    state = attribution.apply_query(attribution.new_state(), event, window_s=30)
-    for rewrite in event.rewrites:
-        for product in rewrite.products[:clicks]:
-            item = Interaction(
-                event_id=str(uuid.uuid4()),
-                query_event_id=event.event_id,
-                rewrite_id=rewrite.rewrite_id,
-                product_id=product,
-                position=0,
-                kind="click",
-                event_time=event.event_time,
-            )
-            attribution.apply_interaction(state, item, window_s=30)
-    attribution.apply_session_end(
-        state,
-        SessionEnd(
-            query_event_id=event.event_id, shopper_id="s", interactions_sent=0, event_time=event.event_time
-        ),
-    )
-    return state
-
-
 def test_job_verdicts_move_real_aliases_and_the_rewriter_follows(
     settings: Settings, kafka_bootstrap: str, unique_topic: str, tiny_dirs: list[Path]
 ) -> None:
@@ -165,7 +140,7 @@ def test_job_verdicts_move_real_aliases_and_the_rewriter_follows(
                 event = armed.serve("drill bit", shopper_id=f"shopper-{i}", session_id="x")
                 arms[event.arm] += 1
                 clicks = canary_clicks if event.arm == "canary" else production_clicks
-                state = outcome_of(event, clicks)
+                state = clicked_state(event, clicks)
                 outcome = attribution.outcome(state, attribution.score(state, relevance, weights))
                 assert (outcome.arm, outcome.policy_version) == (event.arm, event.policy_version)
                 producer.send(topics.query_outcomes, key=outcome.kafka_key(), value=encode(outcome))
