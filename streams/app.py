@@ -15,6 +15,7 @@ from typing import Any
 import faust
 
 from qrloop.settings import Settings
+from streams.kafka_transport import RebalanceSafeTransport
 
 
 @dataclass
@@ -56,6 +57,8 @@ def create_app(settings: Settings) -> AggregatorApp:
         broker_heartbeat_interval=settings.streams.session_timeout_s / 5,  # Kafka wants it below 1/3
         table_standby_replicas=settings.streams.standby_replicas,
     )
+    # Before any topic is declared (declaring one builds the default transport): see streams.kafka_transport.
+    app.transport = RebalanceSafeTransport(app.conf.broker_consumer, app)
     topics = settings.topics
     query_events = app.topic(topics.query_events, partitions=topics.partitions)
     interactions = app.topic(topics.interactions, partitions=topics.partitions)
