@@ -9,10 +9,10 @@ something above 0 was committed, so a fresh partition keeps its fetch position p
 records were lost for good: 81 of 251 sessions when two workers started together (on partitions the first
 worker had fetched ahead before the second joined), 1 of 24 in a CI run.
 
-Here a dropped record is not acked (its offset stays uncommitted), and a partition with nothing committed is
-rewound to its beginning, as ``auto_offset_reset="earliest"`` means. Records that were processed before the
-rebalance but not yet committed are processed again: at-least-once, as before, and the pair ids are
-deterministic so the learner drops the repeats.
+Here a dropped record is not acked (its offset stays uncommitted), and an input partition with nothing
+committed is rewound to its beginning, as ``auto_offset_reset="earliest"`` means. Records that were processed
+before the rebalance but not yet committed are processed again: at-least-once, as before, and the pair ids
+are deterministic so the learner drops the repeats.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ class RebalanceSafeConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     async def _seek_to_committed_or_beginning(self) -> Mapping[TP, int]:
         consumer = self._ensure_consumer()
         committed: Mapping[TP, int] = await consumer.seek_to_committed()
-        # aiokafka seeks only where the committed offset is above 0: rewind the others explicitly.
-        uncommitted = [tp for tp, offset in committed.items() if not offset]
+        # aiokafka seeks only where the committed offset is above 0: rewind the others explicitly. Only the
+        # agents' inputs: a table's changelog is positioned by Faust's recovery, which commits nothing.
+        streamed = self.app.topics.acking_topics
+        uncommitted = [tp for tp, offset in committed.items() if not offset and tp.topic in streamed]
         if uncommitted:
             names = ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in uncommitted))
             log.info("nothing committed yet on %s: read from the beginning", names)
