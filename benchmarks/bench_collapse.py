@@ -36,7 +36,7 @@ from bench_online import heldout_setup, load_average, run_settings
 
 from learner import evaluate_online as ev
 from learner.dpo import DPOLearnerCore, StepStats, completion_logprobs, tokenize_pairs
-from learner.worker import triple
+from learner.worker import training_triples
 from policy_store import PolicyStore
 from qrloop.events import PreferencePair
 from qrloop.models import load_policy
@@ -45,8 +45,6 @@ from qrloop.runs import open_store
 from qrloop.settings import Settings, get_settings
 from streams.aggregator import make_relevance_fn
 from streams.replay import attribute, parse, read_jsonl
-
-Pair = tuple[str, str, str]
 
 
 @dataclass
@@ -95,38 +93,42 @@ def trained_batches(db_url: str) -> list[list[str]]:
 
 def pick_batches(
     pairs: Sequence[PreferencePair], trained: Sequence[Sequence[str]], steps: int, size: int
-) -> list[list[Pair]]:
+) -> list[list[PreferencePair]]:
     """The run's own batches (``trained``), each pair as today's attribution makes it; an id that is a tie
     today is left out of its batch (counted). Without training records: consecutive batches of ``size`` in
     closing order."""
     by_id = {p.pair_id: p for p in pairs}
     if len(trained) >= steps:
-        kept = [[triple(by_id[i]) for i in batch if i in by_id] for batch in trained[:steps]]
+        kept = [[by_id[i] for i in batch if i in by_id] for batch in trained[:steps]]
         dropped = sum(len(batch) for batch in trained[:steps]) - sum(len(batch) for batch in kept)
         print(f"batches: the run's own {steps} steps (training records); {dropped} of their pairs tie today")
         return kept
     print("batches: no training records for these steps; consecutive, in closing order")
-    return [[triple(p) for p in pairs[k * size : (k + 1) * size]] for k in range(steps)]
+    return [list(pairs[k * size : (k + 1) * size]) for k in range(steps)]
 
 
 def train(
     settings: Settings,
     store: PolicyStore,
     start: int,
-    batches: Sequence[Sequence[Pair]],
+    batches: Sequence[Sequence[PreferencePair]],
     alpha: float,
     out: Path,
     learning_rate: float | None = None,
+    echo_rejected: bool = False,
 ) -> list[StepStats]:
     lr = {"learning_rate": learning_rate} if learning_rate else {}
     tuned = settings.model_copy(update={"dpo": settings.dpo.model_copy(update={"rpo_alpha": alpha, **lr})})
     core = DPOLearnerCore.from_versions(tuned, store, policy_version=start, reference_version=start)
     stats = []
     for step, batch in enumerate(batches):
-        stats.append(core.step(batch))
+        triples = training_triples(batch, echo_rejected)
+        stats.append(core.step(triples))
         s = stats[-1]
         print(
-            f"  α={alpha:g} step {step + 1}: loss {s.loss:.4f} margin {s.margin:+.4f} "
+            f"  α={alpha:g}{' echo' if echo_rejected else ''} step {step + 1} "
+            f"({len(batch)} pairs + {len(triples) - len(batch)} echo): "
+            f"loss {s.loss:.4f} margin {s.margin:+.4f} "
             f"chosen {s.chosen_reward:+.4f} rejected {s.rejected_reward:+.4f} acc {s.accuracy:.2f} "
             f"nll/token {s.nll:.3f} ({s.seconds:.0f} s)",
             flush=True,
@@ -228,6 +230,11 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         help="DPO learning rate (default dpo.learning_rate; `qrloop demo`'s learner runs at 3e-5)",
     )
+    root.add_argument(
+        "--echo-rejected",
+        action="store_true",
+        help="also train α=0 with dpo.echo_rejected (a chosen rewrite that added something ≻ the echo)",
+    )
     root.add_argument("--skip-start", action="store_true", help="do not evaluate the start (saves a fifth)")
     root.add_argument("--steps", type=int, default=8, help="DPO steps of dpo.batch_size pairs each")
     root.add_argument("--start", type=int, default=0, help="version to start from (0: the store's first)")
@@ -272,11 +279,13 @@ def main() -> None:
         dirs: list[tuple[str, Path, list[StepStats]]] = (
             [] if args.skip_start else [("start", store.load_dir(start), [])]
         )
-        for alpha in (float(a) for a in args.alphas.split(",")):
-            out = Path(tmp) / f"alpha-{alpha:g}"
-            dirs.append(
-                (f"α={alpha:g}", out, train(settings, store, start, batches, alpha, out, args.learning_rate))
-            )
+        trainings = [(f"α={a:g}", a, False) for a in (float(x) for x in args.alphas.split(",") if x)]
+        if args.echo_rejected:
+            trainings.append(("echo", 0.0, True))
+        for name, alpha, echo in trainings:
+            out = Path(tmp) / name
+            stats = train(settings, store, start, batches, alpha, out, args.learning_rate, echo_rejected=echo)
+            dirs.append((name, out, stats))
         for number, (name, path, steps) in enumerate(dirs):
             t0 = time.perf_counter()
             run = evaluate_version(base, path, number, queries, misspellings, setup.search, None)

@@ -22,13 +22,10 @@ import numpy as np
 from scipy import stats
 
 from qrloop.data import normalise_query
+from qrloop.rewards import is_echo
 
 RELEVANT = 0.75
 """Mapped relevance at or above which a labelled product counts as relevant (Home Depot: grade ≥ 2.5)."""
-
-
-def is_echo(query: str, rewrite: str) -> bool:
-    return normalise_query(rewrite) == normalise_query(query)
 
 
 def echo_rate(queries: Sequence[str], rewrites: Sequence[Sequence[str]]) -> float:

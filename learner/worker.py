@@ -34,7 +34,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from qrloop import health, logs, metrics
 from qrloop.data import dataset_name
 from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, check_event_time, decode, encode
 from qrloop.reload import reload_on_sighup
+from qrloop.rewards import is_echo
 from qrloop.runs import open_store
 from qrloop.settings import FaultPoint, Settings, get_settings
 from qrloop.topics import make_producer, send_dead_letter
@@ -66,6 +67,26 @@ LEARNER_TAG = "learner"
 def triple(pair: PreferencePair) -> Pair:
     """What a DPO step trains on: (query, chosen rewrite, rejected rewrite)."""
     return (pair.prompt, pair.chosen, pair.rejected)
+
+
+def beats_the_echo(pair: PreferencePair) -> bool:
+    """The reward implies chosen ≻ the query itself, though the echo was not served.
+
+    Under the gain an echo earns exactly 0 (it adds nothing to the original's list), so a chosen rewrite that
+    added relevant new products or engagement on them beats it. Pairs where a rewrite already is the echo
+    teach that directly.
+    """
+    components = pair.chosen_components
+    added = components.get("novelty", 0.0) > 0 or components.get("engagement", 0.0) > 0
+    return added and not is_echo(pair.prompt, pair.chosen) and not is_echo(pair.prompt, pair.rejected)
+
+
+def training_triples(pairs: Sequence[PreferencePair], echo_rejected: bool) -> list[Pair]:
+    """What one DPO step trains on: each pair, then (with ``dpo.echo_rejected``) the echo pairs it implies."""
+    triples = [triple(p) for p in pairs]
+    if echo_rejected:
+        triples += [(p.prompt, p.chosen, p.prompt) for p in pairs if beats_the_echo(p)]
+    return triples
 
 
 def offset_key(topic: str, partition: int) -> str:
@@ -189,7 +210,7 @@ class Learner:
             return
         # A pair's reference terms are fixed for the lineage: computing them now, while the batch is still
         # gathering, takes the reference forward off the step (the 16th pair → new version latency).
-        self.core.prepare_reference([triple(pair)])
+        self.core.prepare_reference(training_triples([pair], self.settings.dpo.echo_rejected))
         self.pending.pairs.append(pair)
         # Exponential moving average (about the last 32 pairs) of the chosen reward, per arm.
         previous = self._reward_avg.get(pair.arm, pair.chosen_reward)
@@ -202,7 +223,7 @@ class Learner:
         batch = self.pending.pairs[: self.settings.dpo.batch_size]
         log.info("DPO step %d started on %d pairs", self.state.steps + 1, len(batch))
         started = time.perf_counter()
-        stats = self.core.step([triple(p) for p in batch])
+        stats = self.core.step(training_triples(batch, self.settings.dpo.echo_rejected))
         seconds = time.perf_counter() - started
         self.state.steps += 1
         metrics.DPO_STEPS.inc()
@@ -375,7 +396,8 @@ class Learner:
             done = already_trained(session, self.settings.dpo.learner_name, self.pending.ids)
         if done:
             log.info("skipping %d pairs already trained: %s", len(done), sorted(done)[:5])
-            self.core.forget_reference([triple(p) for p in self.pending.pairs if p.pair_id in done])
+            redelivered = [p for p in self.pending.pairs if p.pair_id in done]
+            self.core.forget_reference(training_triples(redelivered, self.settings.dpo.echo_rejected))
             self.pending.pairs = [p for p in self.pending.pairs if p.pair_id not in done]
 
     def _rebase_if_rejected(self) -> None:

@@ -279,6 +279,12 @@ class DPOSettings(Group):
         "chosen likelihood too and the policy collapsing onto the echo. 0: plain DPO (benchmarks/"
         "bench_collapse.py: α 0.2 and 1 did not lower the greedy echo rate, raised the echo's likelihood).",
     )
+    echo_rejected: bool = Field(
+        False,
+        description="Also train each pair whose chosen rewrite added something (novelty or new engagement) "
+        "as chosen ≻ the query itself: under the gain an echo earns exactly 0, so the reward implies that "
+        "pair without serving the echo. Against the drift towards copying the query (issue #12).",
+    )
     publish_every: int = Field(1, ge=1, description="Publish a version every N DPO steps.")
     alias: str = Field(
         "production", pattern=ALIAS_PATTERN, description="Alias the learner moves after publishing."

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from learner.lease import lease_name
-from learner.worker import LEARNER_TAG, build, resume_state
+from learner.worker import LEARNER_TAG, build, resume_state, training_triples
 from policy_store import Leases, PolicyStore, PolicyVersion, db
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.runs import isolate, open_store
@@ -274,3 +274,18 @@ def test_a_rejected_lineage_is_abandoned_for_the_start_alias(learner_settings: S
     state = resume_state(store, settings)
     assert (state.version, state.reference_version, sum(state.offsets.values())) == (1, 1, 32)
     store.close()
+
+
+def test_echo_pairs_are_implied_only_where_the_chosen_rewrite_added_something() -> None:
+    """Under the gain an echo earns 0: a chosen rewrite with novelty or new engagement beats it; one that added
+    nothing does not, and a pair that already has the echo in it is not doubled."""
+    added = pair(0).model_copy(update={"chosen_components": {"novelty": 0.2, "engagement": 0.0}})
+    engaged = pair(1).model_copy(update={"chosen_components": {"novelty": 0.0, "engagement": 0.1}})
+    nothing = pair(2).model_copy(update={"chosen_components": {"novelty": 0.0, "engagement": 0.0}})
+    echo_lost = added.model_copy(update={"pair_id": "x", "rejected": f" {added.prompt.upper()} "})
+    batch = [added, engaged, nothing, echo_lost]
+    assert training_triples(batch, echo_rejected=False) == [(p.prompt, p.chosen, p.rejected) for p in batch]
+    assert training_triples(batch, echo_rejected=True)[len(batch) :] == [
+        (added.prompt, added.chosen, added.prompt),
+        (engaged.prompt, engaged.chosen, engaged.prompt),
+    ]
