@@ -48,8 +48,9 @@ class RebalanceSafeConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 class RebalanceSafeConsumer(faust_aiokafka.Consumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # (partition, generation) pairs already logged: one line each, not one per record.
-        self._reported: set[tuple[TP, int | None]] = set()
+        # Partitions already logged for the latest generation seen: one line each, not one per record, and
+        # the set never outgrows the assignment.
+        self._reported: tuple[int | None, set[TP]] = (None, set())
 
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return RebalanceSafeConsumerThread(self, loop=self.loop, beacon=self.beacon)
@@ -61,9 +62,11 @@ class RebalanceSafeConsumer(faust_aiokafka.Consumer):
         return bool(super().ack(message))
 
     def _report_dropped(self, message: Message) -> None:
-        key = (message.tp, message.generation_id)
-        if key not in self._reported:
-            self._reported.add(key)
+        generation, partitions = self._reported
+        if generation != message.generation_id:
+            generation, partitions = self._reported = (message.generation_id, set())
+        if message.tp not in partitions:
+            partitions.add(message.tp)
             log.info(
                 "record %s[%d]@%d fetched during a rebalance (generation %s): left uncommitted, read again",
                 message.tp.topic,
