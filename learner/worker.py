@@ -56,7 +56,7 @@ from qrloop.reload import reload_on_sighup
 from qrloop.rewards import is_echo
 from qrloop.runs import open_store
 from qrloop.settings import FaultPoint, Settings, get_settings
-from qrloop.topics import make_producer, send_dead_letter
+from qrloop.topics import make_producer, report_out_of_range, send_dead_letter
 
 log = logging.getLogger("qrloop.learner")
 # Loads the lineage's weights: DPOLearnerCore.from_versions, or learner.distributed's for data parallelism.
@@ -529,37 +529,11 @@ def seek_to_stored_offsets(consumer: KafkaConsumer, settings: Settings, state: L
 
 
 def recover_lost_range(consumer: KafkaConsumer, tp: TopicPartition, offset: int, *, role: str) -> None:
-    """The stored position ``offset`` is no longer in the partition: say which records were lost, count
-    them, and read on from the earliest record still there.
-
-    Below the log start: retention (or ``delete-records``) removed ``[offset, start)`` before they were read.
-    Past the end: the topic was recreated or the broker lost data; nothing is known lost, but everything
-    there now is read again (pairs already trained are recognised by their ids).
-    """
+    """The stored position ``offset`` is no longer in the partition: report the lost range
+    (:func:`qrloop.topics.report_out_of_range`) and read on from the earliest record still there."""
     start = consumer.beginning_offsets([tp])[tp]
     end = consumer.end_offsets([tp])[tp]
-    lost = max(0, start - offset) if offset < start else 0
-    metrics.OFFSETS_OUT_OF_RANGE.labels(role, tp.topic, str(tp.partition)).inc()
-    metrics.RECORDS_LOST.labels(role, tp.topic, str(tp.partition)).inc(lost)
-    if offset < start:
-        log.error(
-            "%s[%d]: records %d..%d (%d) were deleted before they were read; reading on from %d",
-            tp.topic,
-            tp.partition,
-            offset,
-            start - 1,
-            lost,
-            start,
-        )
-    else:
-        log.error(
-            "%s[%d]: stored offset %d is past the end %d (topic recreated or data lost); reading from %d",
-            tp.topic,
-            tp.partition,
-            offset,
-            end,
-            start,
-        )
+    report_out_of_range(role, tp.topic, tp.partition, offset, start, end)
     consumer.seek(tp, start)
 
 

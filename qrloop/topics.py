@@ -12,6 +12,7 @@ The roles' producers come from :func:`make_producer` and a record that cannot be
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from kafka.producer.future import FutureRecordMetadata
 from qrloop import metrics
 from qrloop.events import DeadLetter, encode
 from qrloop.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 class TopicLayoutError(RuntimeError):
@@ -158,6 +161,39 @@ def _layout(admin: KafkaAdminClient, names: list[str]) -> dict[str, list[int]]:
         for t in admin.describe_topics(query)
         if not t.get("error_code")
     }
+
+
+def report_out_of_range(role: str, topic: str, partition: int, offset: int, start: int, end: int) -> int:
+    """Say and count that a stored position ``offset`` is outside ``[start, end]``; return the records lost.
+
+    Below the log start: retention (or ``delete-records``) removed ``[offset, start)`` before they were read.
+    Past the end: the topic was recreated or the broker lost data; nothing is known lost, but everything
+    there now is read again (pairs are recognised downstream by their ids). The caller reads on from
+    ``start``: one rule for every consumer, so no role resets silently.
+    """
+    lost = start - offset if offset < start else 0
+    metrics.OFFSETS_OUT_OF_RANGE.labels(role, topic, str(partition)).inc()
+    metrics.RECORDS_LOST.labels(role, topic, str(partition)).inc(lost)
+    if offset < start:
+        log.error(
+            "%s[%d]: records %d..%d (%d) were deleted before they were read; reading on from %d",
+            topic,
+            partition,
+            offset,
+            start - 1,
+            lost,
+            start,
+        )
+    else:
+        log.error(
+            "%s[%d]: stored offset %d is past the end %d (topic recreated or data lost); reading from %d",
+            topic,
+            partition,
+            offset,
+            end,
+            start,
+        )
+    return lost
 
 
 def make_producer(settings: Settings, **config: Any) -> KafkaProducer:

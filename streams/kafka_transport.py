@@ -13,6 +13,9 @@ Here a dropped record is not acked (its offset stays uncommitted), and an input 
 committed is rewound to its beginning, as ``auto_offset_reset="earliest"`` means. Records that were processed
 before the rebalance but not yet committed are processed again: at-least-once, as before, and the pair ids
 are deterministic so the learner drops the repeats.
+
+A committed offset that is no longer in its partition (retention deleted records before they were read) is
+reported with the lost range and counted, as the learner does, instead of aiokafka's silent reset.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from typing import Any
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.types import TP, Message
 
+from qrloop.topics import report_out_of_range
+
 log = logging.getLogger(__name__)
 
 
@@ -34,15 +39,29 @@ class RebalanceSafeConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     async def _seek_to_committed_or_beginning(self) -> Mapping[TP, int]:
         consumer = self._ensure_consumer()
         committed: Mapping[TP, int] = await consumer.seek_to_committed()
-        # aiokafka seeks only where the committed offset is above 0: rewind the others explicitly. Only the
-        # agents' inputs: a table's changelog is positioned by Faust's recovery, which commits nothing.
+        # Only the agents' inputs: Faust's recovery positions a table's changelog (and commits nothing there).
         streamed = self.app.topics.acking_topics
+        # aiokafka seeks only where the committed offset is above 0: rewind the others explicitly.
         uncommitted = [tp for tp, offset in committed.items() if not offset and tp.topic in streamed]
         if uncommitted:
             names = ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in uncommitted))
             log.info("nothing committed yet on %s: read from the beginning", names)
             await consumer.seek_to_beginning(*uncommitted)
+        resumed = {tp: offset for tp, offset in committed.items() if offset and tp.topic in streamed}
+        if resumed:
+            await self._read_on_past_lost_ranges(consumer, resumed)
         return committed
+
+    async def _read_on_past_lost_ranges(self, consumer: Any, committed: Mapping[TP, int]) -> None:
+        """A committed offset outside its partition would make aiokafka reset to the earliest record without
+        a word: report the lost range, as every role does (``qrloop.topics.report_out_of_range``), and read
+        on from the earliest record still there (Faust counts the jump as a gap and commits past it)."""
+        starts = await consumer.beginning_offsets(list(committed))
+        ends = await consumer.end_offsets(list(committed))
+        for tp, offset in committed.items():
+            if not starts[tp] <= offset <= ends[tp]:
+                report_out_of_range("aggregator", tp.topic, tp.partition, offset, starts[tp], ends[tp])
+                consumer.seek(tp, starts[tp])
 
 
 class RebalanceSafeConsumer(faust_aiokafka.Consumer):

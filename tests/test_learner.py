@@ -277,8 +277,8 @@ def test_a_rejected_lineage_is_abandoned_for_the_start_alias(learner_settings: S
 
 
 def test_echo_pairs_are_implied_only_where_the_chosen_rewrite_added_something() -> None:
-    """Under the gain an echo earns 0: a chosen rewrite with novelty or new engagement beats it; one that added
-    nothing does not, and a pair that already has the echo in it is not doubled."""
+    """Under the gain an echo earns 0: a chosen rewrite with novelty or new engagement beats it; one that
+    added nothing does not, and a pair that already has the echo in it is not doubled."""
     added = pair(0).model_copy(update={"chosen_components": {"novelty": 0.2, "engagement": 0.0}})
     engaged = pair(1).model_copy(update={"chosen_components": {"novelty": 0.0, "engagement": 0.1}})
     nothing = pair(2).model_copy(update={"chosen_components": {"novelty": 0.0, "engagement": 0.0}})

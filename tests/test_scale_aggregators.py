@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 
 from qrloop.catalog import Catalog
 from qrloop.events import Interaction, PreferencePair, QueryEvent, SessionEnd, decode, encode
@@ -101,6 +101,7 @@ def start_aggregators(
             "QRLOOP_STREAMS__SESSION_TIMEOUT_S": str(settings.streams.session_timeout_s),
         }
     )
+    tmp_path.mkdir(parents=True, exist_ok=True)
     logs = {name: tmp_path / f"aggregator-{name}.log" for name in names}
     workers: dict[str, subprocess.Popen[bytes]] = {}
     for name, path in logs.items():
@@ -286,3 +287,74 @@ def test_records_sent_while_the_group_forms_are_not_lost(group_settings: Setting
         print(f"worker {name}: " + ("; ".join(reread) or "no record re-read"))
     print(f"{len(sent)} sessions, {len(paired)} paired; lost (partition, offset): {lost}")
     assert not lost, f"{len(lost)} of {len(sent)} queries lost at (partition, offset) {lost}"
+
+
+def test_records_deleted_before_the_aggregator_read_them_are_reported(
+    group_settings: Settings, tmp_path: Path
+) -> None:
+    """Retention removes query events the stopped aggregator had not read: on restart it says which offsets of
+    which partition were lost (as the learner does) instead of aiokafka's silent reset, then reads on."""
+    settings = group_settings
+    t = settings.topics
+    ids = Catalog.open(settings).dataset.products["product_id"].head(8).tolist()
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+
+    def send_sessions(n: int) -> list[QueryEvent]:
+        """n sessions, dealt round the partitions (each session's records on one partition of both topics)."""
+        events = [bracket_query(ids, datetime.now(UTC)) for _ in range(n)]
+        for i, event in enumerate(events):
+            key, partition = event.event_id.encode(), i % t.partitions
+            producer.send(t.query_events, key=key, value=encode(event), partition=partition)
+            for record in [*clicks(event, 3), session_end(event, 3)]:
+                producer.send(t.interactions, key=key, value=encode(record), partition=partition)
+        producer.flush()
+        return events
+
+    consumer = KafkaConsumer(
+        t.preference_pairs,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=500,
+    )
+    paired: set[str] = set()
+
+    def read_pairs_until(wanted: set[str], timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not wanted <= paired and time.monotonic() < deadline:
+            paired.update(decode(PreferencePair, m.value).source_event_id for m in consumer)
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    try:
+        first = send_sessions(8)
+        logs, workers = start_aggregators(settings, tmp_path / "first", stagger_s=0.0, names="a")
+        read_pairs_until({e.event_id for e in first}, 180)
+        stop_aggregators(workers)  # a clean stop commits what was read
+        assert {e.event_id for e in first} <= paired
+        # While it is down: 8 more sessions, then retention removes every query event not yet read.
+        unread = send_sessions(8)
+        partitions = [TopicPartition(t.query_events, p) for p in range(t.partitions)]
+        deleted_to = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers).end_offsets(partitions)
+        admin.delete_records(dict(deleted_to.items()))
+        after = send_sessions(4)
+        logs, workers = start_aggregators(settings, tmp_path / "second", stagger_s=0.0, names="a")
+        read_pairs_until({e.event_id for e in after}, 180)
+        stop_aggregators(workers)
+        ends = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers).end_offsets(partitions)
+        group = admin.list_consumer_group_offsets(settings.streams.app_id, partitions=partitions)
+        committed = {tp: meta.offset for tp, meta in group.items()}
+    finally:
+        admin.close()
+        consumer.close()
+        producer.close()
+    log_text = logs["a"].read_text(errors="replace")
+    lost_range = rf"{re.escape(t.query_events)}\[(\d)\]: records (\d+)\.\.(\d+) \((\d+)\) were deleted"
+    reported = re.findall(lost_range, log_text)
+    print(f"lost ranges reported (partition, first, last, count): {reported}")
+    lost_per_partition = sorted((int(p), int(count)) for p, *_, count in reported)
+    assert lost_per_partition == [(p, 2) for p in range(4)], log_text[-3000:]
+    assert {e.event_id for e in after} <= paired, "the sessions sent after the loss are paired"
+    assert not {e.event_id for e in unread} & paired, "the deleted query events never reached a window"
+    # Read on and committed past the loss (a commit stuck below the log start would report it at every start).
+    assert all(ends[tp] > deleted_to[tp] for tp in partitions), "a later session on every partition"
+    assert committed == ends, (committed, ends)
