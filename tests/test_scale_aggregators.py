@@ -1,6 +1,10 @@
-"""Several aggregators: two `qrloop aggregate` workers form one Faust consumer group over 4 partitions; one is
-killed (-9) with windows open, the other takes its partitions, restores their window state from the table's
-changelog, and every query still yields exactly one pair id (none lost, none doubled)."""
+"""Several aggregators in one Faust consumer group over 4 partitions, as real processes on the real broker.
+
+- Two `qrloop aggregate` workers; one is killed (-9) with windows open, the other takes its partitions,
+  restores their window state from the table's changelog, and every query still yields exactly one pair id.
+- Two workers started at the same moment under traffic: no record arriving during the rebalances is lost.
+- Records deleted by retention before a stopped aggregator read them: the lost range is reported and
+  counted, and the aggregator reads on and commits past it."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.producer.future import FutureRecordMetadata
 
 from qrloop.catalog import Catalog
 from qrloop.events import Interaction, PreferencePair, QueryEvent, SessionEnd, decode, encode
@@ -89,6 +94,29 @@ def assigned_partitions(log_text: str, topic: str) -> set[int]:
     return {int(p) for p in found[-1].split(",") if p.strip()} if found else set()
 
 
+def pair_consumer(settings: Settings) -> KafkaConsumer:
+    """Reads the pair topic from the start; iterating stops after half a second without a message."""
+    return KafkaConsumer(
+        settings.topics.preference_pairs,
+        bootstrap_servers=settings.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        consumer_timeout_ms=500,
+    )
+
+
+def send_session(
+    producer: KafkaProducer, settings: Settings, event: QueryEvent, partition: int | None = None
+) -> FutureRecordMetadata:
+    """A complete session: the query event, three clicks on its second rewrite and the session's end, all
+    under the query's key (so on one partition of both topics); returns the query event's send."""
+    t, key = settings.topics, event.event_id.encode()
+    sent = producer.send(t.query_events, key=key, value=encode(event), partition=partition)
+    for record in [*clicks(event, 3), session_end(event, 3)]:
+        producer.send(t.interactions, key=key, value=encode(record), partition=partition)
+    return sent
+
+
 def start_aggregators(
     settings: Settings, tmp_path: Path, stagger_s: float, names: str = "ab"
 ) -> tuple[dict[str, Path], dict[str, subprocess.Popen[bytes]]]:
@@ -144,13 +172,7 @@ def test_two_aggregators_share_the_stream_and_survive_a_kill(
     # One joins first, the other's join rebalances the group: the usual rolling start.
     logs, workers = start_aggregators(settings, tmp_path, stagger_s=2.0)
 
-    consumer = KafkaConsumer(
-        t.preference_pairs,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=500,
-    )
+    consumer = pair_consumer(settings)
     pairs: list[PreferencePair] = []
 
     def read_pairs_until(count: int, timeout_s: float) -> None:
@@ -174,10 +196,7 @@ def test_two_aggregators_share_the_stream_and_survive_a_kill(
         now = datetime.now(UTC)
         done = [bracket_query(ids, now) for _ in range(BEFORE_KILL)]
         for event in done:
-            send(t.query_events, event, encode(event))
-            for click in clicks(event, 3):
-                send(t.interactions, event, encode(click))
-            send(t.interactions, event, encode(session_end(event, 3)))
+            send_session(producer, settings, event)
         # Open windows: the query and two of three clicks now, the rest after the kill.
         still_open = [bracket_query(ids, now) for _ in range(AFTER_KILL)]
         for event in still_open:
@@ -235,13 +254,8 @@ def test_records_sent_while_the_group_forms_are_not_lost(group_settings: Setting
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     where: dict[str, tuple[int, int]] = {}  # query event id -> (partition, offset) of the query event
 
-    def send_session(event: QueryEvent) -> None:
-        key = event.event_id.encode()
-        future = producer.send(t.query_events, key=key, value=encode(event))
-        for click in clicks(event, 3):
-            producer.send(t.interactions, key=key, value=encode(click))
-        producer.send(t.interactions, key=key, value=encode(session_end(event, 3)))
-        future.add_callback(lambda meta: where.__setitem__(event.event_id, (meta.partition, meta.offset)))
+    def note_where(event: QueryEvent, sent: FutureRecordMetadata) -> None:
+        sent.add_callback(lambda meta: where.__setitem__(event.event_id, (meta.partition, meta.offset)))
 
     def shares() -> list[set[int]]:
         return [
@@ -250,13 +264,7 @@ def test_records_sent_while_the_group_forms_are_not_lost(group_settings: Setting
 
     sent: list[QueryEvent] = []
     logs, workers = start_aggregators(settings, tmp_path, stagger_s=0.0)
-    consumer = KafkaConsumer(
-        t.preference_pairs,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=500,
-    )
+    consumer = pair_consumer(settings)
     paired: set[str] = set()
     try:
         # Ten sessions a second from the workers' start until ten seconds after both own partitions.
@@ -264,7 +272,7 @@ def test_records_sent_while_the_group_forms_are_not_lost(group_settings: Setting
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and (settled_at is None or time.monotonic() < settled_at + 10):
             event = bracket_query(ids, datetime.now(UTC))
-            send_session(event)
+            note_where(event, send_session(producer, settings, event))
             sent.append(event)
             time.sleep(0.1)
             if settled_at is None and all(shares()):
@@ -303,20 +311,11 @@ def test_records_deleted_before_the_aggregator_read_them_are_reported(
         """n sessions, dealt round the partitions (each session's records on one partition of both topics)."""
         events = [bracket_query(ids, datetime.now(UTC)) for _ in range(n)]
         for i, event in enumerate(events):
-            key, partition = event.event_id.encode(), i % t.partitions
-            producer.send(t.query_events, key=key, value=encode(event), partition=partition)
-            for record in [*clicks(event, 3), session_end(event, 3)]:
-                producer.send(t.interactions, key=key, value=encode(record), partition=partition)
+            send_session(producer, settings, event, partition=i % t.partitions)
         producer.flush()
         return events
 
-    consumer = KafkaConsumer(
-        t.preference_pairs,
-        bootstrap_servers=settings.kafka.bootstrap_servers,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        consumer_timeout_ms=500,
-    )
+    consumer = pair_consumer(settings)
     paired: set[str] = set()
 
     def read_pairs_until(wanted: set[str], timeout_s: float) -> None:
