@@ -48,20 +48,27 @@ class RebalanceSafeConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
             log.info("nothing committed yet on %s: read from the beginning", names)
             await consumer.seek_to_beginning(*uncommitted)
         resumed = {tp: offset for tp, offset in committed.items() if offset and tp.topic in streamed}
-        if resumed:
-            await self._read_on_past_lost_ranges(consumer, resumed)
-        return committed
+        moved = await read_on_past_lost_ranges(consumer, resumed) if resumed else {}
+        # Faust takes the returned offsets as committed. Left stale (below the log start), the first record
+        # read there looks like one after a gap; unless Faust happened to note that gap (it does only when the
+        # record arrives after it has set its read position, a race), it never commits the partition again.
+        return {**committed, **moved}
 
-    async def _read_on_past_lost_ranges(self, consumer: Any, committed: Mapping[TP, int]) -> None:
-        """A committed offset outside its partition would make aiokafka reset to the earliest record without
-        a word: report the lost range, as every role does (``qrloop.topics.report_out_of_range``), and read
-        on from the earliest record still there (Faust counts the jump as a gap and commits past it)."""
-        starts = await consumer.beginning_offsets(list(committed))
-        ends = await consumer.end_offsets(list(committed))
-        for tp, offset in committed.items():
-            if not starts[tp] <= offset <= ends[tp]:
-                report_out_of_range("aggregator", tp.topic, tp.partition, offset, starts[tp], ends[tp])
-                consumer.seek(tp, starts[tp])
+
+async def read_on_past_lost_ranges(consumer: Any, committed: Mapping[TP, int]) -> dict[TP, int]:
+    """A committed offset outside its partition would make aiokafka reset to the earliest record without a
+    word: report the lost range, as every role does (``qrloop.topics.report_out_of_range``), and read on
+    from the earliest record still there. ``consumer`` is aiokafka's; returns the partitions moved, with
+    their new offsets."""
+    starts = await consumer.beginning_offsets(list(committed))
+    ends = await consumer.end_offsets(list(committed))
+    moved = {}
+    for tp, offset in committed.items():
+        if not starts[tp] <= offset <= ends[tp]:
+            report_out_of_range("aggregator", tp.topic, tp.partition, offset, starts[tp], ends[tp])
+            consumer.seek(tp, starts[tp])
+            moved[tp] = starts[tp]
+    return moved
 
 
 class RebalanceSafeConsumer(faust_aiokafka.Consumer):

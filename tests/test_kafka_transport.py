@@ -1,15 +1,19 @@
-"""The aggregator's transport keeps records that Faust drops during a rebalance uncommitted (no broker needed;
-the rebalance itself is exercised in test_scale_aggregators)."""
+"""The aggregator's transport keeps records that Faust drops during a rebalance uncommitted, and reports
+committed offsets that fell out of their partition (no broker needed; the real rebalances and deletions are
+exercised in test_scale_aggregators)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage
+from prometheus_client import REGISTRY
 
 from qrloop.settings import Settings
 from streams.app import AggregatorApp, create_app
-from streams.kafka_transport import RebalanceSafeConsumer
+from streams.kafka_transport import RebalanceSafeConsumer, read_on_past_lost_ranges
 
 
 @pytest.fixture
@@ -63,3 +67,49 @@ def test_untracked_records_outside_a_rebalance_are_acked_as_faust_does(built: Ag
     tp = TP(built.settings.topics.query_events, 1)
     assert message(tp, 9, generation=3, tracked=False).ack(consumer) is True
     assert list(consumer._acked[tp]) == [9]
+
+
+class FakeAiokafka:
+    """The three calls read_on_past_lost_ranges makes of aiokafka's consumer, over fixed log bounds."""
+
+    def __init__(self, starts: dict[TP, int], ends: dict[TP, int]) -> None:
+        self.starts, self.ends = starts, ends
+        self.seeks: list[tuple[TP, int]] = []
+
+    async def beginning_offsets(self, tps: list[TP]) -> dict[TP, int]:
+        return {tp: self.starts[tp] for tp in tps}
+
+    async def end_offsets(self, tps: list[TP]) -> dict[TP, int]:
+        return {tp: self.ends[tp] for tp in tps}
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.seeks.append((tp, offset))
+
+
+def lost(tp: TP) -> float:
+    labels = {"role": "aggregator", "topic": tp.topic, "partition": str(tp.partition)}
+    return REGISTRY.get_sample_value("qrloop_records_lost_total", labels) or 0.0
+
+
+def test_committed_offsets_outside_their_partition_are_reported_and_moved(unique_topic: str) -> None:
+    deleted, fine, recreated = (TP(unique_topic, p) for p in range(3))
+    fake = FakeAiokafka(starts={deleted: 4, fine: 0, recreated: 0}, ends={deleted: 5, fine: 9, recreated: 3})
+    before = {tp: lost(tp) for tp in (deleted, fine, recreated)}
+    moved = asyncio.run(read_on_past_lost_ranges(fake, {deleted: 2, fine: 7, recreated: 6}))
+    assert moved == {deleted: 4, recreated: 0}
+    assert fake.seeks == [(deleted, 4), (recreated, 0)]
+    # Offsets 2 and 3 were deleted unread; past the end nothing is known lost.
+    assert {tp: lost(tp) - before[tp] for tp in before} == {deleted: 2.0, fine: 0.0, recreated: 0.0}
+
+
+def test_faust_commits_after_a_loss_only_from_the_moved_offset(built: AggregatorApp) -> None:
+    """Why the moved offsets are handed back to Faust as committed: from the stale one, the first record read
+    after the loss looks like one after a gap, and Faust's commit stops there."""
+    consumer = built.app.consumer
+    stale, moved = TP(built.settings.topics.query_events, 2), TP(built.settings.topics.query_events, 3)
+    consumer._committed_offset[stale] = 2
+    consumer._committed_offset[moved] = 4
+    for tp in (stale, moved):
+        assert message(tp, 4, generation=3, tracked=True).ack(consumer) is True
+    assert consumer._new_offset(stale) is None
+    assert consumer._new_offset(moved) == 5

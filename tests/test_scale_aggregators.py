@@ -324,6 +324,7 @@ def test_records_deleted_before_the_aggregator_read_them_are_reported(
             paired.update(decode(PreferencePair, m.value).source_event_id for m in consumer)
 
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers)
+    offsets = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)  # to read log ends
     try:
         first = send_sessions(8)
         logs, workers = start_aggregators(settings, tmp_path / "first", stagger_s=0.0, names="a")
@@ -333,17 +334,18 @@ def test_records_deleted_before_the_aggregator_read_them_are_reported(
         # While it is down: 8 more sessions, then retention removes every query event not yet read.
         unread = send_sessions(8)
         partitions = [TopicPartition(t.query_events, p) for p in range(t.partitions)]
-        deleted_to = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers).end_offsets(partitions)
+        deleted_to = offsets.end_offsets(partitions)
         admin.delete_records(dict(deleted_to.items()))
         after = send_sessions(4)
         logs, workers = start_aggregators(settings, tmp_path / "second", stagger_s=0.0, names="a")
         read_pairs_until({e.event_id for e in after}, 180)
         stop_aggregators(workers)
-        ends = KafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers).end_offsets(partitions)
+        ends = offsets.end_offsets(partitions)
         group = admin.list_consumer_group_offsets(settings.streams.app_id, partitions=partitions)
         committed = {tp: meta.offset for tp, meta in group.items()}
     finally:
         admin.close()
+        offsets.close()
         consumer.close()
         producer.close()
     log_text = logs["a"].read_text(errors="replace")
@@ -354,6 +356,7 @@ def test_records_deleted_before_the_aggregator_read_them_are_reported(
     assert lost_per_partition == [(p, 2) for p in range(4)], log_text[-3000:]
     assert {e.event_id for e in after} <= paired, "the sessions sent after the loss are paired"
     assert not {e.event_id for e in unread} & paired, "the deleted query events never reached a window"
-    # Read on and committed past the loss (a commit stuck below the log start would report it at every start).
+    # Read on and committed past the loss: left stale, Faust's committed offset makes the first record read
+    # look like one after a gap, and the partition can stop committing (1 of 4 in a full-suite run).
     assert all(ends[tp] > deleted_to[tp] for tp in partitions), "a later session on every partition"
     assert committed == ends, (committed, ends)
