@@ -163,8 +163,8 @@ def _layout(admin: KafkaAdminClient, names: list[str]) -> dict[str, list[int]]:
     }
 
 
-def report_out_of_range(role: str, topic: str, partition: int, offset: int, start: int, end: int) -> int:
-    """Say and count that a stored position ``offset`` is outside ``[start, end]``; return the records lost.
+def report_out_of_range(role: str, topic: str, partition: int, offset: int, start: int, end: int) -> None:
+    """Say and count that a stored position ``offset`` is outside ``[start, end]``.
 
     Below the log start: retention (or ``delete-records``) removed ``[offset, start)`` before they were read.
     Past the end: the topic was recreated or the broker lost data; nothing is known lost, but everything
@@ -193,7 +193,6 @@ def report_out_of_range(role: str, topic: str, partition: int, offset: int, star
             end,
             start,
         )
-    return lost
 
 
 def make_producer(settings: Settings, **config: Any) -> KafkaProducer:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from learner.dpo import (
     DPOConfig,
     DPOLearnerCore,
+    DPOLoss,
     StepStats,
     dpo_loss,
     prompt_tree,
@@ -196,26 +197,17 @@ def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path, prompt_tree: boo
     Compared after two steps, where the policy differs from the reference: at step 0 every DPO loss is log 2
     whatever the log-probabilities, so equality there would prove little. Ours computes each prompt token once
     (``prompt_tree``); TRL runs its concatenated layout: the same numbers must come out."""
-    core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3, prompt_tree=prompt_tree)
-    core.step(PAIRS)
-    core.step(PAIRS)
-    batch = core.tokenize(PAIRS)
-    core.optimizer.zero_grad(set_to_none=True)
-    ours = core.loss(batch)
-    ours.loss.backward()
+    core, batch, ours = loss_after_two_steps(tiny_dir, prompt_tree=prompt_tree)
     assert abs(float(ours.loss.detach()) - math.log(2)) > 1e-3, "the policy must have moved off the reference"
 
     trainer = trl_trainer(tiny_dir, tmp_path, core, loss_type=["sigmoid"])
+    theirs_batch, theirs = trl_loss_with_gradients(trainer)
 
     # 1. TRL's own tokenisation and collation of the same pairs, in order, is our batch.
-    theirs_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
     for key in ("input_ids", "attention_mask", "completion_mask"):
         assert torch.equal(theirs_batch[key], batch[key]), key
 
     # 2. TRL's loss on that batch, and its logged rewards.
-    trainer.model.zero_grad(set_to_none=True)
-    theirs = trainer.compute_loss(trainer.model, theirs_batch)
-    theirs.backward()
     assert float(ours.loss.detach()) == pytest.approx(float(theirs.detach()), abs=1e-4)
     assert float(ours.loss.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
     metrics = trainer._metrics["train" if trainer.model.training else "eval"]
@@ -224,6 +216,35 @@ def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path, prompt_tree: boo
     assert metrics["rewards/margins"][-1] == pytest.approx(float(ours.margin.mean()), abs=1e-5)
 
     # 3. The gradients, parameter by parameter (so a step with the same optimizer is the same step).
+    assert assert_same_gradients(core, trainer) == len(dict(trainer.model.named_parameters()))
+
+
+def loss_after_two_steps(
+    tiny_dir: Path, **config: Any
+) -> tuple[DPOLearnerCore, dict[str, torch.Tensor], DPOLoss]:
+    """A core two steps off its reference (at step 0 every DPO loss is log 2, which proves little), the batch
+    of ``PAIRS`` and its loss, with the policy's gradients of that loss."""
+    core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3, **config)
+    core.step(PAIRS)
+    core.step(PAIRS)
+    batch = core.tokenize(PAIRS)
+    core.optimizer.zero_grad(set_to_none=True)
+    ours = core.loss(batch)
+    ours.loss.backward()
+    return core, batch, ours
+
+
+def trl_loss_with_gradients(trainer: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """TRL's collation of ``PAIRS`` and its loss on it, with its model's gradients of that loss."""
+    theirs_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
+    trainer.model.zero_grad(set_to_none=True)
+    theirs = trainer.compute_loss(trainer.model, theirs_batch)
+    theirs.backward()
+    return theirs_batch, theirs
+
+
+def assert_same_gradients(core: DPOLearnerCore, trainer: Any) -> int:
+    """Every parameter of ours has TRL's gradient (to float rounding); returns how many were compared."""
     their_grads = dict(trainer.model.named_parameters())
     compared = 0
     for name, param in core.policy.named_parameters():
@@ -231,7 +252,7 @@ def test_equals_trl_dpo_trainer(tiny_dir: Path, tmp_path: Path, prompt_tree: boo
         assert param.grad is not None and other is not None, name
         assert torch.allclose(param.grad, other, rtol=1e-4, atol=1e-7), name
         compared += 1
-    assert compared == len(their_grads)
+    return compared
 
 
 # -- learning ------------------------------------------------------------------------------------------------
@@ -411,13 +432,7 @@ def test_a_tree_step_while_another_thread_loads_a_model(
 def test_rpo_term_equals_trl_sigmoid_plus_sft(tiny_dir: Path, tmp_path: Path, rpo_alpha: float) -> None:
     """``rpo_alpha`` is TRL's ``loss_type=["sigmoid", "sft"], loss_weights=[1, α]``: same loss and gradients,
     after two steps (policy ≠ reference), and the term is really there (the loss differs from α = 0's)."""
-    core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3, rpo_alpha=rpo_alpha)
-    core.step(PAIRS)
-    core.step(PAIRS)
-    batch = core.tokenize(PAIRS)
-    core.optimizer.zero_grad(set_to_none=True)
-    ours = core.loss(batch)
-    ours.loss.backward()
+    core, batch, ours = loss_after_two_steps(tiny_dir, rpo_alpha=rpo_alpha)
     plain = dpo_loss(*core_logprobs(core, batch), beta=0.1)
     assert float(ours.loss.detach()) - float(plain.loss.detach()) == pytest.approx(
         rpo_alpha * float(ours.nll), rel=1e-5
@@ -427,16 +442,9 @@ def test_rpo_term_equals_trl_sigmoid_plus_sft(tiny_dir: Path, tmp_path: Path, rp
     trainer = trl_trainer(
         tiny_dir, tmp_path, core, loss_type=["sigmoid", "sft"], loss_weights=[1.0, rpo_alpha]
     )
-    theirs_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(PAIRS))])
-    trainer.model.zero_grad(set_to_none=True)
-    theirs = trainer.compute_loss(trainer.model, theirs_batch)
-    theirs.backward()
+    _, theirs = trl_loss_with_gradients(trainer)
     assert float(ours.loss.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
-    their_grads = dict(trainer.model.named_parameters())
-    for name, param in core.policy.named_parameters():
-        other = their_grads[name].grad
-        assert param.grad is not None and other is not None, name
-        assert torch.allclose(param.grad, other, rtol=1e-4, atol=1e-7), name
+    assert_same_gradients(core, trainer)
 
 
 def core_logprobs(
