@@ -43,6 +43,7 @@ from sqlalchemy import create_engine, make_url, text
 
 from policy_store import PolicyStore
 from policy_store.db import upgrade
+from qrloop.models import load_causal_lm
 from qrloop.settings import default_password_file, get_settings, with_stored_password
 
 T = TypeVar("T")
@@ -98,9 +99,8 @@ def build_policy_dir(root: Path, *, random_weights: bool) -> tuple[Path, str]:
 
 def build_lora_dir(policy_dir: Path, root: Path) -> Path:
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(policy_dir)
+    base = load_causal_lm(policy_dir)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     dest = root / "lora"
     get_peft_model(base, config).save_pretrained(str(dest), safe_serialization=True)

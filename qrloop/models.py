@@ -253,18 +253,27 @@ def build_tiny_policy(out_dir: Path, tokenizer_dir: Path, seed: int = 0) -> Path
     return out_dir
 
 
+def load_causal_lm(path: Path) -> Any:
+    """The causal LM of an HF directory, fp32 on CPU, loaded under the process's lock and checked whole:
+    every model load goes through here, offline jobs too (they are single-threaded today, but a lock that
+    only some loads take protects nothing)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with loading_models():
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    return require_materialised(model, path)
+
+
 def load_policy(path: Path) -> tuple[Any, Any]:
     """(model, tokenizer) from an HF directory, fp32 on CPU, in eval mode, left padding for generation."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    with loading_models():
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
-    return require_materialised(model, path), tokenizer
+    return load_causal_lm(path).eval(), tokenizer
 
 
 def load_encoder(settings: Settings) -> Any:

@@ -39,11 +39,12 @@ from typing import Any
 import torch
 import torch.nn as nn
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from learner.dpo import pad_right
 from learner.offline.q2q import QueryPair
 from learner.offline.sft import collate, prompt_completion_rows, quiet_libraries, target_mask
+from qrloop.models import load_causal_lm
 from qrloop.prompting import build_prompt, end_of_turn
 
 Progress = Callable[[int, int, float], None]
@@ -80,7 +81,7 @@ def decoder_layers(model: Any) -> tuple[Any, str]:
 def make_student(teacher_dir: Path, out_dir: Path, keep: str | Sequence[int] = "every_other") -> Path:
     """Save a student of ``teacher_dir`` in ``out_dir``: the kept decoder layers with their exact weights,
     everything else (embeddings, final norm, head, tokenizer) copied, config identical but for the depth."""
-    model = AutoModelForCausalLM.from_pretrained(str(teacher_dir), dtype=torch.float32)
+    model = load_causal_lm(teacher_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(teacher_dir))
     parent, attr = decoder_layers(model)
     layers = getattr(parent, attr)
@@ -178,7 +179,7 @@ def student_batch(
 
 def _load(path: Path) -> tuple[Any, Any]:
     return (
-        AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32),
+        load_causal_lm(path),
         AutoTokenizer.from_pretrained(str(path)),
     )
 

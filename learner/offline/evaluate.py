@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 from rouge_score import rouge_scorer
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from learner.offline.q2q import QueryPair
 from learner.offline.sft import completion_loss
 from qrloop.data import normalise_query
+from qrloop.models import load_causal_lm
 from qrloop.prompting import build_prompt, end_of_turn
 
 # Table 2's rows (model, variant): V = vanilla, P = fine-tuned; for T→S, V = the SFT student, P = distilled.
@@ -55,7 +56,7 @@ class OfflineMetrics:
 
 def load_for_inference(path: Path) -> tuple[Any, Any]:
     """(model, tokenizer) in eval mode, left padding for batched generation, a pad token set."""
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = load_causal_lm(path).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -30,12 +30,13 @@ from typing import Any
 import datasets
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+from transformers import AutoTokenizer, PrinterCallback, TrainerCallback
 from transformers.utils import logging as hf_logging
 from trl import SFTConfig, SFTTrainer
 
 from learner.dpo import common_prefix_length, completion_logprobs, pad_right
 from learner.offline.q2q import QueryPair
+from qrloop.models import load_causal_lm
 from qrloop.prompting import build_prompt, end_of_turn
 
 # progress(step, total_steps, last_loss)
@@ -181,7 +182,7 @@ def train_sft(
     started = time.perf_counter()
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    model = load_causal_lm(model_dir)
     eos = end_of_turn(tokenizer, model.generation_config)
     chosen = sample_pairs(pairs, max_examples, seed)
     args = sft_config(
