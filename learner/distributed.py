@@ -9,8 +9,10 @@ diverge and rank 0's weights are the ones published.
 **Loss scaling.** ``learner.dpo``'s loss is the mean over the batch. A rank's share of ``n`` of the batch's
 ``B`` pairs contributes ``mean_share · n / B`` (its sum over ``B``), so the summed gradient is exactly the
 gradient of the full-batch mean, whatever the shares' sizes (DDP's averaging would be right only for equal
-shares). Clipping then sees the same norm as a single process, and the step is the single-process step up to
-floating-point summation order (``tests/test_distributed.py``: parameters equal to 1e-5).
+shares). RPO's term (``rpo_alpha``) is a mean over the batch's chosen *tokens*, not its pairs, so a share
+holding ``t`` of the batch's ``T`` chosen tokens contributes ``nll_share · t / T``. Clipping then sees the
+same norm as a single process, and the step is the single-process step up to floating-point summation order
+(``tests/test_distributed.py``: parameters equal to 1e-5, with and without RPO's term).
 
 Backends: gloo on CPU; NCCL when CUDA is available (rank ``r`` on ``cuda:LOCAL_RANK``). Control messages
 (the batch, load and stop commands) always travel on a gloo group with a long timeout: followers wait on
@@ -36,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from learner import worker
-from learner.dpo import DPOLearnerCore, Pair, StepStats
+from learner.dpo import DPOLearnerCore, Pair, StepStats, chosen_token_count
 from policy_store import PolicyStore
 from qrloop.runs import open_store
 from qrloop.settings import Settings, get_settings
@@ -72,10 +74,16 @@ def data_parallel_step(core: DPOLearnerCore, pairs: Sequence[Pair], rank: int, w
         raise ValueError(f"a batch of {len(pairs)} pairs leaves rank {rank} of {world} nothing to do")
     device = _device_of(core)
     batch = {name: tensor.to(device) for name, tensor in core.tokenize(mine).items()}
+    my_tokens = chosen_token_count(batch)
+    all_tokens = _summed([my_tokens], device)[0]
     core.policy.train()
     out = core.loss(batch)
     core.optimizer.zero_grad(set_to_none=True)
-    (out.loss * (len(mine) / len(pairs))).backward()
+    alpha = core.config.rpo_alpha
+    my_part = out.preference * (len(mine) / len(pairs))
+    if alpha:
+        my_part = my_part + alpha * out.nll * (my_tokens / max(all_tokens, 1))
+    my_part.backward()
     for param in core.trainable_parameters():
         if param.grad is None:  # a parameter this share did not reach still takes part in the sum
             param.grad = torch.zeros_like(param)
@@ -84,23 +92,22 @@ def data_parallel_step(core: DPOLearnerCore, pairs: Sequence[Pair], rank: int, w
     core.optimizer.step()
     core.policy.eval()
     core.steps += 1
-    sums = torch.tensor(
+    preference, nll, margin, chosen, rejected, correct, tokens = _summed(
         [
-            float(out.loss.detach()) * len(mine),
+            float(out.preference.detach()) * len(mine),
+            float(out.nll.detach()) * my_tokens,
             float(out.margin.sum()),
             float(out.chosen_rewards.sum()),
             float(out.rejected_rewards.sum()),
             float((out.margin > 0).sum()),
             float(batch["attention_mask"].sum()),
         ],
-        dtype=torch.float64,
-        device=device,
+        device,
     )
-    dist.all_reduce(sums)
-    loss, margin, chosen, rejected, correct, tokens = sums.tolist()
     size = len(pairs)
+    nll /= max(all_tokens, 1)
     return StepStats(
-        loss=loss / size,
+        loss=preference / size + alpha * nll,
         margin=margin / size,
         chosen_reward=chosen / size,
         rejected_reward=rejected / size,
@@ -108,7 +115,15 @@ def data_parallel_step(core: DPOLearnerCore, pairs: Sequence[Pair], rank: int, w
         seconds=time.perf_counter() - started,
         tokens=round(tokens),
         grad_norm=float(grad_norm),
+        nll=nll,
     )
+
+
+def _summed(values: Sequence[float], device: torch.device) -> list[float]:
+    """``values`` summed over every rank (float64, so counts and sums stay exact)."""
+    sums = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    return [float(value) for value in sums.tolist()]
 
 
 class ControlChannel:

@@ -363,7 +363,8 @@ class DPOLoss(NamedTuple):
     chosen_rewards: torch.Tensor  # (B,) β (log π − log π_ref) of the chosen rewrites, detached
     rejected_rewards: torch.Tensor  # (B,) the same for the rejected ones
     margin: torch.Tensor  # (B,) chosen − rejected implicit reward
-    nll: torch.Tensor  # scalar, detached: mean negative log-likelihood per chosen completion token
+    nll: torch.Tensor  # scalar, differentiable: mean negative log-likelihood per chosen completion token
+    preference: torch.Tensor  # scalar, differentiable: the sigmoid term alone (``loss`` when rpo_alpha = 0)
 
 
 def dpo_loss(
@@ -379,13 +380,19 @@ def dpo_loss(
     times the chosen completions' NLL per token (RPO); ``chosen_tokens``: completion tokens of chosen rows."""
     chosen_logratios = policy_chosen - ref_chosen
     rejected_logratios = policy_rejected - ref_rejected
-    loss = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
+    preference = -F.logsigmoid(beta * (chosen_logratios - rejected_logratios)).mean()
     nll = -policy_chosen.sum() / max(chosen_tokens, 1)
-    if rpo_alpha:  # α = 0 adds nothing, not even 0 · nll: the plain loss stays TRL's bit for bit
-        loss = loss + rpo_alpha * nll
+    # α = 0 adds nothing, not even 0 · nll: the plain loss stays TRL's bit for bit.
+    loss = preference + rpo_alpha * nll if rpo_alpha else preference
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
-    return DPOLoss(loss, chosen_rewards, rejected_rewards, chosen_rewards - rejected_rewards, nll.detach())
+    margin = chosen_rewards - rejected_rewards
+    return DPOLoss(loss, chosen_rewards, rejected_rewards, margin, nll, preference)
+
+
+def chosen_token_count(batch: Batch) -> int:
+    """Completion tokens of the batch's chosen rows (its first half): the NLL term's denominator."""
+    return int(batch["completion_mask"].chunk(2, dim=0)[0].sum())
 
 
 # -- the step -----------------------------------------------------------------------------------------------
@@ -546,7 +553,6 @@ class DPOLearnerCore:
         else:
             policy_chosen, policy_rejected = sequence_logprobs(self.policy, batch)
         ref_chosen, ref_rejected = reference if reference is not None else self.reference_logprobs(batch)
-        chosen_tokens = int(batch["completion_mask"].chunk(2, dim=0)[0].sum())
         return dpo_loss(
             policy_chosen,
             policy_rejected,
@@ -554,7 +560,7 @@ class DPOLearnerCore:
             ref_rejected,
             self.config.beta,
             self.config.rpo_alpha,
-            chosen_tokens,
+            chosen_token_count(batch),
         )
 
     def step(self, pairs: Sequence[Pair]) -> StepStats:
@@ -581,7 +587,7 @@ class DPOLearnerCore:
             tokens=int(batch["attention_mask"].sum()),
             grad_norm=float(grad_norm),
             computed_tokens=tree.tokens if tree is not None else int(batch["attention_mask"].sum()),
-            nll=float(out.nll),
+            nll=float(out.nll.detach()),
         )
 
     # -- resuming -------------------------------------------------------------------------------------------

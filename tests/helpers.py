@@ -378,6 +378,7 @@ def learner_env(settings: Settings, lease_s: float = 3.0) -> dict[str, str]:
     """The environment of a `qrloop learn` subprocess on the test's topics and store."""
     return run_env(settings) | {
         "QRLOOP_DPO__LEARNING_RATE": str(settings.dpo.learning_rate),
+        "QRLOOP_DPO__RPO_ALPHA": str(settings.dpo.rpo_alpha),
         # A killed learner's lease must lapse before another may train: keep that wait short.
         "QRLOOP_DPO__LEASE_S": str(lease_s),
     }

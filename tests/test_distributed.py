@@ -55,8 +55,14 @@ def lineage_versions(settings: Settings) -> list[int]:
 
 
 @pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
-def test_two_gloo_ranks_step_like_one_process(dp_settings: Settings, tmp_path: Path) -> None:
-    settings = dp_settings
+@pytest.mark.parametrize("rpo_alpha", [0.0, 1.0])
+def test_two_gloo_ranks_step_like_one_process(
+    dp_settings: Settings, tmp_path: Path, rpo_alpha: float
+) -> None:
+    """With RPO's term too: it is a mean over chosen *tokens*, which the two ranks' shares hold unequally."""
+    settings = dp_settings.model_copy(
+        update={"dpo": dp_settings.dpo.model_copy(update={"rpo_alpha": rpo_alpha})}
+    )
     pairs = [pair(n) for n in range(16)]
     publish_pairs(settings, pairs)
 
@@ -106,7 +112,7 @@ def test_two_gloo_ranks_step_like_one_process(dp_settings: Settings, tmp_path: P
     assert (published.parent_id, published.train_steps) == (1, 1)
     assert sum(published.offsets.values()) == 16
     assert set(ledger_counts(settings)) == {p.pair_id for p in pairs}
-    for name in ("loss", "margin", "grad_norm"):
+    for name in ("loss", "margin", "grad_norm", "nll"):
         assert published.metrics[name] == pytest.approx(getattr(stats, name), rel=1e-5, abs=1e-6), name
     # Not the accuracy: it counts margins > 0, and at the first step policy = reference, so every margin is
     # float noise (~1e-7) whose sign depends on how the reference terms were batched (per pair as they arrive

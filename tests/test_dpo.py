@@ -434,10 +434,9 @@ def test_rpo_term_equals_trl_sigmoid_plus_sft(tiny_dir: Path, tmp_path: Path, rp
     after two steps (policy ≠ reference), and the term is really there (the loss differs from α = 0's)."""
     core, batch, ours = loss_after_two_steps(tiny_dir, rpo_alpha=rpo_alpha)
     plain = dpo_loss(*core_logprobs(core, batch), beta=0.1)
-    assert float(ours.loss.detach()) - float(plain.loss.detach()) == pytest.approx(
-        rpo_alpha * float(ours.nll), rel=1e-5
-    )
-    assert float(ours.nll) > 0.1, "the tiny model's chosen tokens are far from certain"
+    nll = float(ours.nll.detach())
+    assert float(ours.loss.detach()) - float(plain.loss.detach()) == pytest.approx(rpo_alpha * nll, rel=1e-5)
+    assert nll > 0.1, "the tiny model's chosen tokens are far from certain"
 
     trainer = trl_trainer(
         tiny_dir, tmp_path, core, loss_type=["sigmoid", "sft"], loss_weights=[1.0, rpo_alpha]
