@@ -254,9 +254,10 @@ class Learner:
         settings = self.settings
         name = settings.dpo.learner_name
         with tempfile.TemporaryDirectory(dir=settings.cache_dir, prefix=save_prefix(settings)) as tmp:
-            self.core.save(Path(tmp), optimizer=settings.dpo.keep_optimizer_state)
+            weights = Path(tmp) / "weights"
+            self.core.save(weights, optimizer=settings.dpo.keep_optimizer_state)
             version = self.store.publish(
-                tmp,
+                weights,
                 parent=self.state.version,
                 base_model=self.core.base_model,
                 train_steps=self.state.steps,
@@ -271,6 +272,9 @@ class Learner:
                 reason=f"DPO step {self.state.steps}",
                 extra_sql=lambda session, version_id: self._in_publish(session, version_id, name, steps),
                 on_blob_write=lambda _written: self.fault("mid_blob_write"),
+                # The saved files become the version's checkout: the rewriters' swap to it is then a
+                # verify and a load, not an extraction of the whole blob (seconds on a loaded machine).
+                give_away=True,
             )
         self.fault("after_db_commit")
         self.state.version = version.id

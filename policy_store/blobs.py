@@ -350,6 +350,22 @@ class BlobStore:
             digest=digest, uri=self.relative_uri(digest), size_bytes=size, deduplicated=deduplicated
         )
 
+    def adopt_checkout(self, src: Path, digest: str) -> bool:
+        """Make ``src``, a directory its owner gives away whose canonical tar hashed to ``digest``, the
+        digest's checkout by renaming it: a later ``load_dir`` then re-verifies it in place (one hash)
+        instead of extracting the blob (a hash and a full write). False, with ``src`` left where it is, when
+        the checkout exists already or the rename is impossible (``src`` on another file system)."""
+        dest = self.checkout_path(digest)
+        if dest.exists():
+            return False
+        private_dir(self.checkouts)
+        try:
+            os.chmod(src, 0o700)  # what an extracted checkout gets
+            os.rename(src, dest)  # onto an absent path: atomic; a racing adopter or extractor fails us
+        except OSError:
+            return False
+        return True
+
     # ---- read
 
     def verify(self, digest: str, *, label: str = "") -> None:

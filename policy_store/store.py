@@ -253,6 +253,7 @@ class PolicyStore:
         reason: str = "",
         extra_sql: ExtraSql | None = None,
         on_blob_write: Callable[[int], None] | None = None,
+        give_away: bool = False,
     ) -> PolicyVersion:
         """Store ``weights_dir`` as a new immutable version.
 
@@ -260,6 +261,11 @@ class PolicyStore:
         and its audit row and runs ``extra_sql(session, version_id)`` — e.g. the learner's consumer offsets —
         so either all of it is committed or none. If anything raises, no version is visible and the blob stays
         unreferenced until ``gc`` removes it. ``on_blob_write(bytes so far)`` follows the blob's write.
+
+        ``give_away``: the caller is done with ``weights_dir`` (a temporary directory of its own). After the
+        commit it is renamed into the version's checkout, so the first ``load_dir`` (a server swapping the
+        version in) verifies it in place instead of extracting the blob; ``weights_dir`` is gone then,
+        unless the rename could not be done.
         """
         if kind not in KINDS:
             raise PolicyStoreError(f"kind must be one of {KINDS}, not {kind!r}")
@@ -278,11 +284,15 @@ class PolicyStore:
             blob = self.blobs.put_dir(Path(weights_dir), kind=kind, on_write=on_blob_write)
             fields.update(blob_digest=blob.digest, blob_uri=blob.uri, size_bytes=blob.size_bytes)
             try:
-                return self._insert_version(fields, actor=actor, reason=reason, extra_sql=extra_sql)
+                version = self._insert_version(fields, actor=actor, reason=reason, extra_sql=extra_sql)
             except _BlobVanished:
                 log.warning(
                     "blob %s was removed by a concurrent gc before publish committed; rewriting", blob
                 )
+                continue
+            if give_away:
+                self.blobs.adopt_checkout(Path(weights_dir), blob.digest)
+            return version
         raise PolicyStoreError(
             f"publish of {weights_dir}: blob kept vanishing (concurrent gc with no retention?)"
         )

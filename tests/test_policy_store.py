@@ -339,6 +339,39 @@ def test_modified_checkout_is_never_served(store: PolicyStore, model_dirs: list[
     assert_same_files(model_dirs[0], again)
 
 
+def test_a_given_away_directory_becomes_the_checkout_and_is_never_served_modified(
+    store: PolicyStore, model_dirs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``publish(give_away=True)``: the learner's saved files are renamed into the checkout, so a server's
+    first load verifies them in place (same inode, no extraction); a copy of the same content published
+    again, with the checkout there already, is left where it was."""
+    mine = shutil.copytree(model_dirs[0], tmp_path / "mine")
+    inode = (mine / "model.safetensors").stat().st_ino
+    v = store.publish(mine, base_model="tiny", give_away=True)
+    assert not mine.exists()
+
+    extracted: list[str] = []
+    materialise = store.blobs.materialise
+
+    def counted_materialise(digest: str, dest_dir: Path, *, label: str = "") -> Path:
+        extracted.append(digest)
+        return materialise(digest, dest_dir, label=label)
+
+    monkeypatch.setattr(store.blobs, "materialise", counted_materialise)
+    checkout = store.load_dir(v)
+    assert (checkout / "model.safetensors").stat().st_ino == inode and extracted == []
+    assert_same_files(model_dirs[0], checkout)
+    assert checkout.stat().st_mode & 0o777 == 0o700
+
+    again = shutil.copytree(model_dirs[0], tmp_path / "again")
+    store.publish(again, base_model="tiny", give_away=True)
+    assert_same_files(model_dirs[0], again)  # the checkout existed: nothing renamed, nothing lost
+
+    (checkout / "config.json").write_text("{}")
+    assert_same_files(model_dirs[0], store.load_dir(v))  # a modified adopted checkout is extracted again
+    assert extracted == [v.blob_digest]
+
+
 # ------------------------------------------------------------------------------------------ crash safety, gc
 
 
