@@ -206,9 +206,9 @@ class Evaluator:
         return {
             "relevance": rewards.relevance(scores),
             "diversity": rewards.diversity(original, products),
-            "click": float(np.mean([rewards.rate(e["clicks"], n) for e in expected])),  # type: ignore[arg-type]
-            "add2cart": float(np.mean([rewards.rate(e["add_to_carts"], n) for e in expected])),  # type: ignore[arg-type]
-            "purchase": float(np.mean([rewards.rate(e["purchases"], n) for e in expected])),  # type: ignore[arg-type]
+            "click": float(np.mean([rewards.rate(e["clicks"], n) for e in expected])),
+            "add2cart": float(np.mean([rewards.rate(e["add_to_carts"], n) for e in expected])),
+            "purchase": float(np.mean([rewards.rate(e["purchases"], n) for e in expected])),
         }
 
     def score(self, event: Any) -> QueryScores:
@@ -444,7 +444,10 @@ def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int
     rewriter = Rewriter(load_version(path, version), engine.search, settings.rewriter, seed)
     pool = [q for _, q in training_queries(catalog, 5)]
     queries = [pool[i] for i in np.random.default_rng(seed).choice(len(pool), size=n + 2, replace=False)]
-    serve_s, bare_s, search_s, resampled = [], [], [], 0
+    serve_s: list[float] = []
+    bare_s: list[float] = []
+    search_s: list[float] = []
+    resampled = 0
     for i, query in enumerate(queries):
 
         def serve(q: str = query, s: int = seed + i) -> Any:
@@ -462,7 +465,11 @@ def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int
             sink.append(seconds)
         texts = next(r for s, _, r in results if s is bare_s)
         resampled += normalise(texts[0]) == normalise(texts[1])
-        search_s.append(timed(lambda q=query: [engine.search(x) for x in (q, q, q)])[0])
+
+        def search(q: str = query) -> list[list[str]]:
+            return [engine.search(x) for x in (q, q, q)]
+
+        search_s.append(timed(search)[0])
     print(f"\n== (a) rewriter, policy {path} (version {version}), {n} training queries, medians ==")
     print(f"{'path':<46} {'median ms':>10} {'p90 ms':>8}")
     for name, values in (

@@ -36,6 +36,9 @@ from qrloop.prompting import build_prompt, end_of_turn
 
 Z_95 = 1.959963984540054
 
+# One value per logged sample: a list, or a 1-D numpy array (read with np.asarray and len() alike).
+PerSample = Sequence[float] | np.ndarray
+
 
 @dataclass(frozen=True)
 class OPEEstimate:
@@ -62,16 +65,16 @@ class OPEEstimate:
 
 
 def importance_weights(
-    logp_candidate: Sequence[float], logp_behaviour: Sequence[float], max_log_ratio: float = 20.0
+    logp_candidate: PerSample, logp_behaviour: PerSample, max_log_ratio: float = 20.0
 ) -> np.ndarray:
     log_ratio = np.asarray(logp_candidate, dtype=np.float64) - np.asarray(logp_behaviour, dtype=np.float64)
     return np.exp(np.clip(log_ratio, -max_log_ratio, max_log_ratio))
 
 
 def estimate(
-    rewards: Sequence[float],
-    logp_candidate: Sequence[float],
-    logp_behaviour: Sequence[float],
+    rewards: PerSample,
+    logp_candidate: PerSample,
+    logp_behaviour: PerSample,
     *,
     min_ess_fraction: float = 0.05,
     max_single_share: float = 0.5,

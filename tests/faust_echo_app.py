@@ -27,7 +27,7 @@ sink = app.topic(os.environ["ECHO_SINK"], value_serializer="json")
 
 
 @app.agent(source)
-async def double(stream):  # type: ignore[no-untyped-def]
+async def double(stream):
     async for record in stream:
         await sink.send(value={"seq": record["seq"], "doubled": 2 * record["seq"]})
 

@@ -247,7 +247,7 @@ def interaction(
         rewrite_id=rewrite_id,
         product_id=product_id,
         position=0,
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         event_time=event.event_time + timedelta(seconds=after_s),
     )
 

@@ -161,7 +161,11 @@ def test_unannounced_moves_are_served_within_the_reconcile_interval(loop: Loop) 
                 store.set_alias("production", v2, actor="cli")
             else:
                 store.rollback("production", actor="cli")
-            delays.append(seconds_until(lambda t=target: rewriter.version == t))
+
+            def served(t: int = target) -> bool:
+                return rewriter.version == t
+
+            delays.append(seconds_until(served))
     finally:
         follower.stop()
     print(f"unannounced moves served after median {statistics.median(delays):.2f} s, max {max(delays):.2f} s")

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 import sqlalchemy as sa
 from typer.testing import CliRunner
 
+from learner.dpo import DPOLearnerCore
 from learner.worker import Learner, LearnerState
 from policy_store import AliasPinnedError, PolicyStore, PolicyStoreError
 from policy_store.db import downgrade, make_engine, upgrade
@@ -84,7 +86,8 @@ def test_the_learner_publishes_but_leaves_a_pinned_alias_alone(
     v1, v2, v3 = three(store, weights)
     store.set_alias("production", v1)
     store.pin("production", reason="hold", actor="cli")
-    learner = Learner(settings, store, None, LearnerState(v1, v1, 0), consumer=None, producer=None)
+    no_core = cast(DPOLearnerCore, None)  # moving an alias never reaches the core
+    learner = Learner(settings, store, no_core, LearnerState(v1, v1, 0), consumer=None, producer=None)
     assert learner._move_alias(v2) is None, "refused by the store, reported, not raised"
     assert store.resolve("production").id == v1
     store.unpin("production", actor="cli")

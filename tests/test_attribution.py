@@ -43,7 +43,7 @@ def interaction(rewrite_id: str, product_id: str, kind: str, after_s: float, n: 
         rewrite_id=rewrite_id,
         product_id=product_id,
         position=0,
-        kind=kind,  # type: ignore[arg-type]
+        kind=kind,
         event_time=T0 + timedelta(seconds=after_s),
     )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -74,7 +74,7 @@ class Env:
                 query_event_id=str(uuid.uuid4()),
                 event_time=start + timedelta(seconds=i),
                 policy_version=version,
-                arm=arm,  # type: ignore[arg-type]
+                arm=arm,
                 reward=r,
                 relevance=float(np.clip(rng.normal(relevance, 0.03), 0, 1)),
                 rewards=[r, r],
@@ -125,7 +125,7 @@ def env(settings: Settings, kafka_bootstrap: str, unique_topic: str, weights: li
     store.close()
 
 
-def wait_for(predicate, timeout_s: float = 15.0) -> bool:  # type: ignore[no-untyped-def]
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 15.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
@@ -174,7 +174,7 @@ def test_evidence_is_the_candidates_queries_and_production_since_its_first_one()
             query_event_id=str(uuid.uuid4()),
             event_time=t0 + timedelta(seconds=at_s),
             policy_version=version,
-            arm=arm,  # type: ignore[arg-type]
+            arm=arm,
             reward=reward,
             relevance=0.5,
             rewards=[reward, reward],

@@ -38,7 +38,7 @@ def query_event(
         session_id="x",
         query="angle bracket",
         policy_version=version,
-        arm=arm,  # type: ignore[arg-type]
+        arm=arm,
         original_products=products[0:4],
         rewrites=[
             Rewrite(

@@ -51,6 +51,7 @@ def damaged_copy(source: Path, out: Path) -> Path:
             layer.self_attn.o_proj.weight[0, :] = 0.0
             layer.mlp.down_proj.weight[0, :] = 0.0
         embeddings = model.get_input_embeddings().weight
+        assert isinstance(embeddings, torch.Tensor)  # nn.Module's __getattr__ is typed "Tensor | Module"
         embeddings[:, 0] = 1.0  # the residual's constant
         head = model.get_output_embeddings().weight
         if head.data_ptr() != embeddings.data_ptr():  # untied: the head reads dimension 0 for one token only

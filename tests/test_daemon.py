@@ -17,6 +17,7 @@ import pytest
 from kafka import KafkaProducer
 
 from learner.worker import LEARNER_TAG
+from policy_store import PolicyVersion
 from qrloop.events import encode
 from qrloop.models import build_tiny_policy, require_policy
 from qrloop.runs import open_store
@@ -61,9 +62,11 @@ def test_run_roles_ready_metrics_move_crash_restart_and_stop(
     )
     try:
         for role, port in ports.items():
-            wait_for(
-                lambda p=port: get(f"http://127.0.0.1:{p}/readyz")[0] == 200, 180, f"{role} /readyz", log_path
-            )
+
+            def ready(p: int = port) -> bool:
+                return get(f"http://127.0.0.1:{p}/readyz")[0] == 200
+
+            wait_for(ready, 180, f"{role} /readyz", log_path)
         _, body = get(f"http://127.0.0.1:{ports['learn']}/readyz")
         checks = json.loads(body)["checks"]
         assert set(checks) == {"broker", "database", "model"} and all(c["ok"] for c in checks.values())
@@ -165,7 +168,7 @@ def test_learner_sigterm_mid_step_commits_nothing_half_done_and_resumes(
     def lines() -> str:
         return log_path.read_text(errors="replace")
 
-    def mine() -> list:  # type: ignore[type-arg]
+    def mine() -> list[PolicyVersion]:
         with open_store(settings) as store:
             return sorted(
                 (v for v in store.list() if v.tags.get(LEARNER_TAG) == unique_topic), key=lambda v: v.id

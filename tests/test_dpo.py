@@ -260,6 +260,7 @@ def assert_same_gradients(core: DPOLearnerCore, trainer: Any) -> int:
 
 def test_steps_raise_the_margin_and_leave_the_reference_frozen(tiny_dir: Path) -> None:
     core = core_for(tiny_dir, beta=0.1, learning_rate=1e-3)
+    assert core.reference is not None  # a full fine-tune keeps a frozen reference copy
     reference_before, policy_before = snapshot(core.reference), snapshot(core.policy)
     assert not any(p.requires_grad for p in core.reference.parameters())
 

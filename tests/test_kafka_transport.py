@@ -44,12 +44,19 @@ def message(tp: TP, offset: int, generation: int, tracked: bool) -> ConsumerMess
     return record
 
 
+def consumer_of(built: AggregatorApp) -> RebalanceSafeConsumer:
+    consumer = built.app.consumer
+    # The app's ConsumerT, narrowed to reach Faust's internals.
+    assert isinstance(consumer, RebalanceSafeConsumer)
+    return consumer
+
+
 def test_the_aggregator_runs_on_the_rebalance_safe_consumer(built: AggregatorApp) -> None:
     assert isinstance(built.app.consumer, RebalanceSafeConsumer)
 
 
 def test_records_skipped_during_a_rebalance_stay_uncommitted(built: AggregatorApp) -> None:
-    consumer = built.app.consumer
+    consumer = consumer_of(built)
     tp = TP(built.settings.topics.query_events, 0)
     assert message(tp, 5, generation=2, tracked=False).ack(consumer) is False  # fetched by the old generation
     built.app.flow_control.suspend()
@@ -63,7 +70,7 @@ def test_records_skipped_during_a_rebalance_stay_uncommitted(built: AggregatorAp
 
 def test_untracked_records_outside_a_rebalance_are_acked_as_faust_does(built: AggregatorApp) -> None:
     """A record that fails to decode is acked untracked: held back, its partition would never commit."""
-    consumer = built.app.consumer
+    consumer = consumer_of(built)
     tp = TP(built.settings.topics.query_events, 1)
     assert message(tp, 9, generation=3, tracked=False).ack(consumer) is True
     assert list(consumer._acked[tp]) == [9]
@@ -105,7 +112,7 @@ def test_committed_offsets_outside_their_partition_are_reported_and_moved(unique
 def test_faust_commits_after_a_loss_only_from_the_moved_offset(built: AggregatorApp) -> None:
     """Why the moved offsets are handed back to Faust as committed: from the stale one, the first record read
     after the loss looks like one after a gap, and Faust's commit stops there."""
-    consumer = built.app.consumer
+    consumer = consumer_of(built)
     stale, moved = TP(built.settings.topics.query_events, 2), TP(built.settings.topics.query_events, 3)
     consumer._committed_offset[stale] = 2
     consumer._committed_offset[moved] = 4

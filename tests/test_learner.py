@@ -48,7 +48,7 @@ def test_versions_lineage_offsets_and_duplicates(learner_settings: Settings) -> 
     # The aggregator re-emits pair 3 (at-least-once): same id, trained once. A malformed message is skipped.
     publish_pairs(settings, [*pairs[:20], pairs[3], *pairs[20:]], extra=[b"{broken"])
     learner = build(settings)
-    versions = []
+    versions: list[int] = []
     deadline = time.monotonic() + 120
     while len(versions) < 3 and time.monotonic() < deadline:
         published = learner.run_once(timeout_ms=500)
@@ -222,7 +222,7 @@ def test_consumer_lag_counts_waiting_pairs_down_to_zero(learner_settings: Settin
     publish_pairs(settings, [pair(n) for n in range(12)])
     learner = build(settings)
     lags: list[float] = []
-    versions = []
+    versions: list[int] = []
     deadline = time.monotonic() + 120
     while len(versions) < 3 and time.monotonic() < deadline:
         published = learner.run_once(timeout_ms=500)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from qrloop.settings import Settings
 
 
 @pytest.fixture(scope="module")
-def policy(base_settings: Settings):  # type: ignore[no-untyped-def]
+def policy(base_settings: Settings) -> tuple[Any, Any]:
     return models.load_policy(models.require_policy(base_settings))
 
 
@@ -22,7 +23,7 @@ def test_hub_is_off() -> None:
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
 
-def test_converted_policy_generates_a_rewrite(policy) -> None:  # type: ignore[no-untyped-def]
+def test_converted_policy_generates_a_rewrite(policy: tuple[Any, Any]) -> None:
     from qrloop.prompting import build_prompt
 
     model, tokenizer = policy
@@ -36,7 +37,7 @@ def test_converted_policy_generates_a_rewrite(policy) -> None:  # type: ignore[n
     assert text, "the policy produced no text"
 
 
-def test_saved_logits_equal_the_gguf(base_settings: Settings, policy) -> None:  # type: ignore[no-untyped-def]
+def test_saved_logits_equal_the_gguf(base_settings: Settings, policy: tuple[Any, Any]) -> None:
     model, tokenizer = policy
     reference, _ = models._load_gguf(models.find_policy_gguf())
     assert models._check_logits(reference.eval(), model, tokenizer) == 0.0

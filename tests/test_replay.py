@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from kafka import KafkaConsumer
 
+from learner.ope import CandidateScorer
 from learner.worker import build
 from policy_store import db
 from qrloop import rewards
@@ -296,7 +297,7 @@ def digests_of_a_replay(base: Settings, name: str, log_path: Path, tiny: Path, t
     report = replay(settings, str(log_path), in_process=True, relevance=stub_relevance)
     assert report.by_topic == {settings.topics.preference_pairs: report.published}
     learner = build(settings)
-    published = []
+    published: list[int] = []
     deadline = time.monotonic() + 120
     while len(published) < report.published // 8 and time.monotonic() < deadline:
         version = learner.run_once(timeout_ms=300)
@@ -352,7 +353,7 @@ def test_ope_covers_an_analytically_known_candidate_value(base_settings: Setting
     path = write_log(events, tmp_path / "synthetic.jsonl")
     logged = parse(read_source(str(path), "unused")).events
 
-    def scorer_for(probs: list[float]):  # type: ignore[no-untyped-def]
+    def scorer_for(probs: list[float]) -> CandidateScorer:
         def score(queries: Sequence[QueryEvent]) -> list[tuple[float, float]]:
             return [tuple(math.log(probs[SUPPORT.index(r.text)]) for r in q.rewrites) for q in queries]  # type: ignore[misc]
 

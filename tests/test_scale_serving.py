@@ -73,7 +73,11 @@ def test_two_rewriters_follow_the_same_announcements_and_route_shoppers_alike(
             )
     try:
         for port, log_path in zip(ports, logs, strict=True):
-            wait_for(lambda p=port: get(f"http://127.0.0.1:{p}/readyz")[0] == 200, 180, "/readyz", log_path)
+
+            def ready(p: int = port) -> bool:
+                return get(f"http://127.0.0.1:{p}/readyz")[0] == 200
+
+            wait_for(ready, 180, "/readyz", log_path)
 
         # The arm is a hash of the shopper (salted by the canary version), not of the process: each shopper
         # gets the same arm and version from either rewriter, and the share splits them.
@@ -96,7 +100,11 @@ def test_two_rewriters_follow_the_same_announcements_and_route_shoppers_alike(
         producer.close()
         line = f"production arm now serves version {newer.id}"
         for log_path in logs:
-            wait_for(lambda p=log_path: line in p.read_text(errors="replace"), 120, line, log_path)
+
+            def logged(p: Path = log_path) -> bool:
+                return line in p.read_text(errors="replace")
+
+            wait_for(logged, 120, line, log_path)
         first, second = served(ports[0]), served(ports[1])
         assert first == second
         assert {v for arm, v in first.values() if arm == "production"} == {newer.id}

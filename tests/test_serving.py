@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import cast
 
 import pytest
 import torch
@@ -161,7 +162,7 @@ def test_swap_waits_for_the_query_in_flight(tiny_dirs: tuple[Path, Path]) -> Non
     rewriter.swap(second)
     thread.join()
     assert served[-1] == 2 and set(served) <= {1, 2}
-    assert served == sorted(served), "once swapped, never back"
+    assert served == sorted(cast("list[int]", served)), "once swapped, never back"  # all 1 or 2, as asserted
 
 
 def test_announcement_makes_the_rewriter_serve_the_new_version(
@@ -244,9 +245,15 @@ def test_readyz_fails_on_an_unreachable_broker_or_database(
         assert [k for k, c in body["checks"].items() if not c["ok"]] == [failing], (name, body)
 
 
+def decode_one(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    text = tokenizer.decode([token_id], skip_special_tokens=True)
+    assert isinstance(text, str)  # one id list decodes to one string; the stubs' union also covers batches
+    return text
+
+
 def token_pieces(tokenizer: PreTrainedTokenizerBase) -> set[str]:
     """What each vocabulary token decodes to alone, without whitespace (the rewriter collapses it)."""
-    pieces = {"".join(tokenizer.decode([i], skip_special_tokens=True).split()) for i in range(len(tokenizer))}
+    pieces = {"".join(decode_one(tokenizer, i).split()) for i in range(len(tokenizer))}
     return pieces | {""}
 
 

@@ -9,10 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from qrloop.cli.supervisor import Backoff, Supervised, Supervisor
+from qrloop.cli.supervisor import Backoff, Spawner, Supervised, Supervisor
 
 
-def python_spawner(scripts: dict[str, str]):  # type: ignore[no-untyped-def]
+def python_spawner(scripts: dict[str, str]) -> Spawner:
     def spawn(role: Supervised) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-c", scripts[role.name]], start_new_session=True)
 
@@ -26,11 +26,11 @@ def test_backoff_grows_and_is_capped() -> None:
 
 def test_crashing_role_is_restarted_with_backoff(tmp_path: Path) -> None:
     counter = tmp_path / "starts"
-    crash = f"open({str(counter)!r}, 'a').write('x'); raise SystemExit(3)"
-    steady = "import time; time.sleep(60)"
+    crash_script = f"open({str(counter)!r}, 'a').write('x'); raise SystemExit(3)"
+    steady_script = "import time; time.sleep(60)"
     supervisor = Supervisor(
         [Supervised("crashy", []), Supervised("steady", [])],
-        python_spawner({"crashy": crash, "steady": steady}),
+        python_spawner({"crashy": crash_script, "steady": steady_script}),
         Backoff(initial_s=0.2, factor=2, max_s=1, healthy_after_s=60),
     )
     supervisor.start()
