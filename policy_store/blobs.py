@@ -361,7 +361,9 @@ class BlobStore:
         private_dir(self.checkouts)
         try:
             os.chmod(src, 0o700)  # what an extracted checkout gets
-            os.rename(src, dest)  # onto an absent path: atomic; a racing adopter or extractor fails us
+            # Atomic. Had a racing loader extracted the checkout meanwhile, the rename fails (its directory
+            # is not empty) and that equally verified copy stays.
+            os.rename(src, dest)
         except OSError:
             return False
         return True
