@@ -27,7 +27,7 @@ PG_ADMIN_URL = os.environ.get("QRLOOP_TEST_PG_URL") or with_stored_password(
 
 # Measured in a full run: the real-model tests raise the disk's use by up to 4.6 GB at once (tmp_path dirs
 # of passed tests are removed as they pass, see pyproject.toml). A full disk shows as dozens of unrelated
-# errors, so the free space is printed first and last.
+# errors, so the free space is printed at the end of every run (and in the header without -q).
 DISK_NEEDED_GB = 8.0
 
 
