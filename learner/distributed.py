@@ -75,13 +75,13 @@ def data_parallel_step(core: DPOLearnerCore, pairs: Sequence[Pair], rank: int, w
     device = _device_of(core)
     batch = {name: tensor.to(device) for name, tensor in core.tokenize(mine).items()}
     my_tokens = chosen_token_count(batch)
-    all_tokens = _summed([my_tokens], device)[0]
+    alpha = core.config.rpo_alpha  # not reloadable, so every rank takes the same branch below
     core.policy.train()
     out = core.loss(batch)
     core.optimizer.zero_grad(set_to_none=True)
-    alpha = core.config.rpo_alpha
     my_part = out.preference * (len(mine) / len(pairs))
-    if alpha:
+    if alpha:  # the batch's chosen tokens are needed before the backward only for RPO's term
+        all_tokens = _summed([my_tokens], device)[0]
         my_part = my_part + alpha * out.nll * (my_tokens / max(all_tokens, 1))
     my_part.backward()
     for param in core.trainable_parameters():
@@ -92,10 +92,11 @@ def data_parallel_step(core: DPOLearnerCore, pairs: Sequence[Pair], rank: int, w
     core.optimizer.step()
     core.policy.eval()
     core.steps += 1
-    preference, nll, margin, chosen, rejected, correct, tokens = _summed(
+    preference, nll, chosen_tokens, margin, chosen, rejected, correct, tokens = _summed(
         [
             float(out.preference.detach()) * len(mine),
             float(out.nll.detach()) * my_tokens,
+            my_tokens,
             float(out.margin.sum()),
             float(out.chosen_rewards.sum()),
             float(out.rejected_rewards.sum()),
@@ -105,7 +106,7 @@ def data_parallel_step(core: DPOLearnerCore, pairs: Sequence[Pair], rank: int, w
         device,
     )
     size = len(pairs)
-    nll /= max(all_tokens, 1)
+    nll /= max(chosen_tokens, 1)
     return StepStats(
         loss=preference / size + alpha * nll,
         margin=margin / size,
