@@ -121,11 +121,15 @@ cluster_id() {
 
 wait_ready() {
   # Ready means: the broker answers a metadata request from a real client, not merely that a port is open.
-  local deadline=$((SECONDS + ${1:-90}))
-  while ((SECONDS < deadline)); do
+  # A broker with many partition logs (or one recovering from an unclean stop) takes minutes to load them, so
+  # the wait is on progress: it fails after IDLE s with no new line in the broker's log, or after CAP s in all.
+  local idle="${1:-120}" cap="${2:-900}" started=$SECONDS last_size=-1 last_change=$SECONDS size
+  local server_log="$home/logs/server.log"
+  log "waiting for the broker ($(partition_logs) partition logs in $data)"
+  while ((SECONDS - started < cap)); do
     if ! is_running; then
-      log "broker exited during start; last lines of $home/logs/server.log and $home/broker.out:"
-      tail -n 30 "$home/logs/server.log" "$home/broker.out" 2>/dev/null >&2 || true
+      log "broker exited during start; last lines of $server_log and $home/broker.out:"
+      tail -n 30 "$server_log" "$home/broker.out" 2>/dev/null >&2 || true
       return 1
     fi
     if "$python" - "$bootstrap" <<'PY' 2>/dev/null; then
@@ -135,20 +139,33 @@ admin = KafkaAdminClient(bootstrap_servers=sys.argv[1], request_timeout_ms=3000,
 admin.describe_cluster()
 admin.close()
 PY
-      log "broker ready on $bootstrap (pid $(cat "$pidfile"))"
+      log "broker ready on $bootstrap (pid $(cat "$pidfile")) after $((SECONDS - started)) s"
       return 0
+    fi
+    size="$(stat -c %s "$server_log" 2>/dev/null || echo 0)"
+    if [ "$size" != "$last_size" ]; then
+      last_size="$size" last_change=$SECONDS
+    elif ((SECONDS - last_change >= idle)); then
+      break
     fi
     sleep 1
   done
-  log "broker did not answer a metadata request within the deadline"
+  log "broker did not answer a metadata request within $((SECONDS - started)) s" \
+    "(its log idle for $((SECONDS - last_change)) s); last lines of $server_log and $home/broker.out:"
+  tail -n 30 "$server_log" "$home/broker.out" 2>/dev/null >&2 || true
   return 1
+}
+
+partition_logs() {
+  # Each partition is a directory "<topic>-<n>" in the data directory; loading them is most of a start.
+  find "$data" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l
 }
 
 start() {
   install
   if is_running; then
     log "already running (pid $(cat "$pidfile"))"
-    wait_ready 60
+    wait_ready
     return
   fi
   write_config
@@ -164,11 +181,13 @@ start() {
     -Dkafka.logs.dir="$home/logs" -Dlog4j2.configurationFile="$home/log4j2.properties" \
     -cp "$libs/*" kafka.Kafka "$props" >"$home/broker.out" 2>&1 </dev/null &
   echo $! >"$pidfile"
-  wait_ready 120
+  wait_ready
 }
 
 stop() {
-  stop_pid 60
+  # A controlled shutdown closes every partition log cleanly, so the next start skips recovering them; with
+  # thousands of partitions that can take minutes on two cores, and a kill after too short a wait costs more.
+  stop_pid 180
 }
 
 status() {

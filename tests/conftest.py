@@ -46,6 +46,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _ISSUED_TOPIC_IDS:
+        bootstrap = Settings().kafka.bootstrap_servers
+        terminalreporter.write_line(delete_session_topics(bootstrap, _ISSUED_TOPIC_IDS))
     for line in free_disk_lines():
         terminalreporter.write_line(line)
 
@@ -116,9 +119,39 @@ def settings(base_settings: Settings, db_url: str, tmp_path: Path) -> Settings:
     return base_settings.model_copy(update={"database_url": db_url, "blob_dir": tmp_path / "blobs"})
 
 
+# Every name unique_topic handed out this session; the session's topics all contain one of them.
+_ISSUED_TOPIC_IDS: set[str] = set()
+
+
 @pytest.fixture
 def unique_topic() -> str:
-    return f"test-{uuid.uuid4().hex[:10]}"
+    """A fresh name for a test's topics (their prefix or a part); they are deleted when the session ends."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    _ISSUED_TOPIC_IDS.add(name)
+    return name
+
+
+def delete_session_topics(bootstrap: str, issued: set[str]) -> str:
+    """Delete the topics whose names contain an issued name; say how many, or why none.
+
+    Why: a reused machine keeps the broker's data between runs, and a run leaves thousands of partitions
+    behind. Loading them made the broker's start exceed its deadline on a CI machine after a few runs.
+    """
+    from kafka.errors import KafkaError
+
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    except (KafkaError, OSError) as exc:
+        return f"test topics not deleted: broker unreachable ({exc})"
+    try:
+        ours = [topic for topic in admin.list_topics() if any(name in topic for name in issued)]
+        for start in range(0, len(ours), 200):
+            admin.delete_topics(ours[start : start + 200])
+        return f"deleted the {len(ours)} topics this session's tests created"
+    except KafkaError as exc:
+        return f"test topics not all deleted ({exc})"
+    finally:
+        admin.close()
 
 
 @pytest.fixture
