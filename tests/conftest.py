@@ -18,6 +18,7 @@ from kafka import KafkaAdminClient
 from sqlalchemy import create_engine, text
 
 from qrloop.settings import Settings, default_password_file, mask_secrets, with_stored_password
+from tests.helpers import ISSUED_TOPIC_NAMES, unique_topic_name
 
 # scripts/postgres.sh keeps the qrloop role's generated password in a 0600 file; the URL never holds it.
 PG_ADMIN_URL = os.environ.get("QRLOOP_TEST_PG_URL") or with_stored_password(
@@ -46,9 +47,9 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if _ISSUED_TOPIC_IDS:
+    if ISSUED_TOPIC_NAMES:
         bootstrap = Settings().kafka.bootstrap_servers
-        terminalreporter.write_line(delete_session_topics(bootstrap, _ISSUED_TOPIC_IDS))
+        terminalreporter.write_line(delete_session_topics(bootstrap, ISSUED_TOPIC_NAMES))
     for line in free_disk_lines():
         terminalreporter.write_line(line)
 
@@ -119,22 +120,15 @@ def settings(base_settings: Settings, db_url: str, tmp_path: Path) -> Settings:
     return base_settings.model_copy(update={"database_url": db_url, "blob_dir": tmp_path / "blobs"})
 
 
-# Every name unique_topic handed out this session; the session's topics all contain one of them.
-_ISSUED_TOPIC_IDS: set[str] = set()
-
-
 @pytest.fixture
 def unique_topic() -> str:
-    """A fresh name for a test's topics (their prefix or a part); they are deleted when the session ends."""
-    name = f"test-{uuid.uuid4().hex[:10]}"
-    _ISSUED_TOPIC_IDS.add(name)
-    return name
+    return unique_topic_name()
 
 
 def delete_session_topics(bootstrap: str, issued: set[str]) -> str:
-    """Delete the topics whose names contain an issued name; say how many, or why none.
+    """Delete the topics whose names contain one of ``issued``; say how many, or why none.
 
-    Why: a reused machine keeps the broker's data between runs, and a run leaves thousands of partitions
+    Why: a reused machine keeps the broker's data between runs, and a full run leaves about 900 partitions
     behind. Loading them made the broker's start exceed its deadline on a CI machine after a few runs.
     """
     from kafka.errors import KafkaError

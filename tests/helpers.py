@@ -38,6 +38,17 @@ from qrloop.settings import Settings
 from qrloop.topics import ensure_topics
 from streams import attribution
 
+# Every name unique_topic_name handed out this session: the session's topics all contain one, and
+# tests/conftest.py deletes them when the session ends.
+ISSUED_TOPIC_NAMES: set[str] = set()
+
+
+def unique_topic_name() -> str:
+    """A fresh name for a test's topics (their prefix or a part of them)."""
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    ISSUED_TOPIC_NAMES.add(name)
+    return name
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -45,7 +45,7 @@ from qrloop.settings import REPO_ROOT, RewriterSettings, Settings
 from qrloop.topics import ensure_topics
 from tests.faults import fuzz
 from tests.faults.conftest import private_topics
-from tests.helpers import aggregator_env, pair
+from tests.helpers import aggregator_env, pair, unique_topic_name
 
 # End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
 pytestmark = pytest.mark.slow
@@ -170,7 +170,7 @@ def ignored_by_reason() -> dict[str, float]:
 
 @pytest.fixture
 def fuzz_settings(base_settings: Settings, kafka_bootstrap: str, tmp_path: Path, tiny_dir: Path) -> Settings:
-    prefix = f"fuzz-{uuid.uuid4().hex[:8]}"
+    prefix = unique_topic_name()
     settings = private_topics(base_settings, prefix).model_copy(
         update={"database_url": f"sqlite:///{tmp_path / 'qrloop.db'}", "blob_dir": tmp_path / "blobs"}
     )

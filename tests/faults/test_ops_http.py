@@ -23,7 +23,7 @@ from qrloop.runs import isolate
 from qrloop.serving import Rewriter, RewriterService, load_version
 from qrloop.settings import Settings
 from qrloop.topics import ensure_topics
-from tests.helpers import free_port
+from tests.helpers import free_port, unique_topic_name
 
 
 def search(text: str) -> list[str]:
@@ -43,7 +43,7 @@ class Served:
 def served(
     base_settings: Settings, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Served]:
-    settings = isolate(base_settings, f"ops-http-{time.time_ns()}", None).model_copy(deep=True)
+    settings = isolate(base_settings, unique_topic_name(), None).model_copy(deep=True)
     settings.rewriter = settings.rewriter.model_copy(
         update={
             "max_new_tokens": 4,

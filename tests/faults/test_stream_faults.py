@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -32,7 +31,7 @@ from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
 from streams import attribution
 from tests.faults.conftest import private_topics
-from tests.helpers import aggregator_env, bracket_query, interaction
+from tests.helpers import aggregator_env, bracket_query, interaction, unique_topic_name
 
 
 @dataclass
@@ -78,7 +77,7 @@ class Worker:
 def worker(
     base_settings: Settings, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Worker]:
-    prefix = f"faults-{uuid.uuid4().hex[:8]}"
+    prefix = unique_topic_name()
     settings = private_topics(base_settings, prefix)
     settings = settings.model_copy(
         update={
