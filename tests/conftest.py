@@ -146,14 +146,3 @@ def delete_session_topics(bootstrap: str, issued: set[str]) -> str:
         return f"test topics not all deleted ({exc})"
     finally:
         admin.close()
-
-
-@pytest.fixture
-def own_topics(kafka_bootstrap: str, unique_topic: str) -> Iterator[str]:
-    """``unique_topic`` as a prefix; the topics starting with it (Faust's too) are deleted afterwards."""
-    yield unique_topic
-    admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
-    mine = [t for t in admin.list_topics() if t.startswith(unique_topic)]
-    if mine:
-        admin.delete_topics(mine)
-    admin.close()

@@ -86,9 +86,8 @@ def prometheus_query(port: int, query: str) -> list[dict[str, Any]]:
 
 
 def test_prometheus_scrapes_every_role_of_qrloop_run(
-    base_settings: Settings, kafka_bootstrap: str, own_topics: str, tmp_path: Path
+    base_settings: Settings, kafka_bootstrap: str, unique_topic: str, tmp_path: Path
 ) -> None:
-    unique_topic = own_topics
     tiny = build_tiny_policy(tmp_path / "tiny", require_policy(base_settings))
     settings = store_settings(base_settings, unique_topic, tmp_path, tiny)
     ports = {"serve": free_port(), "aggregate": free_port(), "learn": free_port(), "ui": free_port()}

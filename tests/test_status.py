@@ -18,8 +18,10 @@ from qrloop.status import gather
 from tests.helpers import CONSUMED, PAIRS, SERVED, env_of, isolated, short_run
 
 
-def test_summary_of_a_short_run(settings: Settings, own_topics: str, tmp_path: Path) -> None:
-    run = isolated(settings, own_topics, settings.db_url, tmp_path / "blobs")
+def test_summary_of_a_short_run(
+    settings: Settings, kafka_bootstrap: str, unique_topic: str, tmp_path: Path
+) -> None:
+    run = isolated(settings, unique_topic, settings.db_url, tmp_path / "blobs")
     v = short_run(run, tmp_path)
 
     with open_store(run) as store:
@@ -84,9 +86,9 @@ def run_cli(args: list[str], settings: Settings, columns: int = 80) -> subproces
 
 
 def test_status_command_fits_80_columns_and_prints_json(
-    base_settings: Settings, own_topics: str, tmp_path: Path
+    base_settings: Settings, kafka_bootstrap: str, unique_topic: str, tmp_path: Path
 ) -> None:
-    run = isolated(base_settings, own_topics, f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "blobs")
+    run = isolated(base_settings, unique_topic, f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "blobs")
     v = short_run(run, tmp_path)
 
     text = run_cli(["status"], run)
@@ -107,9 +109,9 @@ def test_status_command_fits_80_columns_and_prints_json(
 
 
 def test_policy_tables_fit_80_columns_and_list_as_json(
-    base_settings: Settings, own_topics: str, tmp_path: Path
+    base_settings: Settings, kafka_bootstrap: str, unique_topic: str, tmp_path: Path
 ) -> None:
-    run = isolated(base_settings, own_topics, f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "blobs")
+    run = isolated(base_settings, unique_topic, f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "blobs")
     v = short_run(run, tmp_path)
     # Rich never prints past the width; the point is that nothing is dropped or wrapped: every column's
     # header is there, each version is one row (its id starts exactly one line) with its aliases in full.

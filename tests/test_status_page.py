@@ -73,9 +73,13 @@ def wait_until(condition: object, timeout_s: float, what: str) -> None:
 
 
 def test_status_page_in_chromium(
-    base_settings: Settings, own_topics: str, tmp_path: Path, browser: webdriver.Chrome
+    base_settings: Settings,
+    kafka_bootstrap: str,
+    unique_topic: str,
+    tmp_path: Path,
+    browser: webdriver.Chrome,
 ) -> None:
-    run = isolated(base_settings, own_topics, f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "blobs")
+    run = isolated(base_settings, unique_topic, f"sqlite:///{tmp_path / 'store.db'}", tmp_path / "blobs")
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), QRLOOP_UI__REFRESH_S="2", **env_of(run))
     log = (tmp_path / "ui.log").open("wb")
