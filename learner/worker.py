@@ -253,9 +253,11 @@ class Learner:
     def _publish(self, steps: list[tuple[int, list[str]]], stats: StepStats) -> int:
         settings = self.settings
         name = settings.dpo.learner_name
+        started = time.monotonic()
         with tempfile.TemporaryDirectory(dir=settings.cache_dir, prefix=save_prefix(settings)) as tmp:
             weights = Path(tmp) / "weights"
             self.core.save(weights, optimizer=settings.dpo.keep_optimizer_state)
+            saved = time.monotonic()
             version = self.store.publish(
                 weights,
                 parent=self.state.version,
@@ -277,10 +279,21 @@ class Learner:
                 give_away=True,
             )
         self.fault("after_db_commit")
+        stored = time.monotonic()
         self.state.version = version.id
         self.state.offsets = dict(self.next_offsets)
         self._commit_kafka_offsets()
         self._release(version.id, stats.as_dict())
+        # Between a step's end and the rewriters' swap (#17's "16th pair → served"): where the time goes.
+        done = time.monotonic()
+        log.info(
+            "published version %d in %.1f s (save %.1f s, store %.1f s, offsets/alias/announcement %.1f s)",
+            version.id,
+            done - started,
+            saved - started,
+            stored - saved,
+            done - stored,
+        )
         if self.on_publish:
             self.on_publish(version.id)
         return version.id

@@ -3,6 +3,7 @@ and exactly-once training across kill -9 at arbitrary moments (between steps, mi
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import subprocess
@@ -42,8 +43,11 @@ def learner_settings(settings: Settings, kafka_bootstrap: str, unique_topic: str
     return configured
 
 
-def test_versions_lineage_offsets_and_duplicates(learner_settings: Settings) -> None:
+def test_versions_lineage_offsets_and_duplicates(
+    learner_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = learner_settings
+    caplog.set_level(logging.INFO, logger="qrloop.learner")
     pairs = [pair(n) for n in range(48)]
     # The aggregator re-emits pair 3 (at-least-once): same id, trained once. A malformed message is skipped.
     publish_pairs(settings, [*pairs[:20], pairs[3], *pairs[20:]], extra=[b"{broken"])
@@ -69,6 +73,9 @@ def test_versions_lineage_offsets_and_duplicates(learner_settings: Settings) -> 
     consumed = [sum(v.offsets.values()) for v in chain]
     assert [16 <= c - 16 * k <= 18 for k, c in enumerate(consumed)] == [True] * 3, consumed
     assert store.resolve("production").id == versions[-1]
+    # Each publish says where its time went (save, store, announcement): #17's step → served latency.
+    timed = [m for m in caplog.messages if m.startswith("published version")]
+    assert [int(m.split()[2]) for m in timed] == versions and all(" (save " in m for m in timed), timed
     counts = ledger_counts(settings)
     assert len(counts) == 48 and set(counts.values()) == {1}
     assert set(counts) == {p.pair_id for p in pairs}
