@@ -1,5 +1,6 @@
 """Faust's aiokafka transport with two rebalance fixes, so a record that arrives while the group rebalances is
-read again instead of being committed unread.
+read again instead of being committed unread, and a producer flush that really flushes the window table's
+changelog before the input offsets are committed.
 
 Faust drops a record that its stream takes out of the buffer while a rebalance is under way (fetched under
 a superseded group generation, or while flow is stopped: faust-streaming#223) and acks it, so the next
@@ -14,22 +15,36 @@ committed is rewound to its beginning, as ``auto_offset_reset="earliest"`` means
 before the rebalance but not yet committed are processed again: at-least-once, as before, and the pair ids
 are deterministic so the learner drops the repeats.
 
+Faust's at-least-once commit flushes the producer first, so that the table's changelog holds every window
+change made by the records it commits. But the table's writes wait in Faust's producer buffer, and its flush
+gives up after 0.1 s without a message handed on (``ProducerBuffer.flush_atmost``), then commits anyway:
+after a stall that long (a busy machine, M1 loading on the event loop) the offsets of records whose window
+changes were never written are committed. A worker killed then loses those windows: its successor restores
+them from the changelog without the change and never reads the records again. Here the flush waits until
+every buffered write has been handed to aiokafka, whose own flush then waits for the broker's acks.
+
 A committed offset that is no longer in its partition (retention deleted records before they were read) is
 reported with the lost range and counted, as the learner does, instead of aiokafka's silent reset.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from faust.transport.drivers import aiokafka as faust_aiokafka
+from faust.transport.producer import ProducerBuffer
 from faust.types import TP, Message
 
 from qrloop.topics import report_out_of_range
 
 log = logging.getLogger(__name__)
+
+STALL_S = 0.1  # Faust's flush gives up after this long without a write handed on
 
 
 class RebalanceSafeConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
@@ -78,6 +93,25 @@ class RebalanceSafeConsumer(faust_aiokafka.Consumer):
         # the set never outgrows the assignment.
         self._reported: tuple[int | None, set[TP]] = (None, set())
 
+    async def perform_seek(self) -> None:
+        """Seek the agents' input partitions to their committed offsets with their delivery paused.
+
+        After a rebalance Faust resumes those partitions (with the flow already on since its table recovery)
+        and only then seeks them: records fetched from the old position are delivered while the seek moves
+        the position, and Faust's read offsets, under them. One record of a partition could be skipped
+        unread and another delivered twice (seen after a takeover: a session's end read twice, the click
+        before it never, so its window never completed). Paused, nothing more of those partitions is
+        delivered until the seek is done; whatever was already on its way is read again after it, as
+        at-least-once allows.
+        """
+        streamed = {tp for tp in self.assignment() if tp.topic in self.app.topics.acking_topics}
+        already_paused = set(self._paused_partitions)
+        self.pause_partitions(streamed)
+        try:
+            await super().perform_seek()
+        finally:
+            self.resume_partitions(streamed - already_paused)
+
     def _new_consumer_thread(self) -> faust_aiokafka.AIOKafkaConsumerThread:
         return RebalanceSafeConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
@@ -114,5 +148,62 @@ def dropped_by_rebalance(message: Message, app: Any) -> bool:
     return bool(message.generation_id != app.consumer_generation_id or not app.flow_control.is_active())
 
 
+class DrainingProducerBuffer(ProducerBuffer):
+    """Faust's producer buffer (the table's changelog writes), whose flush returns only when every write put
+    in it has been handed to aiokafka, however long a write takes."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.in_flight = 0  # writes taken out of the queue and not yet handed to aiokafka
+
+    async def _send_pending(self, fut: Any) -> None:
+        # Counted before the first await: the write leaves the queue in the same step (no moment when it is
+        # neither queued nor counted, which is when the flush would see an empty buffer and return).
+        self.in_flight += 1
+        try:
+            await super()._send_pending(fut)
+        finally:
+            self.in_flight -= 1
+
+    @property
+    def unsent(self) -> int:
+        return int(self.size) + self.in_flight
+
+    async def flush(self) -> None:
+        if self.app is None or self.app.conf.producer_threaded or self.state != "running":
+            # Threaded producers drain their own queue; a stopped buffer raises as Faust's does.
+            await super().flush()
+            return
+        waited_from, left_by_faust = None, 0
+        while self.unsent:
+            if waited_from is None:
+                waited_from, left_by_faust = time.monotonic(), self.unsent
+            self.message_sent.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                # Faust's flush returns here after 0.1 s; a timeout only re-checks (and the state: a buffer
+                # stopped meanwhile would never send the rest).
+                await asyncio.wait_for(self.message_sent.wait(), timeout=1.0)
+            if self.state != "running" and self.unsent:
+                raise RuntimeError(f"cannot flush: the producer buffer stopped with {self.unsent} writes")
+        if waited_from is not None and time.monotonic() - waited_from > STALL_S:
+            log.info(
+                "flush waited %.2f s for %d buffered writes (Faust's would have committed without them)",
+                time.monotonic() - waited_from,
+                left_by_faust,
+            )
+
+
+class DrainingProducer(faust_aiokafka.Producer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Faust's __init__ builds its buffer unconditionally; swapped before the producer starts (the buffer
+        # becomes a runtime dependency in on_start, so the one built there never runs).
+        self.buffer = DrainingProducerBuffer(loop=self.loop, beacon=self.beacon)
+        if self.threaded_producer is not None:
+            self.buffer.threaded_producer = self.threaded_producer
+        self.buffer.app = self.app
+
+
 class RebalanceSafeTransport(faust_aiokafka.Transport):
     Consumer = RebalanceSafeConsumer
+    Producer = DrainingProducer

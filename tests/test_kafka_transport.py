@@ -5,15 +5,18 @@ exercised in test_scale_aggregators)."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from faust.transport.producer import ProducerBuffer
 from faust.types import TP
 from faust.types.tuples import ConsumerMessage
 from prometheus_client import REGISTRY
 
 from qrloop.settings import Settings
 from streams.app import AggregatorApp, create_app
-from streams.kafka_transport import RebalanceSafeConsumer, read_on_past_lost_ranges
+from streams.kafka_transport import DrainingProducerBuffer, RebalanceSafeConsumer, read_on_past_lost_ranges
 
 
 @pytest.fixture
@@ -120,3 +123,80 @@ def test_faust_commits_after_a_loss_only_from_the_moved_offset(built: Aggregator
         assert message(tp, 4, generation=3, tracked=True).ack(consumer) is True
     assert consumer._new_offset(stale) is None
     assert consumer._new_offset(moved) == 5
+
+
+class SlowChannel:
+    """A topic whose every publish takes ``seconds`` (a stalled machine, or the event loop busy elsewhere)."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.published: list[int] = []
+
+    async def publish_message(self, fut: Any, wait: bool = False) -> None:
+        await asyncio.sleep(self.seconds)
+        self.published.append(fut.number)
+
+
+def buffered_write(channel: SlowChannel, number: int) -> Any:
+    """What the table's changelog puts in the buffer, as far as the buffer reads it."""
+    return SimpleNamespace(number=number, message=SimpleNamespace(channel=channel))
+
+
+async def flush_three_slow_writes(buffer: ProducerBuffer, app: Any) -> list[int]:
+    """Put three writes of 0.3 s each, flush, and return the writes handed on when the flush returned."""
+    buffer.app = app
+    channel = SlowChannel(0.3)
+    await buffer.start()
+    try:
+        for number in range(3):
+            buffer.put(buffered_write(channel, number))
+        await buffer.flush()
+        handed_on = list(channel.published)
+        while len(channel.published) < 3:  # the rest first: a stop refuses to flush a non-empty buffer
+            await asyncio.sleep(0.1)
+        return handed_on
+    finally:
+        await buffer.stop()
+
+
+def test_the_flush_before_a_commit_waits_for_every_changelog_write(built: AggregatorApp) -> None:
+    """Faust's flush returns after 0.1 s without a write handed on, and the commit that follows it moves past
+    records whose window changes are not in the changelog yet (a worker killed then loses those windows).
+    Ours returns when all are handed on."""
+    assert isinstance(built.app.producer.buffer, DrainingProducerBuffer)
+
+    async def both() -> tuple[list[int], list[int]]:
+        stock = await flush_three_slow_writes(ProducerBuffer(), built.app)
+        draining = await flush_three_slow_writes(DrainingProducerBuffer(), built.app)
+        return stock, draining
+
+    stock, draining = asyncio.run(both())
+    assert stock == [], "Faust's own flush gave up before the first slow write was handed on"
+    assert draining == [0, 1, 2]
+
+
+def test_the_seek_after_a_rebalance_runs_with_the_inputs_paused(
+    built: AggregatorApp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Faust resumes the inputs before it seeks them, so records were delivered while the seek moved the read
+    position under them (a click skipped, a session end read twice). Ours seeks with them paused, and
+    resumes only those it paused."""
+    consumer = consumer_of(built)
+    t = built.settings.topics
+    inputs = {TP(t.query_events, 0), TP(t.query_events, 1)}
+    changelog, paused_by_recovery = TP("windows-changelog", 0), TP(t.query_events, 2)
+    monkeypatch.setattr(consumer, "assignment", lambda: inputs | {changelog, paused_by_recovery})
+    consumer._set_active_tps(inputs | {changelog, paused_by_recovery})
+    consumer.pause_partitions({paused_by_recovery})
+    delivered_during_seek: list[set[TP]] = []
+
+    async def seek_to_committed() -> dict[TP, int]:
+        delivered_during_seek.append(set(consumer._get_active_partitions()))
+        return {tp: 7 for tp in inputs}
+
+    monkeypatch.setattr(consumer, "seek_to_committed", seek_to_committed)
+    asyncio.run(consumer.perform_seek())
+    assert delivered_during_seek == [{changelog}], "no input partition is delivered while it is sought"
+    assert consumer._get_active_partitions() == inputs | {changelog}
+    assert consumer._paused_partitions == {paused_by_recovery}
+    assert {tp: consumer._read_offset[tp] for tp in inputs} == dict.fromkeys(inputs, 7)

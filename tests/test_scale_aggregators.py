@@ -160,6 +160,10 @@ def stop_aggregators(workers: dict[str, subprocess.Popen[bytes]]) -> None:
 def test_two_aggregators_share_the_stream_and_survive_a_kill(
     group_settings: Settings, tmp_path: Path
 ) -> None:
+    """A query left open across the kill lost its pair in the last CI run and 1 of 3 full runs here, and in 3
+    of 5 runs with one CPU-bound process alongside: Faust sought the taken-over inputs back to the committed
+    offsets while delivering them, and skipped a record (streams.kafka_transport now pauses them for the
+    seek; 6 of 6 such runs passed after)."""
     settings = group_settings
     t = settings.topics
     catalog = Catalog.open(settings)
