@@ -5,6 +5,7 @@ exercised in test_scale_aggregators)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from types import SimpleNamespace
 from typing import Any
 
@@ -159,7 +160,9 @@ async def flush_three_slow_writes(buffer: ProducerBuffer, app: Any) -> list[int]
         await buffer.stop()
 
 
-def test_the_flush_before_a_commit_waits_for_every_changelog_write(built: AggregatorApp) -> None:
+def test_the_flush_before_a_commit_waits_for_every_changelog_write(
+    built: AggregatorApp, caplog: pytest.LogCaptureFixture
+) -> None:
     """Faust's flush returns after 0.1 s without a write handed on, and the commit that follows it moves past
     records whose window changes are not in the changelog yet (a worker killed then loses those windows).
     Ours returns when all are handed on."""
@@ -170,9 +173,13 @@ def test_the_flush_before_a_commit_waits_for_every_changelog_write(built: Aggreg
         draining = await flush_three_slow_writes(DrainingProducerBuffer(), built.app)
         return stock, draining
 
+    caplog.set_level(logging.INFO, logger="streams.kafka_transport")
     stock, draining = asyncio.run(both())
     assert stock == [], "Faust's own flush gave up before the first slow write was handed on"
     assert draining == [0, 1, 2]
+    # Said once, by ours: the wait that Faust's flush would have cut short.
+    flushes = [r.getMessage().split(" took")[0] for r in caplog.records if "buffered" in r.getMessage()]
+    assert flushes == ["flush of 3 buffered writes"]
 
 
 def test_the_seek_after_a_rebalance_runs_with_the_inputs_paused(
