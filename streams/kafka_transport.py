@@ -171,7 +171,7 @@ class DrainingProducerBuffer(ProducerBuffer):
 
     @property
     def unsent(self) -> int:
-        return int(self.size) + self.in_flight
+        return self.size + self.in_flight
 
     async def flush(self) -> None:
         if self.app is None or self.app.conf.producer_threaded or self.state != "running":

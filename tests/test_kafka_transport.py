@@ -180,30 +180,3 @@ def test_the_flush_before_a_commit_waits_for_every_changelog_write(
     # Said once, by ours: the wait that Faust's flush would have cut short.
     flushes = [r.getMessage().split(" took")[0] for r in caplog.records if "buffered" in r.getMessage()]
     assert flushes == ["flush of 3 buffered writes"]
-
-
-def test_the_seek_after_a_rebalance_runs_with_the_inputs_paused(
-    built: AggregatorApp, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Faust resumes the inputs before it seeks them, so records were delivered while the seek moved the read
-    position under them (a click skipped, a session end read twice). Ours seeks with them paused, and
-    resumes only those it paused."""
-    consumer = consumer_of(built)
-    t = built.settings.topics
-    inputs = {TP(t.query_events, 0), TP(t.query_events, 1)}
-    changelog, paused_by_recovery = TP("windows-changelog", 0), TP(t.query_events, 2)
-    monkeypatch.setattr(consumer, "assignment", lambda: inputs | {changelog, paused_by_recovery})
-    consumer._set_active_tps(inputs | {changelog, paused_by_recovery})
-    consumer.pause_partitions({paused_by_recovery})
-    delivered_during_seek: list[set[TP]] = []
-
-    async def seek_to_committed() -> dict[TP, int]:
-        delivered_during_seek.append(set(consumer._get_active_partitions()))
-        return {tp: 7 for tp in inputs}
-
-    monkeypatch.setattr(consumer, "seek_to_committed", seek_to_committed)
-    asyncio.run(consumer.perform_seek())
-    assert delivered_during_seek == [{changelog}], "no input partition is delivered while it is sought"
-    assert consumer._get_active_partitions() == inputs | {changelog}
-    assert consumer._paused_partitions == {paused_by_recovery}
-    assert {tp: consumer._read_offset[tp] for tp in inputs} == dict.fromkeys(inputs, 7)

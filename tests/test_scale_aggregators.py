@@ -118,9 +118,14 @@ def send_session(
 
 
 def start_aggregators(
-    settings: Settings, tmp_path: Path, stagger_s: float, names: str = "ab"
+    settings: Settings,
+    tmp_path: Path,
+    stagger_s: float,
+    names: str = "ab",
+    program: tuple[str, ...] = ("-m", "qrloop", "aggregate"),
 ) -> tuple[dict[str, Path], dict[str, subprocess.Popen[bytes]]]:
-    """Start one `qrloop aggregate` process per name in one consumer group; each logs to its own file."""
+    """Start one `qrloop aggregate` process (or ``program``) per name in one consumer group; each logs to its
+    own file."""
     env = (
         aggregator_env(settings, tmp_path)
         | PAPER_SCALAR
@@ -135,7 +140,7 @@ def start_aggregators(
     for name, path in logs.items():
         with path.open("wb") as sink:
             workers[name] = subprocess.Popen(
-                [sys.executable, "-m", "qrloop", "aggregate"],
+                [sys.executable, *program],
                 cwd=REPO_ROOT,
                 env=env,
                 stdout=sink,
@@ -364,3 +369,55 @@ def test_records_deleted_before_the_aggregator_read_them_are_reported(
     # look like one after a gap, and the partition can stop committing (1 of 4 in a full-suite run).
     assert all(ends[tp] > deleted_to[tp] for tp in partitions), "a later session on every partition"
     assert committed == ends, (committed, ends)
+
+
+# `qrloop aggregate`, with a spy on the real seek after each rebalance: it prints which partitions the worker
+# was delivering at that moment, then seeks (the worker, broker and group are the real ones).
+SEEK_SPY = """
+from qrloop.cli.main import aggregate
+from streams.kafka_transport import RebalanceSafeConsumer
+
+seek = RebalanceSafeConsumer.seek_to_committed
+
+async def seek_and_say(self):
+    delivering = sorted(f"{tp.topic}[{tp.partition}]" for tp in self._get_active_partitions())
+    print("seeking while delivering: " + " ".join(delivering), flush=True)
+    return await seek(self)
+
+RebalanceSafeConsumer.seek_to_committed = seek_and_say
+aggregate()
+"""
+
+
+def test_the_seek_after_a_rebalance_runs_with_the_inputs_paused(
+    group_settings: Settings, tmp_path: Path
+) -> None:
+    """Faust resumes the inputs before it seeks them, so records were delivered while the seek moved the read
+    position under them (a click skipped, a session end read twice: the kill test's lost pair). Ours seeks
+    with them paused, and delivers them again after."""
+    settings = group_settings
+    t = settings.topics
+    ids = Catalog.open(settings).dataset.products["product_id"].head(8).tolist()
+    logs, workers = start_aggregators(settings, tmp_path, stagger_s=0.0, names="a", program=("-c", SEEK_SPY))
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    consumer = pair_consumer(settings)
+    paired: set[str] = set()
+    try:
+        event = bracket_query(ids, datetime.now(UTC))
+        send_session(producer, settings, event)
+        producer.flush()
+        deadline = time.monotonic() + 180
+        while event.event_id not in paired and time.monotonic() < deadline:
+            paired.update(decode(PreferencePair, m.value).source_event_id for m in consumer)
+            assert workers["a"].poll() is None, logs["a"].read_text(errors="replace")[-3000:]
+    finally:
+        consumer.close()
+        producer.close()
+        stop_aggregators(workers)
+    log_text = logs["a"].read_text(errors="replace")
+    seeks = re.findall(r"seeking while delivering: (.*)", log_text)
+    print(f"{len(seeks)} seeks; delivering during the first: {seeks[0] if seeks else None}")
+    inputs = (t.query_events, t.interactions, f"{settings.streams.app_id}-closes")
+    assert seeks, log_text[-3000:]
+    assert not [tp for line in seeks for tp in line.split() if tp.rsplit("[", 1)[0] in inputs], seeks
+    assert event.event_id in paired, "after the seek the inputs are delivered again"
