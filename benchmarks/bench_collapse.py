@@ -116,9 +116,12 @@ def train(
     out: Path,
     learning_rate: float | None = None,
     echo_rejected: bool = False,
+    lora_r: int = 0,
 ) -> list[StepStats]:
     lr = {"learning_rate": learning_rate} if learning_rate else {}
-    tuned = settings.model_copy(update={"dpo": settings.dpo.model_copy(update={"rpo_alpha": alpha, **lr})})
+    tuned = settings.model_copy(
+        update={"dpo": settings.dpo.model_copy(update={"rpo_alpha": alpha, "lora_r": lora_r, **lr})}
+    )
     core = DPOLearnerCore.from_versions(tuned, store, policy_version=start, reference_version=start)
     stats = []
     for step, batch in enumerate(batches):
@@ -126,14 +129,15 @@ def train(
         stats.append(core.step(triples))
         s = stats[-1]
         print(
-            f"  α={alpha:g}{' echo' if echo_rejected else ''} step {step + 1} "
+            f"  α={alpha:g}{' echo' if echo_rejected else ''}{f' lora r={lora_r}' if lora_r else ''} "
+            f"step {step + 1} "
             f"({len(batch)} pairs + {len(triples) - len(batch)} echo): "
             f"loss {s.loss:.4f} margin {s.margin:+.4f} "
             f"chosen {s.chosen_reward:+.4f} rejected {s.rejected_reward:+.4f} acc {s.accuracy:.2f} "
             f"nll/token {s.nll:.3f} ({s.seconds:.0f} s)",
             flush=True,
         )
-    core.save(out, optimizer=False)
+    core.save_merged(out)
     return stats
 
 
@@ -235,6 +239,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also train α=0 with dpo.echo_rejected (a chosen rewrite that added something ≻ the echo)",
     )
+    root.add_argument(
+        "--lora",
+        default="",
+        help="also train α=0 as LoRA adapters (dpo.lora_r), comma-separated RANK@LEARNING_RATE, e.g. 16@3e-4",
+    )
     root.add_argument("--skip-start", action="store_true", help="do not evaluate the start (saves a fifth)")
     root.add_argument("--steps", type=int, default=8, help="DPO steps of dpo.batch_size pairs each")
     root.add_argument("--start", type=int, default=0, help="version to start from (0: the store's first)")
@@ -279,12 +288,18 @@ def main() -> None:
         dirs: list[tuple[str, Path, list[StepStats]]] = (
             [] if args.skip_start else [("start", store.load_dir(start), [])]
         )
-        trainings = [(f"α={a:g}", a, False) for a in (float(x) for x in args.alphas.split(",") if x)]
+        trainings = [
+            (f"α={a:g}", a, False, 0, args.learning_rate)
+            for a in (float(x) for x in args.alphas.split(",") if x)
+        ]
         if args.echo_rejected:
-            trainings.append(("echo", 0.0, True))
-        for name, alpha, echo in trainings:
+            trainings.append(("echo", 0.0, True, 0, args.learning_rate))
+        for spec in (s for s in args.lora.split(",") if s):
+            rank, lr = spec.split("@")
+            trainings.append((f"r{rank}@{lr}", 0.0, False, int(rank), float(lr)))
+        for name, alpha, echo, rank, lr in trainings:
             out = Path(tmp) / name
-            stats = train(settings, store, start, batches, alpha, out, args.learning_rate, echo_rejected=echo)
+            stats = train(settings, store, start, batches, alpha, out, lr, echo_rejected=echo, lora_r=rank)
             dirs.append((name, out, stats))
         for number, (name, path, steps) in enumerate(dirs):
             t0 = time.perf_counter()

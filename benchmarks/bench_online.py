@@ -73,7 +73,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -83,6 +83,9 @@ from qrloop.cli.supervisor import Spawner, Supervised, Supervisor, spawn_command
 from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import Settings, get_settings
 from qrloop.topics import make_producer
+
+if TYPE_CHECKING:
+    from qrloop.serving import LoadedPolicy
 
 METRICS = ("relevance", "diversity", "click", "add2cart", "purchase")
 
@@ -235,20 +238,27 @@ def serve_seeded(rewriter: Any, query: str, seed: int) -> Any:
 def evaluate_policy(
     settings: Settings, store: Any, version: int, queries: Sequence[str], search: Any, evaluator: Evaluator
 ) -> PolicyRun:
-    return evaluate_dir(settings, store.load_dir(store.get(version)), version, queries, search, evaluator)
+    from qrloop.serving import load_stored_version
+
+    policy = load_stored_version(store, store.get(version))
+    return evaluate_dir(settings, policy, version, queries, search, evaluator)
 
 
 def evaluate_dir(
     settings: Settings,
-    path: Path,
+    path: Path | LoadedPolicy,
     name: int | str,
     queries: Sequence[str],
     search: Any,
     evaluator: Evaluator,
 ) -> PolicyRun:
-    from qrloop.serving import Rewriter, load_version
+    from qrloop.serving import LoadedPolicy, Rewriter, load_version
 
-    policy = load_version(path, name if isinstance(name, int) else None)
+    policy = (
+        path
+        if isinstance(path, LoadedPolicy)
+        else load_version(path, name if isinstance(name, int) else None)
+    )
     rewriter = Rewriter(policy, search, settings.rewriter, settings.seed)
     run = PolicyRun(name)
     started = time.perf_counter()
@@ -393,14 +403,17 @@ def cmd_offline(args: argparse.Namespace) -> None:
 # -------------------------------------------------------------------------------------------------- speed
 
 
-def production_dir(settings: Settings, policy_dir: str | None) -> tuple[Path, int | None]:
+def production_policy(settings: Settings, policy_dir: str | None) -> LoadedPolicy:
+    """``--policy-dir`` if given, else what the store's ``production`` alias serves (of either kind)."""
+    from qrloop.serving import load_stored_version, load_version
+
     if policy_dir:
-        return Path(policy_dir).expanduser(), None
+        return load_version(Path(policy_dir).expanduser(), None)
     store = open_store(settings)
-    version = store.resolve("production")
-    path = store.load_dir(version)
-    store.close()
-    return path, version.id
+    try:
+        return load_stored_version(store, store.resolve("production"))
+    finally:
+        store.close()
 
 
 def bare_generate(policy: Any, query: str, config: Any) -> list[str]:
@@ -434,14 +447,14 @@ def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int
 
     from qrloop.catalog import Catalog
     from qrloop.data import normalise_query as normalise
-    from qrloop.serving import Rewriter, load_version
+    from qrloop.serving import Rewriter
     from simulators.search import SearchEngine
     from simulators.shoppers import training_queries
 
-    path, version = production_dir(settings, policy_dir)
+    policy = production_policy(settings, policy_dir)
     catalog = Catalog.open(settings)
     engine = SearchEngine.open(settings, dataset=catalog.dataset)
-    rewriter = Rewriter(load_version(path, version), engine.search, settings.rewriter, seed)
+    rewriter = Rewriter(policy, engine.search, settings.rewriter, seed)
     pool = [q for _, q in training_queries(catalog, 5)]
     queries = [pool[i] for i in np.random.default_rng(seed).choice(len(pool), size=n + 2, replace=False)]
     serve_s: list[float] = []
@@ -470,7 +483,10 @@ def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int
             return [engine.search(x) for x in (q, q, q)]
 
         search_s.append(timed(search)[0])
-    print(f"\n== (a) rewriter, policy {path} (version {version}), {n} training queries, medians ==")
+    print(
+        f"\n== (a) rewriter, policy {policy_dir or 'production'} (version {policy.version}), "
+        f"{n} training queries, medians =="
+    )
     print(f"{'path':<46} {'median ms':>10} {'p90 ms':>8}")
     for name, values in (
         ("Rewriter.serve (2 rewrites + logprobs + search)", serve_s),

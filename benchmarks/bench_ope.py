@@ -93,7 +93,7 @@ class LiveRun:
 def live_rewards(
     settings: Settings,
     queries: Sequence[Any],
-    model_dir: Path,
+    policy: Any,
     version: int,
     shoppers: Any,
     relevance: Callable[[str, Sequence[str]], Sequence[float]],
@@ -104,12 +104,12 @@ def live_rewards(
     import torch
 
     from qrloop.events import Interaction
-    from qrloop.serving import Rewriter, load_version
+    from qrloop.serving import Rewriter
     from simulators.driver import feedback_events, lists_of
     from simulators.shoppers import ShopperTraffic
     from streams import attribution
 
-    rewriter = Rewriter(load_version(model_dir, version), search, settings.rewriter, seed)
+    rewriter = Rewriter(policy, search, settings.rewriter, seed)
     profiles = {p.shopper_id: p for p in shoppers.pool.profiles}
     window_s = settings.streams.attribution_window_s
     run = LiveRun(version, [], [])
@@ -160,6 +160,7 @@ def main() -> None:
     from qrloop.catalog import Catalog
     from qrloop.cli.evaluate import evaluate_events
     from qrloop.events import QueryEvent
+    from qrloop.serving import load_stored_version
     from simulators.judge import ClickModelJudge
     from simulators.search import SearchEngine
     from simulators.shoppers import ShopperTraffic
@@ -171,7 +172,7 @@ def main() -> None:
     settings = run_settings(get_settings(), args.run.expanduser())
     store = open_store(settings)
     candidate = args.candidate or max(v.id for v in store.list())
-    dirs = {v: store.load_dir(store.get(v)) for v in {1, candidate}}
+    policies = {v: load_stored_version(store, store.get(v)) for v in {1, candidate}}
     store.close()
 
     events = logged_traffic(settings, 1, args.queries)
@@ -180,7 +181,9 @@ def main() -> None:
     relevance = make_relevance_fn(settings)
 
     started = time.perf_counter()
-    scorer = model_scorer(dirs[candidate], settings.rewriter.max_new_tokens)
+    scorer = model_scorer(
+        policies[candidate].model, policies[candidate].tokenizer, settings.rewriter.max_new_tokens
+    )
     ope = evaluate_events(events, scorer, relevance, settings, f"version {candidate}")
     ope_s = time.perf_counter() - started
     est = ope.estimate
@@ -193,7 +196,7 @@ def main() -> None:
     search = SearchEngine.open(settings).search
     versions = [candidate] if args.no_control else [candidate, 1]
     live = {
-        v: live_rewards(settings, queries, dirs[v], v, shoppers, relevance, search, args.seed)
+        v: live_rewards(settings, queries, policies[v], v, shoppers, relevance, search, args.seed)
         for v in versions
     }
 

@@ -182,6 +182,10 @@ class DataParallelCore:
         return self.core.config
 
     @property
+    def kind(self) -> str:
+        return self.core.kind
+
+    @property
     def optimizer(self) -> torch.optim.Optimizer:
         return self.core.optimizer
 

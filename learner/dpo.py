@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from policy_store import PolicyStore
-from qrloop.models import load_policy
+from qrloop.models import adapter_base, load_adapter, load_policy
 from qrloop.prompting import build_prompt, end_of_turn
 from qrloop.settings import DPOSettings, Settings
 
@@ -98,13 +98,7 @@ class DPOConfig:
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (TRL's default, 0)."})
     prompt_tree: bool = field(default=_default("prompt_tree"), metadata={"help": _help("prompt_tree")})
-    lora_r: int = field(
-        default=0,
-        metadata={
-            "help": "0: full fine-tuning with a frozen copy as reference. >0: train a LoRA adapter of this "
-            "rank; the reference is the same model with the adapter disabled (no second copy in memory)."
-        },
-    )
+    lora_r: int = field(default=_default("lora_r"), metadata={"help": _help("lora_r")})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_target_modules: tuple[str, ...] = field(
         default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata={"help": "Modules that get an adapter."}
@@ -118,6 +112,7 @@ class DPOConfig:
             "max_grad_norm": dpo.max_grad_norm,
             "prompt_tree": dpo.prompt_tree,
             "rpo_alpha": dpo.rpo_alpha,
+            "lora_r": dpo.lora_r,
         }
         return cls(**(values | overrides))
 
@@ -488,15 +483,30 @@ class DPOLearnerCore:
     def from_versions(
         cls, settings: Settings, store: PolicyStore, *, policy_version: int, reference_version: int
     ) -> DPOLearnerCore:
-        """Resume a lineage: weights of ``policy_version``, reference = the version the run started from."""
-        policy, tokenizer = load_policy(store.load_dir(policy_version))
-        if reference_version == policy_version:
-            reference = copy.deepcopy(policy)
+        """Resume a lineage: weights of ``policy_version``, reference = the version the run started from.
+
+        A lineage keeps the kind it started with: from a ``full`` start it trains a LoRA adapter when
+        ``dpo.lora_r`` > 0, and a lineage of adapters resumes its adapter (its stored rank) over the start.
+        """
+        config = DPOConfig.from_settings(settings.dpo)
+        stored = store.get(policy_version)
+        if stored.kind == "lora":
+            if adapter_base(stored) != reference_version:
+                raise ValueError(
+                    f"version {policy_version} is an adapter over {adapter_base(stored)}, "
+                    f"not over the lineage's reference {reference_version}"
+                )
+            base, tokenizer = load_policy(store.load_dir(reference_version))
+            policy = load_adapter(base, store.load_dir(stored), trainable=True)
+            core = cls(policy, None, tokenizer, config, stored.base_model)
         else:
-            reference, _ = load_policy(store.load_dir(reference_version))
-        base_model = store.get(policy_version).base_model
-        core = cls(policy, reference, tokenizer, DPOConfig.from_settings(settings.dpo), base_model)
-        core.resume_optimizer(store.load_dir(policy_version))
+            policy, tokenizer = load_policy(store.load_dir(stored))
+            if reference_version == policy_version:
+                core = cls.from_model(policy, tokenizer, config, stored.base_model)
+            else:
+                reference, _ = load_policy(store.load_dir(reference_version))
+                core = cls(policy, reference, tokenizer, config, stored.base_model)
+        core.resume_optimizer(store.load_dir(stored))
         return core
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
@@ -600,17 +610,30 @@ class DPOLearnerCore:
         self.optimizer.load_state_dict(state["optimizer"])
         self.steps = int(state["steps"])
 
-    def save(self, out_dir: Path, optimizer: bool = True) -> None:
-        """A standard HF directory (config, safetensors, tokenizer) that stock transformers loads, plus
-        AdamW's state in ``optimizer.safetensors`` (which transformers ignores) unless ``optimizer`` is off.
+    @property
+    def kind(self) -> str:
+        """The policy store's kind of what :meth:`save` writes: ``full`` or ``lora``."""
+        return "lora" if _is_peft(self.policy) else "full"
 
-        With LoRA the adapter is merged into a copy, so what is published is a plain model either way.
+    def save(self, out_dir: Path, optimizer: bool = True) -> None:
+        """What a version stores, plus AdamW's state in ``optimizer.safetensors`` unless ``optimizer`` is off.
+
+        Full fine-tuning: a standard HF directory (config, safetensors, tokenizer) that stock transformers
+        loads. LoRA: the adapter alone (peft's ``adapter_config.json`` + ``adapter_model.safetensors``),
+        megabytes instead of the whole model; it means something only over the lineage's start, which is
+        why the learner publishes it with ``tags['base_version']`` (``qrloop.models.load_stored_policy``).
         """
+        self.policy.save_pretrained(out_dir, safe_serialization=True)
+        if not _is_peft(self.policy):
+            self.tokenizer.save_pretrained(out_dir)
+        if optimizer:
+            save_optimizer_state(self.optimizer, Path(out_dir) / OPTIMIZER_FILE)
+
+    def save_merged(self, out_dir: Path) -> None:
+        """A standard HF directory of the policy as it serves (a LoRA adapter merged into a copy)."""
         model = copy.deepcopy(self.policy).merge_and_unload() if _is_peft(self.policy) else self.policy
         model.save_pretrained(out_dir, safe_serialization=True)
         self.tokenizer.save_pretrained(out_dir)
-        if optimizer:
-            save_optimizer_state(self.optimizer, Path(out_dir) / OPTIMIZER_FILE)
 
     def resume_optimizer(self, model_dir: Path) -> bool:
         """Load AdamW's state stored beside ``model_dir``'s weights, if any; the hyperparameters (learning

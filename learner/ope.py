@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,6 @@ import torch
 
 from learner.dpo import sequence_logprobs, tokenize_pairs
 from qrloop.events import QueryEvent
-from qrloop.models import load_policy
 from qrloop.prompting import build_prompt, end_of_turn
 
 Z_95 = 1.959963984540054
@@ -191,8 +189,8 @@ def evaluate_rewrites(
     )
 
 
-def model_scorer(model_dir: Path, max_new_tokens: int, batch_size: int = 16) -> CandidateScorer:
-    """Teacher-forced sequence log-probabilities of the logged rewrite texts under the model in ``model_dir``.
+def model_scorer(model: Any, tokenizer: Any, max_new_tokens: int, batch_size: int = 16) -> CandidateScorer:
+    """Teacher-forced sequence log-probabilities of the logged rewrite texts under ``model``.
 
     The same prompt (``qrloop.prompting``), the same terminator (the token generation stops on) and the same
     tokenisation as the learner's DPO step, summed over the rewrite's tokens at temperature 1: the quantity
@@ -200,7 +198,6 @@ def model_scorer(model_dir: Path, max_new_tokens: int, batch_size: int = 16) -> 
     by the length limit, not ended by the policy; its logged log-prob has no terminator term, so neither
     does its score here (with the terminator, SmolLM2's scores of cut-off rewrites were 15-30 nats lower).
     """
-    model, tokenizer = load_policy(model_dir)
     eos = end_of_turn(tokenizer, getattr(model, "generation_config", None))
 
     def cut_off(query: str, text: str) -> bool:

@@ -52,6 +52,7 @@ from policy_store import AliasPinnedError, AuditEntry, LeaseLostError, PolicySto
 from qrloop import health, logs, metrics
 from qrloop.data import dataset_name
 from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, check_event_time, decode, encode
+from qrloop.models import ADAPTER_BASE_TAG
 from qrloop.reload import reload_on_sighup
 from qrloop.rewards import is_echo
 from qrloop.runs import open_store
@@ -265,10 +266,13 @@ class Learner:
                 train_steps=self.state.steps,
                 offsets=self.next_offsets,
                 metrics=stats.as_dict(),
+                kind=self.core.kind,
                 tags={
                     LEARNER_TAG: settings.dpo.learner_name,
                     "reference_version": self.state.reference_version,
                     "dataset": dataset_name(settings),  # the catalog whose traffic trained it
+                    # A LoRA version is an adapter over the lineage's start (its DPO reference).
+                    **({ADAPTER_BASE_TAG: self.state.reference_version} if self.core.kind == "lora" else {}),
                 },
                 actor="learner",
                 reason=f"DPO step {self.state.steps}",

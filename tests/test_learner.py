@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from learner.lease import lease_name
 from learner.worker import LEARNER_TAG, build, resume_state, training_triples
 from policy_store import Leases, PolicyStore, PolicyVersion, db
-from qrloop.models import build_tiny_policy, require_policy
+from qrloop.models import ADAPTER_BASE_TAG, build_tiny_policy, load_stored_policy, require_policy
 from qrloop.runs import isolate, open_store
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
@@ -95,6 +98,71 @@ def test_versions_lineage_offsets_and_duplicates(
     assert fourth is not None and store.get(fourth).parent_id == versions[-1]
     counts = ledger_counts(settings)
     assert set(counts) == {p.pair_id for p in pairs + more} and set(counts.values()) == {1}
+    store.close()
+
+
+def lora_logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([[1, 5, 9, 13, 17, 21]])).logits
+
+
+def test_a_lora_lineage_publishes_adapters_that_serve_as_trained_and_resume(
+    learner_settings: Settings,
+) -> None:
+    """dpo.lora_r > 0: each version is the adapter alone, over the lineage's start; a rewriter loads it
+    merged into that start, and a restarted learner resumes the same adapter and AdamW moments."""
+    dpo = learner_settings.dpo.model_copy(update={"lora_r": 4, "learning_rate": 1e-2})
+    settings = learner_settings.model_copy(update={"dpo": dpo})
+    publish_pairs(settings, [pair(n) for n in range(48)])
+    learner = build(settings)
+    versions: list[int] = []
+    deadline = time.monotonic() + 120
+    while len(versions) < 2 and time.monotonic() < deadline:
+        if published := learner.run_once(timeout_ms=500):
+            versions.append(published)
+    learner.consumer.close()
+    store = open_store(settings)
+    start, chain = store.get(1), [store.get(v) for v in versions]
+    assert [(v.kind, v.tags[ADAPTER_BASE_TAG], v.parent_id) for v in chain] == [
+        ("lora", 1, 1),
+        ("lora", 1, versions[0]),
+    ]
+    # The tiny model is 1.3 MB; its rank-4 adapter (and AdamW's two moments) a fraction of it.
+    assert all(v.size_bytes < start.size_bytes / 4 for v in chain), [v.size_bytes for v in chain]
+
+    served, _ = load_stored_policy(store, chain[-1])
+    assert not isinstance(served, PeftModel), "the rewriter gets a plain transformers model"
+    trained = learner.core.policy.eval()
+    assert torch.allclose(lora_logits(served), lora_logits(trained), atol=1e-5), "serves what was trained"
+    base, _ = load_stored_policy(store, start)
+    assert not torch.allclose(lora_logits(served), lora_logits(base), atol=1e-3), "the adapter moved"
+    # Two versions over one base share its untouched tensors and own only the weights the adapter changes.
+    earlier, _ = load_stored_policy(store, chain[0])
+    owned = {
+        name
+        for name, p in served.named_parameters()
+        if p.data_ptr() != dict(earlier.named_parameters())[name].data_ptr()
+    }
+    assert owned and all(
+        name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")) for name in owned
+    )
+    # Stock transformers loads it too: the base's checkout, then the adapter (peft's format).
+    stock = AutoModelForCausalLM.from_pretrained(str(store.load_dir(start)))
+    stock.load_adapter(str(store.load_dir(chain[-1])))
+    assert torch.allclose(lora_logits(stock), lora_logits(trained), atol=1e-5)
+
+    restarted = build(settings)
+    assert restarted.core.kind == "lora" and restarted.core.reference is None
+    assert torch.allclose(lora_logits(restarted.core.policy.eval()), lora_logits(trained), atol=1e-6)
+    moments = [s["exp_avg"] for s in restarted.core.optimizer.state.values()]
+    assert moments and all(m.abs().sum() > 0 for m in moments), "AdamW resumed, not from zero"
+    third = None
+    deadline = time.monotonic() + 120
+    while third is None and time.monotonic() < deadline:
+        third = restarted.run_once(timeout_ms=500)
+    restarted.consumer.close()
+    assert third is not None and store.get(third).parent_id == versions[-1]
+    assert store.get(third).kind == "lora" and store.get(third).train_steps == 3
     store.close()
 
 

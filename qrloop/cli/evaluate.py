@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from learner.ope import CandidateScorer, Evaluation, evaluate_rewrites, model_scorer
+from qrloop.models import load_stored_policy
 from qrloop.runs import open_store
 from qrloop.settings import Settings
 from streams.aggregator import make_relevance_fn
@@ -39,11 +40,11 @@ def evaluate(
     store = open_store(settings)
     try:
         version = store.get(int(candidate)) if str(candidate).isdigit() else store.resolve(str(candidate))
-        model_dir = store.load_dir(version)
+        model, tokenizer = load_stored_policy(store, version)
     finally:
         store.close()
     events = parse(read_source(log_path, settings.kafka.bootstrap_servers)).events
     if relevance is None:
         relevance = make_relevance_fn(settings)
-    scorer = model_scorer(model_dir, settings.rewriter.max_new_tokens)
+    scorer = model_scorer(model, tokenizer, settings.rewriter.max_new_tokens)
     return evaluate_events(events, scorer, relevance, settings, f"version {version.id}")
