@@ -35,8 +35,8 @@ from rich.console import Console
 from rich.table import Table
 
 from learner.dpo import DPOLearnerCore
-from policy_store import PolicyStore, db
-from qrloop.models import ADAPTER_BASE_TAG, load_stored_policy, require_policy
+from policy_store import ADAPTER_BASE_TAG, PolicyStore, db
+from qrloop.models import load_stored_policy, require_policy
 from qrloop.settings import Settings, get_settings
 
 PROBE = [[1, 2282, 5, 9, 13, 17, 21, 480]]

@@ -48,11 +48,17 @@ from sqlalchemy.orm import Session
 from learner.dpo import DPOLearnerCore, Pair, StepStats
 from learner.lease import LearnerLease
 from learner.ledger import already_trained, record_steps
-from policy_store import AliasPinnedError, AuditEntry, LeaseLostError, PolicyStore, PolicyVersion
+from policy_store import (
+    ADAPTER_BASE_TAG,
+    AliasPinnedError,
+    AuditEntry,
+    LeaseLostError,
+    PolicyStore,
+    PolicyVersion,
+)
 from qrloop import health, logs, metrics
 from qrloop.data import dataset_name
 from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, check_event_time, decode, encode
-from qrloop.models import ADAPTER_BASE_TAG
 from qrloop.reload import reload_on_sighup
 from qrloop.rewards import is_echo
 from qrloop.runs import open_store

