@@ -59,6 +59,7 @@ from policy_store import (
 from qrloop import health, logs, metrics
 from qrloop.data import dataset_name
 from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, check_event_time, decode, encode
+from qrloop.models import adapter_base
 from qrloop.reload import reload_on_sighup
 from qrloop.rewards import is_echo
 from qrloop.runs import open_store
@@ -119,6 +120,13 @@ class PendingBatch:
         return {p.pair_id for p in self.pairs}
 
 
+def reference_of(start: PolicyVersion) -> int:
+    """The DPO reference of a lineage that starts from ``start``: ``start`` itself, or for a LoRA version
+    the full version its adapter applies to. Such a lineage trains that adapter on, against the adapter
+    disabled, exactly as the lineage that published it did (a LoRA reference is always its base)."""
+    return adapter_base(start) if start.kind == "lora" else start.id
+
+
 def resume_state(store: PolicyStore, settings: Settings) -> LearnerState:
     """The latest version this learner published, or a fresh start from the alias it trains."""
     name = settings.dpo.learner_name
@@ -130,7 +138,7 @@ def resume_state(store: PolicyStore, settings: Settings) -> LearnerState:
         start = rebase_target(store, settings, rejected=latest.id)
         return LearnerState(
             version=start.id,
-            reference_version=start.id,
+            reference_version=reference_of(start),
             steps=start.train_steps,
             offsets=dict(latest.offsets),
         )
@@ -142,7 +150,7 @@ def resume_state(store: PolicyStore, settings: Settings) -> LearnerState:
             offsets=dict(latest.offsets),
         )
     start = store.resolve(settings.dpo.start_alias)
-    return LearnerState(version=start.id, reference_version=start.id, steps=start.train_steps)
+    return LearnerState(version=start.id, reference_version=reference_of(start), steps=start.train_steps)
 
 
 def rebase_target(store: PolicyStore, settings: Settings, *, rejected: int) -> PolicyVersion:
@@ -436,8 +444,9 @@ class Learner:
         start = rebase_target(self.store, self.settings, rejected=self.state.version)
         self._unpublished = []  # steps on the rejected weights are discarded with them
         make_core = self.make_core or DPOLearnerCore.from_versions
-        self.core = make_core(self.settings, self.store, policy_version=start.id, reference_version=start.id)
-        self.state.version = self.state.reference_version = start.id
+        reference = reference_of(start)
+        self.core = make_core(self.settings, self.store, policy_version=start.id, reference_version=reference)
+        self.state.version, self.state.reference_version = start.id, reference
         self.state.steps = start.train_steps
 
     def _update_lag(self) -> None:

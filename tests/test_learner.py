@@ -163,6 +163,16 @@ def test_a_lora_lineage_publishes_adapters_that_serve_as_trained_and_resume(
     restarted.consumer.close()
     assert third is not None and store.get(third).parent_id == versions[-1]
     assert store.get(third).kind == "lora" and store.get(third).train_steps == 3
+
+    # A new lineage starting from production, which now holds an adapter, trains that adapter on (its
+    # reference is the adapter's base): it starts from exactly what production serves.
+    assert store.resolve("production").id == third
+    fresh = settings.model_copy(update={"dpo": settings.dpo.model_copy(update={"learner_name": "second"})})
+    second = build(fresh)
+    second.consumer.close()
+    assert (second.state.version, second.state.reference_version) == (third, 1)
+    production, _ = load_stored_policy(store, store.get(third))
+    assert torch.allclose(lora_logits(second.core.policy.eval()), lora_logits(production), atol=1e-4)
     store.close()
 
 
