@@ -59,7 +59,8 @@ class RunLayout:
 
 def run_settings(base: Settings, run_dir: Path) -> Settings:
     """The settings of the demo run in ``run_dir`` (its name is the run id): its own topics, store and
-    consumer groups. A 1,000-query run publishes dozens of 540 MB versions: its weights live with it."""
+    consumer groups. Its versions live with it (with full fine-tuning a 1,000-query run publishes dozens of
+    540 MB versions)."""
     return isolate(base, run_dir.name, run_dir, learner_name=f"demo-{run_dir.name}")
 
 
