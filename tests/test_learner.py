@@ -101,7 +101,7 @@ def test_versions_lineage_offsets_and_duplicates(
     store.close()
 
 
-def lora_logits(model: torch.nn.Module) -> torch.Tensor:
+def probe_logits(model: torch.nn.Module) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([[1, 5, 9, 13, 17, 21]])).logits
 
@@ -133,9 +133,9 @@ def test_a_lora_lineage_publishes_adapters_that_serve_as_trained_and_resume(
     served, _ = load_stored_policy(store, chain[-1])
     assert not isinstance(served, PeftModel), "the rewriter gets a plain transformers model"
     trained = learner.core.policy.eval()
-    assert torch.allclose(lora_logits(served), lora_logits(trained), atol=1e-5), "serves what was trained"
+    assert torch.allclose(probe_logits(served), probe_logits(trained), atol=1e-5), "serves what was trained"
     base, _ = load_stored_policy(store, start)
-    assert not torch.allclose(lora_logits(served), lora_logits(base), atol=1e-3), "the adapter moved"
+    assert not torch.allclose(probe_logits(served), probe_logits(base), atol=1e-3), "the adapter moved"
     # Two versions over one base share its untouched tensors and own only the weights the adapter changes.
     earlier, _ = load_stored_policy(store, chain[0])
     owned = {
@@ -149,11 +149,11 @@ def test_a_lora_lineage_publishes_adapters_that_serve_as_trained_and_resume(
     # Stock transformers loads it too: the base's checkout, then the adapter (peft's format).
     stock = AutoModelForCausalLM.from_pretrained(str(store.load_dir(start)))
     stock.load_adapter(str(store.load_dir(chain[-1])))
-    assert torch.allclose(lora_logits(stock), lora_logits(trained), atol=1e-5)
+    assert torch.allclose(probe_logits(stock), probe_logits(trained), atol=1e-5)
 
     restarted = build(settings)
     assert restarted.core.kind == "lora" and restarted.core.reference is None
-    assert torch.allclose(lora_logits(restarted.core.policy.eval()), lora_logits(trained), atol=1e-6)
+    assert torch.allclose(probe_logits(restarted.core.policy.eval()), probe_logits(trained), atol=1e-6)
     moments = [s["exp_avg"] for s in restarted.core.optimizer.state.values()]
     assert moments and all(m.abs().sum() > 0 for m in moments), "AdamW resumed, not from zero"
     third = None
@@ -172,7 +172,7 @@ def test_a_lora_lineage_publishes_adapters_that_serve_as_trained_and_resume(
     second.consumer.close()
     assert (second.state.version, second.state.reference_version) == (third, 1)
     production, _ = load_stored_policy(store, store.get(third))
-    assert torch.allclose(lora_logits(second.core.policy.eval()), lora_logits(production), atol=1e-4)
+    assert torch.allclose(probe_logits(second.core.policy.eval()), probe_logits(production), atol=1e-4)
     store.close()
 
 
