@@ -41,7 +41,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import create_engine, make_url, text
 
-from policy_store import PolicyStore
+from policy_store import ADAPTER_BASE_TAG, PolicyStore
 from policy_store.db import upgrade
 from qrloop.models import load_causal_lm
 from qrloop.settings import default_password_file, get_settings, with_stored_password
@@ -147,14 +147,17 @@ def bench_backend(backend: str, url: str, artifacts: dict[str, tuple[Path, str]]
     results = []
     with tempfile.TemporaryDirectory(prefix="qrloop-bench-blobs-") as blobs:
         store = PolicyStore(url, Path(blobs))
+        base: int | None = None  # an adapter is published over the last full version (the store checks it)
         for artifact, (directory, kind) in artifacts.items():
             samples: dict[str, list[float]] = {k: [] for k in ("publish", "dedup", "mat", "cached", "alias")}
             alias = f"bench-{kind}"
             size = 0
             for rep in range(-1, reps):  # rep -1: warm-up, not recorded
                 change_weights(directory, rep + 1)
-                publish = partial(store.publish, directory, base_model="smollm2-135m", kind=kind)
+                tags = {ADAPTER_BASE_TAG: base} if kind == "lora" else {}
+                publish = partial(store.publish, directory, base_model="smollm2-135m", kind=kind, tags=tags)
                 seconds, v = timed(publish, sync=True)
+                base = v.id if kind == "full" else base
                 samples["publish"].append(seconds)
                 size = v.size_bytes
                 samples["dedup"].append(timed(publish, sync=True)[0])  # same content again
