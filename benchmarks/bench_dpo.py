@@ -47,7 +47,16 @@ from typing import Any
 import torch
 import typer
 
-from learner.dpo import Batch, DPOConfig, DPOLearnerCore, Pair, PromptTree, prompt_tree, tokenize_pairs
+from learner.dpo import (
+    Batch,
+    DPOConfig,
+    DPOLearnerCore,
+    Pair,
+    PromptTree,
+    prompt_tree,
+    tokenize_pairs,
+    tree_logprobs,
+)
 from qrloop.models import load_policy, require_policy
 from qrloop.prompting import end_of_turn
 from qrloop.settings import DPOSettings, get_settings
@@ -225,6 +234,25 @@ def core_of(model_dir: Path, dpo: DPOSettings, reference: Any = None, **config: 
     return DPOLearnerCore(policy, reference, tokenizer, settings)
 
 
+def reference_terms_side_by_side(core: DPOLearnerCore, repeats: int) -> tuple[list[float], list[float]]:
+    """(from scratch, over the cached system message) seconds to compute the bench's pairs' reference terms
+    one pair at a time, as the learner does while a batch gathers; in turns, after one untimed round."""
+    assert core.reference is not None
+    reference = core.reference
+    scratch_s, cached_s = [], []
+    for i in range(repeats + 1):
+        with torch.no_grad():
+            scratch = timed(
+                lambda: [tree_logprobs(reference, prompt_tree(core.tokenize([p]))) for p in PAIRS]
+            )
+        cached = timed(lambda: core.prepare_reference(PAIRS))
+        core.forget_reference(PAIRS)
+        if i:
+            scratch_s.append(scratch)
+            cached_s.append(cached)
+    return scratch_s, cached_s
+
+
 def time_lora_steps(model_dir: Path, dpo: DPOSettings, repeats: int) -> tuple[list[float], int]:
     """(step seconds, trainable parameters) of ours with a LoRA adapter r=16."""
     lora_core = core_of(model_dir, dpo, lora_r=16, prompt_tree=True)
@@ -268,9 +296,16 @@ def loss_gap_to_trl(core: DPOLearnerCore, trainer: Any, batch: Batch) -> tuple[f
     return ours, abs(ours - theirs)
 
 
-def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None, lora: bool = True) -> None:
+def main(
+    repeats: int = 5,
+    threads: int = 0,
+    policy_dir: Path | None = None,
+    lora: bool = True,
+    reference_only: bool = False,
+) -> None:
     """``--policy-dir`` runs on another HF directory (e.g. a tiny model, to check the script quickly);
-    ``--no-lora`` leaves the LoRA variant out (a shorter run on a busy machine)."""
+    ``--no-lora`` leaves the LoRA variant out (a shorter run on a busy machine); ``--reference-only`` times
+    only the reference terms of the pairs, from scratch against over the cached system message."""
     settings = get_settings()
     threads = threads or settings.models.torch_threads
     if threads:
@@ -282,6 +317,15 @@ def main(repeats: int = 5, threads: int = 0, policy_dir: Path | None = None, lor
     bound = matmul_gflops()
     print(f"fp32 matmul 1024×1024: {bound:.1f} GFLOP/s")
 
+    if reference_only:
+        scratch, cached = reference_terms_side_by_side(core_of(model_dir, settings.dpo), repeats)
+        a, b = statistics.median(scratch), statistics.median(cached)
+        print(
+            f"reference terms of {len(PAIRS)} pairs, one pair at a time (medians of {repeats}): from scratch "
+            f"{a:.2f} s ({a / len(PAIRS):.3f} s a pair), over the cached system message {b:.2f} s "
+            f"({b / len(PAIRS):.3f} s a pair): {a / b:.2f}×; load average {load_average()}"
+        )
+        return
     config = DPOConfig.from_settings(settings.dpo)
     policy, tokenizer = load_policy(model_dir)
     params = sum(p.numel() for p in policy.parameters())

@@ -372,6 +372,42 @@ def test_reference_terms_prepared_on_arrival_give_the_same_step(tiny_dir: Path) 
     assert all(torch.equal(after[0][k], after[1][k]) for k in after[0])
 
 
+def test_the_reference_reuses_its_system_message_cache_and_gives_the_same_terms(tiny_dir: Path) -> None:
+    """Each pair's reference terms run only the tokens after the system message: its cache is computed once
+    per core and reused, and the terms equal those computed from scratch (to float rounding). A prompt that
+    does not start with the cached tokens is computed from scratch."""
+    core = core_for(tiny_dir)
+    assert core.reference is not None
+    pair = PAIRS[1]
+    batch = core.tokenize([pair])
+    with torch.no_grad():
+        scratch = tree_logprobs(core.reference, prompt_tree(batch))
+    widths: list[int] = []
+    forward = core.reference.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        widths.append(int(kwargs["input_ids"].shape[1]))
+        return forward(*args, **kwargs)
+
+    core.reference.forward = counting  # a spy on the real model: what each forward is given
+    prompt = int(prompt_tree(batch).prefix_ids.shape[1])
+    first, second = core.reference_logprobs(batch), core.reference_logprobs(batch)
+    system = len(core._system_prefix(core.reference).ids)
+    assert 20 < system < prompt, (system, prompt)
+    # First call: the system message once, then per call only the rest of the prompt and the two tails.
+    assert widths[0] == system and widths[1] == widths[3] == prompt - system, widths
+    assert len(widths) == 5, "the system message is not computed again"
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert torch.allclose(torch.stack(first), torch.stack(scratch), atol=1e-5)
+
+    known = core._system_prefix(core.reference)
+    other = known._replace(ids=[known.ids[0] + 1, *known.ids[1:]])  # a prefix this prompt does not start with
+    widths.clear()
+    with torch.no_grad():
+        fallback = tree_logprobs(core.reference, prompt_tree(batch), other)
+    assert widths[0] == prompt and torch.allclose(torch.stack(fallback), torch.stack(scratch), atol=1e-6)
+
+
 def test_a_tree_step_while_another_thread_loads_a_model(
     tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
