@@ -64,10 +64,10 @@ def run_settings(base: Settings, run_dir: Path) -> Settings:
     return isolate(base, run_dir.name, run_dir, learner_name=f"demo-{run_dir.name}")
 
 
-# The demo trains LoRA adapters (dpo.lora_r): versions of 7.4 MB instead of 540 MB, published in ~80 ms, a
-# step 0.7× as long (benchmarks/bench_versions.py). Its learning rate is the one at which, on the same 8
-# batches of a run, rank 16 taught as much as full fine-tuning at the demo's 3e-5 by the human labels of
-# held-out queries (benchmarks/bench_collapse.py --lora: recall ratio of the sampled rewrites 1.20 vs 1.11,
+# The demo trains LoRA adapters (dpo.lora_r): versions of 7.4 MB instead of 540 MB, saved and published in
+# 68 ms, a step 0.64× as long (benchmarks/bench_versions.py). Its learning rate is the one at which, on the
+# same 8 batches of a run, rank 16 taught as much as full fine-tuning at the demo's 3e-5 by the human labels
+# of held-out queries (benchmarks/bench_collapse.py --lora: recall ratio of the sampled rewrites 1.20 vs 1.11,
 # misspellings corrected 13% vs 10%, 40 queries; at 3e-4 it barely moved, 1.00).
 DEMO_LORA_R = 16
 DEMO_LEARNING_RATE = {"lora": 1e-3, "full": 3e-5}
