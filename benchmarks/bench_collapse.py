@@ -42,6 +42,7 @@ from qrloop.events import PreferencePair
 from qrloop.models import load_policy
 from qrloop.prompting import end_of_turn
 from qrloop.runs import open_store
+from qrloop.serving import load_version
 from qrloop.settings import Settings, get_settings
 from streams.aggregator import make_relevance_fn
 from streams.replay import attribute, parse, read_jsonl
@@ -303,7 +304,8 @@ def main() -> None:
             dirs.append((name, out, stats))
         for number, (name, path, steps) in enumerate(dirs):
             t0 = time.perf_counter()
-            run = evaluate_version(base, path, number, queries, misspellings, setup.search, None)
+            policy = load_version(path, number)
+            run = evaluate_version(base, policy, number, queries, misspellings, setup.search, None)
             variants.append(
                 Variant(
                     name,

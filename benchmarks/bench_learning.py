@@ -56,7 +56,7 @@ from learner.offline.q2q import SPELLING_FILE, read_spelling_pairs
 from policy_store import PolicyStore
 from qrloop.data import is_heldout, normalise_query, source_folder
 from qrloop.runs import open_store
-from qrloop.serving import LoadedPolicy, Rewriter, load_stored_version, load_version
+from qrloop.serving import LoadedPolicy, Rewriter, load_stored_version
 from qrloop.settings import Settings, get_settings
 
 
@@ -147,16 +147,14 @@ def sampled(rewriter: Rewriter, query: str, seed: int) -> list[str]:
 
 def evaluate_version(
     settings: Settings,
-    path: Path | LoadedPolicy,
+    policy: LoadedPolicy,
     version: int,
     queries: Sequence[str],
     misspellings: Sequence[tuple[str, str]],
     search: Callable[[str], list[str]],
     evaluator: Evaluator | None,
 ) -> VersionRun:
-    """``path``: an HF directory, or a version loaded from a store (a LoRA version merged over its base).
-    ``evaluator`` None: no Table 3 scores (only the human-label, echo and spelling figures; cheaper)."""
-    policy = path if isinstance(path, LoadedPolicy) else load_version(path, version)
+    """``evaluator`` None: no Table 3 scores (only the human-label, echo and spelling figures; cheaper)."""
     rewriter = Rewriter(policy, search, settings.rewriter, settings.seed)
     k = settings.rewriter.top_k_products
     run = VersionRun(version, PolicyRun(version))

@@ -241,24 +241,19 @@ def evaluate_policy(
     from qrloop.serving import load_stored_version
 
     policy = load_stored_version(store, store.get(version))
-    return evaluate_dir(settings, policy, version, queries, search, evaluator)
+    return evaluate_loaded(settings, policy, version, queries, search, evaluator)
 
 
-def evaluate_dir(
+def evaluate_loaded(
     settings: Settings,
-    path: Path | LoadedPolicy,
+    policy: LoadedPolicy,
     name: int | str,
     queries: Sequence[str],
     search: Any,
     evaluator: Evaluator,
 ) -> PolicyRun:
-    from qrloop.serving import LoadedPolicy, Rewriter, load_version
+    from qrloop.serving import Rewriter
 
-    policy = (
-        path
-        if isinstance(path, LoadedPolicy)
-        else load_version(path, name if isinstance(name, int) else None)
-    )
     rewriter = Rewriter(policy, search, settings.rewriter, settings.seed)
     run = PolicyRun(name)
     started = time.perf_counter()
@@ -382,11 +377,13 @@ def cmd_offline(args: argparse.Namespace) -> None:
         f"\n{'model':<8} {'relevance':>9} {'diversity':>9} {'click':>7} {'add2cart':>8} {'purchase':>8}"
         f" {'combined':>8} {'coverage':>8} {'s/query':>7}"
     )
+    from qrloop.serving import load_version
+
     for name, path in named:
         folder = Path(path).expanduser()
-        run = evaluate_dir(
+        run = evaluate_loaded(
             settings,
-            folder if folder.is_absolute() else offline / folder,
+            load_version(folder if folder.is_absolute() else offline / folder, None),
             name,
             queries,
             setup.search,

@@ -24,18 +24,19 @@ from __future__ import annotations
 import shutil
 import statistics
 import tempfile
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import typer
 from bench_dpo import PAIRS
+from bench_policy_store import timed
 from rich.console import Console
 from rich.table import Table
 
 from learner.dpo import DPOLearnerCore
-from policy_store import ADAPTER_BASE_TAG, PolicyStore, db
+from policy_store import ADAPTER_BASE_TAG, BlobStore, PolicyStore, db
 from qrloop.models import load_stored_policy, require_policy
 from qrloop.settings import Settings, get_settings
 
@@ -59,23 +60,6 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
         return model.eval()(torch.tensor(PROBE)).logits
 
 
-def directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-class Stopwatch:
-    """``with watch: ...`` then ``watch.seconds``: one timed block, without closures over loop variables."""
-
-    seconds = 0.0
-
-    def __enter__(self) -> Stopwatch:
-        self._started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self._started
-
-
 def run_variant(
     settings: Settings, store: PolicyStore, start: int, lora_r: int, reps: int, tmp: Path
 ) -> Figures:
@@ -85,33 +69,31 @@ def run_variant(
     core.step(PAIRS)  # AdamW's moments exist from here on, as in a running learner
     parent = start
     for rep in range(reps):
-        with Stopwatch() as step:
-            core.step(PAIRS)
+        step_s, _ = timed(partial(core.step, PAIRS))
         with_optimizer = tmp / f"{figures.name}-{rep}-opt"
         core.save(with_optimizer, optimizer=True)
-        optimizer_bytes = directory_bytes(with_optimizer)
+        optimizer_bytes = BlobStore.size_of(with_optimizer)
         shutil.rmtree(with_optimizer)
         weights = tmp / f"{figures.name}-{rep}"
-        with Stopwatch() as save:
-            core.save(weights, optimizer=False)
+        save_s, _ = timed(partial(core.save, weights, optimizer=False))
         tags = {ADAPTER_BASE_TAG: start} if core.kind == "lora" else {}
-        with Stopwatch() as publish:
-            version = store.publish(
-                weights,
-                parent=parent,
-                base_model="bench",
-                kind=core.kind,
-                tags=tags,
-                actor="bench",
-                give_away=True,
-            )
-        with Stopwatch() as load:
-            served, _ = load_stored_policy(store, version)
+        publish = partial(
+            store.publish,
+            weights,
+            parent=parent,
+            base_model="bench",
+            kind=core.kind,
+            tags=tags,
+            actor="bench",
+            give_away=True,
+        )
+        publish_s, version = timed(publish)
+        load_s, (served, _) = timed(partial(load_stored_policy, store, version))
         parent = version.id
-        figures.step.append(step.seconds)
-        figures.save.append(save.seconds)
-        figures.store.append(publish.seconds)
-        figures.load.append(load.seconds)
+        figures.step.append(step_s)
+        figures.save.append(save_s)
+        figures.store.append(publish_s)
+        figures.load.append(load_s)
         figures.size.append(version.size_bytes)
         figures.size_with_optimizer.append(optimizer_bytes)
         gap = float((logits(served) - logits(core.policy)).abs().max())

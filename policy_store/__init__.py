@@ -2,7 +2,14 @@
 content-addressed safetensors blobs. See ``store.PolicyStore``."""
 
 from policy_store.blobs import BlobStore, digest_dir, validate_weights_dir
-from policy_store.entities import ADAPTER_BASE_TAG, AliasRecord, AuditEntry, GcReport, PolicyVersion
+from policy_store.entities import (
+    ADAPTER_BASE_TAG,
+    AliasRecord,
+    AuditEntry,
+    GcReport,
+    PolicyVersion,
+    version_tag,
+)
 from policy_store.errors import (
     AliasPinnedError,
     BlobError,
@@ -48,4 +55,5 @@ __all__ = [
     "VersionNotReadyError",
     "digest_dir",
     "validate_weights_dir",
+    "version_tag",
 ]

@@ -7,6 +7,7 @@ plain dicts; treat them as read-only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -21,6 +22,17 @@ KINDS: tuple[VersionKind, ...] = ("full", "lora")
 # A ``lora`` version is an adapter, meaningless without the ``full`` version it was trained over: this tag
 # names that version. The store checks it at publish, and retention keeps the base of every kept adapter.
 ADAPTER_BASE_TAG = "base_version"
+
+
+def version_tag(tags: Mapping[str, Any], name: str) -> int | None:
+    """The version id the tag ``name`` holds (``base_version``, ``reference_version``), or None when it holds
+    none: absent, or not a whole number (JSON gives ints back; a caller may have written a string)."""
+    value = tags.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | str) or not str(value).isdigit():
+        return None
+    return int(value)
+
+
 STATUSES: tuple[VersionStatus, ...] = ("ready", "rejected", "archived")
 AUDIT_ACTIONS: tuple[AuditAction, ...] = (
     "publish",

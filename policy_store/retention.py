@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from policy_store.entities import ADAPTER_BASE_TAG, PolicyVersion
+from policy_store.entities import ADAPTER_BASE_TAG, PolicyVersion, version_tag
 
 
 @dataclass(frozen=True)
@@ -99,14 +99,9 @@ def plan_retention(
         kept = by_id.get(vid)
         if kept is None:
             continue
-        reference = kept.tags.get("reference_version")
-        mark(
-            [int(reference)] if isinstance(reference, int | str) and str(reference).isdigit() else [],
-            "reference",
-        )
-        mark([_lineage_root(vid, parents)], "reference")
-        base = kept.tags.get(ADAPTER_BASE_TAG) if kept.kind == "lora" else None
-        mark([int(base)] if isinstance(base, int | str) and str(base).isdigit() else [], "base")
+        mark([version_tag(kept.tags, "reference_version"), _lineage_root(vid, parents)], "reference")
+        if kept.kind == "lora":
+            mark([version_tag(kept.tags, ADAPTER_BASE_TAG)], "base")
     archive = [
         v.id for v in sorted(versions, key=lambda v: v.id) if v.id not in keep and v.status != "archived"
     ]

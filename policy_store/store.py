@@ -49,6 +49,7 @@ from policy_store.entities import (
     AuditEntry,
     GcReport,
     PolicyVersion,
+    version_tag,
 )
 from policy_store.errors import (
     AliasPinnedError,
@@ -173,12 +174,12 @@ def _first_sqlite_connect(engine: Engine, attempts: int = 100, delay_s: float = 
 
 
 def _adapter_base_id(tags: Mapping[str, Any]) -> int:
-    base = tags.get(ADAPTER_BASE_TAG)
-    if isinstance(base, bool) or not str(base).isdigit():
+    base = version_tag(tags, ADAPTER_BASE_TAG)
+    if base is None:
         raise PolicyStoreError(
             f"a 'lora' version needs tags[{ADAPTER_BASE_TAG!r}]: the id of the 'full' version it adapts"
         )
-    return int(str(base))
+    return base
 
 
 def _check_adapter_base(session: Session, base_id: int) -> None:

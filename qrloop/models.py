@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from policy_store import ADAPTER_BASE_TAG
+from policy_store import ADAPTER_BASE_TAG, version_tag
 from qrloop.settings import Settings
 
 if TYPE_CHECKING:  # every role imports this module for its paths; only loaders need the store
@@ -290,10 +290,10 @@ def load_adapter(model: Any, adapter_dir: Path, trainable: bool = False) -> Any:
 
 def adapter_base(version: PolicyVersion) -> int:
     """The ``full`` version a ``lora`` version's adapter was trained over (and only means something over)."""
-    base = version.tags.get(ADAPTER_BASE_TAG)
-    if not str(base).isdigit():
+    base = version_tag(version.tags, ADAPTER_BASE_TAG)
+    if base is None:
         raise ModelLoadError(f"version {version.id} is a LoRA adapter without tags[{ADAPTER_BASE_TAG!r}]")
-    return int(str(base))
+    return base
 
 
 def lora_deltas(adapter_dir: Path) -> dict[str, Any] | None:
