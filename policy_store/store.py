@@ -182,9 +182,21 @@ def _adapter_base_id(tags: Mapping[str, Any]) -> int:
     return base
 
 
+def _adapters_over(session: Session, base_id: int) -> list[int]:
+    """The versions not archived that are adapters applying to ``base_id``: they need its weights to load."""
+    query = sa.select(SqlPolicyVersion.id, SqlPolicyVersion.tags).where(
+        SqlPolicyVersion.kind == "lora", SqlPolicyVersion.status != "archived"
+    )
+    return sorted(
+        vid for vid, tags in session.execute(query) if version_tag(tags or {}, ADAPTER_BASE_TAG) == base_id
+    )
+
+
 def _check_adapter_base(session: Session, base_id: int) -> None:
-    """In the publish transaction: the adapter's base exists, is a whole model, and still has weights."""
-    base = session.get(SqlPolicyVersion, base_id)
+    """In the publish transaction: the adapter's base exists, is a whole model, and still has weights. Share-
+    locked: a concurrent archive of the base (which looks for its adapters) waits for this adapter, or this
+    publish waits and then sees the base archived."""
+    base = session.get(SqlPolicyVersion, base_id, with_for_update={"read": True})
     if base is None:
         raise UnknownVersionError(f"unknown base version {base_id}")
     if base.kind != "full" or base.status == "archived":
@@ -626,6 +638,13 @@ class PolicyStore:
                     f"version {vid} is held by alias(es) {', '.join(held_by)}; move or roll them back first "
                     "(or force)"
                 )
+            adapters = _adapters_over(session, vid) if status == "archived" else []
+            if adapters and not force:
+                # Archived weights may be freed by gc, and an adapter cannot load without its base.
+                raise VersionInUseError(
+                    f"version {vid} is the base of adapter version(s) {', '.join(map(str, adapters))}; "
+                    "archive them first (or force)"
+                )
             previous = row.status
             row.status = status
             self._audit(
@@ -634,7 +653,12 @@ class PolicyStore:
                 actor=actor,
                 reason=reason,
                 to_version=vid,
-                details={"from_status": previous, "to_status": status, "held_by": held_by},
+                details={
+                    "from_status": previous,
+                    "to_status": status,
+                    "held_by": held_by,
+                    "adapters": adapters,
+                },
             )
             session.flush()
             return row.to_entity()
@@ -799,8 +823,9 @@ class PolicyStore:
         Each archive is its own transaction and refuses a version an alias holds, so an alias moved onto a
         planned version meanwhile wins (the version is reported as skipped); gc runs under the publish lock.
         """
+        versions = self.list()
         plan = plan_retention(
-            self.list(),
+            versions,
             {alias: record.version_id for alias, record in self.aliases().items()},
             self.rollback_targets(),
             now or utcnow(),
@@ -809,7 +834,10 @@ class PolicyStore:
         archived: builtins.list[int] = []
         skipped: builtins.list[int] = []
         reason = f"retention: keep last {rule.keep_last}, younger than {rule.keep_younger_than}"
-        for vid in [] if dry_run else plan.archive:
+        kind_of = {v.id: v.kind for v in versions}
+        # Adapters first (oldest first within each kind): a base is not archived while an adapter over it is
+        # not, and the plan only archives a base whose adapters it archives too.
+        for vid in [] if dry_run else sorted(plan.archive, key=lambda vid: kind_of[vid] != "lora"):
             try:
                 self.archive(vid, reason=reason, actor=actor)
                 archived.append(vid)

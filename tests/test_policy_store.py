@@ -19,7 +19,7 @@ import sqlalchemy as sa
 import torch
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from sqlalchemy.orm import Session
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from typer import Typer
@@ -33,6 +33,7 @@ from policy_store import (
     NoPreviousVersionError,
     PolicyStore,
     PolicyStoreError,
+    PolicyVersion,
     UnknownAliasError,
     UnknownVersionError,
     UnsafeWeightsError,
@@ -42,6 +43,7 @@ from policy_store import (
 from policy_store.cli import build_app
 from policy_store.db import downgrade, make_engine, upgrade
 from policy_store.models import Base
+from policy_store.retention import RetentionRule
 
 TABLES = {"policy_versions", "policy_aliases", "audit_log", "leases"}
 
@@ -515,6 +517,47 @@ def test_lora_adapter_publishes_and_loads_with_peft(
         plain = AutoModelForCausalLM.from_pretrained(model_dirs[0]).eval()(input_ids).logits
     assert torch.equal(got, want)
     assert not torch.allclose(got, plain)  # the adapter really changes the model
+
+
+def test_a_base_is_not_archived_while_an_adapter_over_it_is_not(
+    store: PolicyStore, model_dirs: list[Path], tmp_path: Path
+) -> None:
+    """Archived weights may be freed by gc, and an adapter cannot load without its base: archiving a base is
+    refused while any adapter over it is ready or rejected, and allowed once they are archived (or forced)."""
+    base = store.publish(model_dirs[0], base_model="tiny")
+    other = store.publish(model_dirs[1], base_model="tiny")
+    adapter_dir = tmp_path / "adapter"
+    adapter_dir.mkdir()
+    (adapter_dir / "adapter_config.json").write_text('{"r": 4}')
+    save_file({"lora_A": torch.zeros(4, 8)}, str(adapter_dir / "adapter_model.safetensors"))
+
+    def adapter_over(version: PolicyVersion) -> PolicyVersion:
+        tags = {ADAPTER_BASE_TAG: version.id}
+        return store.publish(adapter_dir, parent=version, base_model="tiny", kind="lora", tags=tags)
+
+    ready, rejected, elsewhere = adapter_over(base), adapter_over(base), adapter_over(other)
+    store.reject(rejected, reason="test")
+    with pytest.raises(VersionInUseError, match=f"base of adapter version\\(s\\) {ready.id}, {rejected.id};"):
+        store.archive(base, reason="test")
+    assert store.get(base.id).status == "ready"
+    store.archive(ready, reason="test")
+    with pytest.raises(VersionInUseError, match=f"adapter version\\(s\\) {rejected.id};"):
+        store.archive(base, reason="test")
+    store.archive(rejected, reason="test")
+    assert store.archive(base, reason="test").status == "archived"  # only archived adapters were left
+    forced = store.archive(other, reason="test", force=True)
+    assert forced.status == "archived" and store.get(elsewhere.id).status == "ready"
+    assert store.audit(action="archive", version=other.id)[0].details["adapters"] == [elsewhere.id]
+
+    # Retention archives an unkept base and its unkept adapters in one pass: the adapters first.
+    kept = store.publish(model_dirs[2], base_model="tiny")
+    old_base = store.publish(model_dirs[0], base_model="tiny")
+    old_adapter = adapter_over(old_base)
+    newest = store.publish(model_dirs[1], base_model="tiny")
+    store.set_alias("production", newest.id)
+    rule = RetentionRule(keep_last=1, keep_younger_than=timedelta(0))
+    report = store.apply_retention(rule, dry_run=False)
+    assert {kept.id, old_base.id, old_adapter.id} <= set(report.archived) and report.skipped == [], report
 
 
 # -------------------------------------------------------------------------------------------------------- CLI
