@@ -40,9 +40,7 @@
   first sight (``models.use_catalog_embeddings`` false), M1 with the precomputed catalog embeddings (``qrloop
   models embed-catalog``; the row is left out when none are built), and no M1 at all (this file's
   ``_aggregate_unscored``: the same agents, a relevance that is a hash of the product id), so Faust's own
-  cost is told from scoring; the last also with ``streams.feedback_batch_max`` = 1 (one table write per
-  interaction, as before feedback was taken in batches). ``--skip-matrix-off`` leaves out the slowest rows.
-  ``--repeats`` runs of every row (order alternating per repeat), medians.
+  cost is told from scoring. ``--repeats`` runs of every row (order alternating per repeat), medians.
   The pure path also runs in-process on the same messages (decode, ``streams.attribution`` join / dedupe /
   score with a fresh M1 cache, encode the outcome), matrix off and on.
   The DPO step is *not* re-measured here: ``benchmarks/bench_dpo.py`` prints ours vs TRL's
@@ -619,14 +617,11 @@ class FaustVariant:
     label: str
     scoring: bool
     matrix: bool = False
-    batch_max: int | None = None  # streams.feedback_batch_max; None: the setting's default
 
     def spawn(self, settings: Settings, threads: int, tmp: Path) -> tuple[Supervised, Spawner]:
         env = worker_env(settings, threads) | {
             "QRLOOP_MODELS__USE_CATALOG_EMBEDDINGS": "true" if self.matrix else "false"
         }
-        if self.batch_max is not None:
-            env["QRLOOP_STREAMS__FEEDBACK_BATCH_MAX"] = str(self.batch_max)
         if self.scoring:
             return Supervised("aggregator", ["aggregate"]), spawn_qrloop(env, log_dir=tmp)
         worker = Supervised("aggregator-unscored", ["_aggregate_unscored"])
@@ -732,9 +727,7 @@ def delete_topics(bootstrap: str, prefix: str) -> None:
         admin.close()
 
 
-def bench_aggregator(
-    settings: Settings, n: int, n_warm: int, threads: int, seed: int, repeats: int, matrix_off: bool = True
-) -> None:
+def bench_aggregator(settings: Settings, n: int, n_warm: int, threads: int, seed: int, repeats: int) -> None:
     from qrloop.catalog import Catalog
     from qrloop.catalog_embeddings import EMBED_COMMAND, embeddings_dir, read_meta
     from qrloop.relevance import RelevanceModel
@@ -746,17 +739,13 @@ def bench_aggregator(
     judge = ClickModelJudge(labelled_or_model(catalog, RelevanceModel.load(settings, catalog).score))
     warm, measured = (make_traffic(settings, catalog, judge, k, seed + j) for j, k in enumerate((n_warm, n)))
     meta = read_meta(embeddings_dir(settings))
-    variants = (
-        [FaustVariant("Faust + M1, products encoded on first sight (matrix off)", True)] if matrix_off else []
-    )
+    variants = [FaustVariant("Faust + M1, products encoded on first sight (matrix off)", True)]
     if meta is None:
         print(f"(no catalog embeddings in {embeddings_dir(settings)}: `{EMBED_COMMAND}` builds them)")
     else:
         print(f"catalog embeddings: {meta['rows']:,} product texts in {embeddings_dir(settings)}")
         variants.append(FaustVariant("Faust + M1, catalog embeddings (matrix on)", True, matrix=True))
     variants.append(FaustVariant("Faust, no M1 (constant-cost relevance)", False))
-    # The same worker counting one interaction at a time (a table write each), as it did before batches.
-    variants.append(FaustVariant("Faust, no M1, feedback_batch_max = 1", False, batch_max=1))
     faust_s: dict[str, list[float]] = {v.label: [] for v in variants}
     raw_s: list[float] = []
     for rep in range(repeats):
@@ -768,8 +757,7 @@ def bench_aggregator(
             )
         raw_s.append(timed_isolated(base, f"rawr{rep}", None, warm, measured, threads))
         print(f"  repeat {rep + 1}/{repeats} done ({load_average()})")
-    matrices = [m for m in (False, True) if (m or matrix_off) and (meta or not m)]
-    pure = {m: time_pure(settings, warm, measured, matrix=m) for m in matrices}
+    pure = {m: time_pure(settings, warm, measured, matrix=m) for m in ([False, True] if meta else [False])}
     feedback = measured.n_feedback
     print(
         f"\n== (b) aggregator, {n} queries, {feedback} feedback messages (+{n} query events), "
@@ -839,15 +827,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     if args.queries > 0:
         bench_rewriter(settings, args.policy_dir, args.queries, args.seed)
     if args.agg_queries > 0:
-        bench_aggregator(
-            settings,
-            args.agg_queries,
-            args.warm_queries,
-            args.threads,
-            args.seed,
-            args.repeats,
-            matrix_off=not args.skip_matrix_off,
-        )
+        bench_aggregator(settings, args.agg_queries, args.warm_queries, args.threads, args.seed, args.repeats)
     print("\n(DPO step: see benchmarks/bench_dpo.py — ours vs TRL vs LoRA vs the fp32 matmul bound)")
     print(load_average())
 
@@ -1025,11 +1005,6 @@ def parser() -> argparse.ArgumentParser:
     speed.add_argument("--warm-queries", type=int, default=4, help="untimed queries before each measurement")
     speed.add_argument(
         "--repeats", type=int, default=3, help="timed runs of each aggregator row (medians; order alternates)"
-    )
-    speed.add_argument(
-        "--skip-matrix-off",
-        action="store_true",
-        help="leave out M1 without the catalog matrix (the slowest rows, ~50 s a run)",
     )
     speed.set_defaults(fn=cmd_speed)
     lat = sub.add_parser("latency", help="16th pair → new version served, from a demo run's artefacts")

@@ -405,19 +405,6 @@ class StreamSettings(Group):
         description="Standby copies of each window-table partition kept warm on other aggregator workers, "
         "so a takeover replays little of the changelog.",
     )
-    feedback_batch_max: int = Field(
-        500,
-        ge=1,
-        description="Interactions the aggregator takes from Kafka at a time: within a batch each query's "
-        "window is read once and written to the table's changelog once, however many of its interactions "
-        "the batch holds (1: one write per interaction).",
-    )
-    feedback_batch_within_s: float = Field(
-        0.02,
-        gt=0,
-        description="How long the aggregator waits for a batch of interactions to fill before it takes what "
-        "has come: the most a lone interaction is held back.",
-    )
 
 
 class CanarySettings(Group):

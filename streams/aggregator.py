@@ -3,9 +3,7 @@
 Three agents share one changelog-backed table of attribution windows keyed by query event id:
 
 - ``on_query``        a QueryEvent opens (or completes) its window;
-- ``on_interaction``  Interactions and SessionEnds, taken in batches (``streams.feedback_batch_max``), are
-                      counted into their windows, which they may complete; each window is read and written
-                      once per batch (a write is a changelog message holding the whole window);
+- ``on_interaction``  an Interaction or SessionEnd is counted into its window, which may complete it;
 - ``on_close``        a close request (from the timer) scores a due window, or dead-letters an orphan.
 
 No record may stop an agent: Faust restarts a crashed agent at the same offset, so one poison record would
@@ -165,47 +163,20 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
         else:
             windows[key] = state
 
-    async def take_feedback_batch(stream: Any, events: Sequence[Any]) -> None:
-        """A batch of interactions and session ends, in offset order. Each query's window is read once and
-        written to the table once, however many of its records the batch holds: a write is a changelog
-        message with the whole window as JSON, and one per interaction was most of the aggregator's own
-        cost. A window the batch completes is finalized at once; its later records in the batch count as
-        late, as they would one at a time."""
-        by_query: dict[str, list[tuple[Any, Interaction | SessionEnd]]] = {}
-
-        async def take(event: Any) -> None:
-            item = decode_feedback(event.value)
-            within_bounds(item.event_time)
-            watermark.observe(item.event_time.timestamp())
-            by_query.setdefault(item.query_event_id, []).append((event, item))
-
-        for event in events:
-            await safely(event, take)
-        for key, items in by_query.items():
-            # The table sends a key's changelog message to the partition of the event being processed, so
-            # that must be one of this key's (they share a partition), not whichever the batch ended on.
-            stream._set_current_event(items[-1][0])
-            await count_feedback(key, items)
-
-    async def count_feedback(key: str, items: Sequence[tuple[Any, Interaction | SessionEnd]]) -> None:
+    async def take_feedback(event: Any) -> None:
+        item = decode_feedback(event.value)
+        within_bounds(item.event_time)
+        watermark.observe(item.event_time.timestamp())
+        key = item.query_event_id
         state = windows.get(key) or attribution.new_state()
-        written = True
-
-        async def count(item: Interaction | SessionEnd) -> None:
-            nonlocal state, written
-            if isinstance(item, SessionEnd):
-                attribution.apply_session_end(state, item)
-            else:
-                outcome = attribution.apply_interaction(state, item, window_s, skew_s)
-                metrics.INTERACTIONS.labels(outcome).inc()
-            written = False
-            if attribution.is_complete(state) and state["status"] == "open":
-                await finalize(key, state, "complete")
-                state, written = windows.get(key) or state, True
-
-        for event, item in items:
-            await safely(event, lambda _event, item=item: count(item))
-        if not written:
+        if isinstance(item, SessionEnd):
+            attribution.apply_session_end(state, item)
+        elif isinstance(item, Interaction):
+            outcome = attribution.apply_interaction(state, item, window_s, skew_s)
+            metrics.INTERACTIONS.labels(outcome).inc()
+        if attribution.is_complete(state) and state["status"] == "open":
+            await finalize(key, state, "complete")
+        else:
             windows[key] = state
 
     @app.agent(built.query_events)
@@ -215,13 +186,8 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
 
     @app.agent(built.interactions)
     async def on_interaction(stream: Any) -> None:
-        # Interactions are nearly all of the traffic (tens per query): taken in batches, each acknowledged
-        # after its whole batch is counted (Faust's take_events), so at-least-once holds as one at a time.
-        batches = stream.take_events(
-            settings.streams.feedback_batch_max, settings.streams.feedback_batch_within_s
-        )
-        async for events in batches:
-            await take_feedback_batch(stream, events)
+        async for event in stream.events():
+            await safely(event, take_feedback)
 
     @app.agent(built.closes)
     async def on_close(stream: Any) -> None:

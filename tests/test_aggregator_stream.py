@@ -5,7 +5,6 @@ stream goes on."""
 from __future__ import annotations
 
 import base64
-import json
 import subprocess
 import sys
 import time
@@ -20,7 +19,6 @@ from qrloop.catalog import Catalog
 from qrloop.events import (
     DeadLetter,
     PreferencePair,
-    QueryOutcome,
     SessionEnd,
     decode,
     encode,
@@ -201,83 +199,3 @@ def test_aggregator_through_the_real_stream(stream_settings: Settings, tmp_path:
     malformed = next(x for x in letters if x.reason == "malformed_json")
     assert base64.b64decode(malformed.original) == b"{not json"
     assert malformed.source_topic == t.query_events
-
-
-def test_a_batch_of_feedback_writes_each_window_once_to_its_own_partition(
-    stream_settings: Settings, tmp_path: Path
-) -> None:
-    """Interactions are counted in batches: a window is written to the table's changelog once per batch, not
-    once per interaction, and always to its own key's partition (the table takes the partition from the
-    event being processed, which in a batch must be one of that key's, not the batch's last)."""
-    settings = stream_settings
-    ids = Catalog.open(settings).dataset.products["product_id"].head(8).tolist()
-    now = datetime.now(UTC)
-    t = settings.topics
-    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
-    partition_of: dict[str, int] = {}
-    feedback_records: dict[str, int] = {}
-    for _ in range(6):
-        query = bracket_query(ids, now)
-        sent = producer.send(t.query_events, key=query.event_id.encode(), value=encode(query))
-        partition_of[query.event_id] = sent.get(timeout=30).partition
-        # Every product of r1's list at every stage: 16 distinct interactions, then the session's end.
-        feedback = [
-            interaction(query, "r1", product, kind, 1 + i)
-            for i, kind in enumerate(("impression", "click", "add_to_cart", "purchase"))
-            for product in query.rewrites[0].products
-        ]
-        end = SessionEnd(
-            query_event_id=query.event_id, shopper_id="s1", interactions_sent=len(feedback), event_time=now
-        )
-        for item in [*feedback, end]:
-            producer.send(t.interactions, key=query.event_id.encode(), value=encode(item))
-        feedback_records[query.event_id] = len(feedback) + 1
-    producer.flush()
-    producer.close()
-    assert len(set(partition_of.values())) == 2, "the queries must span both partitions for the check to bite"
-
-    log = (tmp_path / "aggregator.log").open("wb")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "qrloop", "aggregate"],
-        cwd=REPO_ROOT,
-        env=aggregator_env(settings, tmp_path),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    changelog = f"{settings.streams.app_id}-windows-changelog"
-    writes: dict[str, list[int]] = {key: [] for key in partition_of}
-    closed: set[str] = set()
-    try:
-        outcomes = KafkaConsumer(
-            t.query_outcomes,
-            bootstrap_servers=settings.kafka.bootstrap_servers,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            consumer_timeout_ms=500,
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(closed) < len(partition_of):
-            assert worker.poll() is None, (tmp_path / "aggregator.log").read_text()[-4000:]
-            closed.update(decode(QueryOutcome, m.value).query_event_id for m in outcomes)
-        outcomes.close()
-        assert closed == set(partition_of), "every query is scored"
-        reader = KafkaConsumer(
-            changelog,
-            bootstrap_servers=settings.kafka.bootstrap_servers,
-            auto_offset_reset="earliest",
-            enable_auto_commit=False,
-            consumer_timeout_ms=2000,
-        )
-        for message in reader:
-            key = json.loads(message.key)
-            if key in writes:
-                writes[key].append(message.partition)
-        reader.close()
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
-        log.close()
-    for key, partitions in writes.items():
-        assert set(partitions) == {partition_of[key]}, (key, partitions, partition_of[key])
-        # One at a time, the query, each of its 17 feedback records and the close would write 18 times.
-        assert 2 <= len(partitions) < feedback_records[key] / 2, (key, len(partitions))
