@@ -47,7 +47,9 @@ class RetentionRule:
 @dataclass(frozen=True)
 class RetentionPlan:
     keep: dict[int, list[str]] = field(default_factory=dict)  # version id -> why it is kept
-    archive: list[int] = field(default_factory=list)  # versions whose weights may go, oldest first
+    # Versions whose weights may go, in the order to archive them: adapters first (a base is not archived
+    # while an adapter over it is not, and a base is only dropped with its adapters), oldest first in each.
+    archive: list[int] = field(default_factory=list)
 
 
 def _lineage_root(version_id: int, parents: Mapping[int, int | None]) -> int:
@@ -103,6 +105,8 @@ def plan_retention(
         if kept.kind == "lora":
             mark([version_tag(kept.tags, ADAPTER_BASE_TAG)], "base")
     archive = [
-        v.id for v in sorted(versions, key=lambda v: v.id) if v.id not in keep and v.status != "archived"
+        v.id
+        for v in sorted(versions, key=lambda v: (v.kind != "lora", v.id))
+        if v.id not in keep and v.status != "archived"
     ]
     return RetentionPlan({vid: sorted(set(reasons)) for vid, reasons in keep.items()}, archive)

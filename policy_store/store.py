@@ -823,9 +823,8 @@ class PolicyStore:
         Each archive is its own transaction and refuses a version an alias holds, so an alias moved onto a
         planned version meanwhile wins (the version is reported as skipped); gc runs under the publish lock.
         """
-        versions = self.list()
         plan = plan_retention(
-            versions,
+            self.list(),
             {alias: record.version_id for alias, record in self.aliases().items()},
             self.rollback_targets(),
             now or utcnow(),
@@ -834,10 +833,7 @@ class PolicyStore:
         archived: builtins.list[int] = []
         skipped: builtins.list[int] = []
         reason = f"retention: keep last {rule.keep_last}, younger than {rule.keep_younger_than}"
-        kind_of = {v.id: v.kind for v in versions}
-        # Adapters first (oldest first within each kind): a base is not archived while an adapter over it is
-        # not, and the plan only archives a base whose adapters it archives too.
-        for vid in [] if dry_run else sorted(plan.archive, key=lambda vid: kind_of[vid] != "lora"):
+        for vid in [] if dry_run else plan.archive:
             try:
                 self.archive(vid, reason=reason, actor=actor)
                 archived.append(vid)

@@ -124,22 +124,19 @@ def test_prometheus_scrapes_every_role_of_qrloop_run(
         wait_for(lambda: metric(ports["learn"], "qrloop_dpo_steps_total") >= 1, 180, "a DPO step", log_path)
 
         # What Prometheus scraped: every role up, and the learner's steps through the query API.
-        def scraped_steps() -> float:
-            result = prometheus_query(prometheus_port, "qrloop_dpo_steps_total")
+        def scraped(expression: str) -> float:
+            result = prometheus_query(prometheus_port, expression)
             return max((float(r["value"][1]) for r in result), default=0.0)
 
-        wait_for(lambda: scraped_steps() > 0, 60, "Prometheus to scrape the DPO steps")
+        wait_for(lambda: scraped("qrloop_dpo_steps_total") > 0, 60, "Prometheus to scrape the DPO steps")
         up = {r["metric"]["job"]: float(r["value"][1]) for r in prometheus_query(prometheus_port, "up")}
         assert up == {"serve": 1.0, "aggregate": 1.0, "learn": 1.0, "ui": 1.0}, up
 
         # Each target is scraped on its own schedule: the DPO steps can be in while the serving role's last
         # scrape still predates its 16th query (seen in CI: 15). Wait for its count, then it must be exact.
-        def scraped_served() -> float:
-            served = prometheus_query(prometheus_port, "sum(qrloop_queries_served_total)")
-            return float(served[0]["value"][1]) if served else 0.0
-
-        wait_for(lambda: scraped_served() >= 16, 60, "Prometheus to scrape the 16 queries served")
-        assert scraped_served() == 16
+        served = "sum(qrloop_queries_served_total)"
+        wait_for(lambda: scraped(served) >= 16, 60, "Prometheus to scrape the 16 queries served")
+        assert scraped(served) == 16
         emitted = prometheus_query(prometheus_port, 'qrloop_pairs_emitted_total{job="aggregate"}')
         assert float(emitted[0]["value"][1]) >= 4
         rules = json.loads(get(f"http://127.0.0.1:{prometheus_port}/api/v1/rules")[1])
