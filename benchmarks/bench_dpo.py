@@ -234,23 +234,59 @@ def core_of(model_dir: Path, dpo: DPOSettings, reference: Any = None, **config: 
     return DPOLearnerCore(policy, reference, tokenizer, settings)
 
 
-def reference_terms_side_by_side(core: DPOLearnerCore, repeats: int) -> tuple[list[float], list[float]]:
-    """(from scratch, over the cached system message) seconds to compute the bench's pairs' reference terms
-    one pair at a time, as the learner does while a batch gathers; in turns, after one untimed round."""
+REFERENCE_VARIANTS = ("from scratch, 1 a forward", "1 pair a forward", "in chunks (8, 4, 2, 1, 1)")
+
+
+def reference_terms_side_by_side(core: DPOLearnerCore, repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Seconds to compute the reference terms of the bench's 16 pairs, per variant and arrival: a "burst"
+    (all 16 waiting at once) and "16th alone" (15 prepared as they came; what the 16th pair then waits for).
+
+    Variants: each pair in its own forward from scratch (no system-message cache), each pair in its own
+    forward over the cache (``dpo.reference_batching`` off), and the position chunks the learner uses (on).
+    In turns, one round of each per repeat after an untimed round, so drifting load weighs on all alike."""
     assert core.reference is not None
     reference = core.reference
-    scratch_s, cached_s = [], []
-    for i in range(repeats + 1):
+    times: dict[str, dict[str, list[float]]] = {
+        name: {"burst": [], "16th alone": []} for name in REFERENCE_VARIANTS
+    }
+
+    def prepared(batching: bool, pairs: list[Pair]) -> None:
+        core.config.reference_batching = batching
+        core.prepare_reference(pairs)
+
+    def scratch(pairs: list[Pair]) -> None:
         with torch.no_grad():
-            scratch = timed(
-                lambda: [tree_logprobs(reference, prompt_tree(core.tokenize([p]))) for p in PAIRS]
-            )
-        cached = timed(lambda: core.prepare_reference(PAIRS))
-        core.forget_reference(PAIRS)
-        if i:
-            scratch_s.append(scratch)
-            cached_s.append(cached)
-    return scratch_s, cached_s
+            for pair in pairs:
+                tree_logprobs(reference, prompt_tree(core.tokenize([pair])))
+
+    runs: dict[str, Callable[[list[Pair]], None]] = {
+        REFERENCE_VARIANTS[0]: scratch,
+        REFERENCE_VARIANTS[1]: lambda pairs: prepared(False, pairs),
+        REFERENCE_VARIANTS[2]: lambda pairs: prepared(True, pairs),
+    }
+    for i in range(repeats + 1):
+        for name, run in runs.items():
+            burst, last = burst_and_last(run, core, alone=name == REFERENCE_VARIANTS[0])
+            if i:
+                times[name]["burst"].append(burst)
+                times[name]["16th alone"].append(last)
+    return times
+
+
+def burst_and_last(
+    run: Callable[[list[Pair]], None], core: DPOLearnerCore, alone: bool
+) -> tuple[float, float]:
+    """(all 16 pairs at once, the 16th after the other 15 were prepared) seconds of one variant ``run``;
+    ``alone``: each pair is independent of the others, so the 16th is timed by itself."""
+    burst = timed(lambda: run(PAIRS))
+    core.forget_reference(PAIRS)
+    if alone:
+        return burst, timed(lambda: run(PAIRS[-1:]))
+    for arrived in range(1, len(PAIRS)):
+        run(PAIRS[:arrived])
+    last = timed(lambda: run(PAIRS))
+    core.forget_reference(PAIRS)
+    return burst, last
 
 
 def time_lora_steps(model_dir: Path, dpo: DPOSettings, repeats: int) -> tuple[list[float], int]:
@@ -305,7 +341,7 @@ def main(
 ) -> None:
     """``--policy-dir`` runs on another HF directory (e.g. a tiny model, to check the script quickly);
     ``--no-lora`` leaves the LoRA variant out (a shorter run on a busy machine); ``--reference-only`` times
-    only the reference terms of the pairs, from scratch against over the cached system message."""
+    only the reference terms of the pairs: from scratch, one pair a forward, and in the learner's chunks."""
     settings = get_settings()
     threads = threads or settings.models.torch_threads
     if threads:
@@ -318,13 +354,15 @@ def main(
     print(f"fp32 matmul 1024×1024: {bound:.1f} GFLOP/s")
 
     if reference_only:
-        scratch, cached = reference_terms_side_by_side(core_of(model_dir, settings.dpo), repeats)
-        a, b = statistics.median(scratch), statistics.median(cached)
-        print(
-            f"reference terms of {len(PAIRS)} pairs, one pair at a time (medians of {repeats}): from scratch "
-            f"{a:.2f} s ({a / len(PAIRS):.3f} s a pair), over the cached system message {b:.2f} s "
-            f"({b / len(PAIRS):.3f} s a pair): {a / b:.2f}×; load average {load_average()}"
-        )
+        times = reference_terms_side_by_side(core_of(model_dir, settings.dpo), repeats)
+        print(f"reference terms of {len(PAIRS)} pairs (medians of {repeats}; seconds, then per pair)")
+        for name, arrivals in times.items():
+            burst, last = statistics.median(arrivals["burst"]), statistics.median(arrivals["16th alone"])
+            print(
+                f"  {name:<28} burst of 16: {burst:.2f} s ({burst / len(PAIRS):.3f} s a pair); "
+                f"the 16th after 15 prepared: {last:.2f} s"
+            )
+        print(f"load average {load_average()}")
         return
     config = DPOConfig.from_settings(settings.dpo)
     policy, tokenizer = load_policy(model_dir)

@@ -100,6 +100,10 @@ class DPOConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (TRL's default, 0)."})
     prompt_tree: bool = field(default=_default("prompt_tree"), metadata={"help": _help("prompt_tree")})
     lora_r: int = field(default=_default("lora_r"), metadata={"help": _help("lora_r")})
+    batch_size: int = field(default=_default("batch_size"), metadata={"help": _help("batch_size")})
+    reference_batching: bool = field(
+        default=_default("reference_batching"), metadata={"help": _help("reference_batching")}
+    )
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_target_modules: tuple[str, ...] = field(
         default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata={"help": "Modules that get an adapter."}
@@ -114,6 +118,8 @@ class DPOConfig:
             "prompt_tree": dpo.prompt_tree,
             "rpo_alpha": dpo.rpo_alpha,
             "lora_r": dpo.lora_r,
+            "batch_size": dpo.batch_size,
+            "reference_batching": dpo.reference_batching,
         }
         return cls(**(values | overrides))
 
@@ -475,6 +481,36 @@ def add_lora(model: Any, config: DPOConfig) -> Any:
     return get_peft_model(model, lora)
 
 
+def reference_chunks(batch_size: int) -> list[int]:
+    """Sizes of the chunks of a batch's reference terms, halving towards its end: 16 → 8, 4, 2, 1, 1.
+
+    Why: one forward over several pairs shares the weight reads and fills the matrix products, which pays when
+    pairs arrive in a burst or a backlog (a replay); the last pair, which the step waits for when pairs trickle
+    in, is still computed alone, so that wait is never longer than with one pair a forward."""
+    sizes: list[int] = []
+    left = batch_size
+    while left:
+        sizes.append(max(left // 2, 1))
+        left -= sizes[-1]
+    return sizes
+
+
+def chunk_spans(count: int, batch_size: int, batching: bool = True) -> list[tuple[int, int]]:
+    """(start, end) of the chunks that cover positions 0 .. ``count`` − 1: :func:`reference_chunks` of
+    ``batch_size``, repeated every ``batch_size`` positions (pairs queued past a full batch belong to the
+    next one), or one position each when not ``batching``. The last span may end past ``count``."""
+    sizes = reference_chunks(batch_size) if batching else [1]
+    spans: list[tuple[int, int]] = []
+    start = 0
+    while start < count:
+        for size in sizes:
+            spans.append((start, start + size))
+            start += size
+            if start >= count:
+                break
+    return spans
+
+
 class DPOLearnerCore:
     """Policy + frozen reference + a persistent AdamW: ``step(pairs)`` is one DPO update.
 
@@ -571,10 +607,9 @@ class DPOLearnerCore:
 
     def _system_prefix(self, reference: Any) -> KnownPrefix:
         """The reference's cache of the tokens every prompt starts with (the system message, ~27 of a
-        prompt's ~40 tokens), computed once per core: the reference is frozen for a lineage, and each pair's
-        reference terms are computed alone as it arrives (:meth:`prepare_reference`), so without it every pair
-        would run the system message through the model again (0.39 s a pair at one thread, as long per 16
-        pairs as the step)."""
+        prompt's ~40 tokens), computed once per core: the reference is frozen for a lineage, and a batch's
+        reference terms are computed a few pairs at a time as they arrive (:meth:`prepare_reference`), so
+        without it every chunk would run the system message through the model again."""
         if self._known_prefix is None:
             probes = [
                 self.tokenize([(query, "a", "b")])["input_ids"][0].tolist() for query in ("alpha", "7 zeta")
@@ -583,18 +618,26 @@ class DPOLearnerCore:
             self._known_prefix = known_prefix(reference, probes[0][:shared])
         return self._known_prefix
 
-    def prepare_reference(self, pairs: Sequence[Pair]) -> None:
-        """Compute the reference log-probabilities of pairs as they arrive, off the step's critical path.
+    def prepare_reference(self, pairs: Sequence[Pair], *, final: bool = False) -> None:
+        """Compute the reference log-probabilities of a batch's pairs as they arrive, off the step's path.
 
-        The reference is frozen for a lineage, so a pair's reference terms do not depend on when they are
-        computed. Each pair is computed alone (a batch of one) whether here or, if it was missed, in
-        :meth:`step`, so the result never depends on which other pairs shared a batch or on timing: a resumed
-        learner takes bit-identical steps.
+        ``pairs``: the batch as gathered so far, in order (the learner calls this after every pair it
+        queues). The reference is frozen for a lineage, so a pair's terms do not depend on when they are
+        computed; they are computed in the chunks of :func:`reference_chunks`, fixed by position, each in one
+        forward once its last pair is there (``final``: the step's call, which also computes a chunk the batch
+        leaves short). So a pair's terms depend only on the pairs at the positions of its chunk, never on how
+        the polls grouped the arrivals or on timing: a resumed learner takes bit-identical steps.
         """
-        for pair in pairs:
-            if pair not in self._reference_cache:
-                chosen, rejected = self.reference_logprobs(self.tokenize([pair]))
-                self._reference_cache[pair] = (chosen[0], rejected[0])
+        for start, end in chunk_spans(len(pairs), self.config.batch_size, self.config.reference_batching):
+            chunk = pairs[start:end]
+            if len(chunk) < end - start and not final:
+                break  # its last pair has not arrived yet
+            if all(pair in self._reference_cache for pair in chunk):
+                continue
+            chosen, rejected = self.reference_logprobs(self.tokenize(chunk))
+            for i, pair in enumerate(chunk):
+                # A pair seen at an earlier position (the same texts twice) keeps its first terms.
+                self._reference_cache.setdefault(pair, (chosen[i], rejected[i]))
 
     def forget_reference(self, pairs: Sequence[Pair]) -> None:
         """Drop prepared terms of pairs that will not be trained (already trained: a redelivery)."""
@@ -602,7 +645,7 @@ class DPOLearnerCore:
             self._reference_cache.pop(pair, None)
 
     def _take_reference(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
-        self.prepare_reference(pairs)
+        self.prepare_reference(pairs, final=True)
         chosen, rejected = zip(*(self._reference_cache[pair] for pair in pairs), strict=True)
         for pair in set(pairs):  # the same texts may come twice in one batch (two queries, same rewrites)
             del self._reference_cache[pair]

@@ -223,10 +223,17 @@ class Learner:
         if pair.pair_id in self.pending.ids or any(pair.pair_id in ids for _, ids in self._unpublished):
             log.info("skipping pair %s: already queued or trained since the last publish", pair.pair_id)
             return
-        # A pair's reference terms are fixed for the lineage: computing them now, while the batch is still
-        # gathering, takes the reference forward off the step (the 16th pair → new version latency).
-        self.core.prepare_reference(training_triples([pair], self.settings.dpo.echo_rejected))
+        self.core.tokenize([triple(pair)])  # a pair the tokenizer refuses is dead-lettered alone, here
         self.pending.pairs.append(pair)
+        # A pair's reference terms are fixed for the lineage: computing them now, while the batch is still
+        # gathering, takes the reference forward off the step (the 16th pair → new version latency). The
+        # pending pairs are the step's first triples in order, which fixes the chunks they are computed in;
+        # the echo triples (dpo.echo_rejected) follow them, so theirs wait for the step.
+        try:
+            self.core.prepare_reference([triple(p) for p in self.pending.pairs])
+        except Exception:
+            self.pending.pairs.pop()  # not queued: the step would fail on it again, after every restart
+            raise
         # Exponential moving average (about the last 32 pairs) of the chosen reward, per arm.
         previous = self._reward_avg.get(pair.arm, pair.chosen_reward)
         self._reward_avg[pair.arm] = previous + (pair.chosen_reward - previous) / 32

@@ -271,6 +271,14 @@ class DPOSettings(Group):
         "positions for 16 pairs), the same loss and gradients as TRL's layout to float rounding. false: "
         "TRL's layout, every prompt in both its chosen and its rejected row.",
     )
+    reference_batching: bool = Field(
+        True,
+        description="Compute the frozen reference's terms of arriving pairs in chunks fixed by their "
+        "position in the batch (8, 4, 2, 1, 1 of 16: halving), each chunk in one forward when its last pair "
+        "arrives, instead of one pair per forward: a burst of pairs costs about half, and the step's pairs "
+        "still get bit-identical terms however the polls grouped them (a resumed learner takes the same "
+        "steps). false: one pair per forward.",
+    )
     rpo_alpha: float = Field(
         0.0,
         ge=0,

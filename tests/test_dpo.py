@@ -18,8 +18,10 @@ from learner.dpo import (
     DPOLearnerCore,
     DPOLoss,
     StepStats,
+    chunk_spans,
     dpo_loss,
     prompt_tree,
+    reference_chunks,
     sequence_logprobs,
     tokenize_pairs,
     tree_logprobs,
@@ -358,18 +360,60 @@ def test_prompt_tree_gives_the_plain_layouts_logprobs_and_gradients(
         assert torch.allclose(param.grad, plain_grads[name], rtol=1e-4, atol=1e-6), name
 
 
-def test_reference_terms_prepared_on_arrival_give_the_same_step(tiny_dir: Path) -> None:
-    """Reference log-probabilities computed as pairs arrive (a batch of one each) make the step bit-identical
-    to one that computes them itself, so when they were computed never shows in the weights."""
-    prepared, lazy = core_for(tiny_dir, learning_rate=1e-3), core_for(tiny_dir, learning_rate=1e-3)
-    for pair in PAIRS:
-        prepared.prepare_reference([pair])
-    assert len(prepared._reference_cache) == len(PAIRS)
-    first = prepared.step(PAIRS), lazy.step(PAIRS)
-    assert not prepared._reference_cache, "used terms are dropped"
-    assert first[0].loss == first[1].loss
-    after = snapshot(prepared.policy), snapshot(lazy.policy)
-    assert all(torch.equal(after[0][k], after[1][k]) for k in after[0])
+EIGHT_PAIRS = PAIRS + [(query + " set", chosen + " set", rejected) for query, chosen, rejected in PAIRS]
+
+
+def test_reference_chunks_halve_towards_the_end_of_a_batch_and_repeat_per_batch() -> None:
+    assert reference_chunks(16) == [8, 4, 2, 1, 1]
+    assert reference_chunks(8) == [4, 2, 1, 1]
+    assert reference_chunks(3) == [1, 1, 1] and reference_chunks(1) == [1]
+    # Pairs queued past a full batch start the next batch's chunks; a short count still gets its whole span.
+    assert chunk_spans(11, 8) == [(0, 4), (4, 6), (6, 7), (7, 8), (8, 12)]
+    assert chunk_spans(3, 8, batching=False) == [(0, 1), (1, 2), (2, 3)]
+
+
+def test_reference_terms_do_not_depend_on_how_the_pairs_arrived(tiny_dir: Path) -> None:
+    """The reference terms are computed in chunks fixed by position, so a step is bit-identical whether its
+    pairs were prepared one at a time (as the learner does), in polls of 3 and 5, or not at all; and that is
+    not luck: the terms of the same pairs in one forward differ in the last bits from the chunked ones."""
+    one_by_one, in_polls, lazy = (core_for(tiny_dir, learning_rate=1e-3, batch_size=8) for _ in range(3))
+    for arrived in range(1, 9):
+        one_by_one.prepare_reference(EIGHT_PAIRS[:arrived])
+    in_polls.prepare_reference(EIGHT_PAIRS[:3])
+    in_polls.prepare_reference(EIGHT_PAIRS[:8])
+    chunked = torch.stack([torch.stack(one_by_one._reference_cache[pair]) for pair in EIGHT_PAIRS])
+    together = torch.stack(one_by_one.reference_logprobs(one_by_one.tokenize(EIGHT_PAIRS)), dim=1)
+    assert torch.allclose(chunked, together, atol=1e-4) and not torch.equal(chunked, together)
+    stats = [core.step(EIGHT_PAIRS) for core in (one_by_one, in_polls, lazy)]
+    assert not one_by_one._reference_cache, "used terms are dropped"
+    assert stats[0].loss == stats[1].loss == stats[2].loss
+    weights = [snapshot(core.policy) for core in (one_by_one, in_polls, lazy)]
+    assert all(torch.equal(weights[0][k], other[k]) for other in weights[1:] for k in weights[0])
+
+
+def test_a_chunk_of_reference_terms_is_one_forward_when_its_last_pair_arrives(tiny_dir: Path) -> None:
+    core = core_for(tiny_dir, batch_size=8)
+    assert core.reference is not None
+    calls: list[int] = []  # rows of each forward of the reference
+    forward = core.reference.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        calls.append(int(kwargs["input_ids"].shape[0]))
+        return forward(*args, **kwargs)
+
+    core.reference.forward = counting  # a spy on the real model
+    after: list[list[int]] = []
+    for arrived in range(1, 9):
+        core.prepare_reference(EIGHT_PAIRS[:arrived])
+        after.append(list(calls))
+    assert after[2] == [], "the first chunk (4 pairs) waits for its fourth pair"
+    # Then the system message once, the chunk's prompts (4 rows) and its tails (chosen and rejected: 8 rows).
+    assert after[3] == [1, 4, 8]
+    assert after[4] == after[3] and after[5] == [1, 4, 8, 2, 4]
+    assert after[6] == [1, 4, 8, 2, 4, 1, 2], "the batch's last two pairs are computed alone"
+    assert after[7] == [1, 4, 8, 2, 4, 1, 2, 1, 2]
+    core.step(EIGHT_PAIRS)
+    assert calls == after[7], "the step computed no reference terms of its own"
 
 
 def test_the_reference_reuses_its_system_message_cache_and_gives_the_same_terms(tiny_dir: Path) -> None:
