@@ -49,9 +49,13 @@
 ``latency`` — from a finished demo run's artefacts: for each DPO step (version v ≥ 2 of the run's store),
   the 16th pair is the message just before the offset stored with v on the run's preference-pairs topic
   (``<topic>.<run id>``, see ``qrloop.cli.demo.make_run``); its Kafka timestamp is the start. The ends: the
-  version's ``alias_moved`` announcement on the policy-versions topic, the rewriter's "now serves version v"
-  log line (the swap itself), and the first QueryEvent on the query-events topic with that
-  ``policy_version`` (which also waits for the next shopper to arrive). Median and max over the steps.
+  learner's "DPO step N started" log line (what the pair waited for before its step: the reference terms
+  still to compute), the version's ``alias_moved`` announcement on the policy-versions topic, the rewriter's
+  "now serves version v" log line (the swap itself), and the first QueryEvent on the query-events topic with
+  that
+  ``policy_version`` (which also waits for the next shopper to arrive); the announcement and the first
+  query also as multiples of the step's own time (the learner's "DPO step N: … (X s)" line). Median and max
+  over the steps.
 
 The machine is shared (2 cores): ``--threads`` (default 1) sets torch's threads, and the load average is
 printed before and after every sub-command; timings move with it.
@@ -885,17 +889,47 @@ def read_topic(bootstrap: str, topic: str) -> list[Any]:
 SWAP_LINE = re.compile(r"^(\S+ \S+) INFO qrloop\.rewriter: .*(?:serves|serving) version (\d+)")
 
 
-def swap_times(log: Path) -> dict[int, float]:
-    """version → epoch seconds of the rewriter's swap log line (local time, as logging wrote it)."""
+STEP_LINE = re.compile(r"^(\S+ \S+) INFO qrloop\.learner: DPO step (\d+) started")
+
+
+def log_times(log: Path, pattern: re.Pattern[str]) -> dict[int, float]:
+    """number → epoch seconds of the first log line that ``pattern`` matches with it (group 1 the time, as
+    logging wrote it, local; group 2 the number)."""
     found: dict[int, float] = {}
     if not log.is_file():
         return found
     for line in log.read_text(errors="replace").splitlines():
-        match = SWAP_LINE.match(line)
+        match = pattern.match(line)
         if match:
             when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             found.setdefault(int(match.group(2)), when)
     return found
+
+
+def swap_times(log: Path) -> dict[int, float]:
+    """version → epoch seconds of the rewriter's swap log line."""
+    return log_times(log, SWAP_LINE)
+
+
+STEP_DONE_LINE = re.compile(r"^\S+ \S+ INFO qrloop\.learner: DPO step (\d+): loss .* \(([\d.]+) s\)")
+
+
+def step_seconds(log: Path, store: Any) -> dict[int, float]:
+    """version → seconds of the DPO step that made it, as the learner logged it."""
+    took: dict[int, float] = {}
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            match = STEP_DONE_LINE.match(line)
+            if match:
+                took.setdefault(int(match.group(1)), float(match.group(2)))
+    return {v.id: took[v.train_steps] for v in store.list() if v.train_steps in took}
+
+
+def step_starts(log: Path, store: Any) -> dict[int, float]:
+    """version → epoch seconds of the learner's "DPO step N started" line of the step that made it: what
+    the 16th pair waited for before its step began (the reference terms still to compute, the poll)."""
+    started = log_times(log, STEP_LINE)
+    return {v.id: started[v.train_steps] for v in store.list() if v.train_steps in started}
 
 
 def first_served(records: Sequence[Any]) -> dict[int, float]:
@@ -927,14 +961,17 @@ def announced(records: Sequence[Any], alias: str) -> dict[int, float]:
 
 
 def sixteenth_pairs(store: Any, pairs: Sequence[Any], topic: str) -> dict[int, float]:
-    """version → Kafka timestamp of the last pair its step consumed (the offset stored with it, minus one)."""
+    """version → Kafka timestamp of the last pair its step consumed: of the pairs just before the offsets
+    stored with it, one per partition of the topic, the latest (a partition the batch took nothing from holds
+    an older pair there, so the latest is the batch's own last)."""
     by_offset = {(r.partition, r.offset): r.timestamp / 1000 for r in pairs}
     found: dict[int, float] = {}
     for version in store.list(newest_first=False):
         for key, offset in version.offsets.items():
             name, _, partition = key.rpartition(":")
             if name == topic and (int(partition), offset - 1) in by_offset:
-                found[version.id] = by_offset[(int(partition), offset - 1)]
+                last = by_offset[(int(partition), offset - 1)]
+                found[version.id] = max(found.get(version.id, last), last)
     return found
 
 
@@ -945,29 +982,37 @@ def cmd_latency(args: argparse.Namespace) -> None:
     bootstrap, t = settings.kafka.bootstrap_servers, settings.topics
     store = open_store(settings)
     starts = sixteenth_pairs(store, read_topic(bootstrap, t.preference_pairs), t.preference_pairs)
+    step_started = step_starts(run_dir / "learner.log", store)
+    took = step_seconds(run_dir / "learner.log", store)
     store.close()
     ends = {
+        "step started": step_started,
         "announced": announced(read_topic(bootstrap, t.policy_versions), settings.dpo.alias),
         "swapped (log)": swap_times(run_dir / "rewriter.log"),
         "first served": first_served(read_topic(bootstrap, t.query_events)),
     }
     print(f"== latency: run {run_dir.name}, 16th pair of each step → new version served ==")
-    print(f"{'version':>7} " + " ".join(f"{name + ' s':>16}" for name in ends))
-    deltas: dict[str, list[float]] = {name: [] for name in ends}
+    ratios = ("announced", "first served")  # also as × the step that made the version
+    columns = ["step s", *(f"{name} s" for name in ends), *(f"{name} ×" for name in ratios)]
+    print(f"{'version':>7} " + " ".join(f"{name:>16}" for name in columns))
+    values: dict[str, list[float]] = {name: [] for name in columns}
     for version, start in sorted(starts.items()):
-        cells = []
+        row: dict[str, float] = {"step s": took[version]} if version in took else {}
         for name, times in ends.items():
-            delta = times[version] - start if version in times else None
-            if delta is not None:
-                deltas[name].append(delta)
-            cells.append(f"{delta:>16.2f}" if delta is not None else f"{'—':>16}")
-        print(f"{version:>7} " + " ".join(cells))
+            if version in times:
+                row[f"{name} s"] = times[version] - start
+        for name in ratios:
+            if f"{name} s" in row and version in took:
+                row[f"{name} ×"] = row[f"{name} s"] / took[version]
+        for name, value in row.items():
+            values[name].append(value)
+        print(f"{version:>7} " + " ".join(f"{row[c]:>16.2f}" if c in row else f"{'—':>16}" for c in columns))
     for label, fn in (("median", median), ("max", max)):
-        row = [f"{fn(v):>16.2f}" if v else f"{'—':>16}" for v in deltas.values()]
-        print(f"{label:>7} " + " ".join(row))
+        print(f"{label:>7} " + " ".join(f"{fn(v):>16.2f}" if v else f"{'—':>16}" for v in values.values()))
     print(
-        "(the step itself — DPO, publish, announce — is inside 'announced'; 'first served' also waits for "
-        "the next shopper's query)"
+        "(the step itself — DPO, publish, announce — is inside 'announced'; 'step started' is what the 16th "
+        "pair waited for before it (reference terms left to compute, the poll); 'first served' also waits "
+        "for the next shopper's query)"
     )
 
 
