@@ -6,6 +6,7 @@
 #   scripts/kafka.sh stop      clean shutdown (SIGTERM, then wait); the data directory survives
 #   scripts/kafka.sh status    running or not, and where
 #   scripts/kafka.sh reset     stop and delete the data directory (a fresh, empty cluster on next start)
+#   scripts/kafka.sh cluster-id  the cluster id the storage is (or will be) formatted with
 #
 # Kafka's own command-line tools (the jars of org.apache.kafka:kafka-tools, fetched by install), pointed at
 # the project's broker; any further arguments are passed to the tool:
@@ -111,10 +112,16 @@ EOF
 }
 
 cluster_id() {
-  # A URL-safe base64 UUID, as kafka-storage.sh random-uuid prints, created once per data directory.
+  # A URL-safe base64 UUID, as kafka-storage.sh random-uuid prints, created once per data directory. Like
+  # Kafka's Uuid.randomUuid, never one that starts with "-": the storage tool's parser would take it for an
+  # option ("argument --cluster-id/-t: expected one argument"), which failed a set-up in 1 of 64 ids.
   local f="$home/cluster.id"
-  if [ ! -s "$f" ]; then
-    "$python" -c 'import base64,uuid;print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))' >"$f"
+  if [ ! -s "$f" ] || [ "$(head -c 1 "$f")" = "-" ]; then
+    "$python" -c '
+import base64, uuid
+while (cid := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+    pass
+print(cid)' >"$f"
   fi
   cat "$f"
 }
@@ -206,6 +213,7 @@ case "${1:-}" in
   status) status ;;
   restart) stop; start ;;
   reset) stop; rm -rf "$data" "$home/cluster.id"; log "data directory removed" ;;
+  cluster-id) mkdir -p "$home"; cluster_id ;;
   topics)
     shift
     [ $# -gt 0 ] || set -- --list

@@ -3,6 +3,7 @@ and the clean-up of demo runs' topics (``qrloop kafka clean-runs``, and the demo
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -23,6 +24,20 @@ def kafka_sh(*args: str) -> str:
     result = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"scripts/kafka.sh {' '.join(args)}: {result.stderr[-2000:]}"
     return result.stdout
+
+
+def test_a_cluster_id_that_starts_with_a_dash_is_replaced_once(tmp_path: Path) -> None:
+    """The storage tool's parser takes a cluster id that starts with "-" for an option ("argument
+    --cluster-id/-t: expected one argument"), which failed a CI set-up: 1 random id in 64 starts so. One left
+    by an older script is replaced before formatting, and the new one is kept."""
+    (tmp_path / "cluster.id").write_text("-6HBGqYrTp2wnT-UP50jow\n")
+    env = {**os.environ, "QRLOOP_KAFKA__HOME": str(tmp_path)}
+    command = ["bash", str(SCRIPT), "cluster-id"]
+    runs = [subprocess.run(command, capture_output=True, text=True, timeout=60, env=env) for _ in range(2)]
+    assert all(run.returncode == 0 for run in runs), [run.stderr[-2000:] for run in runs]
+    ids = [run.stdout.strip() for run in runs]
+    assert re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_-]{21}", ids[0]), ids
+    assert ids[1] == ids[0], "created once, then kept"
 
 
 def test_topics_groups_and_consume(kafka_bootstrap: str, unique_topic: str) -> None:
