@@ -52,8 +52,7 @@
   learner's "DPO step N started" log line (what the pair waited for before its step: the reference terms
   still to compute), the version's ``alias_moved`` announcement on the policy-versions topic, the rewriter's
   "now serves version v" log line (the swap itself), and the first QueryEvent on the query-events topic with
-  that
-  ``policy_version`` (which also waits for the next shopper to arrive); the announcement and the first
+  that ``policy_version`` (which also waits for the next shopper to arrive); the announcement and the first
   query also as multiples of the step's own time (the learner's "DPO step N: … (X s)" line). Median and max
   over the steps.
 
@@ -73,7 +72,7 @@ import tempfile
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -892,17 +891,22 @@ SWAP_LINE = re.compile(r"^(\S+ \S+) INFO qrloop\.rewriter: .*(?:serves|serving) 
 STEP_LINE = re.compile(r"^(\S+ \S+) INFO qrloop\.learner: DPO step (\d+) started")
 
 
+def log_matches(log: Path, pattern: re.Pattern[str]) -> Iterator[re.Match[str]]:
+    """The matches of ``pattern`` at the start of each line of ``log``, in order (none if it is missing)."""
+    if log.is_file():
+        for line in log.read_text(errors="replace").splitlines():
+            match = pattern.match(line)
+            if match:
+                yield match
+
+
 def log_times(log: Path, pattern: re.Pattern[str]) -> dict[int, float]:
     """number → epoch seconds of the first log line that ``pattern`` matches with it (group 1 the time, as
     logging wrote it, local; group 2 the number)."""
     found: dict[int, float] = {}
-    if not log.is_file():
-        return found
-    for line in log.read_text(errors="replace").splitlines():
-        match = pattern.match(line)
-        if match:
-            when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
-            found.setdefault(int(match.group(2)), when)
+    for match in log_matches(log, pattern):
+        when = datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        found.setdefault(int(match.group(2)), when)
     return found
 
 
@@ -917,11 +921,8 @@ STEP_DONE_LINE = re.compile(r"^\S+ \S+ INFO qrloop\.learner: DPO step (\d+): los
 def step_seconds(log: Path, store: Any) -> dict[int, float]:
     """version → seconds of the DPO step that made it, as the learner logged it."""
     took: dict[int, float] = {}
-    if log.is_file():
-        for line in log.read_text(errors="replace").splitlines():
-            match = STEP_DONE_LINE.match(line)
-            if match:
-                took.setdefault(int(match.group(1)), float(match.group(2)))
+    for match in log_matches(log, STEP_DONE_LINE):
+        took.setdefault(int(match.group(1)), float(match.group(2)))
     return {v.id: took[v.train_steps] for v in store.list() if v.train_steps in took}
 
 
