@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from learner import worker
-from learner.dpo import DPOLearnerCore, Pair, StepStats, chosen_token_count
+from learner.dpo import Batch, DPOLearnerCore, Pair, StepStats, chosen_token_count
 from policy_store import PolicyStore
 from qrloop.runs import open_store
 from qrloop.settings import Settings, get_settings
@@ -188,6 +188,11 @@ class DataParallelCore:
     @property
     def optimizer(self) -> torch.optim.Optimizer:
         return self.core.optimizer
+
+    def tokenize(self, pairs: Sequence[Pair]) -> Batch:
+        """The learner tokenises each pair it queues alone, so that one the tokenizer refuses is dead-lettered
+        by itself; the ranks tokenise the same way in the step."""
+        return self.core.tokenize(pairs)
 
     def prepare_reference(self, pairs: Sequence[Pair]) -> None:
         """Nothing ahead of the step: each rank computes the reference terms of its own share in the step."""

@@ -484,9 +484,9 @@ def add_lora(model: Any, config: DPOConfig) -> Any:
 def reference_chunks(batch_size: int) -> list[int]:
     """Sizes of the chunks of a batch's reference terms, halving towards its end: 16 → 8, 4, 2, 1, 1.
 
-    Why: one forward over several pairs shares the weight reads and fills the matrix products, which pays when
-    pairs arrive in a burst or a backlog (a replay); the last pair, which the step waits for when pairs trickle
-    in, is still computed alone, so that wait is never longer than with one pair a forward."""
+    Why: one forward over several pairs shares the weight reads and fills the matrix products, which pays
+    when pairs arrive in a burst or a backlog (a replay); the last pair, which the step waits for when pairs
+    trickle in, is still computed alone, so that wait is never longer than with one pair a forward."""
     sizes: list[int] = []
     left = batch_size
     while left:
