@@ -52,6 +52,7 @@ every prompt token once: :func:`prompt_tree` re-lays the same batch and :func:`t
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -499,15 +500,13 @@ def chunk_spans(count: int, batch_size: int, batching: bool = True) -> list[tupl
     """(start, end) of the chunks that cover positions 0 .. ``count`` − 1: :func:`reference_chunks` of
     ``batch_size``, repeated every ``batch_size`` positions (pairs queued past a full batch belong to the
     next one), or one position each when not ``batching``. The last span may end past ``count``."""
-    sizes = reference_chunks(batch_size) if batching else [1]
+    sizes = itertools.cycle(reference_chunks(batch_size) if batching else [1])
     spans: list[tuple[int, int]] = []
     start = 0
     while start < count:
-        for size in sizes:
-            spans.append((start, start + size))
-            start += size
-            if start >= count:
-                break
+        size = next(sizes)
+        spans.append((start, start + size))
+        start += size
     return spans
 
 
