@@ -28,9 +28,7 @@ import statistics
 import struct
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -39,10 +37,9 @@ from typing import TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import create_engine, make_url, text
 
 from policy_store import ADAPTER_BASE_TAG, PolicyStore
-from policy_store.db import upgrade
+from policy_store.db import scratch_postgres_database, upgrade
 from qrloop.models import load_causal_lm
 from qrloop.settings import default_password_file, get_settings, with_stored_password
 
@@ -117,20 +114,6 @@ def change_weights(directory: Path, rep: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- backends
-
-
-@contextmanager
-def fresh_pg_database(server_url: str) -> Iterator[str]:
-    name = f"qrloop_bench_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'create database "{name}"'))
-    try:
-        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'drop database if exists "{name}" with (force)'))
-        admin.dispose()
 
 
 def timed(fn: Callable[[], T], *, sync: bool = False) -> tuple[float, T]:
@@ -229,7 +212,7 @@ def main(
         console.print(f"built artifacts in {time.perf_counter() - start:.1f} s: {description}")
         artifacts = {"135M full": (policy_dir, "full"), "LoRA r=8 q,v": (lora_dir, "lora")}
         results = bench_backend("sqlite", f"sqlite:///{root / 'bench.db'}", artifacts, reps)
-        with fresh_pg_database(pg_server) as pg_url:
+        with scratch_postgres_database(pg_server, "qrloop_bench") as pg_url:
             results += bench_backend("postgresql", pg_url, artifacts, reps)
     console.print(render(results, reps, description))
 

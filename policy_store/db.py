@@ -5,12 +5,15 @@ root passes the URL in."""
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url, text
 
 from policy_store.blobs import private_file
 
@@ -64,3 +67,36 @@ def upgrade(url: str, revision: str = "head") -> None:
 
 def downgrade(url: str, revision: str = "base") -> None:
     command.downgrade(alembic_config(url), revision)
+
+
+@contextmanager
+def scratch_postgres_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on the server of ``server_url`` (whose role may create databases),
+    dropped on exit; yields its URL. For tests and benchmarks."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'create database "{name}"'))
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            drop_postgres_database(conn, name)
+        admin.dispose()
+
+
+def drop_postgres_database(conn: Any, name: str) -> None:
+    """Drop ``name`` even while this role still has sessions open on it.
+
+    Not ``drop database ... with (force)``: that refuses when one of the sessions is an autovacuum worker
+    (its role is none, so a role that is neither superuser nor in pg_signal_backend may not end it). This
+    ends the role's own sessions, waiting up to 5 s for each, and leaves autovacuum to plain ``drop
+    database``, which stops its workers itself."""
+    conn.execute(
+        text(
+            "select pg_terminate_backend(pid, 5000) from pg_stat_activity"
+            " where datname = :name and usename = current_user and pid <> pg_backend_pid()"
+        ),
+        {"name": name},
+    )
+    conn.execute(text(f'drop database if exists "{name}"'))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 from sqlalchemy import create_engine, text
 
+from policy_store.db import scratch_postgres_database
 from qrloop.settings import Settings, default_password_file, mask_secrets, with_stored_password
 from tests.helpers import ISSUED_TOPIC_NAMES, unique_topic_name
 
@@ -89,14 +89,8 @@ def pg_admin_url() -> str:
 @pytest.fixture
 def pg_url(pg_admin_url: str) -> Iterator[str]:
     """A fresh, empty PostgreSQL database for one test, dropped afterwards."""
-    name = f"qrloop_t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg_admin_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'create database "{name}"'))
-    yield pg_admin_url.rsplit("/", 1)[0] + f"/{name}"
-    with admin.connect() as conn:
-        conn.execute(text(f'drop database if exists "{name}" with (force)'))
-    admin.dispose()
+    with scratch_postgres_database(pg_admin_url, "qrloop_t") as url:
+        yield url
 
 
 @pytest.fixture

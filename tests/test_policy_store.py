@@ -41,7 +41,7 @@ from policy_store import (
     VersionNotReadyError,
 )
 from policy_store.cli import build_app
-from policy_store.db import downgrade, make_engine, upgrade
+from policy_store.db import downgrade, make_engine, scratch_postgres_database, upgrade
 from policy_store.models import Base
 from policy_store.retention import RetentionRule
 
@@ -135,6 +135,23 @@ def test_migrations_upgrade_downgrade_upgrade(db_url: str) -> None:
             assert set(sa.inspect(conn).get_table_names()) >= TABLES
     finally:
         engine.dispose()
+
+
+def test_a_scratch_database_is_dropped_while_a_session_on_it_is_still_open(pg_admin_url: str) -> None:
+    """The drop ends the role's own sessions first (a test that forgets to dispose an engine must not leave
+    its database behind, nor fail its teardown)."""
+    with scratch_postgres_database(pg_admin_url, "qrloop_t") as url:
+        left_open = sa.create_engine(url).connect()
+        left_open.execute(sa.text("create table t (x int)"))
+        left_open.commit()
+        name = sa.make_url(url).database
+    admin = sa.create_engine(pg_admin_url)
+    with admin.connect() as conn:
+        remaining = conn.execute(sa.text("select count(*) from pg_database where datname = :n"), {"n": name})
+        assert remaining.scalar_one() == 0
+    admin.dispose()
+    with pytest.raises(sa.exc.OperationalError):  # its session was ended by the drop
+        left_open.execute(sa.text("select 1"))
 
 
 # ---------------------------------------------------------------------------------------- publish and load
