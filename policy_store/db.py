@@ -13,7 +13,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, make_url, text
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 
 from policy_store.blobs import private_file
 
@@ -75,17 +75,17 @@ def scratch_postgres_database(server_url: str, prefix: str) -> Iterator[str]:
     dropped on exit; yields its URL. For tests and benchmarks."""
     name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'create database "{name}"'))
     try:
-        with admin.connect() as conn:
-            conn.execute(text(f'create database "{name}"'))
         yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
-            drop_postgres_database(conn, name)
+            _drop_postgres_database(conn, name)
         admin.dispose()
 
 
-def drop_postgres_database(conn: Any, name: str) -> None:
+def _drop_postgres_database(conn: Connection, name: str) -> None:
     """Drop ``name`` even while this role still has sessions open on it.
 
     Not ``drop database ... with (force)``: that refuses when one of the sessions is an autovacuum worker
