@@ -40,13 +40,13 @@ from qrloop.events import (
     decode_feedback,
     encode,
 )
-from qrloop.relevance import RelevanceModel
+from qrloop.models import encoder_dir
+from qrloop.relevance import RelevanceModel, read_report, relevance_dir
 from qrloop.relevance_threshold import relevant_above
 from qrloop.reload import reload_on_sighup
 from qrloop.settings import Settings, get_settings
 from streams import attribution
 from streams.app import AggregatorApp, create_app
-from streams.background_load import BackgroundLoad
 
 log = logging.getLogger("qrloop.aggregator")
 
@@ -66,29 +66,20 @@ def make_relevance_fn(settings: Settings) -> attribution.CalibratedRelevance:
     return attribution.CalibratedRelevance(relevance, relevant_above(settings, model, catalog.dataset))
 
 
-def install_agents(
-    built: AggregatorApp, relevance: attribution.RelevanceFn | None = None
-) -> BackgroundLoad[attribution.RelevanceFn]:
-    """Install the agents and the timer on ``built``; the returned M1 load (``relevance``, else the
-    configured M1) starts with the worker, and its ``check`` is the role's readiness for scoring."""
+def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | None = None) -> None:
     app, settings, windows = built.app, built.settings, built.windows
-    model = BackgroundLoad(
-        "relevance model M1",
-        (lambda: relevance) if relevance is not None else (lambda: make_relevance_fn(settings)),
-        settings.daemon.backoff_initial_s,
-        settings.daemon.backoff_max_s,
-    )
     window_s, grace_s = settings.streams.attribution_window_s, settings.streams.grace_s
     skew_s = settings.event_time.attribution_skew_s
     watermark = attribution.Watermark(settings.streams.idle_advance_s)
     close_requested: set[str] = set()
+    scorer: dict[str, attribution.RelevanceFn] = {}
     finalizing: set[str] = set()  # keys whose window is being scored and emitted right now
 
-    @app.task
-    async def load_relevance_model() -> None:
-        # From the worker's start, in a thread: the worker joins its group at once and the event loop never
-        # stops for M1 (see streams.background_load).
-        model.start()
+    def relevance_fn() -> attribution.RelevanceFn:
+        # Loaded on first use: the worker joins its group quickly and pays for M1 only when it scores.
+        if "fn" not in scorer:
+            scorer["fn"] = relevance or make_relevance_fn(settings)
+        return scorer["fn"]
 
     async def dead_letter(event: Any, reason: str, error: str) -> None:
         message = event.message
@@ -126,9 +117,7 @@ def install_agents(
             finalizing.discard(key)
 
     async def _finalize(key: str, state: attribution.State, reason: str) -> None:
-        # Waits while M1 is not loaded (yet, or its load keeps failing): the record is not to blame, so it
-        # is neither dead-lettered nor acknowledged, and readiness says why the window waits.
-        relevance = await model.get()
+        relevance = relevance_fn()  # a model that fails to load fails the worker, not this one query
         try:
             scored = attribution.score(state, relevance, settings.rewards)
         except Exception as exc:
@@ -276,19 +265,17 @@ def install_agents(
                     key=key.encode(), value=json.dumps({"key": key, "reason": reason}).encode()
                 )
 
-    return model
 
-
-def default_app() -> tuple[AggregatorApp, BackgroundLoad[attribution.RelevanceFn]]:
-    """The app of the configured settings with its agents installed (what ``qrloop aggregate`` starts), and
-    its M1 load."""
+def default_app() -> AggregatorApp:
+    """The app of the configured settings with its agents installed (what ``qrloop aggregate`` starts)."""
     built = create_app(get_settings())
-    return built, install_agents(built)
+    install_agents(built)
+    return built
 
 
 def run() -> None:
     """Start the aggregator worker (``qrloop aggregate``)."""
-    built, model = default_app()
+    built = default_app()
     settings = built.settings
     heartbeat = health.Heartbeat(settings.daemon.liveness_max_age_s, settings.daemon.liveness_start_grace_s)
 
@@ -301,7 +288,7 @@ def run() -> None:
         settings.streams.metrics_port,
         {
             "broker": health.kafka_check(settings.kafka.bootstrap_servers),
-            "model": model.check,
+            "model": lambda: relevance_model_check(settings),
             "agents": lambda: agents_check(built),
         },
         role="aggregator",
@@ -324,6 +311,17 @@ def agents_check(built: AggregatorApp) -> str:
     return f"{len(built.app.agents)} agents running"
 
 
+def relevance_model_check(settings: Settings) -> str:
+    """M1 loads on the first window scored; ready means its files (or the fallback encoder's) are there."""
+    m1 = relevance_dir(settings)
+    if read_report(m1) is not None:
+        return f"M1 at {m1}"
+    fallback = encoder_dir(settings)
+    if not fallback.is_dir():
+        raise FileNotFoundError(f"neither M1 ({m1}) nor the encoder ({fallback}) is there")
+    return f"cosine fallback at {fallback}"
+
+
 def reload(built: AggregatorApp, fresh: Settings) -> None:
     """Reload what is safe mid-stream: reward weights and tie margin, and the log level. Windows, grace and
     topics are not reloaded: open windows were opened under the old ones."""
@@ -333,4 +331,4 @@ def reload(built: AggregatorApp, fresh: Settings) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    default_app()[0].app.main()
+    default_app().app.main()

@@ -403,8 +403,6 @@ def _publish_as(
 
 
 WARM_START_TAG = "warm start"
-
-
 WARM_START_SPELLING_SHARE = 0.5  # of the SFT pairs: see q2q.with_spelling_share
 
 

@@ -5,7 +5,6 @@ of the module; each test sends its own queries and waits for its own results."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -13,7 +12,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
@@ -29,20 +27,11 @@ from qrloop.events import (
     decode,
     encode,
 )
-from qrloop.models import encoder_dir
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
 from streams import attribution
 from tests.faults.conftest import private_topics
-from tests.helpers import (
-    aggregator_env,
-    bracket_query,
-    free_port,
-    get,
-    interaction,
-    unique_topic_name,
-    wait_for,
-)
+from tests.helpers import aggregator_env, bracket_query, interaction, unique_topic_name
 
 
 @dataclass
@@ -84,8 +73,10 @@ class Worker:
         return [x.reason for x in self.letters if x.original_bytes() == raw]
 
 
-def start_worker(base_settings: Settings, log: Path, env: dict[str, str] | None = None) -> Worker:
-    """A `qrloop aggregate` worker on private topics with short windows (``env`` added to its environment)."""
+@pytest.fixture(scope="module")
+def worker(
+    base_settings: Settings, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
     prefix = unique_topic_name()
     settings = private_topics(base_settings, prefix)
     settings = settings.model_copy(
@@ -104,12 +95,12 @@ def start_worker(base_settings: Settings, log: Path, env: dict[str, str] | None 
         }
     )
     ensure_topics(settings)
+    log = tmp_path_factory.mktemp("agg") / "aggregator.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "qrloop", "aggregate"],
         cwd=REPO_ROOT,
         env=aggregator_env(settings, log.parent)
-        | {"QRLOOP_TOPICS__QUERY_OUTCOMES": settings.topics.query_outcomes}
-        | (env or {}),
+        | {"QRLOOP_TOPICS__QUERY_OUTCOMES": settings.topics.query_outcomes},
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
@@ -125,23 +116,11 @@ def start_worker(base_settings: Settings, log: Path, env: dict[str, str] | None 
     )
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     ids = Catalog.open(settings).dataset.products["product_id"].head(8).tolist()
-    return Worker(settings, process, log, producer, consumer, {}, set(), [], ids)
-
-
-def stop_worker(w: Worker) -> None:
-    w.consumer.close()
-    w.producer.close()
-    w.process.terminate()
-    w.process.wait(timeout=60)
-
-
-@pytest.fixture(scope="module")
-def worker(
-    base_settings: Settings, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Worker]:
-    w = start_worker(base_settings, tmp_path_factory.mktemp("agg") / "aggregator.log")
-    yield w
-    stop_worker(w)
+    yield Worker(settings, process, log, producer, consumer, {}, set(), [], ids)
+    consumer.close()
+    producer.close()
+    process.terminate()
+    process.wait(timeout=60)
 
 
 def closed_with_session_end(w: Worker, event: QueryEvent, raw: bytes | None = None) -> None:
@@ -253,58 +232,3 @@ def test_no_agent_crashed(worker: Worker) -> None:
     """After everything above: the worker is the one started first and Faust never restarted an agent."""
     assert worker.process.poll() is None
     assert "Crashed" not in worker.log.read_text(), worker.log.read_text()[-4000:]
-
-
-def test_windows_wait_for_a_relevance_model_that_is_not_there_yet_and_nothing_is_dead_lettered(
-    base_settings: Settings, kafka_bootstrap: str, tmp_path: Path
-) -> None:
-    """M1's files are missing when the worker starts (being rebuilt, say): its load fails and is retried in a
-    thread, readiness says why, and a completed window waits for the model, neither dead-lettered (the record
-    is not to blame) nor lost. Once the files are there, the window is scored. (Before, the failed load raised
-    in the record's handler, which dead-lettered the valid query as "unprocessable".)"""
-    encoder = tmp_path / "encoder"  # not there yet: the cosine M1 has no encoder to load
-    port = free_port()
-    w = start_worker(
-        base_settings,
-        tmp_path / "aggregator.log",
-        {
-            "QRLOOP_MODELS__RELEVANCE_DIR": str(tmp_path / "no-m1"),
-            "QRLOOP_MODELS__ENCODER_DIR": str(encoder),
-            "QRLOOP_STREAMS__METRICS_PORT": str(port),
-            "QRLOOP_DAEMON__BACKOFF_INITIAL_S": "0.5",
-            "QRLOOP_DAEMON__BACKOFF_MAX_S": "1",
-            "QRLOOP_REWARDS__RELEVANT_ABOVE": "0.5",  # no calibration of τ for this M1
-        },
-    )
-    try:
-        event = bracket_query(w.ids, datetime.now(UTC))
-        w.send(
-            w.settings.topics.interactions,
-            event.event_id,
-            encode(interaction(event, "r1", w.ids[4], "click", 1)),
-        )
-        closed_with_session_end(w, event)
-
-        def model_readiness() -> dict[str, Any]:
-            status, body = get(f"http://127.0.0.1:{port}/readyz")
-            return json.loads(body)["checks"]["model"] if status else {}
-
-        wait_for(
-            lambda: "failed to load (3 attempt" in model_readiness().get("detail", ""),
-            120,
-            "three failed loads of M1",
-            w.log,
-        )
-        w.collect()
-        waiting = model_readiness()
-        assert not waiting["ok"] and "encoder" in waiting["detail"], waiting
-        assert w.letters == [] and event.event_id not in w.scored, [x.reason for x in w.letters]
-
-        encoder.symlink_to(encoder_dir(base_settings), target_is_directory=True)  # the files are back
-        w.wait(lambda: event.event_id in w.scored)
-        assert event.event_id in w.pairs  # r1 got the only click: a pair, scored by the late M1
-        assert w.letters == [], [x.reason for x in w.letters]
-        assert model_readiness()["ok"], model_readiness()
-        assert w.process.poll() is None and "Crashed" not in w.log.read_text()
-    finally:
-        stop_worker(w)
