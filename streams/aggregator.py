@@ -40,8 +40,7 @@ from qrloop.events import (
     decode_feedback,
     encode,
 )
-from qrloop.models import encoder_dir
-from qrloop.relevance import RelevanceModel, read_report, relevance_dir
+from qrloop.relevance import RelevanceModel
 from qrloop.relevance_threshold import relevant_above
 from qrloop.reload import reload_on_sighup
 from qrloop.settings import Settings, get_settings
@@ -66,20 +65,30 @@ def make_relevance_fn(settings: Settings) -> attribution.CalibratedRelevance:
     return attribution.CalibratedRelevance(relevance, relevant_above(settings, model, catalog.dataset))
 
 
-def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | None = None) -> None:
+class ModelLoadError(RuntimeError):
+    """M1 (or the encoder it scores with) could not load: a worker that cannot score must not consume."""
+
+
+def load_relevance(settings: Settings) -> attribution.CalibratedRelevance:
+    """M1, loaded before the worker consumes anything. Loaded on the first window instead, a model that fails
+    to load failed that window's valid query (dead-lettered, and its close request again at every tick), and
+    a slow load stalled every agent of the event loop for its 10-20 s."""
+    try:
+        return make_relevance_fn(settings)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"the aggregator cannot score without its relevance model M1: {type(exc).__name__}: {exc}. "
+            f"Nothing was consumed; check `qrloop doctor` (`qrloop run` restarts this role with backoff)."
+        ) from exc
+
+
+def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> None:
     app, settings, windows = built.app, built.settings, built.windows
     window_s, grace_s = settings.streams.attribution_window_s, settings.streams.grace_s
     skew_s = settings.event_time.attribution_skew_s
     watermark = attribution.Watermark(settings.streams.idle_advance_s)
     close_requested: set[str] = set()
-    scorer: dict[str, attribution.RelevanceFn] = {}
     finalizing: set[str] = set()  # keys whose window is being scored and emitted right now
-
-    def relevance_fn() -> attribution.RelevanceFn:
-        # Loaded on first use: the worker joins its group quickly and pays for M1 only when it scores.
-        if "fn" not in scorer:
-            scorer["fn"] = relevance or make_relevance_fn(settings)
-        return scorer["fn"]
 
     async def dead_letter(event: Any, reason: str, error: str) -> None:
         message = event.message
@@ -117,7 +126,6 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
             finalizing.discard(key)
 
     async def _finalize(key: str, state: attribution.State, reason: str) -> None:
-        relevance = relevance_fn()  # a model that fails to load fails the worker, not this one query
         try:
             scored = attribution.score(state, relevance, settings.rewards)
         except Exception as exc:
@@ -267,16 +275,18 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn | No
 
 
 def default_app() -> AggregatorApp:
-    """The app of the configured settings with its agents installed (what ``qrloop aggregate`` starts)."""
+    """The app of the configured settings with M1 loaded and its agents installed."""
     built = create_app(get_settings())
-    install_agents(built)
+    install_agents(built, load_relevance(built.settings))
     return built
 
 
 def run() -> None:
-    """Start the aggregator worker (``qrloop aggregate``)."""
-    built = default_app()
-    settings = built.settings
+    """Start the aggregator worker (``qrloop aggregate``): its endpoints first (not ready while M1 loads),
+    then M1, then the agents. A model that cannot load stops the worker with the reason before it consumes."""
+    settings = get_settings()
+    built = create_app(settings)
+    model = ModelState()
     heartbeat = health.Heartbeat(settings.daemon.liveness_max_age_s, settings.daemon.liveness_start_grace_s)
 
     # Beaten on the event loop itself: an agent that blocks the loop (or a loop that stops) stops it.
@@ -288,7 +298,7 @@ def run() -> None:
         settings.streams.metrics_port,
         {
             "broker": health.kafka_check(settings.kafka.bootstrap_servers),
-            "model": lambda: relevance_model_check(settings),
+            "model": model.check,
             "agents": lambda: agents_check(built),
         },
         role="aggregator",
@@ -296,11 +306,42 @@ def run() -> None:
     )
     # SIGHUP (Faust handles TERM/INT itself): reward weights and margin act from the next scored window.
     reload_on_sighup("aggregator", lambda fresh: reload(built, fresh))
+    try:
+        install_agents(built, model.load(settings))
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        raise SystemExit(1) from None
     built.app.main()
+
+
+class ModelState:
+    """Readiness of M1 for ``/readyz``: not ready while it loads or when it failed, then what was loaded."""
+
+    def __init__(self) -> None:
+        self.state = "M1 is loading"
+        self.loaded = False
+
+    def load(self, settings: Settings) -> attribution.CalibratedRelevance:
+        started = time.monotonic()
+        try:
+            relevance = load_relevance(settings)
+        except ModelLoadError as exc:
+            self.state = str(exc)
+            raise
+        self.state = f"M1 loaded in {time.monotonic() - started:.1f} s (τ = {relevance.relevant_above:.3f})"
+        self.loaded = True
+        return relevance
+
+    def check(self) -> str:
+        if not self.loaded:
+            raise RuntimeError(self.state)
+        return self.state
 
 
 def agents_check(built: AggregatorApp) -> str:
     """Every agent has a running actor: one that crashed (or has not started yet) makes the role not ready."""
+    if not built.app.agents:
+        raise RuntimeError("agents not installed yet (M1 loads first)")
     problems = []
     for name, agent in built.app.agents.items():
         actors = list(agent._actors)  # Faust keeps no public list of an agent's running actors
@@ -309,17 +350,6 @@ def agents_check(built: AggregatorApp) -> str:
     if problems:
         raise RuntimeError(f"agents not running: {', '.join(problems)}")
     return f"{len(built.app.agents)} agents running"
-
-
-def relevance_model_check(settings: Settings) -> str:
-    """M1 loads on the first window scored; ready means its files (or the fallback encoder's) are there."""
-    m1 = relevance_dir(settings)
-    if read_report(m1) is not None:
-        return f"M1 at {m1}"
-    fallback = encoder_dir(settings)
-    if not fallback.is_dir():
-        raise FileNotFoundError(f"neither M1 ({m1}) nor the encoder ({fallback}) is there")
-    return f"cosine fallback at {fallback}"
 
 
 def reload(built: AggregatorApp, fresh: Settings) -> None:

@@ -73,13 +73,10 @@ class Worker:
         return [x.reason for x in self.letters if x.original_bytes() == raw]
 
 
-@pytest.fixture(scope="module")
-def worker(
-    base_settings: Settings, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Worker]:
-    prefix = unique_topic_name()
+def fault_settings(base_settings: Settings, prefix: str) -> Settings:
+    """Private topics and an app of their own, with windows short enough for a test."""
     settings = private_topics(base_settings, prefix)
-    settings = settings.model_copy(
+    return settings.model_copy(
         update={
             "topics": settings.topics.model_copy(update={"partitions": 2}),
             "streams": settings.streams.model_copy(
@@ -94,13 +91,19 @@ def worker(
             ),
         }
     )
-    ensure_topics(settings)
-    log = tmp_path_factory.mktemp("agg") / "aggregator.log"
+
+
+def worker_env(settings: Settings, folder: Path) -> dict[str, str]:
+    outcomes = settings.topics.query_outcomes
+    return aggregator_env(settings, folder) | {"QRLOOP_TOPICS__QUERY_OUTCOMES": outcomes}
+
+
+def start_worker(settings: Settings, folder: Path) -> Worker:
+    log = folder / "aggregator.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "qrloop", "aggregate"],
         cwd=REPO_ROOT,
-        env=aggregator_env(settings, log.parent)
-        | {"QRLOOP_TOPICS__QUERY_OUTCOMES": settings.topics.query_outcomes},
+        env=worker_env(settings, folder),
         stdout=log.open("wb"),
         stderr=subprocess.STDOUT,
     )
@@ -116,11 +119,25 @@ def worker(
     )
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     ids = Catalog.open(settings).dataset.products["product_id"].head(8).tolist()
-    yield Worker(settings, process, log, producer, consumer, {}, set(), [], ids)
-    consumer.close()
-    producer.close()
-    process.terminate()
-    process.wait(timeout=60)
+    return Worker(settings, process, log, producer, consumer, {}, set(), [], ids)
+
+
+def stop(w: Worker) -> None:
+    w.consumer.close()
+    w.producer.close()
+    w.process.terminate()
+    w.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def worker(
+    base_settings: Settings, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    settings = fault_settings(base_settings, unique_topic_name())
+    ensure_topics(settings)
+    w = start_worker(settings, tmp_path_factory.mktemp("agg"))
+    yield w
+    stop(w)
 
 
 def closed_with_session_end(w: Worker, event: QueryEvent, raw: bytes | None = None) -> None:
@@ -232,3 +249,42 @@ def test_no_agent_crashed(worker: Worker) -> None:
     """After everything above: the worker is the one started first and Faust never restarted an agent."""
     assert worker.process.poll() is None
     assert "Crashed" not in worker.log.read_text(), worker.log.read_text()[-4000:]
+
+
+def test_a_worker_whose_m1_cannot_load_stops_before_consuming_and_loses_nothing(
+    base_settings: Settings, kafka_bootstrap: str, tmp_path: Path
+) -> None:
+    """M1 used to load on the first window: when it could not, that valid query was dead-lettered
+    ("unprocessable"), and its close request again at every tick. Now the worker loads M1 before it consumes,
+    and one that cannot stops with the reason; the query waits in its topic for a worker that can score it."""
+    settings = fault_settings(base_settings, unique_topic_name())
+    ensure_topics(settings)
+    ids = Catalog.open(settings).dataset.products["product_id"].head(8).tolist()
+    event = bracket_query(ids, datetime.now(UTC))
+    end = SessionEnd(
+        query_event_id=event.event_id, shopper_id="s1", interactions_sent=0, event_time=event.event_time
+    )
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    producer.send(settings.topics.query_events, key=event.event_id.encode(), value=encode(event))
+    producer.send(settings.topics.interactions, key=event.event_id.encode(), value=encode(end))
+    producer.flush()
+    producer.close()
+
+    missing = tmp_path / "no-encoder"
+    failed = subprocess.run(
+        [sys.executable, "-m", "qrloop", "aggregate"],
+        cwd=REPO_ROOT,
+        env=worker_env(settings, tmp_path) | {"QRLOOP_MODELS__ENCODER_DIR": str(missing)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert failed.returncode == 1, failed.stdout[-3000:] + failed.stderr[-3000:]
+    assert "cannot score without its relevance model M1" in failed.stdout + failed.stderr
+
+    w = start_worker(settings, tmp_path)
+    try:
+        w.wait(lambda: event.event_id in w.scored, 240)
+        assert w.letters == [], [(x.reason, x.error) for x in w.letters]
+    finally:
+        stop(w)
