@@ -304,24 +304,6 @@ def test_publish_existing_publishes_the_chosen_directory_and_moves_the_alias(
     assert json.loads((out / "report.json").read_text())["published"] == "T/P"
 
 
-def test_the_warm_start_samples_spelling_corrections_at_the_share_asked() -> None:
-    spelling = [QueryPair(f"drils {i}", f"drills {i}", "spelling", 0, "train") for i in range(20)]
-    graph = [QueryPair(f"saw {i}", f"hand saw {i}", "graph", 1, "train") for i in range(180)]
-    pairs = graph[:90] + spelling + graph[90:]  # 10% spelling
-
-    half = q2q.with_spelling_share(pairs, 0.5, seed=7)
-    assert len(half) == 40 and sum(p.origin == "spelling" for p in half) == 20
-    assert set(spelling) <= set(half) and len(set(half)) == 40  # every correction, no pair twice
-    assert half == q2q.with_spelling_share(pairs, 0.5, seed=7)  # seeded
-    assert half != q2q.with_spelling_share(pairs, 0.5, seed=8)
-    quarter = q2q.with_spelling_share(pairs, 0.25, seed=7)
-    assert (len(quarter), sum(p.origin == "spelling" for p in quarter)) == (80, 20)
-    # Already at the share, or no spelling list (CrowdFlower), or nothing else: left as it is.
-    assert q2q.with_spelling_share(pairs, 0.05, seed=7) == pairs
-    assert q2q.with_spelling_share(graph, 0.5, seed=7) == graph
-    assert q2q.with_spelling_share(spelling, 0.5, seed=7) == spelling
-
-
 def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
     tiny: Path, tmp_path: Path, sqlite_url: str
 ) -> None:
@@ -352,8 +334,6 @@ def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
         assert version.tags["published"] == WARM_START_TAG and version.train_steps == 2
         assert version.tags["dataset"] == "homedepot"
         assert version.tags["q2q_train_pairs"] > 1000, "graph and spelling pairs of the real data set"
-        # Half of what the SFT samples from are corrections (21% of the Q2Q set): see the test above.
-        assert version.tags["sft_spelling_pairs"] * 2 == version.tags["sft_pairs"] > 1000, version.tags
         # Another catalog's offline policy takes 'production': each data set still finds its own.
         other = store.publish(tiny, base_model="tiny", tags={"stage": "offline", "dataset": "crowdflower"})
         store.set_alias("production", other.id, reason="test", actor="test")

@@ -403,7 +403,6 @@ def _publish_as(
 
 
 WARM_START_TAG = "warm start"
-WARM_START_SPELLING_SHARE = 0.5  # of the SFT pairs: see q2q.with_spelling_share
 
 
 def warm_start(
@@ -411,14 +410,12 @@ def warm_start(
     *,
     steps: int = 40,
     batch_size: int = 8,
-    spelling_share: float = WARM_START_SPELLING_SHARE,
     base_dir: Path | None = None,
     progress: ProgressLike | None = None,
 ) -> int:
     """A quick stand-in for the full build, for a machine that has none yet: SFT the base policy on the
     unverified Q2Q pairs (graph + spelling, no M1 pass: that pass alone takes minutes) for ``steps`` steps and
-    publish it as ``production``, with spelling corrections at ``spelling_share`` of the pairs it samples
-    from. ``base_dir`` defaults to the prepared SmolLM2. Returns the version id.
+    publish it as ``production``. ``base_dir`` defaults to the prepared SmolLM2. Returns the version id.
 
     Vanilla SmolLM2 answers a query like a chat ("Sure! Here are..."); a few dozen SFT steps are enough to
     teach it the format (a short query back), which is what the online loop needs to start from. The full
@@ -427,9 +424,7 @@ def warm_start(
     out = offline_dir(settings) / "warm-start" / dataset_name(settings)  # one per catalog: never reused
     with quiet_libraries():
         report = build_q2q(settings, use_m1=False, out_dir=out / "q2q")
-        train = q2q_mod.with_spelling_share(
-            read_pairs(out / "q2q" / "train.jsonl"), spelling_share, settings.seed
-        )
+        train = read_pairs(out / "q2q" / "train.jsonl")
         with _bar("warm start: SFT", progress, steps) as advance:
             result = train_sft(
                 base_dir or require_policy(settings),
@@ -448,8 +443,6 @@ def warm_start(
         "published": WARM_START_TAG,
         "dataset": report.dataset,
         "q2q_train_pairs": report.train,
-        "sft_pairs": len(train),
-        "sft_spelling_pairs": sum(p.origin == "spelling" for p in train),
     }
     reason = f"{WARM_START_TAG}: {result.steps} SFT steps on unverified Q2Q pairs (no offline build yet)"
     return _publish_as(settings, out / "policy", "production", result.steps, metrics, tags, reason)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -233,22 +232,6 @@ def write_pairs(pairs: Iterable[QueryPair], path: Path) -> int:
 def read_pairs(path: Path) -> list[QueryPair]:
     with path.open(encoding="utf-8") as fh:
         return [QueryPair(**json.loads(line)) for line in fh if line.strip()]
-
-
-def with_spelling_share(pairs: Sequence[QueryPair], share: float, seed: int) -> list[QueryPair]:
-    """Every spelling pair, and a seeded sample of the others so that spelling pairs make up ``share`` of
-    the result. Unchanged when they already do (or there are none: a catalog without a spelling list).
-
-    Why: the Q2Q set is 21% spelling corrections on Home Depot, and the graph pairs mostly teach restating or
-    drifting ("$ hole saw" -> "milwaukee stone hole drill"). A warm start of 40 steps at 50% corrected 37% of
-    held-out misspellings instead of 23%, more than 200 steps at 21% did (31%); README, "Learning, judged by
-    people"."""
-    spelling = [p for p in pairs if p.origin == "spelling"]
-    others = [p for p in pairs if p.origin != "spelling"]
-    if not spelling or not others or len(spelling) >= share * len(pairs):
-        return list(pairs)
-    keep = min(len(others), int(len(spelling) * (1 - share) / share))
-    return spelling + random.Random(seed).sample(others, keep)
 
 
 # ------------------------------------------------------------------------------------------- the builder
