@@ -6,7 +6,11 @@
 - echo        the query itself (its list is the original's own top 10);
 - correction  the known spelling correction: a rewrite known to be good;
 - drift       another, random training query: a fluent rewrite that leaves the shopper's intent;
-- random      ten random catalog products: drift at its worst (all new, all irrelevant).
+- random      ten random catalog products: drift at its worst (all new, all irrelevant);
+- vN          with ``--run RUN_ID --versions A,B``: the first rewrite versions A and B of that run would serve
+              (seeded, as the rewriter samples it): what DPO actually compares a correction against. If the
+              policy's own rewrites out-earn the correction on misspelled queries, no amount of DPO on this
+              reward teaches spelling.
 
 Every list is scored against the shopper's original query by M1 and judged by ``shoppers`` simulated shoppers
 (the click model, human labels where raters judged the pair), exactly as the aggregator scores a rewrite.
@@ -16,7 +20,8 @@ the same rewrite's reward across shoppers, from which ``rewards.margin`` is set.
 ``pairs --run RUN_ID``: the traffic of one demo run (its own topics) re-attributed with the old reward at the
 old margin and with the new one: ties, echo chosen, served echo rate (the same events, both rewards).
 
-Run: ``python benchmarks/bench_rewards.py [sanity --queries 200 --shoppers 8 | pairs --run RUN_ID]``
+Run: ``python benchmarks/bench_rewards.py [sanity --queries 200 --shoppers 8 [--run RUN_ID --versions A,B] |
+pairs --run RUN_ID]``
 """
 
 from __future__ import annotations
@@ -26,16 +31,20 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from learner.evaluate_online import corrects
 from qrloop import rewards
 from qrloop.catalog import Catalog
 from qrloop.data import is_heldout, source_folder
 from qrloop.events import QueryEvent
 from qrloop.relevance import RelevanceModel
 from qrloop.relevance_threshold import calibration, relevant_above
+from qrloop.runs import open_store
+from qrloop.serving import Rewriter, load_stored_version
 from qrloop.settings import RewardSettings, Settings, get_settings
 from simulators.judge import ClickModelJudge, labelled_or_model
 from simulators.profiles import ProfilePool
@@ -121,7 +130,34 @@ def open_env(settings: Settings, seed: int) -> Env:
     )
 
 
-def sanity(settings: Settings, n_queries: int, shoppers: int, seed: int) -> None:
+def policy_rewrites(
+    settings: Settings, run_dir: Path, versions: str, queries: Sequence[str], engine: SearchEngine
+) -> dict[str, list[str]]:
+    """``vN`` → the first rewrite version N of the run serves for each query (torch seeded per query)."""
+    from bench_learning import pick_two, sampled
+    from bench_online import run_settings
+
+    store = open_store(run_settings(settings, run_dir))
+    out: dict[str, list[str]] = {}
+    try:
+        for version in dict.fromkeys(pick_two(store, versions)):
+            policy = load_stored_version(store, store.get(version))
+            rewriter = Rewriter(policy, engine.search, settings.rewriter, settings.seed)
+            out[f"v{version}"] = [sampled(rewriter, q, settings.seed + i)[0] for i, q in enumerate(queries)]
+            print(f"  v{version}: rewrites sampled", flush=True)
+    finally:
+        store.close()
+    return out
+
+
+def sanity(
+    settings: Settings,
+    n_queries: int,
+    shoppers: int,
+    seed: int,
+    run_dir: Path | None = None,
+    versions: str | None = None,
+) -> None:
     env = open_env(settings, seed)
     threshold = calibration(settings, env.model, env.catalog.dataset)
     tau = relevant_above(settings, env.model, env.catalog.dataset)
@@ -135,7 +171,12 @@ def sanity(settings: Settings, n_queries: int, shoppers: int, seed: int) -> None
     k = settings.rewriter.top_k_products
     train = env.catalog.dataset.train_queries["query"].tolist()
     all_ids = np.array(env.catalog.product_ids)
-    results: dict[str, list[Scores]] = {name: [] for name in LISTS}
+    served = (
+        policy_rewrites(settings, run_dir, versions or "", pairs["query_misspelled"].tolist(), env.engine)
+        if run_dir is not None
+        else {}
+    )
+    results: dict[str, list[Scores]] = {name: [] for name in (*LISTS, *served)}
     for i, (query, corrected) in enumerate(
         zip(pairs["query_misspelled"], pairs["query_corrected"], strict=True), 1
     ):
@@ -148,13 +189,38 @@ def sanity(settings: Settings, n_queries: int, shoppers: int, seed: int) -> None
             "correction": (corrected, env.engine.search(corrected)[:k]),
             "drift": (drift, env.engine.search(drift)[:k]),
             "random": ("(random products)", env.rng.choice(all_ids, size=k, replace=False).tolist()),
-        }
+        } | {name: (texts[i - 1], env.engine.search(texts[i - 1])[:k]) for name, texts in served.items()}
         for name, (text, products) in lists.items():
             results[name].append(judge_list(query, text, original, products, env, tau, shoppers))
     dump = settings.cache_dir / "bench_rewards_sanity.json"
     dump.write_text(json.dumps({k: [asdict(r) for r in rows] for k, rows in results.items()}))
     print(f"(every draw written to {dump})")
-    report(results, settings.rewards, shoppers)
+    report({name: results[name] for name in LISTS}, settings.rewards, shoppers)  # the margin: these four
+    if served:
+        report_policies(pairs, served, results, settings.rewards.margin)
+
+
+def report_policies(
+    pairs: pd.DataFrame, served: dict[str, list[str]], results: dict[str, list[Scores]], margin: float
+) -> None:
+    """Per version: how often its rewrite is the correction, and how the gain ranks the two when it is not."""
+    cases = list(zip(pairs["query_misspelled"], pairs["query_corrected"], strict=True))
+    print(f"\nthe policy's own rewrite against the correction (gain; 'clear': by more than {margin})")
+    columns = f"{'correction > it':>16} {'clear':>7} {'it > correction':>16}"
+    print(f"{'version':<8} {'corrects':>9} {'gain':>7} {columns}")
+    for name, texts in served.items():
+        fixed = np.array([corrects(a, b, t) for (a, b), t in zip(cases, texts, strict=True)])
+        diffs = np.array(
+            [
+                mean_of(c.gain) - mean_of(v.gain)
+                for c, v in zip(results["correction"], results[name], strict=True)
+            ]
+        )[~fixed]
+        print(
+            f"{name:<8} {fixed.mean():>9.1%} {mean_of([g for r in results[name] for g in r.gain]):>7.4f} "
+            f"{(diffs > 0).mean():>16.1%} {(diffs > margin).mean():>7.1%} {(diffs < -margin).mean():>16.1%}"
+        )
+    print("(the last three over the queries whose rewrite does not correct the misspelling)")
 
 
 def mean_of(values: Sequence[float]) -> float:
@@ -304,6 +370,8 @@ def main() -> None:
     s.add_argument("--queries", type=int, default=200)
     s.add_argument("--shoppers", type=int, default=8)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--run", default=None, help="run id of a demo run: add its versions' rewrites")
+    s.add_argument("--versions", default=None, help="FIRST,LAST of --run (default: its first and last)")
     p = sub.add_parser("pairs")
     p.add_argument("--run", required=True, help="run id of a demo run (its directory under <cache>/runs)")
     p.add_argument("--queries", type=int, default=None, help="only the run's first N queries")
@@ -313,7 +381,12 @@ def main() -> None:
         pairs(settings, args.run, args.queries)
     else:
         sanity(
-            settings, getattr(args, "queries", 200), getattr(args, "shoppers", 8), getattr(args, "seed", 0)
+            settings,
+            getattr(args, "queries", 200),
+            getattr(args, "shoppers", 8),
+            getattr(args, "seed", 0),
+            settings.cache_dir / "runs" / args.run if getattr(args, "run", None) else None,
+            getattr(args, "versions", None),
         )
 
 
