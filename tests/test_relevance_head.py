@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from learner.offline.relevance_head import fit_head, train_relevance_head
+from learner.offline.relevance_head import fit_head, outdated, train_relevance_head, with_random_negatives
 from qrloop.cli.doctor import check_relevance_model
-from qrloop.relevance import HEAD_COMMAND, HEAD_KIND, REPORT, RelevanceModel, pair_features
+from qrloop.relevance import HEAD_COMMAND, HEAD_KIND, REPORT, Pairs, RelevanceModel, pair_features
 from qrloop.settings import Settings
 
 
@@ -47,12 +47,36 @@ def test_fit_head_learns_a_known_relevance_from_features() -> None:
     assert shrunk.predict_row(x[400]) == pytest.approx(target[:400].mean(), abs=1e-3)
 
 
+def test_random_negatives_pair_training_queries_with_catalog_products_at_relevance_zero() -> None:
+    labelled = Pairs(
+        ["drill", "saw"], ["cordless drill", "hand saw"], np.array([1.0, 0.67], dtype=np.float32)
+    )
+    catalog = [f"product {i}" for i in range(50)]
+    pairs = with_random_negatives(labelled, catalog, 20, seed=3)
+    assert len(pairs) == 22 and pairs.queries[:2] == labelled.queries and pairs.texts[:2] == labelled.texts
+    assert pairs.targets.tolist() == pytest.approx([1.0, 0.67] + [0.0] * 20)
+    assert set(pairs.queries[2:]) <= {"drill", "saw"} and set(pairs.texts[2:]) <= set(catalog)
+    assert len(set(pairs.texts[2:])) > 10, "spread over the catalog, not one product"
+    assert with_random_negatives(labelled, catalog, 20, seed=3).texts == pairs.texts  # seeded
+    assert with_random_negatives(labelled, catalog, 0, seed=3) is labelled
+
+
+def test_set_up_retrains_only_a_head_trained_without_random_negatives() -> None:
+    assert outdated({"kind": HEAD_KIND, "dataset": "homedepot"})
+    assert not outdated({"kind": HEAD_KIND, "dataset": "homedepot", "random_negatives": 2000})
+    assert not outdated({"kind": "bi-encoder", "dataset": "homedepot"}), "a fine-tuned M1 is left alone"
+
+
 def test_a_trained_head_loads_scores_deterministically_and_passes_the_doctor(
     base_settings: Settings, tmp_path: Path
 ) -> None:
     settings = with_m1_dir(base_settings, tmp_path / "m1")
-    report = train_relevance_head(settings, max_pairs=300, l2=100.0, heldout_max_queries=3, baseline=False)
-    assert report["kind"] == HEAD_KIND and report["train_pairs"] == 300
+    report = train_relevance_head(
+        settings, max_pairs=300, negatives=100, l2=100.0, heldout_max_queries=3, baseline=False
+    )
+    assert report["kind"] == HEAD_KIND and report["train_pairs"] == 300 and report["random_negatives"] == 100
+    assert set(report["heldout_scores"]) == {"labelled_mean", "random_product_mean"}
+    assert not outdated(report)
     assert report["dataset"] == "homedepot" and report["heldout"]["queries"] == 3
     assert not (tmp_path / "m1.tmp").exists(), "the finished head replaced its temporary directory"
     assert check_relevance_model(settings).ok

@@ -13,6 +13,12 @@ pairs: plain cosine 0.311 Spearman; ridge λ = 1,000 / 10,000 / 30,000 / 100,000
 (16-64 units, BCE, Adam, 60-200 epochs, weight decay 0.01-0.1): 0.238-0.285, worse than the cosine it starts
 from, as it learns the training queries rather than relevance. Hence ridge, λ = 10,000.
 
+The labels are all products Home Depot's own search showed for the query, so without more the head never sees
+an unrelated product and scores one near the labels' mean (0.445 for ten random products against 0.596 for
+the query's own top 10: bench_rewards.py sanity). The simulated shoppers click by M1 where no rater judged a
+product, so random lists were clicked half as often as a spelling fix's. ``negatives`` random catalog
+products, each paired with a random training query at relevance 0, teach it what unrelated looks like.
+
 Scoring lives in the kernel (``qrloop.relevance``, kind ``head``): product embeddings cached, one query
 encoding per list, each product's score computed from its own row only (whatever was scored before).
 """
@@ -27,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from learner.offline.relevance import evaluate, heldout_queries
+from learner.offline.relevance import HeldoutQuery, evaluate, heldout_queries
 from qrloop.data import load_prepared
 from qrloop.models import load_encoder
 from qrloop.relevance import (
@@ -45,6 +51,13 @@ from qrloop.relevance import (
     training_pairs,
 )
 from qrloop.settings import Settings
+
+RANDOM_NEGATIVES = 2_000  # a quarter of the 8,000 labelled pairs: see the module's docstring
+
+
+def outdated(report: dict[str, Any]) -> bool:
+    """A head trained before random negatives: set-up retrains it (a fine-tuned M1 is left alone)."""
+    return report.get("kind") == HEAD_KIND and "random_negatives" not in report
 
 
 def embed_unique(encoder: Any, texts: list[str], batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -64,6 +77,29 @@ def features_of(pairs: Pairs, vectors: dict[str, np.ndarray]) -> np.ndarray:
     return np.stack(rows).astype(np.float32)
 
 
+def with_random_negatives(pairs: Pairs, product_texts: list[str], count: int, seed: int) -> Pairs:
+    """``pairs`` and ``count`` (random training query, random catalog product, relevance 0) triples. A random
+    product is almost never relevant to a random query; the few that are cost less than never seeing one."""
+    if count <= 0:
+        return pairs
+    rng = np.random.default_rng(seed)
+    queries = [pairs.queries[i] for i in rng.integers(len(pairs), size=count)]
+    texts = [product_texts[i] for i in rng.integers(len(product_texts), size=count)]
+    targets = np.concatenate([pairs.targets, np.zeros(count, dtype=pairs.targets.dtype)])
+    return Pairs([*pairs.queries, *queries], [*pairs.texts, *texts], targets)
+
+
+def random_product_scores(
+    score: Any, heldout: list[HeldoutQuery], product_texts: list[str], seed: int
+) -> dict[str, float]:
+    """Mean M1 score of each held-out query's labelled products and of one random catalog product per query:
+    how far below the labelled (shown, mostly relevant) products an unrelated product lands."""
+    rng = np.random.default_rng(seed)
+    labelled = [float(x) for q in heldout for x in score(q.query, q.texts)]
+    unrelated = [float(score(q.query, [product_texts[rng.integers(len(product_texts))]])[0]) for q in heldout]
+    return {"labelled_mean": float(np.mean(labelled)), "random_product_mean": float(np.mean(unrelated))}
+
+
 def fit_head(features: np.ndarray, targets: np.ndarray, *, l2: float = 10_000.0) -> Head:
     """Ridge regression of the targets on the standardised features (closed form, deterministic)."""
     x = features.astype(np.float64)
@@ -79,6 +115,7 @@ def train_relevance_head(
     settings: Settings,
     *,
     max_pairs: int = 8_000,
+    negatives: int = RANDOM_NEGATIVES,
     l2: float = 10_000.0,
     heldout_max_queries: int | None = 500,
     baseline: bool = True,
@@ -88,7 +125,9 @@ def train_relevance_head(
     also written beside the weights (its presence marks the directory complete)."""
     apply_torch_threads(settings)
     dataset = load_prepared(settings)
-    pairs = training_pairs(dataset, max_pairs, settings.seed)
+    product_texts = dataset.products["text"].tolist()
+    labelled = training_pairs(dataset, max_pairs, settings.seed)
+    pairs = with_random_negatives(labelled, product_texts, negatives, settings.seed)
     out = out_dir if out_dir is not None else relevance_dir(settings)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -105,8 +144,9 @@ def train_relevance_head(
     report: dict[str, Any] = {
         "kind": HEAD_KIND,
         "dataset": dataset.name,
-        "train_pairs": len(pairs),
-        "train_queries": len(set(pairs.queries)),
+        "train_pairs": len(labelled),
+        "train_queries": len(set(labelled.queries)),
+        "random_negatives": negatives,
         "l2": l2,
         "max_length": MAX_LENGTH,
         "encode_seconds": round(encode_s, 1),
@@ -114,6 +154,9 @@ def train_relevance_head(
         "train_cpu_seconds": round(train_cpu_s, 1),  # independent of how busy a shared machine is
         "heldout": evaluate(load_scorer(tmp, HEAD_KIND, settings), heldout, settings.seed),
     }
+    report["heldout_scores"] = random_product_scores(
+        load_scorer(tmp, HEAD_KIND, settings), heldout, product_texts, settings.seed
+    )
     if baseline:
         report["heldout_cosine_baseline"] = evaluate(cosine_scorer(settings), heldout, settings.seed)
     report["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -137,14 +137,18 @@ def models_train_relevance_head(
     baseline: bool = typer.Option(False, help="Also score the plain cosine on the held-out labels."),
 ) -> None:
     """Train M1 as a small head on frozen MiniLM embeddings (training-split labels; about a minute on CPU).
-    Skips when the data set already has a trained M1 (head or fine-tuned), so set-up can run it every time."""
-    from learner.offline.relevance_head import train_relevance_head
+    Skips when the data set already has a trained M1 (head or fine-tuned), so set-up can run it every time;
+    a head trained before random negatives is retrained."""
+    from learner.offline.relevance_head import outdated, train_relevance_head
     from qrloop import relevance
 
     settings = get_settings()
     folder = relevance.relevance_dir(settings)
     report = relevance.read_report(folder)
-    if report is not None and relevance.report_problem(report, settings) is None and not force:
+    usable = report is not None and relevance.report_problem(report, settings) is None
+    if usable and report is not None and outdated(report):
+        console.print(f"relevance model M1 in {folder} was trained without random negatives: retraining")
+    elif usable and report is not None and not force:
         console.print(f"[green]relevance model M1 already trained[/] ({report.get('kind')}) in {folder}")
         return
     report = train_relevance_head(settings, max_pairs=max_pairs, baseline=baseline)
