@@ -141,6 +141,7 @@ def train_relevance_head(
     head.save(tmp / HEAD_FILE)
     train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
     heldout = heldout_queries(dataset, heldout_max_queries, settings.seed)
+    trained = load_scorer(tmp, HEAD_KIND, settings)  # as the aggregator will load it, from the saved files
     report: dict[str, Any] = {
         "kind": HEAD_KIND,
         "dataset": dataset.name,
@@ -152,11 +153,9 @@ def train_relevance_head(
         "encode_seconds": round(encode_s, 1),
         "train_seconds": round(train_s, 1),
         "train_cpu_seconds": round(train_cpu_s, 1),  # independent of how busy a shared machine is
-        "heldout": evaluate(load_scorer(tmp, HEAD_KIND, settings), heldout, settings.seed),
+        "heldout": evaluate(trained, heldout, settings.seed),
+        "heldout_scores": random_product_scores(trained, heldout, product_texts, settings.seed),
     }
-    report["heldout_scores"] = random_product_scores(
-        load_scorer(tmp, HEAD_KIND, settings), heldout, product_texts, settings.seed
-    )
     if baseline:
         report["heldout_cosine_baseline"] = evaluate(cosine_scorer(settings), heldout, settings.seed)
     report["total_seconds"] = round(time.perf_counter() - started, 1)
