@@ -131,7 +131,7 @@ def open_env(settings: Settings, seed: int) -> Env:
 
 
 def policy_rewrites(
-    settings: Settings, run_dir: Path, versions: str, queries: Sequence[str], engine: SearchEngine
+    settings: Settings, run_dir: Path, versions: str | None, queries: Sequence[str], engine: SearchEngine
 ) -> dict[str, list[str]]:
     """``vN`` → the first rewrite version N of the run serves for each query (torch seeded per query)."""
     from bench_learning import pick_two, sampled
@@ -172,7 +172,7 @@ def sanity(
     train = env.catalog.dataset.train_queries["query"].tolist()
     all_ids = np.array(env.catalog.product_ids)
     served = (
-        policy_rewrites(settings, run_dir, versions or "", pairs["query_misspelled"].tolist(), env.engine)
+        policy_rewrites(settings, run_dir, versions, pairs["query_misspelled"].tolist(), env.engine)
         if run_dir is not None
         else {}
     )

@@ -43,6 +43,7 @@ from qrloop.relevance import (
     REPORT,
     Head,
     Pairs,
+    Scorer,
     apply_torch_threads,
     cosine_scorer,
     load_scorer,
@@ -90,7 +91,7 @@ def with_random_negatives(pairs: Pairs, product_texts: list[str], count: int, se
 
 
 def random_product_scores(
-    score: Any, heldout: list[HeldoutQuery], product_texts: list[str], seed: int
+    score: Scorer, heldout: list[HeldoutQuery], product_texts: list[str], seed: int
 ) -> dict[str, float]:
     """Mean M1 score of each held-out query's labelled products and of one random catalog product per query:
     how far below the labelled (shown, mostly relevant) products an unrelated product lands."""

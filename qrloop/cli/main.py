@@ -145,12 +145,12 @@ def models_train_relevance_head(
     settings = get_settings()
     folder = relevance.relevance_dir(settings)
     report = relevance.read_report(folder)
-    usable = report is not None and relevance.report_problem(report, settings) is None
-    if usable and report is not None and outdated(report):
-        console.print(f"relevance model M1 in {folder} was trained without random negatives: retraining")
-    elif usable and report is not None and not force:
-        console.print(f"[green]relevance model M1 already trained[/] ({report.get('kind')}) in {folder}")
-        return
+    if report is not None and relevance.report_problem(report, settings) is None:
+        if outdated(report):
+            console.print(f"relevance model M1 in {folder} was trained without random negatives: retraining")
+        elif not force:
+            console.print(f"[green]relevance model M1 already trained[/] ({report.get('kind')}) in {folder}")
+            return
     report = train_relevance_head(settings, max_pairs=max_pairs, baseline=baseline)
     console.print_json(json.dumps(report, default=str))
 

@@ -93,6 +93,11 @@ def fault_settings(base_settings: Settings, prefix: str) -> Settings:
     )
 
 
+def catalog_ids(settings: Settings) -> list[str]:
+    """Eight real catalog product ids, for the lists of the test queries."""
+    return list(Catalog.open(settings).dataset.products["product_id"].head(8).tolist())
+
+
 def worker_env(settings: Settings, folder: Path) -> dict[str, str]:
     outcomes = settings.topics.query_outcomes
     return aggregator_env(settings, folder) | {"QRLOOP_TOPICS__QUERY_OUTCOMES": outcomes}
@@ -118,8 +123,7 @@ def start_worker(settings: Settings, folder: Path) -> Worker:
         consumer_timeout_ms=300,
     )
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
-    ids = Catalog.open(settings).dataset.products["product_id"].head(8).tolist()
-    return Worker(settings, process, log, producer, consumer, {}, set(), [], ids)
+    return Worker(settings, process, log, producer, consumer, {}, set(), [], catalog_ids(settings))
 
 
 def stop(w: Worker) -> None:
@@ -140,13 +144,23 @@ def worker(
     stop(w)
 
 
-def closed_with_session_end(w: Worker, event: QueryEvent, raw: bytes | None = None) -> None:
-    t = w.settings.topics
-    w.send(t.query_events, event.event_id, raw if raw is not None else encode(event))
+def session_closed(
+    settings: Settings, event: QueryEvent, raw: bytes | None = None
+) -> list[tuple[str, str, bytes]]:
+    """(topic, key, value) of a query whose session ends without an interaction: its event, its SessionEnd."""
+    t = settings.topics
     end = SessionEnd(
         query_event_id=event.event_id, shopper_id="s1", interactions_sent=0, event_time=event.event_time
     )
-    w.send(t.interactions, event.event_id, encode(end))
+    return [
+        (t.query_events, event.event_id, raw if raw is not None else encode(event)),
+        (t.interactions, event.event_id, encode(end)),
+    ]
+
+
+def closed_with_session_end(w: Worker, event: QueryEvent, raw: bytes | None = None) -> None:
+    for topic, key, value in session_closed(w.settings, event, raw):
+        w.send(topic, key, value)
 
 
 def test_poison_records_are_dead_lettered_and_the_stream_goes_on(worker: Worker) -> None:
@@ -259,14 +273,10 @@ def test_a_worker_whose_m1_cannot_load_stops_before_consuming_and_loses_nothing(
     and one that cannot stops with the reason; the query waits in its topic for a worker that can score it."""
     settings = fault_settings(base_settings, unique_topic_name())
     ensure_topics(settings)
-    ids = Catalog.open(settings).dataset.products["product_id"].head(8).tolist()
-    event = bracket_query(ids, datetime.now(UTC))
-    end = SessionEnd(
-        query_event_id=event.event_id, shopper_id="s1", interactions_sent=0, event_time=event.event_time
-    )
+    event = bracket_query(catalog_ids(settings), datetime.now(UTC))
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
-    producer.send(settings.topics.query_events, key=event.event_id.encode(), value=encode(event))
-    producer.send(settings.topics.interactions, key=event.event_id.encode(), value=encode(end))
+    for topic, key, value in session_closed(settings, event):
+        producer.send(topic, key=key.encode(), value=value)
     producer.flush()
     producer.close()
 
