@@ -9,7 +9,8 @@ serves the versions and feeds them in; the tests feed hand-made data).
 - **labelled products shown**, and their mean human grade: how much of each list raters judged, and how well.
 - **spelling**: a rewrite corrects a known misspelling when it holds every word the correction changed and
   none of the misspelled words it replaced (so "cordless drill kit" corrects "cordles drill"; "cordles drill"
-  does not).
+  does not). ``spelling_signal`` counts the same during a run: known misspellings served, corrected, and
+  the pairs that rank a correction against a rewrite that is not one.
 - **paired bootstrap**: the mean per-query difference of two policies and its 95% interval.
 """
 
@@ -126,6 +127,51 @@ def corrected_share(cases: Sequence[tuple[str, str]], rewrites: Sequence[Sequenc
         any(corrects(wrong, right, r) for r in rs) for (wrong, right), rs in zip(cases, rewrites, strict=True)
     )
     return hits, len(cases)
+
+
+@dataclass(frozen=True)
+class SpellingSignal:
+    """What a run could learn about spelling: how often shoppers typed a known misspelling, how often a served
+    rewrite corrected it, and which way the pairs built on those queries pointed."""
+
+    misspelled: int  # served queries that are known misspellings
+    corrected: int  # ... of which at least one served rewrite corrects the misspelling
+    pairs: int  # preference pairs on known misspellings
+    chose_fix: int  # ... whose chosen rewrite corrects and whose rejected one does not
+    rejected_fix: int  # ... the other way round
+
+    def __str__(self) -> str:
+        return (
+            f"known misspellings served {self.misspelled}, corrected by a served rewrite {self.corrected}; "
+            f"pairs on them {self.pairs}: the correction chosen {self.chose_fix}, "
+            f"rejected {self.rejected_fix}"
+        )
+
+
+def spelling_signal(
+    corrections: Mapping[str, str],
+    served: Iterable[tuple[str, Sequence[str]]],
+    pairs: Iterable[tuple[str, str, str]],
+) -> SpellingSignal:
+    """Count a run's spelling evidence. ``corrections``: normalised misspelled query → its correction;
+    ``served``: (query, its served rewrites); ``pairs``: (query, chosen, rejected). A pair teaches the
+    correction only when exactly one side corrects: where both or neither do, it ranks something else."""
+    misspelled = corrected = 0
+    for query, rewrites in served:
+        fix = corrections.get(normalise_query(query))
+        if fix is not None:
+            misspelled += 1
+            corrected += any(corrects(query, fix, r) for r in rewrites)
+    on_misspelled = chose_fix = rejected_fix = 0
+    for query, chosen, rejected in pairs:
+        fix = corrections.get(normalise_query(query))
+        if fix is None:
+            continue
+        on_misspelled += 1
+        chosen_fixes, rejected_fixes = corrects(query, fix, chosen), corrects(query, fix, rejected)
+        chose_fix += chosen_fixes and not rejected_fixes
+        rejected_fix += rejected_fixes and not chosen_fixes
+    return SpellingSignal(misspelled, corrected, on_misspelled, chose_fix, rejected_fix)
 
 
 def paired_stats(first: np.ndarray, last: np.ndarray, seed: int, resamples: int = 10_000) -> dict[str, float]:

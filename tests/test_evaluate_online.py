@@ -18,6 +18,7 @@ from learner.evaluate_online import (
     paired_stats,
     recall,
     relevant_products,
+    spelling_signal,
     summarise_recall,
 )
 
@@ -68,6 +69,26 @@ def test_a_rewrite_corrects_a_misspelling_when_it_has_the_fixed_words_and_not_th
     assert not corrects("sheet meatal", "Sheet  Meatal", "sheet meatal"), "only a case change: not a case"
     cases = [("cordles drill", "cordless drill"), ("bulk calking", "bulk caulking")]
     assert corrected_share(cases, [["cordles drill", "cordless drill"], ["bulk calking"]]) == (1, 2)
+
+
+def test_the_spelling_signal_counts_only_pairs_where_exactly_one_side_corrects() -> None:
+    corrections = {"cordles drill": "cordless drill", "bulk calking": "bulk caulking"}
+    served = [
+        ("Cordles  Drill", ["cordless drill", "drill kit"]),  # a known misspelling, corrected
+        ("bulk calking", ["bulk calking tube", "caulk"]),  # a known misspelling, not corrected
+        ("angle bracket", ["corner brace", "angle iron"]),  # spelled right: not counted
+    ]
+    pairs = [
+        ("cordles drill", "cordless drill", "drill kit"),  # teaches the fix
+        ("cordles drill", "drill kit", "cordless drill kit"),  # teaches against it
+        ("cordles drill", "cordless drill", "cordless drills"),  # both correct: ranks something else
+        ("bulk calking", "caulk", "bulk calking tube"),  # neither corrects
+        ("angle bracket", "corner brace", "angle iron"),  # not a misspelling
+    ]
+    signal = spelling_signal(corrections, served, pairs)
+    assert (signal.misspelled, signal.corrected) == (2, 1)
+    assert (signal.pairs, signal.chose_fix, signal.rejected_fix) == (4, 1, 1)
+    assert "corrected by a served rewrite 1" in str(signal)
 
 
 def test_paired_bootstrap_brackets_a_known_shift_and_not_noise() -> None:

@@ -9,6 +9,7 @@ gain (rightly) scores as ties; this test is about the loop's plumbing, not about
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from rich.console import Console
 
 from learner.dpo import sequence_logprobs, tokenize_pairs
 from learner.ledger import pairs_of_version
+from learner.offline.q2q import known_corrections
 from qrloop.cli.demo import DEMO_LORA_R, run_demo
+from qrloop.data import normalise_query
 from qrloop.models import build_tiny_policy, load_stored_policy, require_policy
 from qrloop.runs import open_store
 from qrloop.settings import Settings
@@ -84,5 +87,11 @@ def test_sixty_four_queries_train_and_serve_new_versions(
     # The rewriter picked up new versions after their announcements.
     served = {v for v in progress.served_versions if v is not None}
     assert served & {v.id for v in trained}, f"the rewriter only ever served {served}"
+
+    # The run's summary says how much spelling evidence it saw: the known misspellings among its queries.
+    summary = json.loads((progress.run.run_dir / "summary.json").read_text())
+    corrections = known_corrections(progress.run.settings)
+    typed = sum(normalise_query(query) in corrections for query, _ in progress.served_texts)
+    assert summary["spelling"]["misspelled"] == typed and len(progress.served_texts) == 64
     store.close()
     shutil.rmtree(progress.run.run_dir)  # the run's weights live in it

@@ -184,6 +184,16 @@ def read_spelling_pairs(path: Path) -> pd.DataFrame:
     return pairs.reset_index(drop=True)
 
 
+def known_corrections(settings: Settings) -> dict[str, str]:
+    """The data set's misspelling list as normalised misspelled query → its correction (empty where the data
+    set ships none): what a run's served rewrites and pairs are checked against."""
+    path = source_folder(settings) / SPELLING_FILE
+    if not path.is_file():
+        return {}
+    table = read_spelling_pairs(path)
+    return {normalise_query(a): b for a, b in zip(table["query_a"], table["query_b"], strict=True)}
+
+
 # -------------------------------------------------------------------------------------- directed + split
 
 

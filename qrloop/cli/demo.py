@@ -15,7 +15,7 @@ import json
 import socket
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as Bars
 from rich.table import Table
 
+from learner.evaluate_online import SpellingSignal, spelling_signal
 from learner.offline.build import warm_start
+from learner.offline.q2q import known_corrections
 from policy_store import PolicyStore, PolicyVersion, UnknownAliasError, db
 from qrloop import data, models
 from qrloop.cli.doctor import check_kafka
@@ -202,6 +204,7 @@ class Progress:
     served_echoes: list[int] = field(default_factory=list)
     served_same: list[bool] = field(default_factory=list)
     served_resampled: list[bool] = field(default_factory=list)
+    served_texts: list[tuple[str, list[str]]] = field(default_factory=list)  # (query, its served rewrites)
     ties: int = 0
     prompts: list[str] = field(default_factory=list)
     chosen_texts: list[str] = field(default_factory=list)
@@ -251,6 +254,7 @@ def absorb(progress: Progress, run: RunLayout, records: dict[TopicPartition, lis
                 progress.served_echoes.append(sum(is_echo(event.query, r.text) for r in event.rewrites))
                 progress.served_same.append(same_text(event.rewrites[0].text, event.rewrites[1].text))
                 progress.served_resampled.append(any(r.draw > 1 for r in event.rewrites))
+                progress.served_texts.append((event.query, [r.text for r in event.rewrites]))
             elif tp.topic == topics.preference_pairs:
                 pair = decode(PreferencePair, message.value)
                 progress.pairs += 1
@@ -417,7 +421,6 @@ def finish(run: RunLayout, progress: Progress, console: Console) -> Path:
     console.print(exploration_by_version(progress))
     png = plot_rewards(progress, run.run_dir / "rewards.png")
     summary = summarise(progress, run.settings.dpo.batch_size)
-    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.print(
         f"queries {progress.queries}, pairs {progress.pairs}, DPO steps {len(progress.versions)}; "
         f"mean reward per query, first vs last quarter: {summary['reward_first_quarter']:.3f} -> "
@@ -429,7 +432,22 @@ def finish(run: RunLayout, progress: Progress, console: Console) -> Path:
         f"{summary['echo_first_quarter']:.1%} -> {summary['echo_last_quarter']:.1%}; "
         f"pairs whose chosen rewrite is the query: {summary['chosen_is_echo']}"
     )
+    spelling = spelling_evidence(run.settings, progress)
+    if spelling is not None:
+        summary["spelling"] = asdict(spelling)
+        console.print(f"spelling: {spelling}")
+    (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return png
+
+
+def spelling_evidence(settings: Settings, progress: Progress) -> SpellingSignal | None:
+    """What the run could learn about spelling (None where the data set ships no misspelling list): a run
+    that served few corrections, or ranked few against a non-correction, had little to learn it from."""
+    corrections = known_corrections(settings)
+    if not corrections:
+        return None
+    pairs = zip(progress.prompts, progress.chosen_texts, progress.rejected_texts, strict=True)
+    return spelling_signal(corrections, progress.served_texts, pairs)
 
 
 def exploration_by_version(progress: Progress) -> Table:
