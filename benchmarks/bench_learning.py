@@ -52,7 +52,7 @@ from bench_online import (
 
 from learner import evaluate_online as ev
 from learner.offline.evaluate import generate_rewrites
-from learner.offline.q2q import SPELLING_FILE, read_spelling_pairs
+from learner.offline.q2q import SPELLING_FILE, dataset_spelling_pairs
 from policy_store import PolicyStore
 from qrloop.data import is_heldout, normalise_query, source_folder
 from qrloop.runs import open_store
@@ -106,10 +106,9 @@ def labels_of(catalog: Any, queries: Sequence[str]) -> Labels:
 
 def heldout_misspellings(settings: Settings, n: int, seed: int) -> list[tuple[str, str]]:
     """A seeded sample of the data set's known (misspelled, corrected) pairs whose misspelling is held out."""
-    path = source_folder(settings) / SPELLING_FILE
-    if n <= 0 or not path.is_file():
+    if n <= 0:
         return []
-    table = read_spelling_pairs(path)
+    table = dataset_spelling_pairs(settings)
     cases = sorted({(a, b) for a, b in zip(table["query_a"], table["query_b"], strict=True) if is_heldout(a)})
     cases = [(a, b) for a, b in cases if ev.corrects(a, b, b)]  # drop case-only "corrections"
     rng = np.random.default_rng(seed)

@@ -184,13 +184,17 @@ def read_spelling_pairs(path: Path) -> pd.DataFrame:
     return pairs.reset_index(drop=True)
 
 
+def dataset_spelling_pairs(settings: Settings, path: Path | None = None) -> pd.DataFrame:
+    """The data set's misspelling list (``path``, default its ``SPELLING_FILE``) as
+    :func:`read_spelling_pairs` reads it; empty where the data set ships none."""
+    path = path or source_folder(settings) / SPELLING_FILE
+    return read_spelling_pairs(path) if path.is_file() else pd.DataFrame(columns=["query_a", "query_b"])
+
+
 def known_corrections(settings: Settings) -> dict[str, str]:
     """The data set's misspelling list as normalised misspelled query → its correction (empty where the data
     set ships none): what a run's served rewrites and pairs are checked against."""
-    path = source_folder(settings) / SPELLING_FILE
-    if not path.is_file():
-        return {}
-    table = read_spelling_pairs(path)
+    table = dataset_spelling_pairs(settings)
     return {normalise_query(a): b for a, b in zip(table["query_a"], table["query_b"], strict=True)}
 
 
@@ -334,8 +338,7 @@ def build_q2q(
         graph = verify(graph, check, (lambda d, t: progress("M1 verification", d, t)) if progress else None)
         report.stages["graph: verified by M1"] = len(graph)
 
-    path = spelling_file or source_folder(settings) / SPELLING_FILE
-    spelling = read_spelling_pairs(path) if path.is_file() else pd.DataFrame(columns=["query_a", "query_b"])
+    spelling = dataset_spelling_pairs(settings, spelling_file)
     report.stages["spelling pairs (file)"] = len(spelling)
     spelling = drop_heldout(spelling)
     report.stages["spelling: no held-out query"] = len(spelling)
