@@ -144,6 +144,40 @@ def test_directed_pairs_split_by_unordered_pair_and_keep_heldout_out(
     assert q2q.pair_split("a b", "c") == q2q.pair_split("C", " A  b")
 
 
+def test_title_pairs_name_the_judged_products_a_query_misses_and_only_those(
+    triples: tuple[pd.DataFrame, dict[str, str]],
+) -> None:
+    frame, q = triples
+    titles = {
+        "p1": "DEWALT 20-Volt MAX Lithium-Ion Cordless Drill Driver Kit",
+        "p2": "Ryobi ONE+ 18V Drill",
+        "p3": "Milwaukee M12 Drill",
+        "p4": "Estwing 16 oz. Hammer",
+    }
+    searched: list[str] = []
+    shows = {q["cd"]: ["p1", "p9"], q["hm"]: ["p4"]}  # dc and pd show nothing they are judged relevant to
+
+    def search(query: str) -> list[str]:
+        searched.append(query)
+        return shows.get(query, [])
+
+    edges = q2q.relevant_edges(frame, min_grade=2.67)  # cd: p1 p2; dc: p1 p2 p3; pd: p2; hm: p4
+    pairs = q2q.title_pairs(edges, titles, search, words=6, per_query=2)
+
+    assert q["held"] not in searched, "a held-out query is never searched, let alone trained on"
+    assert set(zip(pairs["query_a"], pairs["query_b"], strict=True)) == {
+        (q["cd"], "ryobi one+ 18v drill"),  # p1 is already in cd's results: nothing to add
+        (q["dc"], "dewalt 20-volt max lithium-ion cordless drill"),  # six words, lower-cased
+        (q["dc"], "ryobi one+ 18v drill"),  # per_query=2: p3 is left out
+        (q["pd"], "ryobi one+ 18v drill"),
+    }  # hm's only judged product is in its results: no pair
+    no_graph = pd.DataFrame(columns=["query_a", "query_b", "shared"])
+    directed = q2q.directed_pairs(no_graph, no_graph, 0.5, titles=pairs)
+    assert {(p.source, p.target, p.origin) for p in directed} == {
+        (a, b, "title") for a, b in zip(pairs["query_a"], pairs["query_b"], strict=True)
+    }, "title pairs go one way only, towards the title"
+
+
 def test_relevance_verifier_checks_the_partners_other_products() -> None:
     products = {"drill": ["cordless drill kit", "drill bits"], "driver": ["drill bits", "impact driver"]}
 
@@ -323,7 +357,8 @@ def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
     db.upgrade(sqlite_url)
     assert offline_policy_version(settings) is None, "an empty store has no offline policy"
 
-    version_id = warm_start(settings, steps=2, batch_size=2, base_dir=tiny)
+    # A search engine that shows nothing: every judged-relevant product of a training query is "missed".
+    version_id = warm_start(settings, steps=2, batch_size=2, base_dir=tiny, search=lambda _query: [])
 
     assert offline_policy_version(settings) == version_id
     crowdflower = settings.model_copy(update={"dataset": "crowdflower"})
@@ -334,6 +369,12 @@ def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
         assert version.tags["published"] == WARM_START_TAG and version.train_steps == 2
         assert version.tags["dataset"] == "homedepot"
         assert version.tags["q2q_train_pairs"] > 1000, "graph and spelling pairs of the real data set"
+        assert version.tags["title_pairs"] is True
+        origins = {
+            p.origin
+            for p in q2q.read_pairs(tmp_path / "offline" / "warm-start" / "homedepot" / "q2q" / "train.jsonl")
+        }
+        assert origins == {"graph", "spelling", "title"}
         # Another catalog's offline policy takes 'production': each data set still finds its own.
         other = store.publish(tiny, base_model="tiny", tags={"stage": "offline", "dataset": "crowdflower"})
         store.set_alias("production", other.id, reason="test", actor="test")

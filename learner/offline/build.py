@@ -411,11 +411,13 @@ def warm_start(
     steps: int = 40,
     batch_size: int = 8,
     base_dir: Path | None = None,
+    search: q2q_mod.Search | None = None,
     progress: ProgressLike | None = None,
 ) -> int:
     """A quick stand-in for the full build, for a machine that has none yet: SFT the base policy on the
-    unverified Q2Q pairs (graph + spelling, no M1 pass: that pass alone takes minutes) for ``steps`` steps and
-    publish it as ``production``. ``base_dir`` defaults to the prepared SmolLM2. Returns the version id.
+    unverified Q2Q pairs (graph + spelling, and title pairs where ``search`` is given; no M1 pass: that pass
+    alone takes minutes) for ``steps`` steps and publish it as ``production``. ``base_dir`` defaults to the
+    prepared SmolLM2. Returns the version id.
 
     Vanilla SmolLM2 answers a query like a chat ("Sure! Here are..."); a few dozen SFT steps are enough to
     teach it the format (a short query back), which is what the online loop needs to start from. The full
@@ -423,7 +425,7 @@ def warm_start(
     """
     out = offline_dir(settings) / "warm-start" / dataset_name(settings)  # one per catalog: never reused
     with quiet_libraries():
-        report = build_q2q(settings, use_m1=False, out_dir=out / "q2q")
+        report = build_q2q(settings, use_m1=False, search=search, out_dir=out / "q2q")
         train = read_pairs(out / "q2q" / "train.jsonl")
         with _bar("warm start: SFT", progress, steps) as advance:
             result = train_sft(
@@ -443,6 +445,7 @@ def warm_start(
         "published": WARM_START_TAG,
         "dataset": report.dataset,
         "q2q_train_pairs": report.train,
+        "title_pairs": search is not None,
     }
     reason = f"{WARM_START_TAG}: {result.steps} SFT steps on unverified Q2Q pairs (no offline build yet)"
     return _publish_as(settings, out / "policy", "production", result.steps, metrics, tags, reason)

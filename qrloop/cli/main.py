@@ -336,6 +336,29 @@ def shop(
     run(queries, rewriter, rate)
 
 
+@offline_app.command("warm-start")
+def offline_warm_start(
+    steps: int = typer.Option(40, help="SFT steps (the demo's one-time warm start takes 40)."),
+    titles: bool = typer.Option(
+        False,
+        "--titles",
+        help="Add title pairs: each training query → the first words of a judged-relevant product its own "
+        "results miss (learner.offline.q2q.title_pairs; README, 'How far two rewrites could go').",
+    ),
+) -> None:
+    """The demo's quick warm start, run on purpose: SFT on the unverified Q2Q pairs, published as
+    `production` for the configured data set (declared here, not in learner/, because only the composition
+    root may hand the learner the simulated search engine that title pairs need)."""
+    from learner.offline.build import warm_start
+    from simulators.search import SearchEngine
+
+    settings = get_settings()
+    db.upgrade(settings.db_url)
+    search = SearchEngine.open(settings).search if titles else None
+    version = warm_start(settings, steps=steps, search=search)
+    console.print(f"warm start published as version {version} ('production') in {settings.db_url}")
+
+
 @app.command()
 def demo(
     queries: int = typer.Option(320, help="Simulated queries to run through the loop."),
