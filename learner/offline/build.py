@@ -447,5 +447,6 @@ def warm_start(
         "q2q_train_pairs": report.train,
         "title_pairs": search is not None,
     }
-    reason = f"{WARM_START_TAG}: {result.steps} SFT steps on unverified Q2Q pairs (no offline build yet)"
+    pairs = "unverified Q2Q and title pairs" if search is not None else "unverified Q2Q pairs"
+    reason = f"{WARM_START_TAG}: {result.steps} SFT steps on {pairs} (no offline build yet)"
     return _publish_as(settings, out / "policy", "production", result.steps, metrics, tags, reason)

@@ -69,7 +69,7 @@ class QueryPair:
     source: str
     target: str
     origin: str  # "graph", "spelling" or "title"
-    shared: int  # relevant products the two queries share (0 for spelling pairs)
+    shared: int  # relevant products the two queries share (0 for spelling pairs, 1 for title pairs)
     split: str  # "train" or "eval"
 
 
@@ -316,7 +316,7 @@ def load_report(out_dir: Path) -> Q2QReport | None:
 
 
 def _triples(settings: Settings) -> tuple[str, pd.DataFrame, pd.DataFrame]:
-    """(dataset name, labels with query text, product texts) from the prepared data."""
+    """(dataset name, labels with query text, product titles and texts) from the prepared data."""
     dataset = load_prepared(settings)
     triples = dataset.labels.merge(dataset.queries[["query_id", "query"]], on="query_id")
     return dataset.name, triples, dataset.products[["product_id", "title", "text"]]
