@@ -115,6 +115,10 @@ def collect(settings: Settings, policy: LoadedPolicy, args: argparse.Namespace) 
     catalog, m1, search = setup.evaluator.catalog, setup.evaluator.m1, setup.search
     threshold = relevant_above(settings, m1, catalog.dataset)
     k = settings.rewriter.top_k_products
+
+    def relevance(q: str, ps: Sequence[str]) -> list[float]:
+        return [float(s) for s in m1.score(q, [catalog.text(p) for p in ps])]
+
     out: list[Query] = []
     for i, query in enumerate(setup.queries):
         relevant = ev.relevant_products(catalog.labelled(query))
@@ -128,13 +132,9 @@ def collect(settings: Settings, policy: LoadedPolicy, args: argparse.Namespace) 
         ]
         texts = sample_texts(policy, query, args.samples, settings, args.seed + i)
         lists = [search(t)[:k] for t in texts]
-        novelty = [
-            rewards.novelty(
-                rewards.NewProducts.of(original, ps, m1.score(query, [catalog.text(p) for p in ps]).tolist()),
-                threshold,
-            )
-            for ps in lists
-        ]
+
+        # What best-of-N serving ranks by (rewriter.samples > 2).
+        novelty = rewards.list_novelties(query, original, lists, relevance, threshold)
         out.append(
             Query(query, relevant, original, search(query, 3 * k)[: 3 * k], oracle, texts, lists, novelty)
         )

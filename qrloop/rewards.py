@@ -107,6 +107,22 @@ def novelty(new: NewProducts, relevant_above: float) -> float:
     return sum(hinge(s, relevant_above) for s in new.scores.values()) / new.list_size
 
 
+RelevanceOfProducts = Callable[[str, Sequence[str]], Sequence[float]]
+"""(query, product ids) → M1 scores in [0, 1], one per product."""
+
+
+def list_novelties(
+    query: str,
+    original: Sequence[str],
+    lists: Sequence[Sequence[str]],
+    relevance: RelevanceOfProducts,
+    relevant_above: float,
+) -> list[float]:
+    """The novelty ν of each candidate list against the original's: the part of the gain that is known
+    before any shopper sees a list (engagement comes later), so serving can rank candidates by it."""
+    return [novelty(NewProducts.of(original, ps, relevance(query, ps)), relevant_above) for ps in lists]
+
+
 def new_engagement(
     new: NewProducts, clicked: AbstractSet[str], carted: AbstractSet[str], bought: AbstractSet[str]
 ) -> float:

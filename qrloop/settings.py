@@ -230,6 +230,15 @@ class RewriterSettings(Group):
         description="Extra sampling rounds (two rewrites each) while the two rewrites are the same text or "
         "one echoes the query; after that the best available pair is served.",
     )
+    samples: int = Field(
+        2,
+        ge=2,
+        le=16,
+        description="Rewrites drawn per round. Above 2, `qrloop serve` serves the best two by the gain's "
+        "novelty term under M1 (best-of-N: the products a rewrite adds that M1 finds relevant), at the cost "
+        "of N generations, searches and M1 scorings per query; the logged log-probabilities stay π's own, "
+        "so off-policy estimates treat best-of-N traffic as π's.",
+    )
     reconcile_s: float = Field(
         1.0,
         gt=0,

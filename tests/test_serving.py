@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import cast
 
@@ -27,7 +28,8 @@ from qrloop.serving import (
     _completion_logprobs,
     best_two,
     load_version,
-    pick_two,
+    top_two,
+    useful_distinct,
 )
 from qrloop.settings import RewriterSettings, Settings
 from qrloop.topics import ensure_topics
@@ -93,17 +95,19 @@ def test_logged_logprob_is_the_policys_own(tiny_dirs: tuple[Path, Path]) -> None
         assert float(logged[row]) == pytest.approx(expected, abs=1e-3)
 
 
-def test_pick_two_skips_echoes_empties_and_repeats_in_draw_order() -> None:
+def test_useful_candidates_skip_echoes_empties_and_repeats_in_draw_order() -> None:
     a, b, c = (
         Sampled("Drill", -1.0),
         Sampled("cordless drill", -2.0, draw=1),
         Sampled("drill bit", -3.0, draw=2),
     )
-    assert pick_two("drill", [a, b, Sampled(" ", -0.5), Sampled("Cordless  drill", -2.5, draw=2), c]) == [
-        b,
-        c,
-    ]
-    assert pick_two("drill", [a, b]) is None, "one useful rewrite is not a pair"
+    candidates = [a, b, Sampled(" ", -0.5), Sampled("Cordless  drill", -2.5, draw=2), c]
+    assert useful_distinct("drill", candidates) == [b, c]
+    assert useful_distinct("drill", [a, b]) == [b], "one useful rewrite is not a pair"
+    # Best-of-N: the two best scores, served in draw order; a tie goes to the earlier draw.
+    d = Sampled("drill driver", -4.0, draw=2)
+    assert top_two([b, c, d], [0.1, 0.5, 0.3]) == [c, d]
+    assert top_two([b, c, d], [0.2, 0.2, 0.2]) == [b, c]
     # Out of tries: the useful one first, then a distinct text (an echo if nothing else), then anything.
     assert best_two("drill", [a, a, b]) == [b, a]
     assert best_two("drill", [a, Sampled("drill", -1.5)]) == [a, Sampled("drill", -1.5)]
@@ -144,6 +148,52 @@ def test_resamples_an_echo_and_logs_each_served_rewrite_with_its_own_round(
     assert all(c.draw == number for number, rnd in enumerate(rewriter.rounds, 1) for c in rnd)
     assert {(r.text, r.logprob, r.draw) for r in event.rewrites} <= drawn
     assert max(r.draw for r in event.rewrites) >= 2, "the second rewrite came from a later round"
+
+
+class RecordingRewriter(Rewriter):
+    """The real rewriter and model; it remembers every round it drew."""
+
+    rounds: list[list[Sampled]]
+
+    def _sample(
+        self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None, draw: int = 1
+    ) -> list[Sampled]:
+        out = super()._sample(policy, query, reference, draw)
+        self.rounds.append(out)
+        return out
+
+
+def test_best_of_n_serves_the_two_candidates_the_ranker_scores_highest(tiny_dirs: tuple[Path, Path]) -> None:
+    searched: list[str] = []
+    ranked: list[tuple[str, list[str], list[list[str]]]] = []
+
+    def search(text: str) -> list[str]:
+        searched.append(text)
+        return fake_search(text)
+
+    def rank(query: str, original: Sequence[str], lists: Sequence[Sequence[str]]) -> list[float]:
+        ranked.append((query, list(original), [list(ps) for ps in lists]))
+        return [float(len(set(ps) - set(original))) + 0.01 * len(ps) for ps in lists]  # new products first
+
+    config = RewriterSettings(max_new_tokens=6, samples=8)
+    rewriter = RecordingRewriter(load_version(tiny_dirs[0], 1), search, config, rank=rank)
+    rewriter.rounds = []
+    torch.manual_seed(3)
+    event = rewriter.serve("angle bracket", shopper_id="s", session_id="x")
+
+    assert len(rewriter.rounds[0]) == 8, "one round draws rewriter.samples rewrites"
+    useful = useful_distinct("angle bracket", [c for rnd in rewriter.rounds for c in rnd])
+    assert len(useful) > 2 and len(ranked) == 1, "ranked once, over every useful candidate drawn"
+    query, original, lists = ranked[0]
+    assert query == "angle bracket" and original == fake_search("angle bracket")
+    assert lists == [fake_search(c.text) for c in useful]
+    scores = dict(zip((c.text for c in useful), rank(query, original, lists), strict=True))
+    served = [r.text for r in event.rewrites]
+    left = [c.text for c in useful if c.text not in served]
+    assert min(scores[t] for t in served) >= max(scores[t] for t in left), "the best two are served"
+    assert served == [c.text for c in useful if c.text in served], "in draw order"
+    assert [r.products for r in event.rewrites] == [fake_search(t) for t in served]
+    assert sorted(searched) == sorted({"angle bracket", *(c.text for c in useful)}), "each text searched once"
 
 
 def test_swap_waits_for_the_query_in_flight(tiny_dirs: tuple[Path, Path]) -> None:

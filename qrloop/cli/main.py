@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -30,9 +31,12 @@ from qrloop.cli.canary import app as canary_app
 from qrloop.cli.daemon import retention_defaults
 from qrloop.cli.ui import commands as ui_commands
 from qrloop.runs import open_migrated_store, open_store
-from qrloop.settings import REPO_ROOT, get_settings
+from qrloop.settings import REPO_ROOT, Settings, get_settings
 from qrloop.topics import ensure_topics, grow_topics
 from simulators.cli import app as sim_app
+
+if TYPE_CHECKING:
+    from qrloop.serving import Ranker  # torch: a type only
 
 console = Console()
 err = Console(stderr=True)
@@ -284,14 +288,29 @@ def serve(
     port: int = typer.Option(8700, help="HTTP port of the rewriter (POST /rewrite)."),
     alias: str = typer.Option("production", help="Alias whose version is served."),
 ) -> None:
-    """The rewriter: two sampled rewrites per query from the aliased policy, published as query events."""
+    """The rewriter: two sampled rewrites per query from the aliased policy, published as query events
+    (with ``rewriter.samples`` > 2, the best two of that many by the reward's novelty under M1)."""
     from qrloop.serving import run  # torch
     from simulators.search import SearchEngine  # tantivy, pandas
 
     _logging()
     settings = get_settings()
     # The rewriter searches with whatever engine the root gives it; here, the simulated one over the catalog.
-    run(settings, open_store(settings), SearchEngine.open(settings).search, port, alias)
+    search = SearchEngine.open(settings).search
+    rank = novelty_ranker(settings) if settings.rewriter.samples > 2 else None
+    run(settings, open_store(settings), search, port, alias, rank)
+
+
+def novelty_ranker(settings: Settings) -> Ranker:
+    """Best-of-N serving ranks candidates by the gain's novelty under the aggregator's own M1 and τ, so
+    serving prefers exactly what the learner would later be paid for (before any shopper has seen it)."""
+    from qrloop.rewards import list_novelties
+    from streams.aggregator import make_relevance_fn  # torch, sentence-transformers
+
+    relevance = make_relevance_fn(settings)
+    return lambda query, original, lists: list_novelties(
+        query, original, lists, relevance, relevance.relevant_above
+    )
 
 
 @app.command()
