@@ -27,7 +27,8 @@
   the log-probabilities, a resample when the two coincide, and three searches) against bare
   ``model.generate(num_return_sequences=2)`` on the same prompts with the same seed, alternating which runs
   first per query; medians over ``--queries`` after two untimed warm-ups. Policy: the default store's
-  ``production`` (or ``--policy-dir``).
+  ``production`` (or ``--policy-dir``). Beside them, best-of-N serving (``--best-of 8``: N rewrites a
+  round, N searches, M1's novelty ranks them; what ``qrloop serve`` does with ``rewriter.samples = N``).
   (b) the aggregator: the real Faust worker (``qrloop aggregate``, a subprocess on unique topics) against a
   raw kafka-python consume + produce pass-through (also a subprocess) of the *same* messages on the same
   broker. ``--agg-queries`` synthetic query events (real training queries, real search results, feedback
@@ -75,6 +76,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -442,10 +444,11 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, result
 
 
-def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int) -> None:
+def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int, best_of: int) -> None:
     import torch
 
     from qrloop.catalog import Catalog
+    from qrloop.cli.main import novelty_ranker
     from qrloop.data import normalise_query as normalise
     from qrloop.serving import Rewriter
     from simulators.search import SearchEngine
@@ -455,22 +458,29 @@ def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int
     catalog = Catalog.open(settings)
     engine = SearchEngine.open(settings, dataset=catalog.dataset)
     rewriter = Rewriter(policy, engine.search, settings.rewriter, seed)
+    ranked = None
+    if best_of > 2:  # what `qrloop serve` runs with rewriter.samples = best_of
+        config = settings.rewriter.model_copy(update={"samples": best_of})
+        ranked = Rewriter(policy, engine.search, config, seed, novelty_ranker(settings))
     pool = [q for _, q in training_queries(catalog, 5)]
     queries = [pool[i] for i in np.random.default_rng(seed).choice(len(pool), size=n + 2, replace=False)]
     serve_s: list[float] = []
     bare_s: list[float] = []
     search_s: list[float] = []
+    best_s: list[float] = []
     resampled = 0
     for i, query in enumerate(queries):
 
-        def serve(q: str = query, s: int = seed + i) -> Any:
-            return serve_seeded(rewriter, q, s)
+        def serve(q: str = query, s: int = seed + i, r: Any = rewriter) -> Any:
+            return serve_seeded(r, q, s)
 
         def bare(q: str = query, s: int = seed + i) -> list[str]:
             torch.manual_seed(s)
             return bare_generate(rewriter.policy, q, settings.rewriter)
 
         order = [(serve_s, serve), (bare_s, bare)] if i % 2 == 0 else [(bare_s, bare), (serve_s, serve)]
+        if ranked is not None:
+            order.insert(i % 3, (best_s, partial(serve, r=ranked)))
         results = [(sink, *timed(fn)) for sink, fn in order]
         if i < 2:
             continue  # warm-up
@@ -488,16 +498,20 @@ def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int
         f"{n} training queries, medians =="
     )
     print(f"{'path':<46} {'median ms':>10} {'p90 ms':>8}")
-    for name, values in (
+    rows = [
         ("Rewriter.serve (2 rewrites + logprobs + search)", serve_s),
         ("bare generate(num_return_sequences=2)", bare_s),
         ("3 searches alone", search_s),
-    ):
+        (f"best-of-{best_of} serve (+ N searches + M1 novelty)", best_s),
+    ]
+    for name, values in rows[:3] if ranked is None else rows:
         print(f"{name:<46} {median(values) * 1000:>10.1f} {np.percentile(values, 90) * 1000:>8.1f}")
     print(
         f"serve / bare: {median(serve_s) / median(bare_s):.2f}x; queries where the two samples coincided "
         f"(serve resamples once): {resampled}/{n}"
     )
+    if ranked is not None:
+        print(f"best-of-{best_of} serve / serve: {median(best_s) / median(serve_s):.2f}x")
 
 
 @dataclass
@@ -828,7 +842,7 @@ def cmd_speed(args: argparse.Namespace) -> None:
     set_threads(args.threads)
     print(load_average())
     if args.queries > 0:
-        bench_rewriter(settings, args.policy_dir, args.queries, args.seed)
+        bench_rewriter(settings, args.policy_dir, args.queries, args.seed, args.best_of)
     if args.agg_queries > 0:
         bench_aggregator(settings, args.agg_queries, args.warm_queries, args.threads, args.seed, args.repeats)
     print("\n(DPO step: see benchmarks/bench_dpo.py — ours vs TRL vs LoRA vs the fp32 matmul bound)")
@@ -1047,6 +1061,9 @@ def parser() -> argparse.ArgumentParser:
     speed = sub.add_parser("speed", help="rewriter vs bare generate; Faust aggregator vs raw kafka-python")
     speed.add_argument("--queries", type=int, default=20, help="rewriter queries (0: skip)")
     speed.add_argument("--policy-dir", help="an HF policy directory (default: the store's production)")
+    speed.add_argument(
+        "--best-of", type=int, default=8, help="also time best-of-N serving with this N (2 or less: skip)"
+    )
     speed.add_argument("--agg-queries", type=int, default=100, help="aggregator queries (0: skip)")
     speed.add_argument("--warm-queries", type=int, default=4, help="untimed queries before each measurement")
     speed.add_argument(
