@@ -669,7 +669,8 @@ def _json_response(
 # Safe to change in a running rewriter: they act from the next query and change nothing already served.
 # Not the products per list (rewards of lists of other lengths are not comparable), nor topics, aliases or
 # the database; the canary's share is the canary job's to step (its audit log is the state), not a setting.
-# The HTTP limits are not reloaded either: the server's handler class and semaphore are built with them.
+# The HTTP limits are not reloaded either: the server's handler class and semaphore are built with them;
+# nor ``samples``: best-of-N's ranker (M1) is built, or not, when the rewriter starts.
 RELOADABLE = ("temperature", "top_p", "max_new_tokens", "max_resamples")
 
 
