@@ -30,14 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_online import heldout_setup, load_average, run_settings, set_threads
+from bench_online import bare_generate, heldout_setup, load_average, run_settings, set_threads
 
 from learner import evaluate_online as ev
+from learner.offline.q2q import title_prefix
 from qrloop import rewards
-from qrloop.prompting import build_prompt
 from qrloop.relevance_threshold import relevant_above
 from qrloop.runs import open_store
-from qrloop.serving import LoadedPolicy, adds_nothing, load_stored_version
+from qrloop.serving import LoadedPolicy, Sampled, load_stored_version, useful_distinct
 from qrloop.settings import Settings, get_settings
 
 Lists = list[list[str]]
@@ -59,29 +59,14 @@ class Query:
 
 def sample_texts(policy: LoadedPolicy, query: str, n: int, settings: Settings, seed: int) -> list[str]:
     """Up to ``n`` distinct rewrites of ``query`` that are neither empty nor echoes, in draw order."""
-    tokenizer, config = policy.tokenizer, settings.rewriter
-    inputs = tokenizer(build_prompt(tokenizer, query), return_tensors="pt")
     torch.manual_seed(seed)
-    with torch.no_grad():
-        out = policy.model.generate(
-            **inputs,
-            do_sample=True,
-            temperature=config.temperature,
-            top_p=config.top_p,
-            max_new_tokens=config.max_new_tokens,
-            num_return_sequences=n,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    texts = tokenizer.batch_decode(out[:, inputs.input_ids.shape[1] :], skip_special_tokens=True)
-    kept: list[str] = []
-    for text in (" ".join(t.split()) for t in texts):
-        if not adds_nothing(query, text) and not any(rewards.same_text(text, k) for k in kept):
-            kept.append(text)
-    return kept
+    texts = bare_generate(policy, query, settings.rewriter, n)
+    drawn = [Sampled(" ".join(t.split()), 0.0) for t in texts]  # the log-probabilities are not needed here
+    return [s.text for s in useful_distinct(query, drawn)]
 
 
 def oracle_rewrites(titles: Sequence[str], words: int) -> list[str]:
-    return [" ".join(t.split()[:words]) for t in titles]
+    return [title_prefix(t, words) for t in titles]
 
 
 def union_recall(q: Query, lists: Lists) -> float:

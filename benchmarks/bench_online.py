@@ -418,7 +418,8 @@ def production_policy(settings: Settings, policy_dir: str | None) -> LoadedPolic
         store.close()
 
 
-def bare_generate(policy: Any, query: str, config: Any) -> list[str]:
+def bare_generate(policy: Any, query: str, config: Any, n: int = 2) -> list[str]:
+    """``n`` sampled rewrites from one plain ``generate`` call: no logits, resampling or searches."""
     import torch
 
     from qrloop.prompting import build_prompt
@@ -432,7 +433,7 @@ def bare_generate(policy: Any, query: str, config: Any) -> list[str]:
             temperature=config.temperature,
             top_p=config.top_p,
             max_new_tokens=config.max_new_tokens,
-            num_return_sequences=2,
+            num_return_sequences=n,
             pad_token_id=tokenizer.pad_token_id,
         )
     return list(tokenizer.batch_decode(out[:, inputs.input_ids.shape[1] :], skip_special_tokens=True))

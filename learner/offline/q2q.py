@@ -134,6 +134,11 @@ def shared_product_pairs(edges: pd.DataFrame, k: int = 1) -> pd.DataFrame:
     return counts.sort_values(["query_a", "query_b"], kind="stable").reset_index(drop=True)
 
 
+def title_prefix(title: str, words: int) -> str:
+    """The first ``words`` words of a product title: what a rewrite that names the product would say."""
+    return " ".join(title.split()[:words])
+
+
 def title_pairs(
     edges: pd.DataFrame,
     titles: Mapping[str, str],
@@ -158,7 +163,7 @@ def title_pairs(
             continue
         shown = {str(p) for p in search(query)[:top_k]}
         for product in sorted({str(p) for p in products} - shown)[:per_query]:
-            target = " ".join(titles.get(product, "").split()[:words]).lower()
+            target = title_prefix(titles.get(product, ""), words).lower()
             if target:
                 rows.append((query, target))
     return pd.DataFrame(rows, columns=["query_a", "query_b"]).drop_duplicates().reset_index(drop=True)
