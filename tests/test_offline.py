@@ -18,7 +18,9 @@ import torch
 
 from learner.offline import q2q
 from learner.offline.distill import (
+    choose_block,
     compare_with_gkd,
+    contiguous_cuts,
     distill,
     forward_kl,
     kept_layers,
@@ -248,6 +250,37 @@ def test_student_keeps_every_other_layer_exactly(tiny: Path, tmp_path: Path) -> 
     student.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)  # the cache works
 
 
+def test_contiguous_cuts_drop_one_block_and_keep_the_first_and_last_layer() -> None:
+    assert contiguous_cuts(6, 4) == {1: [0, 3, 4, 5], 2: [0, 1, 4, 5], 3: [0, 1, 2, 5]}
+    assert contiguous_cuts(30, 15)[7] == [*range(7), *range(22, 30)]
+    with pytest.raises(ValueError, match="2 to 5 layers"):
+        contiguous_cuts(6, 6)
+
+
+def test_choose_block_drops_the_layers_that_change_nothing(tiny: Path, tmp_path: Path) -> None:
+    """Layers 3 and 4 of a 6-layer teacher write nothing to the residual stream (zero output projections):
+    the 4-layer cut that drops exactly them predicts as the teacher does, and is the one chosen."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(tiny))
+    config.num_hidden_layers = 6
+    torch.manual_seed(2)
+    teacher = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for i in (3, 4):
+            teacher.model.layers[i].self_attn.o_proj.weight.zero_()
+            teacher.model.layers[i].mlp.down_proj.weight.zero_()
+    teacher.save_pretrained(tmp_path / "teacher")
+    AutoTokenizer.from_pretrained(str(tiny)).save_pretrained(tmp_path / "teacher")
+
+    choice = choose_block(tmp_path / "teacher", PAIRS, depth=4)
+    assert choice.kept == [0, 1, 2, 5]
+    assert choice.nll_by_first_dropped[3] == pytest.approx(choice.teacher_nll, abs=1e-5)
+    assert min(choice.nll_by_first_dropped[1], choice.nll_by_first_dropped[2]) > choice.teacher_nll + 1e-3
+    student = make_student(tmp_path / "teacher", tmp_path / "student", keep=choice.kept)
+    assert load_policy(student)[0].config.num_hidden_layers == 4
+
+
 # ------------------------------------------------------------------------------------- SFT and distillation
 
 
@@ -384,3 +417,55 @@ def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
     assert offline_policy_version(settings) == version_id, "the newest Home Depot offline version"
     pairs = q2q.read_pairs(tmp_path / "offline" / "warm-start" / "homedepot" / "q2q" / "train.jsonl")
     assert pairs and not any(is_heldout(p.source) or is_heldout(p.target) for p in pairs)
+
+
+def test_the_warm_starts_student_is_cut_trained_measured_and_published_as_production(
+    tiny: Path, tmp_path: Path, sqlite_url: str
+) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from learner.offline.build import STUDENT_TAG, warm_start, warm_start_student
+    from policy_store import db
+
+    base = Settings()
+    settings = base.model_copy(
+        update={"cache_dir": tmp_path, "database_url": sqlite_url, "blob_dir": tmp_path / "blobs"}
+    )
+    (tmp_path / "data").symlink_to(base.cache_dir / "data")  # the prepared data set, read only
+    db.upgrade(sqlite_url)
+    with pytest.raises(FileNotFoundError, match="qrloop offline warm-start"):
+        warm_start_student(settings, layers=3, steps=1)
+    config = AutoConfig.from_pretrained(str(tiny))
+    config.num_hidden_layers = 5
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "five")
+    AutoTokenizer.from_pretrained(str(tiny)).save_pretrained(tmp_path / "five")
+    teacher_version = warm_start(settings, steps=1, batch_size=2, base_dir=tmp_path / "five")
+
+    report = warm_start_student(
+        settings,
+        layers=3,
+        steps=2,
+        distill_steps=1,
+        batch_size=2,
+        calibration_pairs=4,
+        eval_pairs=4,
+        serving_queries=2,
+    )
+
+    assert sorted(report.cut_xentropy) == [1, 2], "both 3-layer cuts that keep the first and last layer"
+    cheapest = min(report.cut_xentropy, key=lambda first: report.cut_xentropy[first])
+    assert report.kept_layers == contiguous_cuts(5, 3)[cheapest]
+    assert set(report.table2) == {"T/P", "S/cut", "S/P", "T→S/P"}
+    assert report.training["S"]["steps"] == 2 and report.training["T→S"]["steps"] == 1
+    assert report.serving_ratio() > 0
+    store = open_store(settings)
+    try:
+        production = store.resolve("production")
+        assert production.id == report.version != teacher_version
+        assert production.tags["published"] == STUDENT_TAG and production.tags["dataset"] == "homedepot"
+        assert production.tags["kept_layers"] == report.kept_layers and production.train_steps == 3
+    finally:
+        store.close()
+    served, _ = load_policy(tmp_path / "offline" / "warm-start" / "homedepot" / "student" / "policy")
+    assert served.config.num_hidden_layers == 3

@@ -129,6 +129,36 @@ def build(
     console.print_json(json.dumps({"stages_s": report.stages_s, "training": report.training}))
 
 
+@app.command("student")
+def student(
+    layers: int = typer.Option(15, help="Decoder layers the student keeps (the teacher has 30)."),
+    steps: int = typer.Option(300, help="SFT steps of the cut student on the warm start's pairs."),
+    distill_steps: int = typer.Option(200, help="Reverse-KL distillation steps after the SFT (0: none)."),
+    publish: bool = typer.Option(True, help="Publish the student as 'production' (else only measure)."),
+) -> None:
+    """The warm start's student: drop the contiguous block of the warm-started teacher's layers that costs
+    least, SFT the cut on the same pairs, distil the teacher into it, print Table 2 and serving time, publish
+    it as 'production'."""
+    from learner.offline.build import warm_start_student
+
+    with _progress() as progress:
+        report = warm_start_student(
+            get_settings(), layers=layers, steps=steps, publish=publish, progress=progress
+        )
+    console.print(f"kept layers {report.kept_layers} of the teacher's {report.teacher_layers}")
+    console.print(
+        "Table 2 (T P: the warm-started teacher; S V: the untrained cut; S P: after SFT; T→S P: distilled)"
+    )
+    console.print(report.table(), soft_wrap=True)
+    serving = report.serving
+    console.print(
+        f"serving: T {serving['T']['median_s'] * 1000:.0f} ms, S {serving['S']['median_s'] * 1000:.0f} ms "
+        f"per query (S/T {report.serving_ratio():.2f})"
+    )
+    if report.version is not None:
+        console.print(f"[green]published[/] the student as version {report.version} ('production')")
+
+
 @app.command("publish")
 def publish(
     model: str = typer.Option("best", help="'student', 'teacher', or 'best' by evaluation cross-entropy."),
