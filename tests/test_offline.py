@@ -27,6 +27,7 @@ from learner.offline.distill import (
     make_student,
     mean_reverse_kl,
     reverse_kl,
+    teacher_pairs,
     token_ids_match,
 )
 from learner.offline.q2q import QueryPair
@@ -281,6 +282,15 @@ def test_choose_block_drops_the_layers_that_change_nothing(tiny: Path, tmp_path:
     assert load_policy(student)[0].config.num_hidden_layers == 4
 
 
+def test_teacher_pairs_are_the_teachers_seeded_samples_of_each_query(tiny: Path) -> None:
+    queries = ["drill bit set", "paint roler"]
+    pairs = teacher_pairs(tiny, queries, n=3, seed=5)
+    assert [p.source for p in pairs] == [queries[0]] * 3 + [queries[1]] * 3
+    assert all(p.origin == "teacher" and p.split == "train" and p.target for p in pairs)
+    assert len({p.target for p in pairs}) > 1, "sampled, not greedy"
+    assert teacher_pairs(tiny, queries, n=3, seed=5) == pairs, "seeded: the same samples again"
+
+
 # ------------------------------------------------------------------------------------- SFT and distillation
 
 
@@ -447,6 +457,7 @@ def test_the_warm_starts_student_is_cut_trained_measured_and_published_as_produc
         layers=3,
         steps=2,
         distill_steps=1,
+        teacher_queries=3,
         batch_size=2,
         calibration_pairs=4,
         eval_pairs=4,

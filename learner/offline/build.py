@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from learner.offline import q2q as q2q_mod
-from learner.offline.distill import choose_block, compare_with_gkd, distill, make_student
+from learner.offline.distill import choose_block, compare_with_gkd, distill, make_student, teacher_pairs
 from learner.offline.evaluate import OfflineMetrics, evaluate_model, format_table2, serving_times
 from learner.offline.q2q import QueryPair, build_q2q, read_pairs
 from learner.offline.sft import quiet_libraries, sample_pairs, train_sft
@@ -489,6 +489,7 @@ def warm_start_student(
     layers: int = 15,
     steps: int = 300,
     distill_steps: int = 200,
+    teacher_queries: int = 800,
     batch_size: int = 8,
     calibration_pairs: int = 48,
     eval_pairs: int = 48,
@@ -499,12 +500,15 @@ def warm_start_student(
     """The student of the data set's warm start (issue #12, item 6): cut the warm-started teacher to
     ``layers`` decoder layers by dropping the one contiguous block whose loss hurts its training pairs least
     (:func:`choose_block`), SFT the cut on the teacher's own Q2Q (and title) training pairs for ``steps``,
-    distil the teacher into it (reverse KL) for ``distill_steps``, measure Table 2 (teacher, untrained cut,
-    SFT student, distilled student) and serving time, and publish the student as ``production``. The teacher
-    is left on disk; its version stays in the store.
+    then distil the teacher into it at the sequence level for ``distill_steps`` (SFT on two sampled
+    rewrites of each of ``teacher_queries`` training queries, :func:`teacher_pairs`), measure Table 2
+    (teacher, untrained cut, SFT student, distilled student) and serving time, and publish the student as
+    ``production``. The teacher is left on disk; its version stays in the store.
 
-    Why SFT before distillation: the cut starts at twice the teacher's cross-entropy, where a KL to the
-    teacher has little to say per CPU step; SFT on the pairs the teacher learned from brings it back first.
+    Measured on Home Depot's title warm start (combined online reward on 100 held-out queries, README "The
+    warm start's student"): after the SFT the student was 22% behind the teacher; 200 steps of token-level
+    reverse KL on the Q2Q pairs took that to 20%, 200 steps on the teacher's own rewrites to 8.5%. The
+    online reward scores what the policy *samples*, and the teacher's samples are what it serves.
     Raises ``FileNotFoundError`` without a warm start for this data set.
     """
     source = warm_start_dir(settings)
@@ -526,7 +530,16 @@ def warm_start_student(
             {first: round(nll, 4) for first, nll in choice.nll_by_first_dropped.items()},
         )
         rows = _train_student(
-            settings, report, teacher_dir, train, out, steps, distill_steps, batch_size, progress
+            settings,
+            report,
+            teacher_dir,
+            train,
+            out,
+            steps,
+            distill_steps,
+            teacher_queries,
+            batch_size,
+            progress,
         )
         report.table2 = {name: evaluate_model(path, evaluation).as_dict() for name, path in rows.items()}
         sampled = random.Random(settings.seed).sample(evaluation, min(serving_queries, len(evaluation)))
@@ -552,6 +565,7 @@ def _train_student(
     out: Path,
     steps: int,
     distill_steps: int,
+    teacher_queries: int,
     batch_size: int,
     progress: ProgressLike | None,
 ) -> dict[str, Path]:
@@ -573,15 +587,23 @@ def _train_student(
     rows = {"T/P": teacher_dir, "S/cut": cut, "S/P": sft_dir}
     if distill_steps <= 0:
         return rows
-    with _bar("student: distil T→S", progress, distill_steps) as advance:
-        distilled = distill(
-            teacher_dir,
+    sources = sorted({pair.source for pair in train})  # training queries only: held-out ones never enter
+    picked = random.Random(settings.seed).sample(sources, min(teacher_queries, len(sources)))
+    samples = teacher_pairs(
+        teacher_dir,
+        picked,
+        temperature=settings.rewriter.temperature,
+        top_p=settings.rewriter.top_p,
+        seed=settings.seed,
+    )
+    with _bar("student: distil T→S (the teacher's rewrites)", progress, distill_steps) as advance:
+        distilled = train_sft(
             sft_dir,
-            train,
+            samples,
             out / "policy",
-            steps=distill_steps,
+            max_steps=distill_steps,
             batch_size=batch_size,
-            learning_rate=OfflineConfig.learning_rate,  # measured: 1e-4 takes reverse KL 0.89 → 0.53 in 200
+            learning_rate=OfflineConfig.learning_rate,
             seed=settings.seed,
             progress=advance,
         )
@@ -609,7 +631,7 @@ def publish_student(settings: Settings, student_dir: Path, report: StudentReport
     sft_steps, kd_steps = (int(report.training.get(m, {}).get("steps", 0)) for m in ("S", "T→S"))
     reason = (
         f"{STUDENT_TAG}: the warm start cut to {len(report.kept_layers)} of {report.teacher_layers} layers "
-        f"(one contiguous block dropped), {sft_steps} SFT steps on its pairs, {kd_steps} of reverse-KL "
-        "distillation"
+        f"(one contiguous block dropped), {sft_steps} SFT steps on its pairs, {kd_steps} on the teacher's "
+        "sampled rewrites (sequence-level distillation)"
     )
     return _publish_as(settings, student_dir, "production", sft_steps + kd_steps, metrics, tags, reason)

@@ -133,7 +133,10 @@ def build(
 def student(
     layers: int = typer.Option(15, help="Decoder layers the student keeps (the teacher has 30)."),
     steps: int = typer.Option(300, help="SFT steps of the cut student on the warm start's pairs."),
-    distill_steps: int = typer.Option(200, help="Reverse-KL distillation steps after the SFT (0: none)."),
+    distill_steps: int = typer.Option(
+        200, help="Steps of SFT on the teacher's own sampled rewrites after the SFT on pairs (0: none)."
+    ),
+    teacher_queries: int = typer.Option(800, help="Training queries the teacher rewrites (two each)."),
     publish: bool = typer.Option(True, help="Publish the student as 'production' (else only measure)."),
 ) -> None:
     """The warm start's student: drop the contiguous block of the warm-started teacher's layers that costs

@@ -44,6 +44,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from learner.dpo import pad_right
+from learner.offline.evaluate import load_for_inference, sampled_rewrites
 from learner.offline.q2q import QueryPair
 from learner.offline.sft import (
     collate,
@@ -246,6 +247,27 @@ def student_batch(
             sequences.append((ids + out, len(ids)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
     return pad_right(sequences, pad)
+
+
+def teacher_pairs(
+    teacher_dir: Path,
+    queries: Sequence[str],
+    *,
+    n: int = 2,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    seed: int = 0,
+) -> list[QueryPair]:
+    """Sequence-level distillation's data (Kim & Rush, 2016): the teacher's own sampled rewrites of
+    ``queries``, ``n`` each, sampled as the rewriter serves, as (query → rewrite) pairs (origin "teacher";
+    empty rewrites dropped). SFT on them teaches the student what the teacher *serves*, which is what the
+    online reward measures; token-level reverse KL on the Q2Q pairs matches the teacher only on sequences it
+    would seldom write."""
+    model, tokenizer = load_for_inference(teacher_dir)
+    torch.manual_seed(seed)
+    texts = sampled_rewrites(model, tokenizer, queries, n=n, temperature=temperature, top_p=top_p)
+    sources = [query for query in queries for _ in range(n)]
+    return [QueryPair(q, t, "teacher", 0, "train") for q, t in zip(sources, texts, strict=True) if t]
 
 
 def _load(path: Path) -> tuple[Any, Any]:

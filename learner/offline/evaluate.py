@@ -83,6 +83,35 @@ def generate_rewrites(
     model: Any, tokenizer: Any, queries: Sequence[str], *, max_new_tokens: int = 16, batch_size: int = 16
 ) -> tuple[list[str], list[int]]:
     """Greedy rewrites of ``queries`` and their lengths in tokens."""
+    return _generate(model, tokenizer, queries, {"do_sample": False}, max_new_tokens, batch_size)
+
+
+def sampled_rewrites(
+    model: Any,
+    tokenizer: Any,
+    queries: Sequence[str],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int = 16,
+    batch_size: int = 16,
+) -> list[str]:
+    """``n`` sampled rewrites of each query, query by query (``n`` per query, in order); seed torch first."""
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "num_return_sequences": n}
+    return _generate(model, tokenizer, queries, sampling, max_new_tokens, batch_size)[0]
+
+
+def _generate(
+    model: Any,
+    tokenizer: Any,
+    queries: Sequence[str],
+    options: dict[str, Any],
+    max_new_tokens: int,
+    batch_size: int,
+) -> tuple[list[str], list[int]]:
+    """Batched, left-padded ``generate`` over ``queries``' prompts: the decoded texts up to the first end of
+    turn, and their lengths in tokens."""
     stops = _stop_ids(model)
     texts, lengths = [], []
     for start in range(0, len(queries), batch_size):
@@ -90,7 +119,7 @@ def generate_rewrites(
         inputs = tokenizer(prompts, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(
-                **inputs, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
+                **inputs, **options, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id
             )
         for row in out[:, inputs["input_ids"].shape[1] :].tolist():
             ids = _cut(row, stops)
