@@ -434,7 +434,7 @@ def test_the_warm_starts_student_is_cut_trained_measured_and_published_as_produc
 ) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from learner.offline.build import STUDENT_TAG, warm_start, warm_start_student
+    from learner.offline.build import STUDENT_TAG, StudentConfig, warm_start, warm_start_student
     from policy_store import db
 
     base = Settings()
@@ -444,7 +444,7 @@ def test_the_warm_starts_student_is_cut_trained_measured_and_published_as_produc
     (tmp_path / "data").symlink_to(base.cache_dir / "data")  # the prepared data set, read only
     db.upgrade(sqlite_url)
     with pytest.raises(FileNotFoundError, match="qrloop offline warm-start"):
-        warm_start_student(settings, layers=3, steps=1)
+        warm_start_student(settings)
     config = AutoConfig.from_pretrained(str(tiny))
     config.num_hidden_layers = 5
     torch.manual_seed(3)
@@ -452,8 +452,7 @@ def test_the_warm_starts_student_is_cut_trained_measured_and_published_as_produc
     AutoTokenizer.from_pretrained(str(tiny)).save_pretrained(tmp_path / "five")
     teacher_version = warm_start(settings, steps=1, batch_size=2, base_dir=tmp_path / "five")
 
-    report = warm_start_student(
-        settings,
+    small = StudentConfig(
         layers=3,
         steps=2,
         distill_steps=1,
@@ -463,6 +462,7 @@ def test_the_warm_starts_student_is_cut_trained_measured_and_published_as_produc
         eval_pairs=4,
         serving_queries=2,
     )
+    report = warm_start_student(settings, small)
 
     assert sorted(report.cut_xentropy) == [1, 2], "both 3-layer cuts that keep the first and last layer"
     cheapest = min(report.cut_xentropy, key=lambda first: report.cut_xentropy[first])

@@ -460,6 +460,21 @@ STUDENT_TAG = "student"
 
 
 @dataclass
+class StudentConfig:
+    """Sizes and steps of ``qrloop offline student``; the defaults took about 35 minutes on 2 CPU cores."""
+
+    layers: int = 15  # decoder layers the student keeps (SmolLM2-135M has 30)
+    steps: int = 300  # SFT on the warm start's own pairs
+    distill_steps: int = 200  # SFT on the teacher's sampled rewrites (0: none)
+    teacher_queries: int = 800  # training queries the teacher rewrites, two each
+    batch_size: int = 8
+    calibration_pairs: int = 48  # training pairs each candidate cut is scored on
+    eval_pairs: int = 48  # Table 2
+    serving_queries: int = 30
+    publish: bool = True
+
+
+@dataclass
 class StudentReport:
     """What ``warm_start_student`` measured: the cut it chose, its training, Table 2 and serving time."""
 
@@ -484,24 +499,13 @@ class StudentReport:
 
 
 def warm_start_student(
-    settings: Settings,
-    *,
-    layers: int = 15,
-    steps: int = 300,
-    distill_steps: int = 200,
-    teacher_queries: int = 800,
-    batch_size: int = 8,
-    calibration_pairs: int = 48,
-    eval_pairs: int = 48,
-    serving_queries: int = 30,
-    publish: bool = True,
-    progress: ProgressLike | None = None,
+    settings: Settings, config: StudentConfig | None = None, progress: ProgressLike | None = None
 ) -> StudentReport:
     """The student of the data set's warm start (issue #12, item 6): cut the warm-started teacher to
-    ``layers`` decoder layers by dropping the one contiguous block whose loss hurts its training pairs least
-    (:func:`choose_block`), SFT the cut on the teacher's own Q2Q (and title) training pairs for ``steps``,
-    then distil the teacher into it at the sequence level for ``distill_steps`` (SFT on two sampled
-    rewrites of each of ``teacher_queries`` training queries, :func:`teacher_pairs`), measure Table 2
+    ``config.layers`` decoder layers by dropping the one contiguous block whose loss hurts its training pairs
+    least (:func:`choose_block`), SFT the cut on the teacher's own Q2Q (and title) training pairs, then distil
+    the teacher into it at the sequence level (SFT on two sampled rewrites of each of
+    ``config.teacher_queries`` training queries, :func:`teacher_pairs`), measure Table 2
     (teacher, untrained cut, SFT student, distilled student) and serving time, and publish the student as
     ``production``. The teacher is left on disk; its version stays in the store.
 
@@ -517,11 +521,13 @@ def warm_start_student(
         raise FileNotFoundError(
             f"no warm start for {dataset_name(settings)} in {source}; run `qrloop offline warm-start` first"
         )
+    config = config or StudentConfig()
     train = read_pairs(source / "q2q" / "train.jsonl")
-    evaluation = sample_pairs(read_pairs(source / "q2q" / "eval.jsonl"), eval_pairs, settings.seed)
+    evaluation = sample_pairs(read_pairs(source / "q2q" / "eval.jsonl"), config.eval_pairs, settings.seed)
     out = source / "student"
     with quiet_libraries():
-        choice = choose_block(teacher_dir, sample_pairs(train, calibration_pairs, settings.seed), layers)
+        calibration = sample_pairs(train, config.calibration_pairs, settings.seed)
+        choice = choose_block(teacher_dir, calibration, config.layers)
         report = StudentReport(
             dataset_name(settings),
             str(teacher_dir),
@@ -529,20 +535,11 @@ def warm_start_student(
             _layers(teacher_dir),
             {first: round(nll, 4) for first, nll in choice.nll_by_first_dropped.items()},
         )
-        rows = _train_student(
-            settings,
-            report,
-            teacher_dir,
-            train,
-            out,
-            steps,
-            distill_steps,
-            teacher_queries,
-            batch_size,
-            progress,
-        )
+        rows = _train_student(settings, config, report, train, out, progress)
         report.table2 = {name: evaluate_model(path, evaluation).as_dict() for name, path in rows.items()}
-        sampled = random.Random(settings.seed).sample(evaluation, min(serving_queries, len(evaluation)))
+        sampled = random.Random(settings.seed).sample(
+            evaluation, min(config.serving_queries, len(evaluation))
+        )
         timed = serving_times(
             {"T": teacher_dir, "S": out / "policy"},
             [p.source for p in sampled],
@@ -551,7 +548,7 @@ def warm_start_student(
             seed=settings.seed,
         )
     report.serving = {name: asdict(t) for name, t in timed.items()}
-    if publish:
+    if config.publish:
         report.version = publish_student(settings, out / "policy", report)
     (out / "report.json").write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False))
     return report
@@ -559,36 +556,33 @@ def warm_start_student(
 
 def _train_student(
     settings: Settings,
+    config: StudentConfig,
     report: StudentReport,
-    teacher_dir: Path,
     train: list[QueryPair],
     out: Path,
-    steps: int,
-    distill_steps: int,
-    teacher_queries: int,
-    batch_size: int,
     progress: ProgressLike | None,
 ) -> dict[str, Path]:
     """Cut → SFT → (distil); the student to publish ends in ``out/policy``. Returns the Table 2 rows."""
+    teacher_dir = Path(report.teacher_dir)
     cut = make_student(teacher_dir, out / "cut", keep=report.kept_layers)
-    sft_dir = out / ("sft" if distill_steps > 0 else "policy")
-    with _bar("student: SFT", progress, steps) as advance:
+    sft_dir = out / ("sft" if config.distill_steps > 0 else "policy")
+    with _bar("student: SFT", progress, config.steps) as advance:
         result = train_sft(
             cut,
             train,
             sft_dir,
-            max_steps=steps,
-            batch_size=batch_size,
+            max_steps=config.steps,
+            batch_size=config.batch_size,
             learning_rate=OfflineConfig.learning_rate,
             seed=settings.seed,
             progress=advance,
         )
     report.training["S"] = _training_summary(result.steps, result.losses, result.seconds)
     rows = {"T/P": teacher_dir, "S/cut": cut, "S/P": sft_dir}
-    if distill_steps <= 0:
+    if config.distill_steps <= 0:
         return rows
     sources = sorted({pair.source for pair in train})  # training queries only: held-out ones never enter
-    picked = random.Random(settings.seed).sample(sources, min(teacher_queries, len(sources)))
+    picked = random.Random(settings.seed).sample(sources, min(config.teacher_queries, len(sources)))
     samples = teacher_pairs(
         teacher_dir,
         picked,
@@ -596,13 +590,13 @@ def _train_student(
         top_p=settings.rewriter.top_p,
         seed=settings.seed,
     )
-    with _bar("student: distil T→S (the teacher's rewrites)", progress, distill_steps) as advance:
+    with _bar("student: distil T→S (the teacher's rewrites)", progress, config.distill_steps) as advance:
         distilled = train_sft(
             sft_dir,
             samples,
             out / "policy",
-            max_steps=distill_steps,
-            batch_size=batch_size,
+            max_steps=config.distill_steps,
+            batch_size=config.batch_size,
             learning_rate=OfflineConfig.learning_rate,
             seed=settings.seed,
             progress=advance,

@@ -142,12 +142,17 @@ def student(
     """The warm start's student: drop the contiguous block of the warm-started teacher's layers that costs
     least, SFT the cut on the same pairs, distil the teacher into it, print Table 2 and serving time, publish
     it as 'production'."""
-    from learner.offline.build import warm_start_student
+    from learner.offline.build import StudentConfig, warm_start_student
 
+    config = StudentConfig(
+        layers=layers,
+        steps=steps,
+        distill_steps=distill_steps,
+        teacher_queries=teacher_queries,
+        publish=publish,
+    )
     with _progress() as progress:
-        report = warm_start_student(
-            get_settings(), layers=layers, steps=steps, publish=publish, progress=progress
-        )
+        report = warm_start_student(get_settings(), config, progress)
     console.print(f"kept layers {report.kept_layers} of the teacher's {report.teacher_layers}")
     console.print(
         "Table 2 (T P: the warm-started teacher; S V: the untrained cut; S P: after SFT; T→S P: distilled)"
