@@ -92,11 +92,7 @@ class MiniELMReport:
 
     def metrics(self) -> dict[str, float]:
         """Flat numbers for the policy store's ``metrics`` (JSON, no NaN)."""
-        flat: dict[str, float] = {}
-        for row, values in self.table2.items():
-            for name, value in values.items():
-                if name != "n":
-                    flat[f"{row.replace('→', '->')}/{name}"] = round(value, 5)
+        flat = table2_metrics(self.table2)
         for model, values in self.serving.items():
             flat[f"serving/{model}/median_s"] = round(values["median_s"], 5)
         if "T" in self.serving and "S" in self.serving:
@@ -110,6 +106,16 @@ class MiniELMReport:
 
     def table(self) -> str:
         return format_table2(self.measured())
+
+
+def table2_metrics(table2: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Table 2 as flat numbers for the policy store's ``metrics``: "T->S/P/rouge_l" → value."""
+    return {
+        f"{row.replace('→', '->')}/{name}": round(value, 5)
+        for row, values in table2.items()
+        for name, value in values.items()
+        if name != "n"
+    }
 
 
 def _metrics(v: dict[str, float]) -> OfflineMetrics:
@@ -607,12 +613,7 @@ def _train_student(
 
 def publish_student(settings: Settings, student_dir: Path, report: StudentReport) -> int:
     """Publish the warm start's student as ``production``, with what it was cut from and how it measured."""
-    metrics = {
-        f"{row}/{name}": round(value, 5)
-        for row, values in report.table2.items()
-        for name, value in values.items()
-        if name != "n"
-    }
+    metrics = table2_metrics(report.table2)
     metrics["serving/S_over_T"] = round(report.serving_ratio(), 4)
     tags = {
         "stage": "offline",
