@@ -106,10 +106,8 @@ def test_run_roles_ready_metrics_move_crash_restart_and_stop(
         wait_for(restarted, 120, "the learner's restart", log_path)
         assert "learn exited with code -9; restarting in" in log_path.read_text()
 
-        started = time.monotonic()
         daemon.send_signal(signal.SIGTERM)
-        assert daemon.wait(timeout=90) == 0
-        assert time.monotonic() - started < 90
+        assert daemon.wait(timeout=90) == 0, "the daemon stops cleanly on SIGTERM, its roles with it"
     finally:
         # Roles run in their own sessions: a failed test stops them through the daemon, as an operator would.
         if daemon.poll() is None:
