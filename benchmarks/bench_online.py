@@ -82,7 +82,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from learner.evaluate_online import paired_stats
+from learner.evaluate_online import paired_ratio_stats, paired_stats
 from qrloop.cli.demo import run_settings
 from qrloop.cli.supervisor import Spawner, Supervised, Supervisor, spawn_command, spawn_qrloop
 from qrloop.runs import isolate, open_store, run_env
@@ -384,6 +384,7 @@ def cmd_offline(args: argparse.Namespace) -> None:
     )
     from qrloop.serving import load_version
 
+    runs = []
     for name, path in named:
         folder = Path(path).expanduser()
         run = evaluate_loaded(
@@ -399,7 +400,24 @@ def cmd_offline(args: argparse.Namespace) -> None:
             f"{name:<8} {cells} {run.combined().mean():>8.4f} {run.coverage():>8.2f}"
             f" {run.seconds / len(queries):>7.2f}"
         )
+        runs.append(run)
+    print_against_reference(runs, args.seed)
     print(load_average())
+
+
+def print_against_reference(runs: Sequence[PolicyRun], seed: int) -> None:
+    """Each model's combined reward against the first's, paired per query: the relative difference with
+    its bootstrap 95% CI (issue #12 item 6 asks for "within 5% of the teacher's"), and the absolute one."""
+    reference, *others = runs
+    for run in others:
+        rel = paired_ratio_stats(reference.combined(), run.combined(), seed)
+        diff = paired_stats(reference.combined(), run.combined(), seed)
+        print(
+            f"{run.version} vs {reference.version}: combined {rel['ratio']:+.1%} "
+            f"(paired bootstrap 95% CI [{rel['low']:+.1%}, {rel['high']:+.1%}]); per query "
+            f"{diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}], paired t-test "
+            f"p = {diff['p']:.3f}"
+        )
 
 
 # -------------------------------------------------------------------------------------------------- speed

@@ -182,3 +182,20 @@ def paired_stats(first: np.ndarray, last: np.ndarray, seed: int, resamples: int 
     low, high = np.percentile(boot, [2.5, 97.5])
     p = float(stats.ttest_rel(last, first).pvalue) if len(diff) > 1 and diff.std() > 0 else float("nan")
     return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "p": p}
+
+
+def paired_ratio_stats(
+    reference: np.ndarray, other: np.ndarray, seed: int, resamples: int = 10_000
+) -> dict[str, float]:
+    """``mean(other) / mean(reference) − 1`` and its paired bootstrap 95% CI: how a target stated relative to
+    a reference ("within 5% of the teacher's reward") is checked. Both means are taken over the same resampled
+    queries, so the query-to-query spread both policies share cancels, as in ``paired_stats``."""
+    ref = np.asarray(reference, dtype=np.float64)
+    oth = np.asarray(other, dtype=np.float64)
+    if ref.shape != oth.shape or ref.mean() <= 0:
+        raise ValueError("paired ratio needs two equal-length score arrays and a positive reference mean")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(ref), size=(resamples, len(ref)))
+    ratios = oth[picks].mean(axis=1) / np.maximum(ref[picks].mean(axis=1), 1e-12) - 1.0
+    low, high = np.percentile(ratios, [2.5, 97.5])
+    return {"ratio": float(oth.mean() / ref.mean() - 1.0), "low": float(low), "high": float(high)}

@@ -15,6 +15,7 @@ from learner.evaluate_online import (
     labelled_shown,
     mean_grade,
     mean_length,
+    paired_ratio_stats,
     paired_stats,
     recall,
     relevant_products,
@@ -100,3 +101,16 @@ def test_paired_bootstrap_brackets_a_known_shift_and_not_noise() -> None:
     assert noise["low"] < 0 < noise["high"]
     same = paired_stats(first, first, seed=1)
     assert same["mean"] == 0 and np.isnan(same["p"])
+
+
+def test_paired_ratio_brackets_a_known_relative_shift() -> None:
+    rng = np.random.default_rng(0)
+    teacher = rng.uniform(0.05, 0.25, 300)
+    student = teacher * 0.92 + rng.normal(0, 0.005, 300)  # 8% behind, per query
+    behind = paired_ratio_stats(teacher, student, seed=1)
+    assert behind["ratio"] == pytest.approx(student.mean() / teacher.mean() - 1)
+    assert behind["low"] < -0.08 < behind["high"] < -0.05, "8% behind is told apart from 'within 5%'"
+    same = paired_ratio_stats(teacher, teacher, seed=1)
+    assert same["ratio"] == same["low"] == same["high"] == 0
+    with pytest.raises(ValueError, match="positive reference"):
+        paired_ratio_stats(np.zeros(3), np.ones(3), seed=1)
