@@ -174,11 +174,16 @@ def spelling_signal(
     return SpellingSignal(misspelled, corrected, on_misspelled, chose_fix, rejected_fix)
 
 
+def bootstrap_picks(n: int, seed: int, resamples: int) -> np.ndarray:
+    """``resamples`` rows of ``n`` query indices drawn with replacement: the one paired bootstrap both
+    ``paired_stats`` and ``paired_ratio_stats`` resample by (the same seed draws the same queries)."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
 def paired_stats(first: np.ndarray, last: np.ndarray, seed: int, resamples: int = 10_000) -> dict[str, float]:
     """Mean of last − first per query, its paired bootstrap 95% CI and the paired t-test's p-value."""
     diff = np.asarray(last, dtype=np.float64) - np.asarray(first, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    boot = diff[rng.integers(0, len(diff), size=(resamples, len(diff)))].mean(axis=1)
+    boot = diff[bootstrap_picks(len(diff), seed, resamples)].mean(axis=1)
     low, high = np.percentile(boot, [2.5, 97.5])
     p = float(stats.ttest_rel(last, first).pvalue) if len(diff) > 1 and diff.std() > 0 else float("nan")
     return {"mean": float(diff.mean()), "low": float(low), "high": float(high), "p": p}
@@ -194,8 +199,7 @@ def paired_ratio_stats(
     oth = np.asarray(other, dtype=np.float64)
     if ref.shape != oth.shape or ref.mean() <= 0:
         raise ValueError("paired ratio needs two equal-length score arrays and a positive reference mean")
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(ref), size=(resamples, len(ref)))
+    picks = bootstrap_picks(len(ref), seed, resamples)
     ratios = oth[picks].mean(axis=1) / np.maximum(ref[picks].mean(axis=1), 1e-12) - 1.0
     low, high = np.percentile(ratios, [2.5, 97.5])
     return {"ratio": float(oth.mean() / ref.mean() - 1.0), "low": float(low), "high": float(high)}
