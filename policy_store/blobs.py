@@ -38,6 +38,7 @@ from typing import BinaryIO
 from policy_store.errors import (
     BlobIntegrityError,
     BlobMissingError,
+    DestinationNotEmptyError,
     InvalidWeightsError,
     PolicyStoreError,
     UnsafeWeightsError,
@@ -389,7 +390,9 @@ class BlobStore:
         src = self._existing(digest, label)
         dest = Path(dest_dir)
         if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-            raise PolicyStoreError(f"cannot materialise {self._what(digest, label)} into {dest}: not empty")
+            raise DestinationNotEmptyError(
+                f"cannot materialise {self._what(digest, label)} into {dest}: not empty"
+            )
         private_dir(dest.parent)
         tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dest.name}-", dir=dest.parent))
         try:

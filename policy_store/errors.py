@@ -51,6 +51,10 @@ class BlobError(PolicyStoreError):
     """Base class of blob storage failures."""
 
 
+class DestinationNotEmptyError(BlobError):
+    """A blob cannot be extracted into a directory that already holds files (another loader may have won)."""
+
+
 class BlobMissingError(BlobError, FileNotFoundError):
     """The blob a version references is not on disk."""
 

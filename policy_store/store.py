@@ -53,6 +53,7 @@ from policy_store.entities import (
 )
 from policy_store.errors import (
     AliasPinnedError,
+    DestinationNotEmptyError,
     NoPreviousVersionError,
     PolicyStoreError,
     StaleVerdictError,
@@ -783,12 +784,20 @@ class PolicyStore:
         if dest is not None:
             return self.blobs.materialise(v.blob_digest, Path(dest), label=label)
         checkout = self.blobs.checkout_path(v.blob_digest)
-        if checkout.is_dir():
-            if digest_dir(checkout) == v.blob_digest:
-                return checkout
-            log.warning("checkout %s of %s was modified; extracting it again from the blob", checkout, label)
-            shutil.rmtree(checkout)
-        return self.blobs.materialise(v.blob_digest, checkout, label=label)
+        # Two tries: between our look and our extraction another process (a second rewriter on the same
+        # blob directory) may put its own verified checkout in place; we then verify and use that one.
+        for attempt in range(2):
+            if checkout.is_dir():
+                if digest_dir(checkout) == v.blob_digest:
+                    return checkout
+                log.warning("checkout %s of %s was modified; extracting it again", checkout, label)
+                shutil.rmtree(checkout, ignore_errors=True)
+            try:
+                return self.blobs.materialise(v.blob_digest, checkout, label=label)
+            except DestinationNotEmptyError:
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     def verify(self, version: VersionRef) -> None:
         """Re-hash the version's blob; raise ``BlobMissingError`` / ``BlobIntegrityError`` if it is bad."""

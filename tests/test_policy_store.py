@@ -359,6 +359,27 @@ def test_modified_checkout_is_never_served(store: PolicyStore, model_dirs: list[
     assert_same_files(model_dirs[0], again)
 
 
+def test_a_loader_that_loses_the_extraction_race_serves_the_winners_verified_checkout(
+    store: PolicyStore, model_dirs: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two rewriters on one blob directory: the second looked, found no checkout, and by the time it
+    extracts, the first has renamed its own into place. It must verify and use that one (CI once saw a
+    rewriter die here with 'not empty')."""
+    v = store.publish(model_dirs[0], base_model="tiny")
+    materialise = store.blobs.materialise
+    calls: list[str] = []
+
+    def other_loader_wins_first(digest: str, dest_dir: Path, *, label: str = "") -> Path:
+        calls.append(digest)
+        if len(calls) == 1:
+            materialise(digest, dest_dir, label=label)  # the other process, between our look and our extract
+        return materialise(digest, dest_dir, label=label)
+
+    monkeypatch.setattr(store.blobs, "materialise", other_loader_wins_first)
+    assert_same_files(model_dirs[0], store.load_dir(v))
+    assert calls == [v.blob_digest]  # the winner's copy was verified and used, not extracted once more
+
+
 def test_a_given_away_directory_becomes_the_checkout_and_is_never_served_modified(
     store: PolicyStore, model_dirs: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
