@@ -42,6 +42,7 @@ from qrloop.prompting import build_prompt, end_of_turn
 from qrloop.reload import reload_on_sighup
 from qrloop.rewards import is_echo, same_text
 from qrloop.settings import CanarySettings, RewriterSettings, Settings
+from qrloop.vocabulary import output_vocabulary, restrict_output_vocabulary
 
 log = logging.getLogger("qrloop.rewriter")
 SearchFn = Callable[[str], list[str]]
@@ -150,8 +151,10 @@ class Rewriter:
         config: RewriterSettings,
         seed: int = 0,
         rank: Ranker | None = None,
+        vocabulary: Sequence[int] | None = None,
     ) -> None:
-        self._policy = policy
+        self.vocabulary = vocabulary  # token ids every policy served here is restricted to (None: all)
+        self._policy = self._restricted(policy)
         self._lock = threading.Lock()
         self.search = search
         self.config = config
@@ -168,8 +171,14 @@ class Rewriter:
 
     def swap(self, policy: LoadedPolicy) -> None:
         """Replace the policy; waits for the query in flight, so each query sees exactly one version."""
+        policy = self._restricted(policy)  # outside the lock: the new model is not serving yet
         with self._lock:
             self._policy = policy
+
+    def _restricted(self, policy: LoadedPolicy) -> LoadedPolicy:
+        if self.vocabulary is not None:
+            restrict_output_vocabulary(policy.model, self.vocabulary)
+        return policy
 
     def reconfigure(self, config: RewriterSettings) -> None:
         """Replace the sampling settings; like ``swap``, between queries, so no query mixes two configs."""
@@ -445,7 +454,7 @@ class ArmedRewriter:
         with self._lock:
             if self.canary is None:
                 p = self.production
-                self.canary = Rewriter(policy, p.search, p.config, p._generator_seed, p.rank)
+                self.canary = Rewriter(policy, p.search, p.config, p._generator_seed, p.rank, p.vocabulary)
             else:
                 self.canary.swap(policy)
             self._share = share
@@ -670,7 +679,8 @@ def _json_response(
 # Not the products per list (rewards of lists of other lengths are not comparable), nor topics, aliases or
 # the database; the canary's share is the canary job's to step (its audit log is the state), not a setting.
 # The HTTP limits are not reloaded either: the server's handler class and semaphore are built with them;
-# nor ``samples``: best-of-N's ranker (M1) is built, or not, when the rewriter starts.
+# nor ``samples``: best-of-N's ranker (M1) is built, or not, when the rewriter starts; nor ``vocabulary``:
+# its token ids are computed from the catalog once, at start.
 RELOADABLE = ("temperature", "top_p", "max_new_tokens", "max_resamples")
 
 
@@ -860,12 +870,18 @@ def run(
     port: int,
     alias: str = "production",
     rank: Ranker | None = None,
+    vocabulary_texts: Sequence[str] | None = None,
 ) -> None:
     """``qrloop serve``: the rewriter service until SIGTERM, over ``search`` (the root passes the search
-    engine in: the kernel does not know which one runs) and, for best-of-N serving, ``rank``; closes
-    ``store`` when it stops."""
+    engine in: the kernel does not know which one runs), for best-of-N serving ``rank``, and with
+    ``vocabulary_texts`` every served policy writes only the tokens those texts use; closes ``store`` when
+    it stops."""
     version = store.resolve(alias)
-    production = Rewriter(load_stored_version(store, version), search, settings.rewriter, settings.seed, rank)
+    loaded = load_stored_version(store, version)
+    vocabulary = None if vocabulary_texts is None else output_vocabulary(loaded.tokenizer, vocabulary_texts)
+    if vocabulary is not None:
+        log.info("output vocabulary: %d of %d tokens", len(vocabulary), len(loaded.tokenizer))
+    production = Rewriter(loaded, search, settings.rewriter, settings.seed, rank, vocabulary)
     metrics.ALIAS_VERSION.labels(alias).set(version.id)
     producer = KafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True, acks="all", linger_ms=5

@@ -249,6 +249,12 @@ class RewriterSettings(Group):
     max_new_tokens: int = Field(
         16, ge=1, le=1024, description="Rewrites are short queries; this caps runaway generations."
     )
+    vocabulary: Literal["full", "catalog"] = Field(
+        "full",
+        description="`catalog`: `qrloop serve` lets the policy write only the tokens of the catalog's "
+        "product texts and the training queries (about 15,500 of 49,152 on Home Depot), scoring those alone: "
+        "the output head is a third of a 15-layer student's per-token compute. Read at start.",
+    )
     top_k_products: int = Field(10, ge=1, description="Products retrieved per query / rewrite.")
     # The HTTP endpoint's limits: one model serves every query in turn, so one oversized or slow request
     # must not hold it (or a server thread) for long; past them a request gets a 4xx/503 with a reason.

@@ -298,7 +298,17 @@ def serve(
     # The rewriter searches with whatever engine the root gives it; here, the simulated one over the catalog.
     search = SearchEngine.open(settings).search
     rank = novelty_ranker(settings) if settings.rewriter.samples > 2 else None
-    run(settings, open_store(settings), search, port, alias, rank)
+    texts = catalog_vocabulary_texts(settings) if settings.rewriter.vocabulary == "catalog" else None
+    run(settings, open_store(settings), search, port, alias, rank, texts)
+
+
+def catalog_vocabulary_texts(settings: Settings) -> list[str]:
+    """What a catalog-vocabulary rewriter may write in: the products' texts and the training queries (a
+    held-out query never shapes what is served)."""
+    from qrloop.data import load_prepared  # pandas
+
+    dataset = load_prepared(settings)
+    return [*dataset.products["text"], *dataset.train_queries["query"]]
 
 
 def novelty_ranker(settings: Settings) -> Ranker:
