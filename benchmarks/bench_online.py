@@ -130,6 +130,7 @@ class PolicyRun:
     version: int | str  # a store version, or a name (the offline sub-command's "T/P", ...)
     scores: list[QueryScores] = field(default_factory=list)
     seconds: float = 0.0
+    serve_seconds: list[float] = field(default_factory=list)  # per query: the rewriter alone, no scoring
 
     def mean(self, name: str) -> float:
         return float(np.mean([s.metrics[name] for s in self.scores]))
@@ -263,7 +264,9 @@ def evaluate_loaded(
     run = PolicyRun(name)
     started = time.perf_counter()
     for i, query in enumerate(queries):
-        run.scores.append(evaluator.score(serve_seeded(rewriter, query, settings.seed + i)))
+        serve_s, event = timed(lambda: serve_seeded(rewriter, query, settings.seed + i))  # noqa: B023
+        run.serve_seconds.append(serve_s)
+        run.scores.append(evaluator.score(event))
     run.seconds = time.perf_counter() - started
     return run
 
@@ -322,6 +325,7 @@ class HeldoutSetup:
     evaluator: Evaluator
     search: Any
     m1_kind: str
+    catalog_texts: list[str]  # the products' texts and the training queries: never a held-out query
 
 
 def heldout_setup(settings: Settings, args: argparse.Namespace) -> HeldoutSetup:
@@ -340,7 +344,8 @@ def heldout_setup(settings: Settings, args: argparse.Namespace) -> HeldoutSetup:
     rule = relevance_rule(catalog, grade_lookup(catalog, queries), m1, args.m1_threshold)
     evaluator = Evaluator(settings, catalog, m1, judge, pool.profiles, rule)
     engine = SearchEngine.open(settings, dataset=catalog.dataset)
-    return HeldoutSetup(list(queries), evaluator, engine.search, m1.kind)
+    texts = [*catalog.dataset.products["text"], *catalog.dataset.train_queries["query"]]
+    return HeldoutSetup(list(queries), evaluator, engine.search, m1.kind, texts)
 
 
 def cmd_table3(args: argparse.Namespace) -> None:
@@ -374,35 +379,41 @@ def cmd_offline(args: argparse.Namespace) -> None:
     settings = get_settings()
     offline = settings.cache_dir / "offline"
     named = [item.split("=", 1) for item in args.dirs.split(",")]
+    restricted = set(args.catalog_vocabulary.split(",")) if args.catalog_vocabulary else set()
     setup = heldout_setup(settings, args)
     queries = setup.queries
     print(f"== offline models online: {len(queries)} labelled held-out queries (seed {args.seed}) ==")
     print(load_average())
     print(
         f"\n{'model':<8} {'relevance':>9} {'diversity':>9} {'click':>7} {'add2cart':>8} {'purchase':>8}"
-        f" {'combined':>8} {'coverage':>8} {'s/query':>7}"
+        f" {'combined':>8} {'coverage':>8} {'s/query':>7} {'serve ms':>8}"
     )
     from qrloop.serving import load_version
 
     runs = []
     for name, path in named:
         folder = Path(path).expanduser()
-        run = evaluate_loaded(
-            settings,
-            load_version(folder if folder.is_absolute() else offline / folder, None),
-            name,
-            queries,
-            setup.search,
-            setup.evaluator,
-        )
+        policy = load_version(folder if folder.is_absolute() else offline / folder, None)
+        if name in restricted:
+            restrict_to_catalog(policy, setup.catalog_texts)
+        run = evaluate_loaded(settings, policy, name, queries, setup.search, setup.evaluator)
         cells = " ".join(f"{run.mean(m):>{max(7, len(m))}.4f}" for m in METRICS)
         print(
             f"{name:<8} {cells} {run.combined().mean():>8.4f} {run.coverage():>8.2f}"
-            f" {run.seconds / len(queries):>7.2f}"
+            f" {run.seconds / len(queries):>7.2f} {statistics.median(run.serve_seconds) * 1000:>8.0f}"
         )
         runs.append(run)
     print_against_reference(runs, args.seed)
     print(load_average())
+
+
+def restrict_to_catalog(policy: LoadedPolicy, texts: Sequence[str]) -> None:
+    """Serve ``policy`` over the tokens of the catalog's texts and the training queries only."""
+    from qrloop.vocabulary import output_vocabulary, restrict_output_vocabulary
+
+    keep = output_vocabulary(policy.tokenizer, texts)
+    restrict_output_vocabulary(policy.model, keep)
+    print(f"  (output vocabulary: {len(keep):,} of {len(policy.tokenizer):,} tokens)")
 
 
 def print_against_reference(runs: Sequence[PolicyRun], seed: int) -> None:
@@ -416,7 +427,8 @@ def print_against_reference(runs: Sequence[PolicyRun], seed: int) -> None:
             f"{run.version} vs {reference.version}: combined {rel['ratio']:+.1%} "
             f"(paired bootstrap 95% CI [{rel['low']:+.1%}, {rel['high']:+.1%}]); per query "
             f"{diff['mean']:+.4f} [{diff['low']:+.4f}, {diff['high']:+.4f}], paired t-test "
-            f"p = {diff['p']:.3f}"
+            f"p = {diff['p']:.3f}; serving time (median per query) "
+            f"{statistics.median(run.serve_seconds) / statistics.median(reference.serve_seconds):.2f}×"
         )
 
 
@@ -1076,6 +1088,11 @@ def parser() -> argparse.ArgumentParser:
     off.add_argument("--m1-threshold", type=float, default=0.5)
     off.add_argument("--threads", type=int, default=1)
     off.add_argument("--seed", type=int, default=1234)
+    off.add_argument(
+        "--catalog-vocabulary",
+        help="NAME,...: serve these models over the catalog's and training queries' tokens only "
+        "(qrloop.vocabulary); name a directory twice in --dirs to compare",
+    )
     off.set_defaults(fn=cmd_offline)
     speed = sub.add_parser("speed", help="rewriter vs bare generate; Faust aggregator vs raw kafka-python")
     speed.add_argument("--queries", type=int, default=20, help="rewriter queries (0: skip)")
