@@ -12,18 +12,22 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from PIL import Image
 from selenium import webdriver
+from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
 from qrloop.runs import open_store
 from qrloop.settings import REPO_ROOT, Settings
 from tests.helpers import env_of, free_port, isolated, short_run
+
+T = TypeVar("T")
 
 # End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
 pytestmark = pytest.mark.slow
@@ -60,8 +64,24 @@ def browser(tmp_path: Path) -> Iterator[webdriver.Chrome]:
         driver.quit()
 
 
+def reread(read: Callable[[], T]) -> T:
+    """``read`` again while it hits an element of a page that has since reloaded, or a page still loading:
+    the page reloads itself every 2 s, so a find and the read of what it found can straddle a reload (CI
+    once failed so)."""
+    for _ in range(20):
+        try:
+            return read()
+        except (StaleElementReferenceException, NoSuchElementException):  # mid-reload: not there yet
+            time.sleep(0.1)
+    return read()
+
+
 def table_rows(driver: webdriver.Chrome, table_id: str) -> list[str]:
-    return [row.text for row in driver.find_elements(By.CSS_SELECTOR, f"#{table_id} tr")[1:]]
+    return reread(lambda: [row.text for row in driver.find_elements(By.CSS_SELECTOR, f"#{table_id} tr")[1:]])
+
+
+def text_of(driver: webdriver.Chrome, element_id: str) -> str:
+    return reread(lambda: str(driver.find_element(By.ID, element_id).text))
 
 
 def wait_until(condition: object, timeout_s: float, what: str) -> None:
@@ -100,28 +120,28 @@ def test_status_page_in_chromium(
         assert [row.split()[0] for row in versions] == [f"v{v[k]}" for k in ("v4", "v3", "v2", "v1")]
         assert "rejected" in versions[1] and versions[2].endswith("canary, production")
         # The lineage graph, drawn server-side: a node label per version and the aliases on theirs.
-        labels = {t.text for t in browser.find_elements(By.CSS_SELECTOR, "#lineage svg text")}
+        labels = reread(lambda: {t.text for t in browser.find_elements(By.CSS_SELECTOR, "#lineage svg text")})
         assert {f"v{n}" for n in v.values()} | {"production", "canary"} <= labels
         # The canary's rollback moved its alias back from v3 to v2.
         moves = table_rows(browser, "alias-history")
         assert f"canary v{v['v3']} → v{v['v2']} set_alias canary worse: reward -0.2" in moves[0]
         assert "rollback" in " ".join(table_rows(browser, "canary-verdicts"))
-        assert "inconclusive" in browser.find_element(By.ID, "canary-current").text
+        assert "inconclusive" in text_of(browser, "canary-current")
         assert [r.split()[:2] for r in table_rows(browser, "reward-table")] == [
             ["v1", "6"], ["v2", "5"], ["v3", "4"]
         ]  # fmt: skip
-        assert browser.find_element(By.ID, "total-lag").text == "6"
-        assert browser.find_element(By.ID, "dead-letters").text == "3"
+        assert text_of(browser, "total-lag") == "6"
+        assert text_of(browser, "dead-letters") == "3"
         assert browser.find_element(By.CSS_SELECTOR, "#rewards svg") is not None
 
         # Meanwhile the learner publishes v5 and an operator rolls production back: the page, reloading
         # itself every 2 s, shows both without the browser being told anything.
-        generated = browser.find_element(By.ID, "generated").text
+        generated = text_of(browser, "generated")
         with open_store(run) as store:
             v5 = store.publish(tmp_path / "tiny", parent=v["v4"], base_model="start", train_steps=4).id
             store.rollback("production", reason="operator: bad night", actor="cli")
-        wait_until(lambda: browser.find_element(By.ID, "n-versions").text == "5", 60, "the page to refresh")
-        assert browser.find_element(By.ID, "generated").text != generated
+        wait_until(lambda: text_of(browser, "n-versions") == "5", 60, "the page to refresh")
+        assert text_of(browser, "generated") != generated
         assert table_rows(browser, "versions")[0].split()[0] == f"v{v5}"
         newest = table_rows(browser, "alias-history")[0]
         assert f"production v{v['v2']} → v{v['v1']} rollback cli operator: bad night" in newest
