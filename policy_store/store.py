@@ -784,20 +784,27 @@ class PolicyStore:
         if dest is not None:
             return self.blobs.materialise(v.blob_digest, Path(dest), label=label)
         checkout = self.blobs.checkout_path(v.blob_digest)
-        # Two tries: between our look and our extraction another process (a second rewriter on the same
-        # blob directory) may put its own verified checkout in place; we then verify and use that one.
-        for attempt in range(2):
-            if checkout.is_dir():
-                if digest_dir(checkout) == v.blob_digest:
-                    return checkout
-                log.warning("checkout %s of %s was modified; extracting it again", checkout, label)
-                shutil.rmtree(checkout, ignore_errors=True)
-            try:
-                return self.blobs.materialise(v.blob_digest, checkout, label=label)
-            except DestinationNotEmptyError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")  # the loop returns or raises
+        if self._intact_checkout(checkout, v.blob_digest, label):
+            return checkout
+        try:
+            return self.blobs.materialise(v.blob_digest, checkout, label=label)
+        except DestinationNotEmptyError:
+            # Between our look and our extraction another process (a second rewriter on the same blob
+            # directory) renamed its own checkout into place: verify and use that one.
+            if self._intact_checkout(checkout, v.blob_digest, label):
+                return checkout
+            return self.blobs.materialise(v.blob_digest, checkout, label=label)
+
+    @staticmethod
+    def _intact_checkout(checkout: Path, digest: str, label: str) -> bool:
+        """Whether ``checkout`` exists and hashes to ``digest``; a modified one is removed."""
+        if not checkout.is_dir():
+            return False
+        if digest_dir(checkout) == digest:
+            return True
+        log.warning("checkout %s of %s was modified; extracting it again", checkout, label)
+        shutil.rmtree(checkout, ignore_errors=True)
+        return False
 
     def verify(self, version: VersionRef) -> None:
         """Re-hash the version's blob; raise ``BlobMissingError`` / ``BlobIntegrityError`` if it is bad."""

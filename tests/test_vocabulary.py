@@ -4,6 +4,7 @@ else can be sampled, and the rewriter's logged log-probabilities are those of wh
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -49,28 +50,23 @@ def test_kept_tokens_keep_their_logits_and_no_other_token_can_be_written(tiny: P
     outside[allowed] = False
     assert torch.isneginf(got[..., outside]).all()
 
-    torch.manual_seed(0)
-    with torch.no_grad():
-        out = restricted.generate(
-            **inputs,
-            do_sample=True,
-            max_new_tokens=12,
-            num_return_sequences=8,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    written = set(out[:, inputs.input_ids.shape[1] :].flatten().tolist())
-    assert written <= set(allowed.tolist())
+    assert sampled_tokens(restricted, tokenizer, inputs) <= set(allowed.tolist())
     # The tiny random model, unrestricted, writes tokens from all over its vocabulary under the same seed.
+    assert not sampled_tokens(full, tokenizer, inputs) <= set(allowed.tolist())
+
+
+def sampled_tokens(model: Any, tokenizer: Any, inputs: Any) -> set[int]:
+    """Every token of 8 seeded samples of 12 tokens each."""
     torch.manual_seed(0)
     with torch.no_grad():
-        free = full.generate(
+        out = model.generate(
             **inputs,
             do_sample=True,
             max_new_tokens=12,
             num_return_sequences=8,
             pad_token_id=tokenizer.pad_token_id,
         )
-    assert not set(free[:, inputs.input_ids.shape[1] :].flatten().tolist()) <= set(allowed.tolist())
+    return set(out[:, inputs.input_ids.shape[1] :].flatten().tolist())
 
 
 def test_the_rewriter_serves_a_restricted_policy_with_finite_logged_logprobs(tiny: Path) -> None:
