@@ -665,11 +665,14 @@ class FaustVariant:
     label: str
     scoring: bool
     matrix: bool = False
+    one_by_one: bool = False  # each record its own changelog write and produce request (before batching)
 
     def spawn(self, settings: Settings, threads: int, tmp: Path) -> tuple[Supervised, Spawner]:
         env = worker_env(settings, threads) | {
             "QRLOOP_MODELS__USE_CATALOG_EMBEDDINGS": "true" if self.matrix else "false"
         }
+        if self.one_by_one:
+            env |= {"QRLOOP_STREAMS__BATCH_MAX": "1", "QRLOOP_STREAMS__PRODUCER_LINGER_S": "0"}
         if self.scoring:
             return Supervised("aggregator", ["aggregate"]), spawn_qrloop(env, log_dir=tmp)
         worker = Supervised("aggregator-unscored", ["_aggregate_unscored"])
@@ -794,6 +797,9 @@ def bench_aggregator(settings: Settings, n: int, n_warm: int, threads: int, seed
         print(f"catalog embeddings: {meta['rows']:,} product texts in {embeddings_dir(settings)}")
         variants.append(FaustVariant("Faust + M1, catalog embeddings (matrix on)", True, matrix=True))
     variants.append(FaustVariant("Faust, no M1 (constant-cost relevance)", False))
+    variants.append(
+        FaustVariant("Faust, no M1, one record at a time (batch_max 1 / linger 0)", False, one_by_one=True)
+    )
     faust_s: dict[str, list[float]] = {v.label: [] for v in variants}
     raw_s: list[float] = []
     for rep in range(repeats):

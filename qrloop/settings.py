@@ -428,6 +428,24 @@ class StreamSettings(Group):
         description="Standby copies of each window-table partition kept warm on other aggregator workers, "
         "so a takeover replays little of the changelog.",
     )
+    batch_max: int = Field(
+        256,
+        ge=1,
+        description="Records an aggregator agent handles as one batch: each window the batch changed is "
+        "written to the table's changelog once, before the batch's records are acked (1: once per record).",
+    )
+    batch_within_s: float = Field(
+        0.05,
+        gt=0,
+        description="How long an agent waits to fill a batch before handling what it has (adds at most this "
+        "to a window's close).",
+    )
+    producer_linger_s: float = Field(
+        0.01,
+        ge=0,
+        description="How long the aggregator's producer waits to fill a request to the broker (Faust's "
+        "default 0 sends each changelog write, pair and outcome as its own request).",
+    )
 
 
 class CanarySettings(Group):

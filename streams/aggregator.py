@@ -82,8 +82,38 @@ def load_relevance(settings: Settings) -> attribution.CalibratedRelevance:
         ) from exc
 
 
+class WindowWrites:
+    """The window table's changes made by the records being handled, written to its changelog once per window.
+
+    Faust writes a table's changelog at every assignment, and a query's window changes with each of its ~35
+    feedback records: a JSON encoding of the whole window and a produce per record, 43% of an unscored
+    worker's time (``bench_online.py speed``). Here a change goes to the table's memory at once (the next
+    record and the timer see it) and to the changelog when the batch is handled, before its records are
+    acked, so no record is committed before its window's change is in the changelog (Faust's commit flushes
+    the producer first; ``streams.kafka_transport`` makes that flush wait for every buffered write).
+    The partition is the record's own: the inputs and the changelog are co-partitioned by the window's key.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.dirty: dict[str, int] = {}
+
+    def put(self, key: str, partition: int, state: attribution.State) -> None:
+        self.table.data[key] = state  # the table's memory, without Faust's changelog write per assignment
+        self.dirty[key] = partition
+
+    def flush(self) -> None:
+        for key, partition in self.dirty.items():
+            state = self.table.data.get(key)
+            if state is not None:  # else deleted since (a purge or an orphan's end), its tombstone written
+                self.table.send_changelog(partition, key, state)
+        self.dirty.clear()
+
+
 def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> None:
     app, settings, windows = built.app, built.settings, built.windows
+    writes = WindowWrites(windows)
+    batch_max, batch_within_s = settings.streams.batch_max, settings.streams.batch_within_s
     window_s, grace_s = settings.streams.attribution_window_s, settings.streams.grace_s
     skew_s = settings.event_time.attribution_skew_s
     watermark = attribution.Watermark(settings.streams.idle_advance_s)
@@ -112,7 +142,7 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> 
             log.exception("unprocessable record at %s", event.message.offset)
             await dead_letter(event, "unprocessable", f"{type(exc).__name__}: {exc}")
 
-    async def finalize(key: str, state: attribution.State, reason: str) -> None:
+    async def finalize(key: str, partition: int, state: attribution.State, reason: str) -> None:
         # The sends below yield to the event loop before the window is tombstoned; meanwhile the timer may
         # request the same close again or a late event may complete the window. One finalize per key at a
         # time, or the pair is emitted twice. (The tombstone is written after the sends, so a crash in between
@@ -121,17 +151,17 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> 
             return
         finalizing.add(key)
         try:
-            await _finalize(key, state, reason)
+            await _finalize(key, partition, state, reason)
         finally:
             finalizing.discard(key)
 
-    async def _finalize(key: str, state: attribution.State, reason: str) -> None:
+    async def _finalize(key: str, partition: int, state: attribution.State, reason: str) -> None:
         try:
             scored = attribution.score(state, relevance, settings.rewards)
         except Exception as exc:
             # Retrying cannot help (the same products, the same catalog): dead-letter the query, close it.
             await dead_letter_unscorable(key, state, exc)
-            windows[key] = attribution.close(state)
+            writes.put(key, partition, attribution.close(state))
             close_requested.discard(key)
             return
         if scored.pair is None:
@@ -140,7 +170,7 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> 
             await built.pairs.send(key=scored.pair.pair_id.encode(), value=encode(scored.pair))
             metrics.PAIRS_EMITTED.inc()
         metrics.WINDOWS_CLOSED.labels(reason).inc()
-        windows[key] = attribution.close(state)
+        writes.put(key, partition, attribution.close(state))
         close_requested.discard(key)
         if built.outcomes is not None:
             # Every scored query, ties included, is a sample of its arm for the canary's analysis. Sent after
@@ -167,9 +197,9 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> 
             return  # a re-delivered query event after its window closed
         state = attribution.apply_query(state, query, window_s, skew_s)
         if attribution.is_complete(state):
-            await finalize(key, state, "complete")
+            await finalize(key, event.message.partition, state, "complete")
         else:
-            windows[key] = state
+            writes.put(key, event.message.partition, state)
 
     async def take_feedback(event: Any) -> None:
         item = decode_feedback(event.value)
@@ -183,24 +213,32 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> 
             outcome = attribution.apply_interaction(state, item, window_s, skew_s)
             metrics.INTERACTIONS.labels(outcome).inc()
         if attribution.is_complete(state) and state["status"] == "open":
-            await finalize(key, state, "complete")
+            await finalize(key, event.message.partition, state, "complete")
         else:
-            windows[key] = state
+            writes.put(key, event.message.partition, state)
+
+    async def handle_batches(stream: Any, handle: Any) -> None:
+        # take_events acks a batch's records only after this body has handled them and flushed their writes.
+        async for batch in stream.take_events(batch_max, within=batch_within_s):
+            for event in batch:
+                await safely(event, handle)
+            writes.flush()
 
     @app.agent(built.query_events)
     async def on_query(stream: Any) -> None:
-        async for event in stream.events():
-            await safely(event, take_query)
+        await handle_batches(stream, take_query)
 
     @app.agent(built.interactions)
     async def on_interaction(stream: Any) -> None:
-        async for event in stream.events():
-            await safely(event, take_feedback)
+        await handle_batches(stream, take_feedback)
 
     @app.agent(built.closes)
     async def on_close(stream: Any) -> None:
+        # One record at a time: a close deletes windows (``del windows[key]``), which Faust writes to the
+        # changelog partition of the record being iterated.
         async for event in stream.events():
             await safely(event, take_close)
+            writes.flush()
 
     async def take_close(event: Any) -> None:
         """A close request from the timer (see ``request_closes``)."""
@@ -217,7 +255,7 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> 
                 await dead_letter_orphan(key, pending_key)
             del windows[key]
         elif reason == "due" and state["status"] == "open" and state["query"] is not None:
-            await finalize(key, state, "window")
+            await finalize(key, event.message.partition, state, "window")
 
     async def dead_letter_unscorable(key: str, state: attribution.State, exc: Exception) -> None:
         reason = "unknown_product" if isinstance(exc, KeyError) else "unscorable"

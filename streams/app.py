@@ -56,6 +56,7 @@ def create_app(settings: Settings) -> AggregatorApp:
         broker_session_timeout=settings.streams.session_timeout_s,
         broker_heartbeat_interval=settings.streams.session_timeout_s / 5,  # Kafka wants it below 1/3
         table_standby_replicas=settings.streams.standby_replicas,
+        producer_linger=settings.streams.producer_linger_s,
     )
     # Before any topic is declared (declaring one builds the default transport): see streams.kafka_transport.
     app.transport = RebalanceSafeTransport(app.conf.broker_consumer, app)
