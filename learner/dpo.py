@@ -233,10 +233,12 @@ def completion_logprobs(model: Any, batch: Batch) -> torch.Tensor:
         logits_to_keep=torch.arange(start, width - 1, device=input_ids.device),
     ).logits  # (2B, width − 1 − start, V): predictions for tokens start + 1 .. width − 1
     targets = input_ids[:, start + 1 :]
-    mask = completion_mask[:, start + 1 :].to(logits.dtype)
+    mask = completion_mask[:, start + 1 :].bool()
     # log softmax at the target only: logit − logsumexp, without materialising the full log-softmax tensor.
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
-    return (token_logps * mask).sum(dim=1)
+    # Selected, not multiplied by the mask: a prompt or pad token outside a served policy's output vocabulary
+    # (``qrloop.vocabulary``) has log-probability −inf, and −inf × 0 would make the whole row NaN.
+    return torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(dim=1)
 
 
 # -- the same log-probabilities with every prompt token computed once ---------------------------------------

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kafka import KafkaConsumer
@@ -376,12 +377,8 @@ def test_evaluate_command_on_the_serving_policy_gives_its_logged_mean(
     base_settings: Settings, tmp_path: Path, product_ids: list[str]
 ) -> None:
     """``qrloop evaluate`` with the real M1 and a policy-store version: π = b, so every weight is 1."""
-    import torch
-
-    from learner.dpo import sequence_logprobs, tokenize_pairs
     from qrloop.catalog import Catalog
     from qrloop.models import load_policy
-    from qrloop.prompting import end_of_turn
     from qrloop.relevance import RelevanceModel
 
     tiny = build_tiny_policy(tmp_path / "tiny", require_policy(base_settings))
@@ -393,30 +390,8 @@ def test_evaluate_command_on_the_serving_policy_gives_its_logged_mean(
     with open_store(settings) as store:
         serving = store.publish(tiny, base_model="tiny-llama", actor="test")
         candidate = store.publish(other, base_model="tiny-llama", actor="test")
-    # The log's behaviour log-probs, as the rewriter logs them: the rewrite's tokens and the end of turn.
-    model, tokenizer = load_policy(tiny)
-    events = traffic_log(product_ids, 16, seed=5)
+    events = served_by(*load_policy(tiny), traffic_log(product_ids, 16, seed=5))
     queries = [e for e in events if isinstance(e, QueryEvent)]
-    batch = tokenize_pairs(
-        tokenizer,
-        [(q.query, q.rewrites[0].text, q.rewrites[1].text) for q in queries],
-        None,
-        end_of_turn(tokenizer, model.generation_config),
-    )
-    with torch.no_grad():
-        first, second = sequence_logprobs(model, batch)
-    logged = {
-        q.event_id: q.model_copy(
-            update={
-                "rewrites": [
-                    q.rewrites[0].model_copy(update={"logprob": float(a)}),
-                    q.rewrites[1].model_copy(update={"logprob": float(b)}),
-                ]
-            }
-        )
-        for q, a, b in zip(queries, first, second, strict=True)
-    }
-    events = [logged.get(e.event_id, e) if isinstance(e, QueryEvent) else e for e in events]
     path = write_log(events, tmp_path / "served.jsonl")
 
     env = dict(os.environ, QRLOOP_DATABASE_URL=settings.db_url, QRLOOP_BLOB_DIR=str(settings.blob_dir))
@@ -467,3 +442,65 @@ def test_evaluate_command_on_the_serving_policy_gives_its_logged_mean(
     # Another version is another policy: its weights are far from 1 and the estimate moves.
     other_eval = evaluate(settings, candidate.id, str(path), relevance=stub_relevance)
     assert other_eval.estimate.ess < 31 and abs(other_eval.estimate.ips - mean) > 1e-3
+
+
+def test_evaluate_scores_the_candidate_over_the_vocabulary_its_rewriter_serves(
+    base_settings: Settings, tmp_path: Path, product_ids: list[str]
+) -> None:
+    """A log written by a catalog-vocabulary rewriter (``rewriter.vocabulary = catalog``) has the restricted
+    policy's log-probabilities. Evaluated over the same vocabulary, the serving version is its own behaviour
+    policy (every weight 1); over the full vocabulary every weight read low by the restriction's mass."""
+    from qrloop.models import load_policy
+    from qrloop.vocabulary import output_vocabulary, restrict_output_vocabulary
+
+    tiny = build_tiny_policy(tmp_path / "tiny", require_policy(base_settings))
+    settings = base_settings.model_copy(
+        update={"database_url": f"sqlite:///{tmp_path / 'store.db'}", "blob_dir": tmp_path / "blobs"}
+    )
+    db.upgrade(settings.db_url)
+    with open_store(settings) as store:
+        serving = store.publish(tiny, base_model="tiny-llama", actor="test")
+    events = traffic_log(product_ids, 16, seed=5)
+    queries = [e for e in events if isinstance(e, QueryEvent)]
+    texts = [text for q in queries for text in (q.query, *(r.text for r in q.rewrites))]
+    model, tokenizer = load_policy(tiny)
+    restrict_output_vocabulary(model, output_vocabulary(tokenizer, texts))
+    path = write_log(served_by(model, tokenizer, events), tmp_path / "served.jsonl")
+
+    restricted = evaluate(settings, serving.id, str(path), stub_relevance, vocabulary_texts=texts)
+    full = evaluate(settings, serving.id, str(path), stub_relevance)
+    print(f"mean weight over the served vocabulary {restricted.mean_weight:.4f}, all {full.mean_weight:.4f}")
+    assert restricted.mean_weight == pytest.approx(1.0, abs=1e-4)
+    assert restricted.estimate.ess == pytest.approx(32, rel=1e-3)
+    assert full.mean_weight < 0.9 and full.mean_log_ratio < 0
+
+
+def served_by(model: Any, tokenizer: Any, events: list[Any]) -> list[Any]:
+    """``events`` with each rewrite's log-probability as the rewriter logs it under ``model``: the rewrite's
+    tokens and the end of turn."""
+    import torch
+
+    from learner.dpo import sequence_logprobs, tokenize_pairs
+    from qrloop.prompting import end_of_turn
+
+    queries = [e for e in events if isinstance(e, QueryEvent)]
+    batch = tokenize_pairs(
+        tokenizer,
+        [(q.query, q.rewrites[0].text, q.rewrites[1].text) for q in queries],
+        None,
+        end_of_turn(tokenizer, model.generation_config),
+    )
+    with torch.no_grad():
+        first, second = sequence_logprobs(model, batch)
+    logged = {
+        q.event_id: q.model_copy(
+            update={
+                "rewrites": [
+                    q.rewrites[0].model_copy(update={"logprob": float(a)}),
+                    q.rewrites[1].model_copy(update={"logprob": float(b)}),
+                ]
+            }
+        )
+        for q, a, b in zip(queries, first, second, strict=True)
+    }
+    return [logged.get(e.event_id, e) if isinstance(e, QueryEvent) else e for e in events]

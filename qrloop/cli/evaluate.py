@@ -7,12 +7,13 @@ estimates its value (IPS, SNIPS).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from learner.ope import CandidateScorer, Evaluation, evaluate_rewrites, model_scorer
 from qrloop.models import load_stored_policy
 from qrloop.runs import open_store
 from qrloop.settings import Settings
+from qrloop.vocabulary import output_vocabulary, restrict_output_vocabulary
 from streams.aggregator import make_relevance_fn
 from streams.attribution import RelevanceFn
 from streams.replay import LoggedEvent, attribute, parse, read_source
@@ -34,15 +35,26 @@ def evaluate_events(
 
 
 def evaluate(
-    settings: Settings, candidate: int | str, log_path: str, relevance: RelevanceFn | None = None
+    settings: Settings,
+    candidate: int | str,
+    log_path: str,
+    relevance: RelevanceFn | None = None,
+    vocabulary_texts: Sequence[str] | None = None,
 ) -> Evaluation:
-    """``qrloop evaluate``: a version (id or alias) from the policy store, on a log file or topic range."""
+    """``qrloop evaluate``: a version (id or alias) from the policy store, on a log file or topic range.
+
+    With ``vocabulary_texts`` the candidate is scored as a rewriter serving over those texts' tokens would
+    serve it (``rewriter.vocabulary = catalog``): over the full vocabulary its log-probabilities lack the
+    mass the restriction moves onto the kept tokens, and every importance weight read low against a log
+    that such a rewriter wrote."""
     store = open_store(settings)
     try:
         version = store.get(int(candidate)) if str(candidate).isdigit() else store.resolve(str(candidate))
         model, tokenizer = load_stored_policy(store, version)
     finally:
         store.close()
+    if vocabulary_texts is not None:
+        restrict_output_vocabulary(model, output_vocabulary(tokenizer, vocabulary_texts))
     events = parse(read_source(log_path, settings.kafka.bootstrap_servers)).events
     if relevance is None:
         relevance = make_relevance_fn(settings)

@@ -298,8 +298,12 @@ def serve(
     # The rewriter searches with whatever engine the root gives it; here, the simulated one over the catalog.
     search = SearchEngine.open(settings).search
     rank = novelty_ranker(settings) if settings.rewriter.samples > 2 else None
-    texts = catalog_vocabulary_texts(settings) if settings.rewriter.vocabulary == "catalog" else None
-    run(settings, open_store(settings), search, port, alias, rank, texts)
+    run(settings, open_store(settings), search, port, alias, rank, served_vocabulary_texts(settings))
+
+
+def served_vocabulary_texts(settings: Settings) -> list[str] | None:
+    """The texts whose tokens a served policy may write (``rewriter.vocabulary``): None for all tokens."""
+    return catalog_vocabulary_texts(settings) if settings.rewriter.vocabulary == "catalog" else None
 
 
 def catalog_vocabulary_texts(settings: Settings) -> list[str]:
@@ -536,7 +540,8 @@ def evaluate_cmd(
     from streams.replay import LogFormatError
 
     try:
-        result = evaluate(get_settings(), candidate, log_file)
+        settings = get_settings()
+        result = evaluate(settings, candidate, log_file, vocabulary_texts=served_vocabulary_texts(settings))
     except (LogFormatError, FileNotFoundError, ValueError) as exc:
         fail(str(exc))
     if as_json:
