@@ -86,7 +86,7 @@ class WindowWrites:
     """The window table's changes made by the records being handled, written to its changelog once per window.
 
     Faust writes a table's changelog at every assignment, and a query's window changes with each of its ~35
-    feedback records: a JSON encoding of the whole window and a produce per record, 43% of an unscored
+    feedback records: a JSON encoding of the whole window and a produce per record, about 45% of an unscored
     worker's time (``bench_online.py speed``). Here a change goes to the table's memory at once (the next
     record and the timer see it) and to the changelog when the batch is handled, before its records are
     acked, so no record is committed before its window's change is in the changelog (Faust's commit flushes

@@ -206,18 +206,17 @@ def test_a_windows_records_handled_together_are_written_to_its_changelog_once(
     stream_settings: Settings, tmp_path: Path
 ) -> None:
     """Faust writes a table's changelog at every assignment: a query's window was written once per feedback
-    record (JSON of the whole window and a produce each, 43% of an unscored worker's time). Records handled
-    as one batch now write each window once, and that write holds every record of the batch."""
+    record (JSON of the whole window and a produce each, about 45% of an unscored worker's time). Records
+    handled as one batch now write each window once, and that write holds every record of the batch."""
     streams = stream_settings.streams.model_copy(update={"attribution_window_s": 300.0})
     settings = stream_settings.model_copy(update={"streams": streams})  # open for the whole test
     t = settings.topics
     ids = Catalog.open(settings).dataset.products["product_id"].head(8).tolist()
     query = bracket_query(ids, datetime.now(UTC))
+    kinds = ("click", "add_to_cart", "purchase")
+    every = [(r.rewrite_id, p, k) for r in query.rewrites for p in r.products for k in kinds]
     feedback = [
-        interaction(query, rewrite.rewrite_id, product, kind, 1 + i)
-        for i, (rewrite, product, kind) in enumerate(
-            (r, p, k) for r in query.rewrites for p in r.products for k in ("click", "add_to_cart", "purchase")
-        )
+        interaction(query, rewrite, product, kind, 1 + i) for i, (rewrite, product, kind) in enumerate(every)
     ]
     assert len(feedback) == 24
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
@@ -257,7 +256,7 @@ def test_a_windows_records_handled_together_are_written_to_its_changelog_once(
 
 
 def window_writes(settings: Settings, changelog: str, key: str) -> list[dict]:
-    """The values written to the window table's changelog for ``key``, in order (empty before Faust made it)."""
+    """The values written to the window table's changelog for ``key``, in order (none before it exists)."""
     consumer = KafkaConsumer(
         bootstrap_servers=settings.kafka.bootstrap_servers,
         auto_offset_reset="earliest",
