@@ -19,10 +19,11 @@ query and its feedback meet on the same partition, where the table's changelog p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiokafka.errors import KafkaError
@@ -110,6 +111,30 @@ class WindowWrites:
         self.dirty.clear()
 
 
+async def until_the_broker_takes_it(
+    handle: Callable[[], Awaitable[None]],
+    where: str,
+    first_pause_s: float = 0.5,
+    max_pause_s: float = 10.0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Handle one record, again after a growing pause for as long as the broker refuses a send (a
+    ``KafkaError``: the broker's fault, not the record's). Raising instead would end the agent's batch, and
+    Faust acks every record of a batch whose iteration ends, handled or not: they would be committed unread.
+    A repeat is harmless: a closed window ignores its records, and pair ids are deterministic."""
+    pause = first_pause_s
+    while True:
+        try:
+            await handle()
+            return
+        except KafkaError as exc:
+            log.warning(
+                "the broker refused a send for the record at %s (%r); again in %.1f s", where, exc, pause
+            )
+            await sleep(pause)
+            pause = min(pause * 2, max_pause_s)
+
+
 def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> None:
     app, settings, windows = built.app, built.settings, built.windows
     writes = WindowWrites(windows)
@@ -137,7 +162,7 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> 
         except SchemaError as exc:
             await dead_letter(event, exc.reason, str(exc))
         except KafkaError:
-            raise  # the broker, not the record: Faust's restart retries it, the record is not to blame
+            raise  # the broker, not the record: handled again (until_the_broker_takes_it), not dead-lettered
         except Exception as exc:
             log.exception("unprocessable record at %s", event.message.offset)
             await dead_letter(event, "unprocessable", f"{type(exc).__name__}: {exc}")
@@ -217,11 +242,15 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> 
         else:
             writes.put(key, event.message.partition, state)
 
+    async def handle_one(event: Any, handle: Any) -> None:
+        where = f"{event.message.topic}[{event.message.partition}]@{event.message.offset}"
+        await until_the_broker_takes_it(lambda: safely(event, handle), where)
+
     async def handle_batches(stream: Any, handle: Any) -> None:
         # take_events acks a batch's records only after this body has handled them and flushed their writes.
         async for batch in stream.take_events(batch_max, within=batch_within_s):
             for event in batch:
-                await safely(event, handle)
+                await handle_one(event, handle)
             writes.flush()
 
     @app.agent(built.query_events)
@@ -237,7 +266,7 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> 
         # One record at a time: a close deletes windows (``del windows[key]``), which Faust writes to the
         # changelog partition of the record being iterated.
         async for event in stream.events():
-            await safely(event, take_close)
+            await handle_one(event, take_close)
             writes.flush()
 
     async def take_close(event: Any) -> None:

@@ -5,6 +5,7 @@ of the module; each test sends its own queries and waits for its own results."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from aiokafka.errors import KafkaTimeoutError
 from kafka import KafkaConsumer, KafkaProducer
 
 from qrloop.catalog import Catalog
@@ -30,6 +32,7 @@ from qrloop.events import (
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
 from streams import attribution
+from streams.aggregator import until_the_broker_takes_it
 from tests.faults.conftest import private_topics
 from tests.helpers import aggregator_env, bracket_query, interaction, unique_topic_name
 
@@ -257,6 +260,31 @@ def test_the_attribution_window_allows_a_small_clock_skew() -> None:
     state = attribution.apply_query(attribution.new_state(now_wall=0.0), event, 30.0, 2.0)
     assert attribution.apply_interaction(state, too_early, 30.0, 2.0) == "outside_window"
     assert isinstance(early, Interaction)
+
+
+def test_a_record_whose_send_the_broker_refuses_is_handled_again_until_it_goes_through() -> None:
+    """A broker error used to end the agent's iteration, and Faust acks a batch whose iteration ends: with
+    batches of up to 256 records, every record after the failed one would have been committed unread."""
+    tries: list[int] = []
+    pauses: list[float] = []
+
+    async def handle() -> None:
+        tries.append(len(tries))
+        if len(tries) <= 4:
+            raise KafkaTimeoutError("the broker took too long")
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    asyncio.run(until_the_broker_takes_it(handle, "q[0]@7", first_pause_s=0.5, max_pause_s=2.0, sleep=sleep))
+    assert len(tries) == 5 and pauses == [0.5, 1.0, 2.0, 2.0]
+
+    async def broken() -> None:
+        raise ValueError("the record's fault: dead-lettered by the agent, never retried")
+
+    with pytest.raises(ValueError):
+        asyncio.run(until_the_broker_takes_it(broken, "q[0]@8", sleep=sleep))
+    assert len(pauses) == 4
 
 
 def test_no_agent_crashed(worker: Worker) -> None:
