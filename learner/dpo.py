@@ -238,7 +238,7 @@ def completion_logprobs(model: Any, batch: Batch) -> torch.Tensor:
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
     # Selected, not multiplied by the mask: a prompt or pad token outside a served policy's output vocabulary
     # (``qrloop.vocabulary``) has log-probability −inf, and −inf × 0 would make the whole row NaN.
-    return torch.where(mask, token_logps, torch.zeros_like(token_logps)).sum(dim=1)
+    return token_logps.masked_fill(~mask, 0.0).sum(dim=1)
 
 
 # -- the same log-probabilities with every prompt token computed once ---------------------------------------

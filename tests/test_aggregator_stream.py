@@ -29,7 +29,7 @@ from qrloop.relevance import RelevanceModel
 from qrloop.runs import isolate
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
-from tests.helpers import PAPER_SCALAR, aggregator_env, bracket_query, interaction
+from tests.helpers import PAPER_SCALAR, aggregator_env, bracket_query, interaction, wait_for
 
 WINDOW_S = 5.0
 GRACE_S = 1.0
@@ -237,12 +237,14 @@ def test_a_windows_records_handled_together_are_written_to_its_changelog_once(
         stderr=subprocess.STDOUT,
     )
     writes: list[dict] = []
+
+    def all_written() -> bool:
+        assert worker.poll() is None, (tmp_path / "aggregator.log").read_text()[-4000:]
+        writes[:] = window_writes(settings, changelog, query.event_id)
+        return bool(writes) and len(writes[-1]["seen"]) == len(feedback)
+
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (writes and len(writes[-1]["seen"]) == len(feedback)):
-            assert worker.poll() is None, (tmp_path / "aggregator.log").read_text()[-4000:]
-            writes = window_writes(settings, changelog, query.event_id)
-            time.sleep(0.5)
+        wait_for(all_written, 120, "every interaction in the window's changelog", tmp_path / "aggregator.log")
         time.sleep(2)  # any further write of the window would be there by now
         writes = window_writes(settings, changelog, query.event_id)
     finally:

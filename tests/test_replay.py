@@ -383,10 +383,7 @@ def test_evaluate_command_on_the_serving_policy_gives_its_logged_mean(
 
     tiny = build_tiny_policy(tmp_path / "tiny", require_policy(base_settings))
     other = build_tiny_policy(tmp_path / "other", require_policy(base_settings), seed=1)
-    settings = base_settings.model_copy(
-        update={"database_url": f"sqlite:///{tmp_path / 'store.db'}", "blob_dir": tmp_path / "blobs"}
-    )
-    db.upgrade(settings.db_url)
+    settings = store_in(base_settings, tmp_path)
     with open_store(settings) as store:
         serving = store.publish(tiny, base_model="tiny-llama", actor="test")
         candidate = store.publish(other, base_model="tiny-llama", actor="test")
@@ -454,10 +451,7 @@ def test_evaluate_scores_the_candidate_over_the_vocabulary_its_rewriter_serves(
     from qrloop.vocabulary import output_vocabulary, restrict_output_vocabulary
 
     tiny = build_tiny_policy(tmp_path / "tiny", require_policy(base_settings))
-    settings = base_settings.model_copy(
-        update={"database_url": f"sqlite:///{tmp_path / 'store.db'}", "blob_dir": tmp_path / "blobs"}
-    )
-    db.upgrade(settings.db_url)
+    settings = store_in(base_settings, tmp_path)
     with open_store(settings) as store:
         serving = store.publish(tiny, base_model="tiny-llama", actor="test")
     events = traffic_log(product_ids, 16, seed=5)
@@ -473,6 +467,15 @@ def test_evaluate_scores_the_candidate_over_the_vocabulary_its_rewriter_serves(
     assert restricted.mean_weight == pytest.approx(1.0, abs=1e-4)
     assert restricted.estimate.ess == pytest.approx(32, rel=1e-3)
     assert full.mean_weight < 0.9 and full.mean_log_ratio < 0
+
+
+def store_in(base: Settings, tmp_path: Path) -> Settings:
+    """``base`` with a fresh SQLite policy store and blob directory in ``tmp_path``."""
+    settings = base.model_copy(
+        update={"database_url": f"sqlite:///{tmp_path / 'store.db'}", "blob_dir": tmp_path / "blobs"}
+    )
+    db.upgrade(settings.db_url)
+    return settings
 
 
 def served_by(model: Any, tokenizer: Any, events: list[Any]) -> list[Any]:
