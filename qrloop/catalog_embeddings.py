@@ -1,11 +1,11 @@
 """Precomputed product embeddings of the catalog: one memory-mapped float32 matrix per data set and encoder.
 
 M1 scores a list as one query encoding plus one embedding per product; a product seen for the first time costs
-an encoder forward (one text per forward pass, see :func:`encode_one_by_one`), and in the aggregator that is
-most of the time. ``qrloop models embed-catalog`` (``learner/offline/catalog_embeddings.py``) encodes every
-product text of the catalog once, *exactly* as the scorer would (the same function), into
-``<cache_dir>/models/catalog-embeddings/<dataset>``; the scorer then looks a known text up instead of encoding
-it, with bit-identical vectors, so rewards do not change and replays stay bit-identical.
+an encoder forward (see :func:`encode_texts`), and in the aggregator that is most of the time. ``qrloop models
+embed-catalog`` (``learner/offline/catalog_embeddings.py``) encodes every product text of the catalog once,
+*exactly* as the scorer would (the same function), into ``<cache_dir>/models/catalog-embeddings/<dataset>``;
+the scorer then looks a known text up instead of encoding it, with bit-identical vectors, so rewards do not
+change and replays stay bit-identical.
 
 The folder holds ``catalog-embeddings.json`` (what the matrix belongs to: the data set, the digest of
 the catalog texts it covers, the encoder's identity) and the matrix it names (``embeddings-<token>.npy``,
@@ -42,18 +42,62 @@ META = "catalog-embeddings.json"
 SPOT_CHECK_ROWS = 3  # rows re-encoded at load: a few forwards (tens of ms) against silently wrong scores
 
 Encode = Callable[[list[str]], np.ndarray]
-"""Texts → one unit embedding per row (float32), each text encoded alone."""
+"""Texts → one unit embedding per row (float32), each a function of its own text (:func:`encode_texts`)."""
 
 
-def encode_one_by_one(encoder: Any, texts: list[str]) -> np.ndarray:
-    """Unit embeddings of ``texts``, one text per forward pass: in a padded batch an embedding differs in its
-    last bits with the batch's other texts, so with a cache a product's score would depend on what was scored
-    before it, and two replays of one log (which interleave partitions differently) would not give
-    bit-identical rewards. The scorer and ``embed-catalog`` both call this, so their vectors are identical."""
-    return np.asarray(
-        encoder.encode(texts, batch_size=1, normalize_embeddings=True, show_progress_bar=False),
-        dtype=np.float32,
-    )
+PADDED_LENGTHS = (8, 16, 32, 64, 128, 256, 512)
+"""Word-piece lengths a text is padded to: the shortest that holds it (a query of 5 word pieces costs 8)."""
+
+ROWS_PER_FORWARD = 64  # texts of one padded length encoded together: a forward reads all weights once
+
+ENCODING = f"padded to {'/'.join(map(str, PADDED_LENGTHS))} word pieces, by {ROWS_PER_FORWARD}"
+"""How :func:`encode_texts` encodes, recorded with a matrix: encoded otherwise, the last bits differ."""
+
+
+def padded_length(word_pieces: int, max_seq_length: int) -> int:
+    """The length a text of ``word_pieces`` (already truncated to the encoder's ``max_seq_length``) is
+    padded to: a function of the text alone, never of the texts encoded with it."""
+    return min(next((n for n in PADDED_LENGTHS if n >= word_pieces), max_seq_length), max_seq_length)
+
+
+def encode_texts(encoder: Any, texts: Sequence[str]) -> np.ndarray:
+    """Unit embeddings of ``texts`` (float32, one row each) whose bits depend on each text alone.
+
+    Padded to the longest text of a batch, as ``encode`` does, a text's embedding changes in its last bits
+    with its neighbours, so a cached product's score would depend on what was scored before it and two replays
+    of one log (which interleave partitions differently) would not give bit-identical rewards. Encoded alone
+    it does not, but every text then pays a forward that reads all of the encoder's weights for a few tokens:
+    15 ms for a query, most of an M1-scoring aggregator's time (issue #17). Here each text is padded to
+    :func:`padded_length` of its own length and texts of one length share forwards (up to
+    ``ROWS_PER_FORWARD``): a row's bits then do not depend on which or how many rows share its forward
+    (``tests/test_catalog_embeddings.py`` checks that on the machine it runs on). The scorer and
+    ``embed-catalog`` both call this, so their vectors are identical."""
+    import torch
+
+    out = np.empty((len(texts), encoder.get_embedding_dimension()), dtype=np.float32)
+    for length, rows in rows_by_padded_length(encoder, texts).items():
+        for start in range(0, len(rows), ROWS_PER_FORWARD):
+            chunk = rows[start : start + ROWS_PER_FORWARD]
+            features = encoder.preprocess(
+                [texts[i] for i in chunk],
+                processing_kwargs={"text": {"padding": "max_length", "max_length": length}},
+            )
+            with torch.inference_mode():
+                embedded = encoder(features)["sentence_embedding"]
+                out[chunk] = torch.nn.functional.normalize(embedded, p=2, dim=1).numpy()
+    return out
+
+
+def rows_by_padded_length(encoder: Any, texts: Sequence[str]) -> dict[int, list[int]]:
+    """The indices of ``texts`` grouped by the length each is padded to (word pieces counted by the
+    encoder's own preprocessing, truncation included)."""
+    if not texts:
+        return {}
+    mask = encoder.preprocess(list(texts))["attention_mask"]
+    groups: dict[int, list[int]] = {}
+    for i, pieces in enumerate(mask.sum(dim=1).tolist()):
+        groups.setdefault(padded_length(int(pieces), int(encoder.max_seq_length)), []).append(i)
+    return groups
 
 
 def embeddings_dir(settings: Settings) -> Path:
@@ -94,6 +138,7 @@ def encoder_identity(encoder: Any, source: Path) -> dict[str, Any]:
         "max_seq_length": int(encoder.max_seq_length),
         "sentence_transformers": metadata.version("sentence-transformers"),
         "torch": metadata.version("torch"),
+        "encoding": ENCODING,
         "source": str(source),
     }
 
@@ -162,7 +207,7 @@ def load_catalog_embeddings(
         except (OSError, ValueError) as exc:
             problem = f"its matrix cannot be read ({exc})"
     if matrix is not None and problem is None:
-        problem = matrix_problem(matrix, int(meta["rows"]), texts, lambda t: encode_one_by_one(encoder, t))
+        problem = matrix_problem(matrix, int(meta["rows"]), texts, lambda t: encode_texts(encoder, t))
     if problem is not None or matrix is None:
         log.warning(
             "ignoring the catalog embeddings in %s: %s; products are encoded on the fly. Rebuild them "

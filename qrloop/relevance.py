@@ -38,7 +38,7 @@ import numpy as np
 from qrloop.catalog import Catalog
 from qrloop.catalog_embeddings import (
     CatalogEmbeddings,
-    encode_one_by_one,
+    encode_texts,
     load_catalog_embeddings,
     product_texts,
 )
@@ -109,6 +109,13 @@ class RelevanceModel:
     def with_precomputed(self, matrices: Sequence[CatalogEmbeddings]) -> RelevanceModel:
         self.precomputed = sum(len(m) for m in matrices)
         return self
+
+    def prepare(self, queries: Sequence[str]) -> None:
+        """Encode ``queries`` now, together, for lists scored against them later: the aggregator calls this
+        with a batch of query events, so a window's scoring finds its query encoded (a bi-encoder or a head;
+        a cross-encoder encodes nothing alone and has nothing to prepare)."""
+        if isinstance(self._scorer, EmbeddingScorer):
+            self._scorer.prepare(queries)
 
     def score(self, query: str, product_texts: Sequence[str]) -> np.ndarray:
         """Relevance of each text to the query, in [0, 1], in the texts' order."""
@@ -199,53 +206,81 @@ def cosine_scorer(settings: Settings, known: KnownEmbeddings | None = None) -> S
     return _bi_encoder_scorer(encoder, known(encoder, encoder_dir(settings)) if known else None)
 
 
-Embedder = Callable[[str, Sequence[str]], tuple[np.ndarray, np.ndarray]]
-"""(query, product texts) → (the query's unit embedding, one unit embedding per text)."""
-
-
-def cached_embedder(
-    encoder: Any, cached_texts: int = 20_000, known: CatalogEmbeddings | None = None
-) -> Embedder:
+class CachedEmbedder:
     """Unit embeddings of a query and its products. An embedding depends on its text alone: a text in the
     precomputed catalog matrix ``known`` is looked up (no forward); the most recent ``cached_texts`` others,
     queries included, are kept (1.5 KB each): the lists of one query (the original's and both rewrites') cost
-    one query encoding together, none when all their products are known. Every vector, looked up or encoded,
-    comes from :func:`encode_one_by_one`, so its bits do not depend on the path it took."""
-    vectors: OrderedDict[str, np.ndarray] = OrderedDict()
+    one query encoding together, none when it was prepared and all their products are known. Every vector,
+    looked up or encoded, comes from :func:`encode_texts`, so its bits do not depend on the path it took."""
 
-    def lookup(text: str) -> np.ndarray:
-        found = known.vector(text) if known is not None else None
-        return vectors[text] if found is None else found
+    def __init__(
+        self, encoder: Any, cached_texts: int = 20_000, known: CatalogEmbeddings | None = None
+    ) -> None:
+        self.encoder = encoder
+        self.cached_texts = cached_texts
+        self.known = known
+        self.vectors: OrderedDict[str, np.ndarray] = OrderedDict()
 
-    def embed(query: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        wanted = list(dict.fromkeys([query, *texts]))
-        new = [t for t in wanted if t not in vectors and (known is None or t not in known.rows)]
-        if new:
-            vectors.update(zip(new, encode_one_by_one(encoder, new), strict=True))
-        for text in wanted:
-            if text in vectors:
-                vectors.move_to_end(text)
-        query_vector, products = lookup(query), np.stack([lookup(t) for t in texts])
-        while len(vectors) > cached_texts:
-            vectors.popitem(last=False)
+    def __call__(self, query: str, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(the query's embedding, one per text)."""
+        self._encode_missing([query, *texts])
+        query_vector, products = self._lookup(query), np.stack([self._lookup(t) for t in texts])
+        self._evict()
         return query_vector, products
 
-    return embed
+    def prepare(self, texts: Sequence[str]) -> None:
+        """Encode those of ``texts`` not yet known or cached now, together (a batch of queries costs a few
+        forwards instead of one each)."""
+        self._encode_missing(texts)
+        self._evict()
+
+    def _encode_missing(self, texts: Sequence[str]) -> None:
+        """Encode those of ``texts`` neither known nor cached, in one call; mark them all recently used."""
+        wanted = list(dict.fromkeys(texts))
+        new = [t for t in wanted if t not in self.vectors and not self._is_known(t)]
+        if new:
+            self.vectors.update(zip(new, encode_texts(self.encoder, new), strict=True))
+        for text in wanted:
+            if text in self.vectors:
+                self.vectors.move_to_end(text)
+
+    def _is_known(self, text: str) -> bool:
+        return self.known is not None and text in self.known.rows
+
+    def _lookup(self, text: str) -> np.ndarray:
+        found = self.known.vector(text) if self.known is not None else None
+        return self.vectors[text] if found is None else found
+
+    def _evict(self) -> None:
+        while len(self.vectors) > self.cached_texts:
+            self.vectors.popitem(last=False)
 
 
-def _bi_encoder_scorer(encoder: Any, known: CatalogEmbeddings | None = None) -> Scorer:
-    """Cosine of query and product embeddings (product embeddings precomputed or cached)."""
-    embed = cached_embedder(encoder, known=known)
+class EmbeddingScorer:
+    """M1 over embeddings: ``rows(query_vector, product_vectors)`` → one score per product, row by row."""
 
-    def score(query: str, texts: Sequence[str]) -> np.ndarray:
+    def __init__(self, embed: CachedEmbedder, rows: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> None:
+        self.embed = embed
+        self.rows = rows
+
+    def __call__(self, query: str, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             return np.zeros(0)
-        query_vector, products = embed(query, texts)
-        # Row by row, not ``products @ query``: a matrix-vector product's summation order (and so its last
-        # bits) changes with the number of rows.
-        return np.clip((products * query_vector).sum(axis=1), 0.0, 1.0).astype(np.float64)
+        return self.rows(*self.embed(query, texts))
 
-    return score
+    def prepare(self, queries: Sequence[str]) -> None:
+        self.embed.prepare(queries)
+
+
+def cosine_rows(query_vector: np.ndarray, products: np.ndarray) -> np.ndarray:
+    """Cosine of unit embeddings, negatives clipped to 0. Row by row, not ``products @ query``: a
+    matrix-vector product's summation order (and so its last bits) changes with the number of rows."""
+    return np.clip((products * query_vector).sum(axis=1), 0.0, 1.0).astype(np.float64)
+
+
+def _bi_encoder_scorer(encoder: Any, known: CatalogEmbeddings | None = None) -> EmbeddingScorer:
+    """Cosine of query and product embeddings (product embeddings precomputed or cached)."""
+    return EmbeddingScorer(CachedEmbedder(encoder, known=known), cosine_rows)
 
 
 # --- the head on frozen embeddings --------------------------------------------------------------------------
@@ -287,19 +322,15 @@ class Head:
             return cls(data["mean"], data["scale"], data["weight"], float(data["bias"]))
 
 
-def _head_scorer(encoder: Any, head: Head, known: CatalogEmbeddings | None = None) -> Scorer:
+def _head_scorer(encoder: Any, head: Head, known: CatalogEmbeddings | None = None) -> EmbeddingScorer:
     """M1 as a small head on frozen MiniLM embeddings: product embeddings precomputed or cached, a list costs
-    one query encoding."""
-    embed = cached_embedder(encoder, known=known)
+    one query encoding (none when prepared)."""
 
-    def score(query: str, texts: Sequence[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros(0)
-        query_vector, products = embed(query, texts)
+    def rows(query_vector: np.ndarray, products: np.ndarray) -> np.ndarray:
         features = pair_features(query_vector, products)
         return np.array([head.predict_row(row) for row in features], dtype=np.float64)
 
-    return score
+    return EmbeddingScorer(CachedEmbedder(encoder, known=known), rows)
 
 
 def _cross_encoder_scorer(model: Any) -> Scorer:

@@ -63,7 +63,9 @@ def make_relevance_fn(settings: Settings) -> attribution.CalibratedRelevance:
             return []
         return [float(s) for s in model.score(query, [catalog.text(pid) for pid in product_ids])]
 
-    return attribution.CalibratedRelevance(relevance, relevant_above(settings, model, catalog.dataset))
+    return attribution.CalibratedRelevance(
+        relevance, relevant_above(settings, model, catalog.dataset), model.prepare
+    )
 
 
 class ModelLoadError(RuntimeError):
@@ -135,7 +137,7 @@ async def until_the_broker_takes_it(
             pause = min(pause * 2, max_pause_s)
 
 
-def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> None:
+def install_agents(built: AggregatorApp, relevance: attribution.CalibratedRelevance) -> None:
     app, settings, windows = built.app, built.settings, built.windows
     writes = WindowWrites(windows)
     batch_max, batch_within_s = settings.streams.batch_max, settings.streams.batch_within_s
@@ -246,16 +248,36 @@ def install_agents(built: AggregatorApp, relevance: attribution.RelevanceFn) -> 
         where = f"{event.message.topic}[{event.message.partition}]@{event.message.offset}"
         await until_the_broker_takes_it(lambda: safely(event, handle), where)
 
-    async def handle_batches(stream: Any, handle: Any) -> None:
+    async def handle_batches(
+        stream: Any, handle: Any, prepare: Callable[[Sequence[Any]], None] | None = None
+    ) -> None:
         # take_events acks a batch's records only after this body has handled them and flushed their writes.
         async for batch in stream.take_events(batch_max, within=batch_within_s):
+            if prepare is not None:
+                prepare(batch)
             for event in batch:
                 await handle_one(event, handle)
             writes.flush()
 
+    def prepare_queries(batch: Sequence[Any]) -> None:
+        """Encode the batch's queries for M1 together, before their windows are opened: a window scores
+        against its query when it closes, and one forward per query, alone, was most of a scoring worker's
+        time (a batch of them costs ~3x less a query; the vectors are the same bits either way). A record
+        that does not decode is left to its handler (the dead-letter topic)."""
+        queries = []
+        for event in batch:
+            try:
+                queries.append(decode(QueryEvent, event.value).query)
+            except SchemaError:
+                continue  # take_query dead-letters it, with the reason
+        try:
+            relevance.prepare(queries)
+        except Exception:  # only a head start: scoring encodes the query itself, and dead-letters what fails
+            log.exception("could not encode %d queries ahead of their windows", len(queries))
+
     @app.agent(built.query_events)
     async def on_query(stream: Any) -> None:
-        await handle_batches(stream, take_query)
+        await handle_batches(stream, take_query, prepare_queries)
 
     @app.agent(built.interactions)
     async def on_interaction(stream: Any) -> None:

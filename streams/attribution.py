@@ -163,12 +163,19 @@ def feedback_by_list(state: State) -> dict[str, ListFeedback]:
 RelevanceFn = Callable[[str, Sequence[str]], Sequence[float]]
 
 
+def _nothing_to_prepare(_queries: Sequence[str]) -> None:
+    return None
+
+
 @dataclass(frozen=True)
 class CalibratedRelevance:
-    """A relevance function with the gain's threshold that belongs to its scale (M1 and its calibration)."""
+    """A relevance function with the gain's threshold that belongs to its scale (M1 and its calibration),
+    and ``prepare``, which encodes a batch of queries ahead of their windows' scoring (M1's
+    :meth:`~qrloop.relevance.RelevanceModel.prepare`; a no-op for a function that encodes nothing)."""
 
     score: RelevanceFn
     relevant_above: float
+    prepare: Callable[[Sequence[str]], None] = _nothing_to_prepare
 
     def __call__(self, query: str, product_ids: Sequence[str]) -> Sequence[float]:
         return self.score(query, product_ids)

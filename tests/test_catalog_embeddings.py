@@ -14,9 +14,18 @@ import pytest
 
 from learner.offline.catalog_embeddings import embed_catalog
 from qrloop.catalog import Catalog
-from qrloop.catalog_embeddings import EMBED_COMMAND, META, product_texts, read_meta
+import qrloop.relevance
+from qrloop.catalog_embeddings import (
+    EMBED_COMMAND,
+    META,
+    ROWS_PER_FORWARD,
+    encode_texts,
+    product_texts,
+    read_meta,
+    rows_by_padded_length,
+)
 from qrloop.cli.doctor import check_catalog_embeddings
-from qrloop.relevance import HEAD_KIND, RelevanceModel
+from qrloop.relevance import HEAD_KIND, RelevanceModel, configured_kind, embedding_encoder
 from qrloop.settings import Settings
 
 LIMIT = 240  # catalog texts in the test matrix
@@ -93,7 +102,9 @@ def test_scores_through_the_matrix_equal_on_the_fly_scores_bit_for_bit(
     assert len({round(float(s), 6) for s in through_matrix.score(QUERY, inside)}) > 5, "real, varied scores"
 
 
-@pytest.mark.parametrize("stale", ["other encoder", "other catalog", "other data set", "other bits"])
+@pytest.mark.parametrize(
+    "stale", ["other encoder", "older encoding", "other catalog", "other data set", "other bits"]
+)
 def test_a_matrix_of_another_catalog_or_encoder_is_refused_with_one_warning(
     built: Settings, catalog: Catalog, tmp_path: Path, stale: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -101,6 +112,8 @@ def test_a_matrix_of_another_catalog_or_encoder_is_refused_with_one_warning(
     meta, matrix = meta_of(folder_of(built)), matrix_of(built)
     if stale == "other encoder":
         meta["encoder"]["max_seq_length"] = 256  # the cosine fallback's truncation, not the head's 64
+    elif stale == "older encoding":
+        del meta["encoder"]["encoding"]  # built one text per forward, before texts shared forwards
     elif stale == "other catalog":
         meta["texts_sha256"] = "0" * 64
     elif stale == "other data set":
@@ -134,3 +147,49 @@ def test_the_doctor_reports_the_matrix(built: Settings, tmp_path: Path) -> None:
         (tmp_path / META).write_text(json.dumps(meta))
         stale = check_catalog_embeddings(with_matrix_dir(built, tmp_path))
         assert not stale.ok and why in stale.detail and stale.fix == EMBED_COMMAND, stale
+
+
+def test_a_texts_vector_is_the_same_bits_whatever_it_is_encoded_with(
+    base_settings: Settings, catalog: Catalog
+) -> None:
+    """encode_texts pads each text to a length of its own, so its vector must not depend on the texts that
+    share its forward (padded to the batch's longest text, it would in the last bits)."""
+    embedding = embedding_encoder(*configured_kind(base_settings), base_settings)
+    assert embedding is not None
+    encoder = embedding[0]
+    queries = [f"angle bracket {n} inch" for n in range(ROWS_PER_FORWARD + 6)]  # more than one forward
+    texts = [*product_texts(catalog)[:40], *queries, "hex bolt " * 80]  # the last one is truncated
+    assert len(rows_by_padded_length(encoder, texts)) >= 3, "texts of several padded lengths"
+    together = encode_texts(encoder, texts)
+    alone = np.concatenate([encode_texts(encoder, [text]) for text in texts])
+    order = np.random.default_rng(0).permutation(len(texts))
+    shuffled = np.empty_like(together)
+    shuffled[order] = encode_texts(encoder, [texts[i] for i in order])
+    assert together.tobytes() == alone.tobytes() == shuffled.tobytes()
+    assert together.shape == (len(texts), 384) and np.allclose(np.linalg.norm(together, axis=1), 1.0)
+    as_encode_does = encoder.encode(texts[:40], batch_size=40, normalize_embeddings=True)
+    assert not np.array_equal(as_encode_does, together[:40]), "padding to the longest text changes bits"
+    assert np.allclose(as_encode_does, together[:40], atol=1e-5), "...and nothing more"
+
+
+def test_prepared_queries_are_encoded_together_and_not_again_when_scored(
+    built: Settings, catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    embed_catalog(built, limit=LIMIT)
+    model = RelevanceModel.load(built, catalog)
+    encoded: list[list[str]] = []
+
+    def counting(encoder: object, texts: list[str]) -> np.ndarray:
+        encoded.append(list(texts))
+        return encode_texts(encoder, texts)
+
+    monkeypatch.setattr(qrloop.relevance, "encode_texts", counting)
+    queries = ["angle bracket", "garden hose", "angle bracket", "deck screws"]
+    model.prepare(queries)
+    assert encoded == [["angle bracket", "garden hose", "deck screws"]], "one call, each query once"
+    products = product_texts(catalog)[:LIMIT:9]  # in the matrix: nothing to encode either
+    scores = {query: model.score(query, products) for query in queries}
+    assert encoded == [["angle bracket", "garden hose", "deck screws"]], "scoring encoded nothing more"
+    fresh = RelevanceModel.load(built, catalog)
+    for query, prepared in scores.items():
+        assert prepared.tobytes() == fresh.score(query, products).tobytes(), query

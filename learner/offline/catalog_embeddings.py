@@ -1,8 +1,8 @@
 """``qrloop models embed-catalog``: the catalog's product embeddings for M1's encoder, precomputed once.
 
-Every distinct product text of the catalog is encoded by :func:`qrloop.catalog_embeddings.encode_one_by_one`
-(one text per forward pass, normalised), the function the scorer itself calls, so a looked-up vector is
-bit-identical to one encoded on the fly. Rows are written in catalog order; every ``checkpoint_rows`` the
+Every distinct product text of the catalog is encoded by :func:`qrloop.catalog_embeddings.encode_texts`
+(each text's vector a function of the text alone), the function the scorer itself calls, so a looked-up vector
+is bit-identical to one encoded on the fly. Rows are written in catalog order; every ``checkpoint_rows`` the
 matrix so far is saved (atomically), so an interrupted run continues where it stopped, and ``--limit N``
 builds a valid prefix that a later run extends. Not part of set-up: the 54,667 Home Depot products take
 several CPU minutes; an operator who wants aggregator throughput runs it once per data set and encoder.
@@ -25,7 +25,7 @@ from qrloop.catalog import Catalog
 from qrloop.catalog_embeddings import (
     META,
     embeddings_dir,
-    encode_one_by_one,
+    encode_texts,
     encoder_identity,
     meta_problem,
     product_texts,
@@ -36,7 +36,7 @@ from qrloop.data import dataset_name
 from qrloop.relevance import apply_torch_threads, configured_kind, embedding_encoder
 from qrloop.settings import Settings
 
-PROGRESS_ROWS = 250  # texts per encode call between progress reports
+PROGRESS_ROWS = 1_000  # texts per encode call (grouped by padded length inside it) between progress reports
 
 Progress = Callable[[int, int], None]
 """(rows done, rows wanted)."""
@@ -80,7 +80,7 @@ def embed_catalog(
     blocks = [matrix] if have else []
     for start in range(have, wanted, PROGRESS_ROWS):
         stop = min(start + PROGRESS_ROWS, wanted)
-        blocks.append(encode_one_by_one(encoder, texts[start:stop]))
+        blocks.append(encode_texts(encoder, texts[start:stop]))
         if stop == wanted or stop // checkpoint_rows > start // checkpoint_rows:
             matrix = np.concatenate(blocks)
             blocks = [matrix]
