@@ -737,7 +737,8 @@ def time_raw(settings: Settings, prefix: str, warm: Traffic, measured: Traffic, 
 
 
 def time_pure(settings: Settings, warm: Traffic, measured: Traffic, matrix: bool) -> float:
-    """The aggregator's decisions without Kafka or Faust: decode, join, dedupe, M1, score, outcome."""
+    """The aggregator's decisions without Kafka or Faust: decode, join, dedupe, M1, score, outcome (the
+    queries of each ``streams.batch_max`` events encoded together first, as the worker's query agent does)."""
     from qrloop.events import Interaction, QueryEvent, decode, decode_feedback, encode
     from streams import attribution
     from streams.aggregator import make_relevance_fn
@@ -745,20 +746,26 @@ def time_pure(settings: Settings, warm: Traffic, measured: Traffic, matrix: bool
     models = settings.models.model_copy(update={"use_catalog_embeddings": matrix})
     settings = settings.model_copy(update={"models": models})
     relevance = make_relevance_fn(settings)  # a fresh M1 cache, as the worker's
-    window_s = settings.streams.attribution_window_s
+    window_s, batch = settings.streams.attribution_window_s, settings.streams.batch_max
 
     def run(traffic: Traffic) -> None:
-        for event, feedback in zip(traffic.events, traffic.feedback, strict=True):
-            state = attribution.apply_query(
-                attribution.new_state(), decode(QueryEvent, encode(event)), window_s
-            )
-            for raw in (encode(item) for item in feedback):
-                item = decode_feedback(raw)
-                if isinstance(item, Interaction):
-                    attribution.apply_interaction(state, item, window_s)
-                else:
-                    attribution.apply_session_end(state, item)
-            encode(attribution.outcome(state, attribution.score(state, relevance, settings.rewards)))
+        for start in range(0, len(traffic.events), batch):
+            # As the worker does with a batch of query events: their queries encoded together first.
+            relevance.prepare([event.query for event in traffic.events[start : start + batch]])
+            for event, feedback in zip(
+                traffic.events[start : start + batch], traffic.feedback[start : start + batch], strict=True
+            ):
+                score_one(event, feedback)
+
+    def score_one(event: QueryEvent, feedback: Sequence[Any]) -> None:
+        state = attribution.apply_query(attribution.new_state(), decode(QueryEvent, encode(event)), window_s)
+        for raw in (encode(item) for item in feedback):
+            item = decode_feedback(raw)
+            if isinstance(item, Interaction):
+                attribution.apply_interaction(state, item, window_s)
+            else:
+                attribution.apply_session_end(state, item)
+        encode(attribution.outcome(state, attribution.score(state, relevance, settings.rewards)))
 
     run(warm)
     return timed(lambda: run(measured))[0]
