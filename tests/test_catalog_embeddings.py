@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+import qrloop.relevance
 from learner.offline.catalog_embeddings import embed_catalog
 from qrloop.catalog import Catalog
-import qrloop.relevance
 from qrloop.catalog_embeddings import (
     EMBED_COMMAND,
     META,
