@@ -134,9 +134,9 @@ def student(
     layers: int = typer.Option(15, help="Decoder layers the student keeps (the teacher has 30)."),
     steps: int = typer.Option(300, help="SFT steps of the cut student on the warm start's pairs."),
     distill_steps: int = typer.Option(
-        200, help="Steps of SFT on the teacher's own sampled rewrites after the SFT on pairs (0: none)."
+        500, help="Steps of SFT on the teacher's own sampled rewrites after the SFT on pairs (0: none)."
     ),
-    teacher_queries: int = typer.Option(800, help="Training queries the teacher rewrites (two each)."),
+    teacher_queries: int = typer.Option(1200, help="Training queries the teacher rewrites (two each)."),
     publish: bool = typer.Option(True, help="Publish the student as 'production' (else only measure)."),
 ) -> None:
     """The warm start's student: drop the contiguous block of the warm-started teacher's layers that costs
