@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qrloop.catalog_embeddings import ENCODING
 from qrloop.data import Dataset
 from qrloop.relevance import RelevanceModel, read_report, relevance_dir, training_pairs
 from qrloop.settings import Settings
@@ -78,12 +79,12 @@ def calibrate(
 
 
 def model_identity(settings: Settings, model: RelevanceModel) -> str:
-    """The exact M1 in use: its kind plus a digest of its training report (retraining changes it)."""
+    """The exact M1 in use: its kind plus a digest of its training report (retraining changes it) and of how
+    texts are encoded (``ENCODING``: the scores' last bits, and so τ's, depend on it)."""
     report = read_report(relevance_dir(settings))
-    if model.kind == "cosine" or report is None:
-        return "cosine"
-    digest = hashlib.sha256(json.dumps(report, sort_keys=True).encode()).hexdigest()[:12]
-    return f"{model.kind}-{digest}"
+    trained = None if model.kind == "cosine" else report
+    digest = hashlib.sha256(json.dumps([trained, ENCODING], sort_keys=True).encode()).hexdigest()[:12]
+    return f"{'cosine' if trained is None else model.kind}-{digest}"
 
 
 def cache_path(settings: Settings, model: RelevanceModel) -> Path:
