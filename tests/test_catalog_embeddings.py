@@ -139,11 +139,13 @@ def test_the_doctor_reports_the_matrix(built: Settings, tmp_path: Path) -> None:
     assert present.ok and f"{LIMIT:,} product texts" in present.detail
     absent = check_catalog_embeddings(with_matrix_dir(built, tmp_path / "none"))
     assert absent.ok and "not built" in absent.detail and EMBED_COMMAND in absent.detail
+    recorded = meta_of(folder_of(built))
     for key, value, why in (
         ("encoder", {"files_sha256": "f" * 64}, "another encoder"),
+        ("encoder", {**recorded["encoder"], "encoding": "one text per forward"}, "encoded otherwise"),
         ("dataset", "crowdflower", "'crowdflower'"),
     ):
-        meta = meta_of(folder_of(built)) | {key: value}
+        meta = recorded | {key: value}
         (tmp_path / META).write_text(json.dumps(meta))
         stale = check_catalog_embeddings(with_matrix_dir(built, tmp_path))
         assert not stale.ok and why in stale.detail and stale.fix == EMBED_COMMAND, stale

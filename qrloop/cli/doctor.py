@@ -121,6 +121,8 @@ def check_catalog_embeddings(settings: Settings) -> CheckResult:
         problem = f"M1 ({kind}) embeds no product alone: they are not used"
     elif meta.get("encoder", {}).get("files_sha256") != catalog_embeddings.files_digest(source):
         problem = f"built with another encoder than M1's ({kind}, {source})"
+    elif meta.get("encoder", {}).get("encoding") != catalog_embeddings.ENCODING:
+        problem = f"its texts were encoded otherwise than M1 encodes them now ({catalog_embeddings.ENCODING})"
     if problem is not None:
         return CheckResult(
             name, False, f"{folder}: {problem}; ignored (products encoded on the fly)", command
