@@ -50,8 +50,9 @@ PADDED_LENGTHS = (8, 16, 32, 64, 128, 256, 512)
 
 ROWS_PER_FORWARD = 64  # texts of one padded length encoded together: a forward reads all weights once
 
-ENCODING = f"padded to {'/'.join(map(str, PADDED_LENGTHS))} word pieces, by {ROWS_PER_FORWARD}"
-"""How :func:`encode_texts` encodes, recorded with a matrix: encoded otherwise, the last bits differ."""
+ENCODING = f"each text padded to {'/'.join(map(str, PADDED_LENGTHS))} word pieces"
+"""How :func:`encode_texts` encodes, recorded with a matrix: padded otherwise, the last bits differ (how many
+texts share a forward does not change them)."""
 
 
 def padded_length(word_pieces: int, max_seq_length: int) -> int:
