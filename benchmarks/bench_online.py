@@ -750,12 +750,11 @@ def time_pure(settings: Settings, warm: Traffic, measured: Traffic, matrix: bool
 
     def run(traffic: Traffic) -> None:
         for start in range(0, len(traffic.events), batch):
+            events, feedback = traffic.events[start : start + batch], traffic.feedback[start : start + batch]
             # As the worker does with a batch of query events: their queries encoded together first.
-            relevance.prepare([event.query for event in traffic.events[start : start + batch]])
-            for event, feedback in zip(
-                traffic.events[start : start + batch], traffic.feedback[start : start + batch], strict=True
-            ):
-                score_one(event, feedback)
+            relevance.prepare([event.query for event in events])
+            for event, items in zip(events, feedback, strict=True):
+                score_one(event, items)
 
     def score_one(event: QueryEvent, feedback: Sequence[Any]) -> None:
         state = attribution.apply_query(attribution.new_state(), decode(QueryEvent, encode(event)), window_s)
