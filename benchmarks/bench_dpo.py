@@ -1,6 +1,7 @@
 """One online DPO step on the real SmolLM2-135M (fp32, CPU): ours vs TRL's ``training_step`` vs LoRA.
 
     .venv/bin/python benchmarks/bench_dpo.py [--repeats 5] [--threads 0] [--no-lora]
+    .venv/bin/python benchmarks/bench_dpo.py --reference-only | --gradient-only   # the learner's chunks
 
 All variants train on the *same* 16 Home Depot-like (query, chosen, rejected) pairs, tokenised once by
 ``learner.dpo.tokenize_pairs`` (which ``tests/test_dpo.py`` shows equals TRL's own tokenisation). A step is
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import gc
 import os
 import statistics
@@ -289,9 +291,43 @@ def burst_and_last(
     return burst, last
 
 
+GRADIENT_VARIANTS = ("one pass at the 16th", "in chunks as the pairs arrive")
+
+
+def gradient_batching_side_by_side(model_dir: Path, dpo: DPOSettings, repeats: int) -> dict[str, list[float]]:
+    """Seconds of a step's policy work (forward, backward, update; reference terms prepared beforehand and
+    not counted) with the whole batch in one pass at the 16th pair (``dpo.gradient_batching`` off) and in the
+    learner's chunks (on): for the chunks, the part that ran as pairs 1–15 arrived ("ahead") and the part left
+    when the 16th came ("after the 16th"). In turns, one step of each per round after an untimed round."""
+    one_pass = core_of(model_dir, dpo, gradient_batching=False)
+    chunked = core_of(model_dir, dpo, one_pass.reference, gradient_batching=True)
+    times: dict[str, list[float]] = {
+        "one pass": [],
+        "chunks: ahead": [],
+        "chunks: after the 16th": [],
+    }
+    for i in range(repeats + 1):
+        one_pass.prepare_reference(PAIRS)
+        whole = timed(lambda: one_pass.step(PAIRS))
+        release_memory()
+        chunked.prepare_reference(PAIRS)
+        ahead = sum(timed(functools.partial(chunked.prepare_step, PAIRS[:n])) for n in range(1, len(PAIRS)))
+        after = timed(lambda: chunked.step(PAIRS))
+        release_memory()
+        print(
+            f"  round {i}: one pass {whole:.2f} s, chunks {ahead:.2f} s ahead + {after:.2f} s after",
+            flush=True,
+        )
+        if i:
+            times["one pass"].append(whole)
+            times["chunks: ahead"].append(ahead)
+            times["chunks: after the 16th"].append(after)
+    return times
+
+
 def time_lora_steps(model_dir: Path, dpo: DPOSettings, repeats: int) -> tuple[list[float], int]:
     """(step seconds, trainable parameters) of ours with a LoRA adapter r=16."""
-    lora_core = core_of(model_dir, dpo, lora_r=16, prompt_tree=True)
+    lora_core = core_of(model_dir, dpo, lora_r=16, prompt_tree=True, gradient_batching=False)
     trained = sum(p.numel() for p in lora_core.trainable_parameters())
     steps, _ = time_core_steps(lora_core, repeats)
     del lora_core
@@ -338,10 +374,13 @@ def main(
     policy_dir: Path | None = None,
     lora: bool = True,
     reference_only: bool = False,
+    gradient_only: bool = False,
 ) -> None:
     """``--policy-dir`` runs on another HF directory (e.g. a tiny model, to check the script quickly);
     ``--no-lora`` leaves the LoRA variant out (a shorter run on a busy machine); ``--reference-only`` times
-    only the reference terms of the pairs: from scratch, one pair a forward, and in the learner's chunks."""
+    only the reference terms of the pairs: from scratch, one pair a forward, and in the learner's chunks;
+    ``--gradient-only`` times the step in one pass against the learner's chunks (``dpo.gradient_batching``).
+    The main comparison times every variant of ours in one pass, the work TRL's step does."""
     settings = get_settings()
     threads = threads or settings.models.torch_threads
     if threads:
@@ -362,6 +401,18 @@ def main(
                 f"  {name:<28} burst of 16: {burst:.2f} s ({burst / len(PAIRS):.3f} s a pair); "
                 f"the 16th after 15 prepared: {last:.2f} s"
             )
+        print(f"load average {load_average()}")
+        return
+    if gradient_only:
+        steps = gradient_batching_side_by_side(model_dir, settings.dpo, repeats)
+        whole, ahead, after = (statistics.median(v) for v in steps.values())
+        print(f"policy work of a step on {len(PAIRS)} pairs, reference prepared (medians of {repeats})")
+        print(f"  {GRADIENT_VARIANTS[0]:<32} {whole:.2f} s, all of it after the 16th pair")
+        print(
+            f"  {GRADIENT_VARIANTS[1]:<32} {ahead + after:.2f} s in all ({(ahead + after) / whole:.2f}× one "
+            f"pass): {ahead:.2f} s as pairs 1-15 arrived, {after:.2f} s after the 16th "
+            f"({after / whole:.2f}× one pass)"
+        )
         print(f"load average {load_average()}")
         return
     config = DPOConfig.from_settings(settings.dpo)
@@ -390,8 +441,8 @@ def main(
     print(f"parameters N = {params / 1e6:.1f} M (body {body / 1e6:.1f} M, LM head {head / 1e6:.1f} M)")
 
     # Ours (tree), ours (plain) and TRL side by side, in turns (three models + optimizers, ~8 GB); LoRA after.
-    core = core_of(model_dir, settings.dpo, prompt_tree=True)
-    plain_core = core_of(model_dir, settings.dpo, core.reference, prompt_tree=False)
+    core = core_of(model_dir, settings.dpo, prompt_tree=True, gradient_batching=False)
+    plain_core = core_of(model_dir, settings.dpo, core.reference, prompt_tree=False, gradient_batching=False)
     trainer = trl_trainer(model_dir, eos, config, core.reference)
     ours_s, ref_s, plain_s, trl_s = interleaved_steps(core, plain_core, trl_step(trainer, batch), repeats)
     loss, gap = loss_gap_to_trl(core, trainer, batch)

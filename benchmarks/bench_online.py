@@ -972,7 +972,8 @@ def swap_times(log: Path) -> dict[int, float]:
     return log_times(log, SWAP_LINE)
 
 
-STEP_DONE_LINE = re.compile(r"^\S+ \S+ INFO qrloop\.learner: DPO step (\d+): loss .* \(([\d.]+) s\)")
+# "(X s)" before gradient batching, "(X s, Y s of it as the pairs arrived)" since: X is the step's compute.
+STEP_DONE_LINE = re.compile(r"^\S+ \S+ INFO qrloop\.learner: DPO step (\d+): loss .* \(([\d.]+) s[,)]")
 
 
 def step_seconds(log: Path, store: Any) -> dict[int, float]:

@@ -194,11 +194,12 @@ class DataParallelCore:
         by itself; the ranks tokenise the same way in the step."""
         return self.core.tokenize(pairs)
 
-    def prepare_reference(self, pairs: Sequence[Pair]) -> None:
-        """Nothing ahead of the step: each rank computes the reference terms of its own share in the step."""
+    def prepare_step(self, pairs: Sequence[Pair]) -> None:
+        """Nothing ahead of the step: each rank computes the reference terms and the gradient of its own
+        share in the step."""
 
     def forget_reference(self, pairs: Sequence[Pair]) -> None:
-        """Nothing was prepared (see ``prepare_reference``)."""
+        """Nothing was prepared (see ``prepare_step``)."""
 
     def step(self, pairs: Sequence[Pair]) -> StepStats:
         settings = {name: getattr(self.core.config, name) for name in RELOADED}

@@ -47,6 +47,12 @@ logits from the first completion position on (``logits_to_keep``); prompts are m
 By default (``DPOConfig.prompt_tree``, the ``dpo.prompt_tree`` setting) the step goes further and computes
 every prompt token once: :func:`prompt_tree` re-lays the same batch and :func:`tree_logprobs` replaces
 :func:`sequence_logprobs`, with the same numbers to float rounding.
+
+**Off the 16th pair's path.** The reference is frozen for a lineage and the policy does not change between
+steps, so a batch's work need not wait for its last pair: :meth:`DPOLearnerCore.prepare_step` computes each
+chunk of :func:`chunk_spans` (8, 4, 2, 1, 1 pairs of 16) as soon as its last pair is queued, the reference
+terms and (``gradient_batching``) the policy's forward and backward, summing each chunk's share of the
+batch-mean gradient into ``.grad``. The step is then the last pair's chunk, the clip and AdamW.
 """
 
 from __future__ import annotations
@@ -105,6 +111,9 @@ class DPOConfig:
     reference_batching: bool = field(
         default=_default("reference_batching"), metadata={"help": _help("reference_batching")}
     )
+    gradient_batching: bool = field(
+        default=_default("gradient_batching"), metadata={"help": _help("gradient_batching")}
+    )
     lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
     lora_target_modules: tuple[str, ...] = field(
         default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata={"help": "Modules that get an adapter."}
@@ -121,6 +130,7 @@ class DPOConfig:
             "lora_r": dpo.lora_r,
             "batch_size": dpo.batch_size,
             "reference_batching": dpo.reference_batching,
+            "gradient_batching": dpo.gradient_batching,
         }
         return cls(**(values | overrides))
 
@@ -454,6 +464,9 @@ class StepStats:
     grad_norm: float = 0.0  # before clipping
     computed_tokens: int = 0  # tokens through the policy in the prompt-tree layout (each prompt token once)
     nll: float = 0.0  # mean NLL per chosen completion token (what RPO's term adds, times rpo_alpha)
+    # Of ``seconds``, what ran in the step call: with gradient batching the update (and any chunk not yet
+    # prepared); the rest ran as the pairs arrived, the last pair's chunk included. Without: all of it.
+    final_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in asdict(self).items()}
@@ -512,6 +525,55 @@ def chunk_spans(count: int, batch_size: int, batching: bool = True) -> list[tupl
     return spans
 
 
+class ChunkPart(NamedTuple):
+    """What one chunk's forward and backward leaves for the step's statistics (all detached)."""
+
+    preference_sum: float  # Σ over its pairs of −log σ(β · margin)
+    nll_sum: float  # −Σ log π of its chosen completion tokens
+    chosen_tokens: int
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    tokens: int  # as StepStats.tokens
+    computed_tokens: int  # as StepStats.computed_tokens
+    seconds: float
+
+
+@dataclass
+class AccumulatedGradient:
+    """The gradient of a batch's first pairs, summed into the policy's ``.grad`` chunk by chunk as they
+    arrived (:meth:`DPOLearnerCore.prepare_gradients`). Valid only for these pairs, in this order, at this β,
+    over the weights as they are until the next update."""
+
+    beta: float
+    pairs: list[Pair] = field(default_factory=list)
+    parts: list[ChunkPart] = field(default_factory=list)
+
+    def holds_start_of(self, pairs: Sequence[Pair], beta: float) -> bool:
+        return beta == self.beta and list(pairs[: len(self.pairs)]) == self.pairs
+
+
+def step_stats(
+    parts: Sequence[ChunkPart], grad_norm: float, final_seconds: float, update_s: float
+) -> StepStats:
+    """A step's statistics from its chunks' (what the one-pass step computes from the whole batch)."""
+    chosen = torch.cat([part.chosen_rewards for part in parts])
+    rejected = torch.cat([part.rejected_rewards for part in parts])
+    margin = chosen - rejected
+    return StepStats(
+        loss=sum(part.preference_sum for part in parts) / len(margin),
+        margin=float(margin.mean()),
+        chosen_reward=float(chosen.mean()),
+        rejected_reward=float(rejected.mean()),
+        accuracy=float((margin > 0).float().mean()),
+        seconds=sum(part.seconds for part in parts) + update_s,
+        tokens=sum(part.tokens for part in parts),
+        grad_norm=grad_norm,
+        computed_tokens=sum(part.computed_tokens for part in parts),
+        nll=sum(part.nll_sum for part in parts) / max(sum(part.chosen_tokens for part in parts), 1),
+        final_seconds=final_seconds,
+    )
+
+
 class DPOLearnerCore:
     """Policy + frozen reference + a persistent AdamW: ``step(pairs)`` is one DPO update.
 
@@ -547,6 +609,7 @@ class DPOLearnerCore:
         # Reference log-probabilities of pairs that arrived but are not trained yet (see prepare_reference).
         self._reference_cache: dict[Pair, tuple[torch.Tensor, torch.Tensor]] = {}
         self._known_prefix: KnownPrefix | None = None  # the reference's system-message cache
+        self._accumulated = AccumulatedGradient(beta=config.beta)  # see prepare_gradients
 
     @classmethod
     def from_model(
@@ -645,12 +708,104 @@ class DPOLearnerCore:
         for pair in pairs:
             self._reference_cache.pop(pair, None)
 
+    def _prepared_reference(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen, rejected = zip(*(self._reference_cache[pair] for pair in pairs), strict=True)
+        return torch.stack(chosen), torch.stack(rejected)
+
     def _take_reference(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         self.prepare_reference(pairs, final=True)
-        chosen, rejected = zip(*(self._reference_cache[pair] for pair in pairs), strict=True)
+        reference = self._prepared_reference(pairs)
+        self._forget_trained(pairs)
+        return reference
+
+    def _forget_trained(self, pairs: Sequence[Pair]) -> None:
         for pair in set(pairs):  # the same texts may come twice in one batch (two queries, same rewrites)
             del self._reference_cache[pair]
-        return torch.stack(chosen), torch.stack(rejected)
+
+    # -- the gradient, chunk by chunk as the pairs arrive ---------------------------------------------------
+
+    @property
+    def gradient_batching(self) -> bool:
+        """Whether steps accumulate their gradient in chunks (:meth:`prepare_gradients`). Not with RPO's
+        term: its denominator is the whole batch's chosen tokens, unknown until the last pair."""
+        return self.config.gradient_batching and not self.config.rpo_alpha
+
+    def prepare_step(self, pairs: Sequence[Pair]) -> None:
+        """All of the next step that the pairs gathered so far allow: their reference terms and, with
+        gradient batching, the policy's forward and backward of each chunk of the batch that is complete.
+
+        ``pairs``: as for :meth:`prepare_reference` (the learner's queue, in order). Only the first
+        ``batch_size`` belong to the next step; the gradient of the ones after them needs its weights."""
+        self.prepare_reference(pairs)
+        if self.gradient_batching:
+            self.prepare_gradients(pairs[: self.config.batch_size])
+
+    def prepare_gradients(self, pairs: Sequence[Pair], *, final: bool = False) -> None:
+        """Accumulate the batch-mean gradient of ``pairs`` (the next step's, in order) in the chunks of
+        :func:`chunk_spans`, each once its last pair is there (``final``: the step's call, which also takes a
+        chunk the batch leaves short). The weights do not change before the step, so the sum is the one-pass
+        gradient to float rounding, and since the chunks are fixed by position it is the same bits however
+        the arrivals were polled. What was accumulated for another start of the batch (a pair dropped as
+        already trained, a new β) is discarded and computed again."""
+        self.prepare_reference(pairs, final=final)  # a complete chunk's terms are there already
+        if not self._accumulated.holds_start_of(pairs, self.config.beta):
+            self._discard_gradient()
+        done = len(self._accumulated.pairs)
+        for start, end in chunk_spans(len(pairs), self.config.batch_size):
+            chunk = list(pairs[start:end])
+            if start < done:
+                continue
+            if len(chunk) < end - start and not final:
+                break  # its last pair has not arrived yet
+            try:
+                self._accumulated.parts.append(self._backward_chunk(chunk))
+            except BaseException:
+                self._discard_gradient()  # a backward cut short leaves part of a chunk in .grad
+                raise
+            self._accumulated.pairs += chunk
+
+    def _discard_gradient(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._accumulated = AccumulatedGradient(beta=self.config.beta)
+
+    def _backward_chunk(self, chunk: Sequence[Pair]) -> ChunkPart:
+        """One chunk's forward and backward, its loss weighted as its share of a full batch's mean."""
+        started = time.perf_counter()
+        batch = self.tokenize(chunk)
+        tree = prompt_tree(batch) if self.config.prompt_tree else None
+        self.policy.train()
+        out = self.loss(batch, self._prepared_reference(chunk), tree)
+        (out.preference * (len(chunk) / self.config.batch_size)).backward()
+        self.policy.eval()
+        chosen_tokens = chosen_token_count(batch)
+        return ChunkPart(
+            preference_sum=float(out.preference.detach()) * len(chunk),
+            nll_sum=float(out.nll.detach()) * max(chosen_tokens, 1),
+            chosen_tokens=chosen_tokens,
+            chosen_rewards=out.chosen_rewards,
+            rejected_rewards=out.rejected_rewards,
+            tokens=int(batch["attention_mask"].sum()),
+            computed_tokens=tree.tokens if tree is not None else int(batch["attention_mask"].sum()),
+            seconds=time.perf_counter() - started,
+        )
+
+    def _accumulated_step(self, pairs: Sequence[Pair]) -> StepStats:
+        """The step over the accumulated gradient: the chunks still missing, then clip and AdamW."""
+        started = time.perf_counter()
+        self.prepare_gradients(pairs, final=True)
+        update_started = time.perf_counter()
+        if len(pairs) != self.config.batch_size:  # the chunks were weighted for a full batch
+            for param in self.trainable_parameters():
+                if param.grad is not None:
+                    param.grad.mul_(self.config.batch_size / len(pairs))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        parts = self._accumulated.parts
+        self._discard_gradient()
+        self._forget_trained(pairs)
+        self.steps += 1
+        ended = time.perf_counter()
+        return step_stats(parts, float(grad_norm), ended - started, ended - update_started)
 
     def loss(
         self,
@@ -679,7 +834,10 @@ class DPOLearnerCore:
         )
 
     def step(self, pairs: Sequence[Pair]) -> StepStats:
-        """One update on one mini-batch: policy forward (reference precomputed), loss, backward, AdamW."""
+        """One update on one mini-batch: policy forward (reference precomputed), loss, backward, AdamW; with
+        gradient batching, over what :meth:`prepare_gradients` accumulated as the pairs arrived."""
+        if self.gradient_batching:
+            return self._accumulated_step(pairs)
         started = time.perf_counter()
         batch = self.tokenize(pairs)
         tree = prompt_tree(batch) if self.config.prompt_tree else None
@@ -692,17 +850,19 @@ class DPOLearnerCore:
         self.optimizer.step()
         self.policy.eval()
         self.steps += 1
+        took = time.perf_counter() - started
         return StepStats(
             loss=float(out.loss.detach()),
             margin=float(out.margin.mean()),
             chosen_reward=float(out.chosen_rewards.mean()),
             rejected_reward=float(out.rejected_rewards.mean()),
             accuracy=float((out.margin > 0).float().mean()),
-            seconds=time.perf_counter() - started,
+            seconds=took,
             tokens=int(batch["attention_mask"].sum()),
             grad_norm=float(grad_norm),
             computed_tokens=tree.tokens if tree is not None else int(batch["attention_mask"].sum()),
             nll=float(out.nll.detach()),
+            final_seconds=took,
         )
 
     # -- resuming -------------------------------------------------------------------------------------------

@@ -225,12 +225,13 @@ class Learner:
             return
         self.core.tokenize([triple(pair)])  # a pair the tokenizer refuses is dead-lettered alone, here
         self.pending.pairs.append(pair)
-        # A pair's reference terms are fixed for the lineage: computing them now, while the batch is still
-        # gathering, takes the reference forward off the step (the 16th pair → new version latency). The
-        # pending pairs are the step's first triples in order, which fixes the chunks they are computed in;
-        # the echo triples (dpo.echo_rejected) follow them, so theirs wait for the step.
+        # A pair's reference terms are fixed for the lineage, and the weights do not change before the step:
+        # computing its reference terms and (dpo.gradient_batching) its chunk's gradient now, while the batch
+        # is still gathering, takes them off the 16th pair → new version latency. The pending pairs are the
+        # step's first triples in order, which fixes the chunks they are computed in; the echo triples
+        # (dpo.echo_rejected) follow them, so theirs wait for the step.
         try:
-            self.core.prepare_reference([triple(p) for p in self.pending.pairs])
+            self.core.prepare_step([triple(p) for p in self.pending.pairs])
         except Exception:
             self.pending.pairs.pop()  # not queued: the step would fail on it again, after every restart
             raise
@@ -244,16 +245,20 @@ class Learner:
     def step(self) -> StepStats:
         batch = self.pending.pairs[: self.settings.dpo.batch_size]
         log.info("DPO step %d started on %d pairs", self.state.steps + 1, len(batch))
-        started = time.perf_counter()
         stats = self.core.step(training_triples(batch, self.settings.dpo.echo_rejected))
-        seconds = time.perf_counter() - started
         self.state.steps += 1
         metrics.DPO_STEPS.inc()
-        metrics.DPO_STEP_SECONDS.observe(seconds)
+        metrics.DPO_STEP_SECONDS.observe(stats.seconds)
         metrics.DPO_LOSS.set(stats.loss)
         metrics.DPO_MARGIN.set(stats.margin)
+        # The step's compute in all, and how much of it gradient batching ran as the pairs arrived.
         log.info(
-            "DPO step %d: loss %.4f margin %.4f (%.1f s)", self.state.steps, stats.loss, stats.margin, seconds
+            "DPO step %d: loss %.4f margin %.4f (%.1f s, %.1f s of it as the pairs arrived)",
+            self.state.steps,
+            stats.loss,
+            stats.margin,
+            stats.seconds,
+            stats.seconds - stats.final_seconds,
         )
         return stats
 

@@ -391,6 +391,104 @@ def test_reference_terms_do_not_depend_on_how_the_pairs_arrived(tiny_dir: Path) 
     assert all(torch.equal(weights[0][k], other[k]) for other in weights[1:] for k in weights[0])
 
 
+def test_gradient_batching_takes_the_one_pass_step_whatever_the_arrivals(tiny_dir: Path) -> None:
+    """The gradient accumulated chunk by chunk as the pairs arrive is the one-pass gradient to float rounding,
+    and the step the same bits whether the pairs were prepared one at a time, in polls, or not at all."""
+    cores = [core_for(tiny_dir, learning_rate=1e-3, batch_size=8) for _ in range(4)]
+    one_by_one, in_polls, _lazy, inspected = cores  # the lazy one is prepared by its step alone
+    one_pass = core_for(tiny_dir, learning_rate=1e-3, batch_size=8, gradient_batching=False)
+    for arrived in range(1, 9):
+        one_by_one.prepare_step(EIGHT_PAIRS[:arrived])
+    in_polls.prepare_step(EIGHT_PAIRS[:3])
+    in_polls.prepare_step(EIGHT_PAIRS[:8])
+    assert one_by_one.trainable_parameters()[0].grad is not None, "the gradient was accumulated ahead"
+
+    inspected.prepare_gradients(EIGHT_PAIRS, final=True)
+    one_pass.loss(one_pass.tokenize(EIGHT_PAIRS)).loss.backward()
+    for chunked, whole in zip(inspected.trainable_parameters(), one_pass.trainable_parameters(), strict=True):
+        assert chunked.grad is not None and whole.grad is not None
+        assert torch.allclose(chunked.grad, whole.grad, rtol=1e-4, atol=1e-7)
+    one_pass.optimizer.zero_grad(set_to_none=True)
+
+    stats = [core.step(EIGHT_PAIRS) for core in (*cores, one_pass)]
+    assert stats[0].loss == stats[1].loss == stats[2].loss == stats[3].loss
+    assert stats[0].loss == pytest.approx(stats[4].loss, abs=1e-6)
+    assert stats[0].margin == pytest.approx(stats[4].margin, abs=1e-6)
+    assert stats[0].grad_norm == pytest.approx(stats[4].grad_norm, rel=1e-4)
+    assert stats[0].tokens == stats[4].tokens
+    weights = [snapshot(core.policy) for core in cores]
+    assert all(torch.equal(weights[0][k], other[k]) for other in weights[1:] for k in weights[0])
+    assert all(p.grad is None for p in one_by_one.trainable_parameters()), "nothing is carried to the next"
+
+
+def test_with_gradient_batching_the_step_computes_only_the_last_pairs_chunk(tiny_dir: Path) -> None:
+    core = core_for(tiny_dir, batch_size=8)
+    rows: list[int] = []  # rows of each forward of the policy (the reference is a separate model here)
+    forward = core.policy.forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        rows.append(int(kwargs["input_ids"].shape[0]))
+        return forward(*args, **kwargs)
+
+    core.policy.forward = counting  # a spy on the real model
+    for arrived in range(1, 8):
+        core.prepare_step(EIGHT_PAIRS[:arrived])
+    ahead = list(rows)
+    # The chunks of 4, 2 and 1 pairs went through the policy as each completed: the shared prefix (one row),
+    # the rest of each prompt, the tails (chosen and rejected); a lone pair's prompt is all prefix.
+    assert ahead == [1, 4, 8, 1, 2, 4, 1, 2]
+    stats = core.step(EIGHT_PAIRS)
+    # The last pair alone: its prompt (one row, all of it the tree's shared prefix) and its two completions.
+    assert rows[len(ahead) :] == [1, 2]
+    assert 0 < stats.final_seconds < stats.seconds
+
+
+def test_a_changed_batch_or_beta_discards_the_accumulated_gradient(tiny_dir: Path) -> None:
+    """A pair dropped from the queue (already trained) or a β reloaded between arrivals: what was accumulated
+    no longer fits the step, and the step is the one over the batch as it is, bit for bit."""
+    pairs = EIGHT_PAIRS + [(q + " pro", c + " pro", r) for q, c, r in PAIRS[:1]]
+    dropped, lazy = (core_for(tiny_dir, learning_rate=1e-3, batch_size=8) for _ in range(2))
+    for arrived in range(1, 9):
+        dropped.prepare_step(pairs[:arrived])
+    dropped.prepare_step(pairs[1:9])  # the first pair left the queue; the ninth arrived
+    # The same reference terms (a pair keeps those of the chunk it was first computed in), no gradient.
+    lazy.prepare_reference(pairs[:8])
+    lazy.prepare_reference(pairs[1:9])
+    new_beta, lazy_beta = (core_for(tiny_dir, learning_rate=1e-3, batch_size=8) for _ in range(2))
+    new_beta.prepare_step(EIGHT_PAIRS[:6])
+    new_beta.config.beta = lazy_beta.config.beta = 0.3
+    results = [
+        (core.step(batch), snapshot(core.policy))
+        for core, batch in (
+            (dropped, pairs[1:9]),
+            (lazy, pairs[1:9]),
+            (new_beta, EIGHT_PAIRS),
+            (lazy_beta, EIGHT_PAIRS),
+        )
+    ]
+    for (stats, weights), (expected_stats, expected) in (results[0:2], results[2:4]):
+        assert stats.loss == expected_stats.loss
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)
+
+
+def test_a_short_batch_and_rpo_take_the_step_they_would_take_in_one_pass(tiny_dir: Path) -> None:
+    """Chunks are weighted for a full batch: a shorter one (5 of 8) is rescaled to its own mean. RPO's term
+    needs the whole batch's token count, so with it nothing is accumulated ahead."""
+    chunked, one_pass = (
+        core_for(tiny_dir, learning_rate=1e-3, batch_size=8, gradient_batching=on) for on in (True, False)
+    )
+    for core in (chunked, one_pass):
+        core.prepare_step(EIGHT_PAIRS[:5])
+    stats = [core.step(EIGHT_PAIRS[:5]) for core in (chunked, one_pass)]
+    assert stats[0].loss == pytest.approx(stats[1].loss, abs=1e-6)
+    assert stats[0].grad_norm == pytest.approx(stats[1].grad_norm, rel=1e-4)
+    rpo = core_for(tiny_dir, batch_size=8, rpo_alpha=1.0)
+    rpo.prepare_step(EIGHT_PAIRS[:7])
+    assert not rpo.gradient_batching
+    assert all(p.grad is None for p in rpo.trainable_parameters())
+    assert rpo.step(EIGHT_PAIRS).nll > 0
+
+
 def test_a_chunk_of_reference_terms_is_one_forward_when_its_last_pair_arrives(tiny_dir: Path) -> None:
     core = core_for(tiny_dir, batch_size=8)
     assert core.reference is not None
