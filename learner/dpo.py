@@ -603,8 +603,11 @@ class DPOLearnerCore:
             reference.eval()
             for param in reference.parameters():
                 param.requires_grad_(False)
+        # fused: one kernel over all parameters instead of a dozen elementwise passes over each; the same
+        # update to float rounding, and on CPU 0.09 s instead of 0.50 s a step for SmolLM2's 135M weights
+        # (one thread), 6% of a full fine-tuning step that the step's FLOPs did not count.
         self.optimizer = torch.optim.AdamW(
-            self.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+            self.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay, fused=True
         )
         # Reference log-probabilities of pairs that arrived but are not trained yet (see prepare_reference).
         self._reference_cache: dict[Pair, tuple[torch.Tensor, torch.Tensor]] = {}
