@@ -154,6 +154,9 @@ def test_learner_sigterm_mid_step_commits_nothing_half_done_and_resumes(
             # much again (10.9 GB at this test's peak); nothing checked here depends on it, and
             # tests/faults/test_learner_faults.py checks that a resumed optimizer ends bit-identical.
             "QRLOOP_DPO__KEEP_OPTIMIZER_STATE": "false",
+            # The whole step in the step call, seconds long, so that SIGTERM lands inside it: gradient
+            # batching would have run most of it as the pairs arrived (tests/test_dpo.py checks that).
+            "QRLOOP_DPO__GRADIENT_BATCHING": "false",
         }
         with log_path.open("ab") as sink:
             started.append(
