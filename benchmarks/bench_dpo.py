@@ -291,9 +291,6 @@ def burst_and_last(
     return burst, last
 
 
-GRADIENT_VARIANTS = ("one pass at the 16th", "in chunks as the pairs arrive")
-
-
 def gradient_batching_side_by_side(model_dir: Path, dpo: DPOSettings, repeats: int) -> dict[str, list[float]]:
     """Seconds of a step's policy work (forward, backward, update; reference terms prepared beforehand and
     not counted) with the whole batch in one pass at the 16th pair (``dpo.gradient_batching`` off) and in the
@@ -407,10 +404,11 @@ def main(
         steps = gradient_batching_side_by_side(model_dir, settings.dpo, repeats)
         whole, ahead, after = (statistics.median(v) for v in steps.values())
         print(f"policy work of a step on {len(PAIRS)} pairs, reference prepared (medians of {repeats})")
-        print(f"  {GRADIENT_VARIANTS[0]:<32} {whole:.2f} s, all of it after the 16th pair")
+        print(f"  {'one pass at the 16th':<32} {whole:.2f} s, all of it after the 16th pair")
         print(
-            f"  {GRADIENT_VARIANTS[1]:<32} {ahead + after:.2f} s in all ({(ahead + after) / whole:.2f}× one "
-            f"pass): {ahead:.2f} s as pairs 1-15 arrived, {after:.2f} s after the 16th "
+            f"  {'in chunks as the pairs arrive':<32} {ahead + after:.2f} s in all "
+            f"({(ahead + after) / whole:.2f}× one pass): {ahead:.2f} s as pairs 1-15 arrived, "
+            f"{after:.2f} s after the 16th "
             f"({after / whole:.2f}× one pass)"
         )
         print(f"load average {load_average()}")

@@ -707,7 +707,8 @@ class DPOLearnerCore:
                 self._reference_cache.setdefault(pair, (chosen[i], rejected[i]))
 
     def forget_reference(self, pairs: Sequence[Pair]) -> None:
-        """Drop prepared terms of pairs that will not be trained (already trained: a redelivery)."""
+        """Drop prepared terms of pairs that will not be trained (already trained: a redelivery), or were
+        (the step's; the same texts may come twice in one batch)."""
         for pair in pairs:
             self._reference_cache.pop(pair, None)
 
@@ -718,12 +719,8 @@ class DPOLearnerCore:
     def _take_reference(self, pairs: Sequence[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
         self.prepare_reference(pairs, final=True)
         reference = self._prepared_reference(pairs)
-        self._forget_trained(pairs)
+        self.forget_reference(pairs)
         return reference
-
-    def _forget_trained(self, pairs: Sequence[Pair]) -> None:
-        for pair in set(pairs):  # the same texts may come twice in one batch (two queries, same rewrites)
-            del self._reference_cache[pair]
 
     # -- the gradient, chunk by chunk as the pairs arrive ---------------------------------------------------
 
@@ -805,7 +802,7 @@ class DPOLearnerCore:
         self.optimizer.step()
         parts = self._accumulated.parts
         self._discard_gradient()
-        self._forget_trained(pairs)
+        self.forget_reference(pairs)
         self.steps += 1
         ended = time.perf_counter()
         return step_stats(parts, float(grad_norm), ended - started, ended - update_started)
