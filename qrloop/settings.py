@@ -453,6 +453,12 @@ class StreamSettings(Group):
         description="How long an agent waits to fill a batch before handling what it has (adds at most this "
         "to a window's close).",
     )
+    stall_after_s: float = Field(
+        120.0,
+        gt=0,
+        description="An aggregator worker whose input partition has had records waiting this long with none "
+        "handled (outside a rebalance) logs what it sees and fails /healthz, so the supervisor restarts it.",
+    )
     producer_linger_s: float = Field(
         0.01,
         ge=0,

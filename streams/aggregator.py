@@ -47,6 +47,7 @@ from qrloop.reload import reload_on_sighup
 from qrloop.settings import Settings, get_settings
 from streams import attribution
 from streams.app import AggregatorApp, create_app
+from streams.progress import InputProgress
 
 log = logging.getLogger("qrloop.aggregator")
 
@@ -245,8 +246,10 @@ def install_agents(built: AggregatorApp, relevance: attribution.CalibratedReleva
             writes.put(key, event.message.partition, state)
 
     async def handle_one(event: Any, handle: Any) -> None:
-        where = f"{event.message.topic}[{event.message.partition}]@{event.message.offset}"
+        message = event.message
+        where = f"{message.topic}[{message.partition}]@{message.offset}"
         await until_the_broker_takes_it(lambda: safely(event, handle), where)
+        built.progress.record(message.tp, message.offset)
 
     async def handle_batches(
         stream: Any, handle: Any, prepare: Callable[[Sequence[Any]], None] | None = None
@@ -340,6 +343,7 @@ def install_agents(built: AggregatorApp, relevance: attribution.CalibratedReleva
         assigned = args[0]
         mine = sorted(tp.partition for tp in assigned if tp.topic == settings.topics.query_events)
         log.info("assigned partitions of %s: %s", settings.topics.query_events, mine)
+        built.progress.restart()  # read from the committed offsets again
 
     @app.timer(settings.streams.tick_s)
     async def request_closes() -> None:
@@ -378,10 +382,14 @@ def run() -> None:
     model = ModelState()
     heartbeat = health.Heartbeat(settings.daemon.liveness_max_age_s, settings.daemon.liveness_start_grace_s)
 
-    # Beaten on the event loop itself: an agent that blocks the loop (or a loop that stops) stops it.
+    # Beaten on the event loop itself: an agent that blocks the loop (or a loop that stops) stops it, and so
+    # does a worker that no longer handles the records waiting for it (streams.progress).
     @built.app.timer(settings.streams.tick_s)
     async def beat() -> None:
-        heartbeat.beat()
+        if not built.progress.stalled:
+            heartbeat.beat()
+
+    watch_progress(built)
 
     health.serve(
         settings.streams.metrics_port,
@@ -401,6 +409,74 @@ def run() -> None:
         log.error("%s", exc)
         raise SystemExit(1) from None
     built.app.main()
+
+
+def watch_progress(built: AggregatorApp) -> None:
+    """Check the input partitions' end offsets against the records handled (``streams.progress``), a few
+    times per ``streams.stall_after_s``; log what the worker sees when a partition stalls."""
+    app, progress = built.app, built.progress
+    stall_after_s = built.settings.streams.stall_after_s
+
+    @app.timer(min(5.0, stall_after_s / 4))
+    async def check_progress() -> None:
+        consumer: Any = app.consumer
+        inputs = [tp for tp in consumer.assignment() if tp.topic in app.topics.acking_topics]
+        if app.rebalancing or not inputs:
+            progress.restart()
+            return
+        try:
+            ends = await consumer.highwaters(*inputs)
+        except Exception as exc:  # the broker's state, not the worker's: the clocks start again after it
+            log.warning("could not read the input partitions' end offsets (%r): progress not checked", exc)
+            progress.restart()
+            return
+        already = set(progress.stalled)
+        committed = consumer._committed_offset  # Faust's (next offset to read); no public accessor
+        stalled = progress.observe(
+            time.monotonic(), ends, {tp: committed.get(tp) for tp in inputs}, stall_after_s
+        )
+        if set(stalled) - already:
+            log.error("%s", describe_stall(app, progress, ends, committed, stalled))
+
+
+def describe_stall(
+    app: Any, progress: InputProgress[Any], ends: Any, committed: Any, stalled: dict[Any, float]
+) -> str:
+    """What the worker can see of a stall, for whoever reads the log: the partitions, Faust's flow and pauses,
+    and where every task of the event loop is waiting."""
+    consumer = app.consumer
+    partitions = ", ".join(
+        f"{tp.topic}[{tp.partition}] (records {progress.next_offset(tp, committed.get(tp))}..{ends[tp] - 1} "
+        f"waiting {waited:.0f} s)"
+        for tp, waited in sorted(stalled.items())
+    )
+    inputs = app.topics.acking_topics
+    paused = sorted(f"{tp.topic}[{tp.partition}]" for tp in consumer._paused_partitions if tp.topic in inputs)
+    lines = [
+        f"no record handled on {partitions}: this worker fails /healthz, so its supervisor restarts it "
+        f"(nothing was committed past the waiting records)",
+        f"flow active: app {app.flow_control.is_active()}, consumer {consumer.flow_active}; generation "
+        f"{app.consumer_generation_id}; paused inputs: {', '.join(paused) or 'none'}",
+    ]
+    for task in asyncio.all_tasks():
+        lines.append(f"  task {task.get_name()}: {' > '.join(awaiting(task.get_coro())[-6:])}")
+    return "\n".join(lines)
+
+
+def awaiting(coroutine: Any) -> list[str]:
+    """Where a coroutine waits, outermost first (``Task.get_stack`` stops at a suspended one's outer frame)"""
+    chain: list[str] = []
+    while coroutine is not None and len(chain) < 30:
+        frame = first_attribute(coroutine, "cr_frame", "ag_frame", "gi_frame")
+        if frame is None:
+            break
+        chain.append(f"{frame.f_code.co_name}:{frame.f_lineno}")
+        coroutine = first_attribute(coroutine, "cr_await", "ag_await", "gi_yieldfrom")
+    return chain
+
+
+def first_attribute(thing: Any, *names: str) -> Any:
+    return next((getattr(thing, name) for name in names if hasattr(thing, name)), None)
 
 
 class ModelState:

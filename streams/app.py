@@ -9,13 +9,14 @@ restart by replaying the changelog topic.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faust
 
 from qrloop.settings import Settings
 from streams.kafka_transport import RebalanceSafeTransport
+from streams.progress import InputProgress
 
 
 @dataclass
@@ -29,6 +30,9 @@ class AggregatorApp:
     closes: Any
     windows: Any
     outcomes: Any = None  # per-query outcomes for the canary (QueryOutcome)
+    progress: InputProgress[Any] = field(
+        default_factory=InputProgress
+    )  # what the agents handled: the wedge check
 
 
 def create_app(settings: Settings) -> AggregatorApp:

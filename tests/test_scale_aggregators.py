@@ -3,6 +3,8 @@
 - Two `qrloop aggregate` workers; one is killed (-9) with windows open, the other takes its partitions,
   restores their window state from the table's changelog, and every query still yields exactly one pair id.
 - Two workers started at the same moment under traffic: no record arriving during the rebalances is lost.
+- A worker wedged on purpose (its inputs never resume) fails /healthz once a session waits past
+  `stall_after_s`, and its successor pairs the session.
 - Records deleted by retention before a stopped aggregator read them: the lost range is reported and
   counted, and the aggregator reads on and commits past it."""
 
@@ -24,7 +26,7 @@ from qrloop.catalog import Catalog
 from qrloop.events import Interaction, PreferencePair, QueryEvent, SessionEnd, decode, encode
 from qrloop.settings import REPO_ROOT, Settings
 from qrloop.topics import ensure_topics
-from tests.helpers import PAPER_SCALAR, aggregator_env, bracket_query
+from tests.helpers import PAPER_SCALAR, aggregator_env, bracket_query, free_port, get
 
 # End to end (real processes, the real model or minutes of traffic): `pytest -m 'not slow'` leaves them out.
 pytestmark = pytest.mark.slow
@@ -123,6 +125,7 @@ def start_aggregators(
     stagger_s: float,
     names: str = "ab",
     program: tuple[str, ...] = ("-m", "qrloop", "aggregate"),
+    extra_env: dict[str, str] | None = None,
 ) -> tuple[dict[str, Path], dict[str, subprocess.Popen[bytes]]]:
     """Start one `qrloop aggregate` process (or ``program``) per name in one consumer group; each logs to its
     own file."""
@@ -133,6 +136,7 @@ def start_aggregators(
             "QRLOOP_TOPICS__QUERY_OUTCOMES": settings.topics.query_outcomes,
             "QRLOOP_STREAMS__SESSION_TIMEOUT_S": str(settings.streams.session_timeout_s),
         }
+        | (extra_env or {})
     )
     tmp_path.mkdir(parents=True, exist_ok=True)
     logs = {name: tmp_path / f"aggregator-{name}.log" for name in names}
@@ -148,6 +152,16 @@ def start_aggregators(
             )
         time.sleep(stagger_s)
     return logs, workers
+
+
+def stall_reports(lines: list[str]) -> list[str]:
+    """A worker's wedge reports (streams.progress), each with the lines logged under it."""
+    reports: list[str] = []
+    for i, line in enumerate(lines):
+        if "no record handled on" in line:
+            reports.append(line)
+            reports.extend(later for later in lines[i + 1 : i + 80] if later.startswith(("flow", "  task")))
+    return reports
 
 
 def stop_aggregators(workers: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -272,7 +286,10 @@ def test_records_sent_while_the_group_forms_are_not_lost(group_settings: Setting
         ]
 
     sent: list[QueryEvent] = []
-    logs, workers = start_aggregators(settings, tmp_path, stagger_s=0.0)
+    # A worker that stops handling its partitions says so, with where its tasks wait, after 20 s (one CI run
+    # lost a worker's records this way, silently; streams.progress).
+    stall_env = {"QRLOOP_STREAMS__STALL_AFTER_S": "20"}
+    logs, workers = start_aggregators(settings, tmp_path, stagger_s=0.0, extra_env=stall_env)
     consumer = pair_consumer(settings)
     paired: set[str] = set()
     try:
@@ -302,6 +319,7 @@ def test_records_sent_while_the_group_forms_are_not_lost(group_settings: Setting
         lines = path.read_text().splitlines()
         reread = [line.split("] ")[-1] for line in lines if any(m in line for m in marks)]
         print(f"worker {name}: " + ("; ".join(reread) or "no record re-read"))
+        print("\n".join(stall_reports(lines)) or f"worker {name}: no partition stalled")
     print(f"{len(sent)} sessions, {len(paired)} paired; lost (partition, offset): {lost}")
     assert not lost, f"{len(lost)} of {len(sent)} queries lost at (partition, offset) {lost}"
 
@@ -421,3 +439,84 @@ def test_the_seek_after_a_rebalance_runs_with_the_inputs_paused(
     assert seeks, log_text[-3000:]
     assert not [tp for line in seeks for tp in line.split() if tp.rsplit("[", 1)[0] in inputs], seeks
     assert event.event_id in paired, "after the seek the inputs are delivered again"
+
+
+# `qrloop aggregate` wedged on purpose: after each seek that follows a rebalance its inputs stay paused (as if
+# Faust never resumed them), so it handles nothing more while its process, event loop and agents live on.
+WEDGED = """
+from qrloop.cli.main import aggregate
+from streams.kafka_transport import RebalanceSafeConsumer
+
+seek = RebalanceSafeConsumer.perform_seek
+
+async def seek_and_wedge(self):
+    await seek(self)
+    self.pause_partitions({tp for tp in self.assignment() if tp.topic in self.app.topics.acking_topics})
+
+RebalanceSafeConsumer.perform_seek = seek_and_wedge
+aggregate()
+"""
+
+
+def test_a_worker_that_stops_handling_its_records_fails_healthz_and_its_successor_pairs_them(
+    group_settings: Settings, tmp_path: Path
+) -> None:
+    """The wedge check (streams.progress) on the real broker: a worker whose inputs never resume stays
+    healthy while nothing waits, reports the partition once a session waits unhandled past
+    ``stall_after_s``, and fails /healthz (its supervisor would restart it); a worker started after it reads
+    the waiting session from the committed offsets and pairs it."""
+    settings = group_settings
+    t = settings.topics
+    ids = Catalog.open(settings).dataset.products["product_id"].head(8).tolist()
+    port = free_port()
+    env = {
+        "QRLOOP_STREAMS__STALL_AFTER_S": "4",
+        "QRLOOP_STREAMS__METRICS_PORT": str(port),
+        "QRLOOP_DAEMON__LIVENESS_MAX_AGE_S": "2",
+    }
+    logs, workers = start_aggregators(
+        settings, tmp_path / "wedged", stagger_s=0.0, names="a", program=("-c", WEDGED), extra_env=env
+    )
+    producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
+    event = bracket_query(ids, datetime.now(UTC))
+    try:
+        deadline = time.monotonic() + 180
+        while "Worker ready" not in logs["a"].read_text(errors="replace") and time.monotonic() < deadline:
+            assert workers["a"].poll() is None, logs["a"].read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        time.sleep(8)  # twice the stall limit with nothing waiting
+        quiet_status, _ = get(f"http://127.0.0.1:{port}/healthz")
+        send_session(producer, settings, event, partition=1)
+        producer.flush()
+        deadline = time.monotonic() + 60
+        while not stall_reports(logs["a"].read_text(errors="replace").splitlines()):
+            assert time.monotonic() < deadline, "no stall reported within a minute"
+            time.sleep(0.5)
+        time.sleep(3)  # past the heartbeat's 2 s
+        wedged_status, wedged_body = get(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        stop_aggregators(workers)
+    lines = logs["a"].read_text(errors="replace").splitlines()
+    reports = stall_reports(lines)
+    print("\n".join(reports[:12]))
+    print(f"/healthz: {quiet_status} while nothing waited, {wedged_status} with the session waiting")
+    assert quiet_status == 200, "caught up and quiet is not a stall"
+    assert reports, "\n".join(lines[-60:])
+    assert f"{t.query_events}[1] (records 0..0 waiting" in reports[0], reports[0]
+    assert any(line.startswith("flow") and f"{t.query_events}[1]" in line for line in reports), "its pause"
+    assert any(line.startswith("  task ") for line in reports), "where the tasks wait"
+    assert wedged_status == 503, wedged_body
+
+    consumer = pair_consumer(settings)
+    logs, workers = start_aggregators(settings, tmp_path / "successor", stagger_s=0.0, names="b")
+    paired: set[str] = set()
+    try:
+        deadline = time.monotonic() + 180
+        while event.event_id not in paired and time.monotonic() < deadline:
+            paired.update(decode(PreferencePair, m.value).source_event_id for m in consumer)
+            assert workers["b"].poll() is None, logs["b"].read_text(errors="replace")[-3000:]
+    finally:
+        consumer.close()
+        producer.close()
+        stop_aggregators(workers)
+    assert event.event_id in paired, "the waiting session was never committed: the successor pairs it"
