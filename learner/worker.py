@@ -509,12 +509,12 @@ class Learner:
         def watchdog() -> None:
             if self.finished.wait(deadline_s):
                 return
+            version_at_deadline = self.state.version
             with self.publishing:
                 log.warning(
-                    "stop deadline of %.0f s passed: abandoning the step in progress; nothing of it was "
-                    "committed, the next start redoes it from version %d's offsets",
+                    "stop deadline of %.0f s passed: %s",
                     deadline_s,
-                    self.state.version,
+                    what_the_deadline_left(version_at_deadline, self.state.version),
                 )
                 logging.shutdown()
                 os._exit(0)
@@ -678,3 +678,17 @@ def train_while_holding(
         log.warning("lease lost at version %d: back to standby", learner.state.version)
         return True
     return False
+
+
+def what_the_deadline_left(version_at_deadline: int, version_now: int) -> str:
+    """The stop watchdog's last word. It waits for a publish in progress, so the step it abandons may be the
+    one just published: saying "nothing committed" then would send an operator looking for a loss."""
+    if version_now != version_at_deadline:
+        return (
+            f"the publish in progress finished first (version {version_now}, with its offsets, alias and "
+            f"announcement); stopping there, the next start resumes from its offsets"
+        )
+    return (
+        f"abandoning the step in progress; nothing of it was committed, the next start redoes it from "
+        f"version {version_now}'s offsets"
+    )

@@ -17,7 +17,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from learner.lease import lease_name
-from learner.worker import LEARNER_TAG, build, resume_state, training_triples
+from learner.worker import LEARNER_TAG, build, resume_state, training_triples, what_the_deadline_left
 from policy_store import ADAPTER_BASE_TAG, Leases, PolicyStore, PolicyVersion, db
 from qrloop.models import build_tiny_policy, load_stored_policy, require_policy
 from qrloop.runs import isolate, open_store
@@ -374,3 +374,10 @@ def test_echo_pairs_are_implied_only_where_the_chosen_rewrite_added_something() 
         (added.prompt, added.chosen, added.prompt),
         (engaged.prompt, engaged.chosen, engaged.prompt),
     ]
+
+
+def test_the_stop_watchdog_says_nothing_was_committed_only_when_no_publish_finished_while_it_waited() -> None:
+    abandoned = what_the_deadline_left(version_at_deadline=4, version_now=4)
+    waited = what_the_deadline_left(version_at_deadline=4, version_now=5)
+    assert "nothing of it was committed" in abandoned and "from version 4's offsets" in abandoned
+    assert "nothing of it was committed" not in waited and "version 5" in waited
