@@ -50,4 +50,8 @@ FOLLOWER_ERRORS = Counter(
     "Policy announcements a rewriter's follower could not read or apply",
     ["reason"],
 )
+STALLED_PARTITIONS = Gauge(
+    "qrloop_aggregator_stalled_partitions",
+    "Input partitions with records waiting and none handled for streams.stall_after_s (fails /healthz)",
+)
 REWARD_AVG = Gauge("qrloop_reward_moving_average", "Moving average of the chosen reward", ["arm"])

@@ -459,6 +459,12 @@ class StreamSettings(Group):
         description="An aggregator worker whose input partition has had records waiting this long with none "
         "handled (outside a rebalance) logs what it sees and fails /healthz, so the supervisor restarts it.",
     )
+    rebalance_stall_after_s: float = Field(
+        600.0,
+        gt=0,
+        description="An aggregator worker whose rebalance (with its table's recovery) has lasted this long "
+        "logs what it sees and fails /healthz, so the supervisor restarts it.",
+    )
     producer_linger_s: float = Field(
         0.01,
         ge=0,

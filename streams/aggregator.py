@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiokafka.errors import KafkaError
+from kafka import KafkaConsumer, TopicPartition
 
 from qrloop import health, logs, metrics, topics
 from qrloop.catalog import Catalog
@@ -47,7 +48,6 @@ from qrloop.reload import reload_on_sighup
 from qrloop.settings import Settings, get_settings
 from streams import attribution
 from streams.app import AggregatorApp, create_app
-from streams.progress import InputProgress
 
 log = logging.getLogger("qrloop.aggregator")
 
@@ -386,7 +386,7 @@ def run() -> None:
     # does a worker that no longer handles the records waiting for it (streams.progress).
     @built.app.timer(settings.streams.tick_s)
     async def beat() -> None:
-        if not built.progress.stalled:
+        if not built.progress.wedged:
             heartbeat.beat()
 
     watch_progress(built)
@@ -412,55 +412,109 @@ def run() -> None:
 
 
 def watch_progress(built: AggregatorApp) -> None:
-    """Check the input partitions' end offsets against the records handled (``streams.progress``), a few
-    times per ``streams.stall_after_s``; log what the worker sees when a partition stalls."""
-    app, progress = built.app, built.progress
-    stall_after_s = built.settings.streams.stall_after_s
+    """Check the input partitions' end offsets against the records handled (``streams.progress``) a few
+    times per ``streams.stall_after_s``, and how long a rebalance lasts; log what a wedged worker sees."""
+    app, progress, streams = built.app, built.progress, built.settings.streams
+    end_offsets = EndOffsets(built.settings)
 
-    @app.timer(min(5.0, stall_after_s / 4))
+    @app.timer(min(5.0, streams.stall_after_s / 4))
     async def check_progress() -> None:
         consumer: Any = app.consumer
-        inputs = [tp for tp in consumer.assignment() if tp.topic in app.topics.acking_topics]
-        if app.rebalancing or not inputs:
-            progress.restart()
+        now = time.monotonic()
+        if app.rebalancing:
+            was_stuck = progress.rebalance_stuck
+            lasted = progress.rebalancing(now, streams.rebalance_stall_after_s)
+            if progress.rebalance_stuck and not was_stuck:
+                log.error("%s", describe_wedge(built, f"a rebalance has lasted {lasted:.0f} s"))
+            metrics.STALLED_PARTITIONS.set(0)
             return
         try:
-            ends = await consumer.highwaters(*inputs)
-        except Exception as exc:  # the broker's state, not the worker's: the clocks start again after it
+            inputs = [tp for tp in consumer.assignment() if tp.topic in app.topics.acking_topics]
+            ends = await asyncio.to_thread(end_offsets.read, inputs) if inputs else {}
+        except Exception as exc:  # a consumer not started yet, the broker: the worker's clocks start again
             log.warning("could not read the input partitions' end offsets (%r): progress not checked", exc)
             progress.restart()
             return
         already = set(progress.stalled)
         committed = consumer._committed_offset  # Faust's (next offset to read); no public accessor
-        stalled = progress.observe(
-            time.monotonic(), ends, {tp: committed.get(tp) for tp in inputs}, stall_after_s
-        )
+        stalled = progress.observe(now, ends, {tp: committed.get(tp) for tp in inputs}, streams.stall_after_s)
+        metrics.STALLED_PARTITIONS.set(len(stalled))
         if set(stalled) - already:
-            log.error("%s", describe_stall(app, progress, ends, committed, stalled))
+            waiting = ", ".join(
+                f"{tp.topic}[{tp.partition}] (records {progress.next_offset(tp, committed.get(tp))}.."
+                f"{ends[tp] - 1} waiting {waited:.0f} s)"
+                for tp, waited in sorted(stalled.items())
+            )
+            log.error("%s", describe_wedge(built, f"no record handled on {waiting}"))
 
 
-def describe_stall(
-    app: Any, progress: InputProgress[Any], ends: Any, committed: Any, stalled: dict[Any, float]
-) -> str:
-    """What the worker can see of a stall, for whoever reads the log: the partitions, Faust's flow and pauses,
-    and where every task of the event loop is waiting."""
+class EndOffsets:
+    """The input partitions' end offsets from a client of its own (kafka-python, no group), called from a
+    thread. Asked through Faust's consumer thread (``consumer.highwaters``), the requests every few seconds
+    queued behind its fetches and slowed its shutdown: 3 of 4 test runs left a worker unstopped after 60 s."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.consumer: KafkaConsumer | None = None
+
+    def read(self, partitions: Sequence[Any]) -> dict[Any, int]:
+        """End offsets by partition; Faust's ``TP`` and kafka-python's ``TopicPartition`` are equal tuples."""
+        if self.consumer is None:
+            kafka = self.settings.kafka
+            self.consumer = KafkaConsumer(
+                bootstrap_servers=kafka.bootstrap_servers,
+                client_id=f"{kafka.client_id}-aggregator-progress",
+                group_id=None,
+                enable_auto_commit=False,
+                request_timeout_ms=15_000,
+            )
+        ends = self.consumer.end_offsets([TopicPartition(tp.topic, tp.partition) for tp in partitions])
+        return {tp: ends[TopicPartition(tp.topic, tp.partition)] for tp in partitions}
+
+
+def describe_wedge(built: AggregatorApp, what: str) -> str:
+    """What the worker can see of a wedge, for whoever reads the log: Faust's flow and paused inputs, its
+    agents, and where every task of the event loop waits."""
+    app: Any = built.app
     consumer = app.consumer
-    partitions = ", ".join(
-        f"{tp.topic}[{tp.partition}] (records {progress.next_offset(tp, committed.get(tp))}..{ends[tp] - 1} "
-        f"waiting {waited:.0f} s)"
-        for tp, waited in sorted(stalled.items())
-    )
+    try:
+        agents = agents_check(built)
+    except RuntimeError as exc:
+        agents = str(exc)
     inputs = app.topics.acking_topics
     paused = sorted(f"{tp.topic}[{tp.partition}]" for tp in consumer._paused_partitions if tp.topic in inputs)
     lines = [
-        f"no record handled on {partitions}: this worker fails /healthz, so its supervisor restarts it "
-        f"(nothing was committed past the waiting records)",
+        f"{what}: this worker fails /healthz, so its supervisor restarts it (nothing was committed past the "
+        f"records waiting)",
         f"flow active: app {app.flow_control.is_active()}, consumer {consumer.flow_active}; generation "
-        f"{app.consumer_generation_id}; paused inputs: {', '.join(paused) or 'none'}",
+        f"{app.consumer_generation_id}; paused inputs: {', '.join(paused) or 'none'}; {agents}",
     ]
+    lines.extend(f"  partition {line}" for line in partition_states(app))
     for task in asyncio.all_tasks():
         lines.append(f"  task {task.get_name()}: {' > '.join(awaiting(task.get_coro())[-6:])}")
     return "\n".join(lines)
+
+
+def partition_states(app: Any) -> list[str]:
+    """Each assigned partition as Faust and aiokafka see it: paused or delivered, the fetch position, and for
+    a changelog partition under recovery the last offset applied and the offset recovery waits for. Read
+    from the event loop while aiokafka's thread runs: a snapshot for a log line, not a consistent state."""
+    consumer = app.consumer
+    recovery = app.tables.recovery
+    try:
+        assignment = consumer._thread._ensure_consumer()._subscription.subscription.assignment
+    except Exception:  # no consumer or no assignment yet: positions unknown
+        assignment = None
+    states = []
+    for tp in sorted(consumer.assignment()):
+        state = assignment.state_value(tp) if assignment is not None else None
+        position = getattr(state, "_position", None) if state is not None else None
+        flags = "paused" if tp in consumer._paused_partitions else "delivered"
+        if tp in recovery.active_tps:
+            applied, highwater = recovery.active_offsets.get(tp), recovery.active_highwaters.get(tp)
+            flags += f", recovering: applied {applied} of {highwater}"
+        states.append(f"{tp.topic}[{tp.partition}]: {flags}; fetch position {position}")
+    return states
 
 
 def awaiting(coroutine: Any) -> list[str]:

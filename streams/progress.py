@@ -13,7 +13,8 @@ the tasks' stacks) and stops beating its heartbeat, so ``/healthz`` fails and th
 the restarted worker reads the waiting records from the committed offsets.
 
 A rebalance starts every partition's clock afresh (its recovery may take long, and reads from the committed
-offsets again), and so does an end-offset query that failed (the broker, not the worker).
+offsets again), and so does an end-offset query that failed (the broker, not the worker). A rebalance that
+never ends (Faust's recovery hung: the flow stays stopped) is a wedge too, on its own, longer limit.
 """
 
 from __future__ import annotations
@@ -33,6 +34,12 @@ class InputProgress(Generic[Partition]):
     handled: dict[Partition, int] = field(default_factory=dict)
     waiting_since: dict[Partition, float] = field(default_factory=dict)
     stalled: dict[Partition, float] = field(default_factory=dict)  # as the last observation found them
+    rebalancing_since: float | None = None
+    rebalance_stuck: bool = False
+
+    @property
+    def wedged(self) -> bool:
+        return bool(self.stalled) or self.rebalance_stuck
 
     def record(self, partition: Partition, offset: int) -> None:
         self.handled[partition] = offset
@@ -48,6 +55,15 @@ class InputProgress(Generic[Partition]):
             self.waiting_since.pop(partition, None)
             self.stalled.pop(partition, None)
 
+    def rebalancing(self, now: float, stuck_after_s: float) -> float:
+        """Note a rebalance under way (the partitions' clocks start afresh); returns how long it has lasted"""
+        self.restart()
+        if self.rebalancing_since is None:
+            self.rebalancing_since = now
+        lasted = now - self.rebalancing_since
+        self.rebalance_stuck = lasted >= stuck_after_s
+        return lasted
+
     def next_offset(self, partition: Partition, committed: int | None) -> int:
         """The first offset not yet handled: past the last one handled, or the committed one."""
         after_handled = self.handled[partition] + 1 if partition in self.handled else 0
@@ -61,7 +77,9 @@ class InputProgress(Generic[Partition]):
         stall_after_s: float,
     ) -> dict[Partition, float]:
         """Note which of the assigned partitions (the keys of ``ends``, their end offsets) have records
-        waiting; returns the stalled ones with how long they have waited with none handled."""
+        waiting; returns the stalled ones with how long they have waited with none handled. Outside a
+        rebalance: it ends the one noted."""
+        self.rebalancing_since, self.rebalance_stuck = None, False
         for gone in set(self.waiting_since) - set(ends):
             del self.waiting_since[gone]
         stalled: dict[Partition, float] = {}

@@ -41,7 +41,7 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 def test_alert_rules_are_valid_and_fire_when_they_should() -> None:
     checked = promtool("check", "rules", "qrloop-rules.yml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "SUCCESS: 5 rules found" in checked.stdout + checked.stderr
+    assert "SUCCESS: 6 rules found" in checked.stdout + checked.stderr
     # Unit tests: each alert fires on the series that should trigger it, and not on a healthy loop.
     tested = promtool("test", "rules", "qrloop-rules.test.yml")
     assert tested.returncode == 0, tested.stdout + tested.stderr

@@ -158,9 +158,10 @@ def stall_reports(lines: list[str]) -> list[str]:
     """A worker's wedge reports (streams.progress), each with the lines logged under it."""
     reports: list[str] = []
     for i, line in enumerate(lines):
-        if "no record handled on" in line:
+        if "no record handled on" in line or "a rebalance has lasted" in line:
             reports.append(line)
-            reports.extend(later for later in lines[i + 1 : i + 80] if later.startswith(("flow", "  task")))
+            details = ("flow", "  task", "  partition")
+            reports.extend(later for later in lines[i + 1 : i + 120] if later.startswith(details))
     return reports
 
 
@@ -286,9 +287,11 @@ def test_records_sent_while_the_group_forms_are_not_lost(group_settings: Setting
         ]
 
     sent: list[QueryEvent] = []
-    # A worker that stops handling its partitions says so, with where its tasks wait, after 20 s (one CI run
-    # lost a worker's records this way, silently; streams.progress).
-    stall_env = {"QRLOOP_STREAMS__STALL_AFTER_S": "20"}
+    # A worker that stops handling its partitions (after 20 s) or whose rebalance hangs (after 30 s) says so,
+    # with each partition's state and where its tasks wait (streams.progress). One CI run lost a worker's
+    # records without a word; a run here showed its table's recovery waiting for changelog records that never
+    # came ("No event received for active tp ... since recovery start"), minutes after the rebalance.
+    stall_env = {"QRLOOP_STREAMS__STALL_AFTER_S": "20", "QRLOOP_STREAMS__REBALANCE_STALL_AFTER_S": "30"}
     logs, workers = start_aggregators(settings, tmp_path, stagger_s=0.0, extra_env=stall_env)
     consumer = pair_consumer(settings)
     paired: set[str] = set()
@@ -520,3 +523,70 @@ def test_a_worker_that_stops_handling_its_records_fails_healthz_and_its_successo
         producer.close()
         stop_aggregators(workers)
     assert event.event_id in paired, "the waiting session was never committed: the successor pairs it"
+
+
+# `qrloop aggregate` whose rebalances after the first never end: the seek that follows the table's recovery
+# hangs (as Faust's recovery did when its changelog partitions delivered nothing), so the flow never resumes.
+# A first rebalance that hangs is caught by the heartbeat: Faust starts the timer that beats it after that.
+HUNG_REBALANCE = """
+import asyncio
+from qrloop.cli.main import aggregate
+from streams.kafka_transport import RebalanceSafeConsumer
+
+seek, seeks = RebalanceSafeConsumer.perform_seek, []
+
+async def seek_once_then_hang(self):
+    seeks.append(1)
+    if len(seeks) > 1:
+        await asyncio.sleep(3600)
+    await seek(self)
+
+RebalanceSafeConsumer.perform_seek = seek_once_then_hang
+aggregate()
+"""
+
+
+def test_a_worker_whose_rebalance_never_ends_reports_it_and_fails_healthz(
+    group_settings: Settings, tmp_path: Path
+) -> None:
+    """A rebalance that outlasts ``streams.rebalance_stall_after_s`` is a wedge too: when a second worker
+    joins, the first worker's rebalance hangs; it logs that with each partition's state and where its tasks
+    wait, and /healthz fails so that its supervisor restarts it."""
+    settings = group_settings
+    t = settings.topics
+    port = free_port()
+    env = {
+        "QRLOOP_STREAMS__REBALANCE_STALL_AFTER_S": "5",
+        "QRLOOP_STREAMS__STALL_AFTER_S": "4",
+        "QRLOOP_STREAMS__METRICS_PORT": str(port),
+        "QRLOOP_DAEMON__LIVENESS_MAX_AGE_S": "2",
+    }
+    logs, workers = start_aggregators(
+        settings, tmp_path / "hung", stagger_s=0.0, names="a", program=("-c", HUNG_REBALANCE), extra_env=env
+    )
+    joined: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        deadline = time.monotonic() + 180
+        while "Worker ready" not in logs["a"].read_text(errors="replace") and time.monotonic() < deadline:
+            assert workers["a"].poll() is None, logs["a"].read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        ready_status, _ = get(f"http://127.0.0.1:{port}/healthz")
+        _, joined = start_aggregators(settings, tmp_path / "joining", stagger_s=0.0, names="b")
+        deadline = time.monotonic() + 180
+        while not stall_reports(logs["a"].read_text(errors="replace").splitlines()):
+            assert time.monotonic() < deadline, logs["a"].read_text(errors="replace")[-3000:]
+            time.sleep(0.5)
+        time.sleep(3)  # past the heartbeat's 2 s
+        status, body = get(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        stop_aggregators(workers | joined)
+    reports = stall_reports(logs["a"].read_text(errors="replace").splitlines())
+    print("\n".join(reports[:24]))
+    print(f"/healthz: {ready_status} after the first rebalance, {status} in the hung one")
+    assert ready_status == 200
+    assert "a rebalance has lasted" in reports[0], reports[0]
+    partitions = [line for line in reports if line.startswith("  partition ")]
+    assert any(f"{t.query_events}[" in line and "fetch position" in line for line in partitions), partitions
+    # Which task shows the hung seek depends on who sought first (recovery, or Faust's fetcher meanwhile).
+    assert any(line.startswith("  task ") for line in reports), "where the tasks wait"
+    assert status == 503, body

@@ -79,3 +79,15 @@ def test_the_stall_report_names_where_each_task_waits_innermost_last() -> None:
     chain = asyncio.run(main())
     names = [where.split(":")[0] for where in chain]
     assert names[:3] == ["outer", "innermost", "wait"], chain
+
+
+def test_a_rebalance_that_never_ends_is_a_wedge_of_its_own_and_ends_with_the_next_observation() -> None:
+    progress: InputProgress[str] = InputProgress()
+    progress.record("q0", 3)
+    assert progress.rebalancing(100.0, stuck_after_s=600) == 0.0
+    assert progress.handled == {}, "the partitions' clocks start afresh"
+    assert progress.rebalancing(699.0, stuck_after_s=600) == 599.0 and not progress.wedged
+    assert progress.rebalancing(701.0, stuck_after_s=600) == 601.0 and progress.wedged
+    progress.observe(702.0, {"q0": 4}, {"q0": 4}, STALL_S)
+    assert not progress.wedged and progress.rebalancing_since is None
+    assert progress.rebalancing(800.0, stuck_after_s=600) == 0.0, "the next rebalance is timed from its start"
