@@ -425,7 +425,7 @@ def watch_progress(built: AggregatorApp) -> None:
             was_stuck = progress.rebalance_stuck
             lasted = progress.rebalancing(now, streams.rebalance_stall_after_s)
             if progress.rebalance_stuck and not was_stuck:
-                log.error("%s", describe_wedge(built, f"a rebalance has lasted {lasted:.0f} s"))
+                report_wedge(built, f"a rebalance has lasted {lasted:.0f} s")
             metrics.STALLED_PARTITIONS.set(0)
             return
         try:
@@ -445,7 +445,7 @@ def watch_progress(built: AggregatorApp) -> None:
                 f"{ends[tp] - 1} waiting {waited:.0f} s)"
                 for tp, waited in sorted(stalled.items())
             )
-            log.error("%s", describe_wedge(built, f"no record handled on {waiting}"))
+            report_wedge(built, f"no record handled on {waiting}")
 
 
 class EndOffsets:
@@ -470,6 +470,15 @@ class EndOffsets:
             )
         ends = self.consumer.end_offsets([TopicPartition(tp.topic, tp.partition) for tp in partitions])
         return {tp: ends[TopicPartition(tp.topic, tp.partition)] for tp in partitions}
+
+
+def report_wedge(built: AggregatorApp, what: str) -> None:
+    """Log a wedge with what the worker sees of it; details that cannot be read (Faust's and aiokafka's
+    internals) never keep the headline from the log, nor crash the timer that reports it."""
+    try:
+        log.error("%s", describe_wedge(built, what))
+    except Exception:
+        log.exception("%s: this worker fails /healthz, its supervisor restarts it (details unreadable)", what)
 
 
 def describe_wedge(built: AggregatorApp, what: str) -> str:
