@@ -30,9 +30,8 @@ class AggregatorApp:
     closes: Any
     windows: Any
     outcomes: Any = None  # per-query outcomes for the canary (QueryOutcome)
-    progress: InputProgress[Any] = field(
-        default_factory=InputProgress
-    )  # what the agents handled: the wedge check
+    # What the agents handled, against the inputs' end offsets: the wedge check (streams.progress).
+    progress: InputProgress[Any] = field(default_factory=InputProgress)
 
 
 def create_app(settings: Settings) -> AggregatorApp:

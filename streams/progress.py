@@ -19,7 +19,7 @@ never ends (Faust's recovery hung: the flow stays stopped) is a wedge too, on it
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -45,15 +45,12 @@ class InputProgress(Generic[Partition]):
         self.handled[partition] = offset
         self.waiting_since.pop(partition, None)  # progress: the clock starts again at the next observation
 
-    def restart(self, partitions: Iterable[Partition] | None = None) -> None:
-        """Forget what was handled and waited for (all partitions when ``partitions`` is None): after a
-        rebalance the worker reads from the committed offsets again."""
-        if partitions is None:
-            partitions = {*self.handled, *self.waiting_since, *self.stalled}
-        for partition in list(partitions):
-            self.handled.pop(partition, None)
-            self.waiting_since.pop(partition, None)
-            self.stalled.pop(partition, None)
+    def restart(self) -> None:
+        """Forget what was handled and waited for: after a rebalance the worker reads from the committed
+        offsets again."""
+        self.handled.clear()
+        self.waiting_since.clear()
+        self.stalled.clear()
 
     def rebalancing(self, now: float, stuck_after_s: float) -> float:
         """Note a rebalance under way (the partitions' clocks start afresh); returns how long it has lasted"""

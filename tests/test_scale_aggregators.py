@@ -165,6 +165,32 @@ def stall_reports(lines: list[str]) -> list[str]:
     return reports
 
 
+def read_until_paired(
+    consumer: KafkaConsumer, event_id: str, log: Path, worker: subprocess.Popen[bytes]
+) -> set[str]:
+    """The source event ids of the pairs read until ``event_id``'s (3 minutes at most); the worker stays up"""
+    paired: set[str] = set()
+    deadline = time.monotonic() + 180
+    while event_id not in paired and time.monotonic() < deadline:
+        paired.update(decode(PreferencePair, m.value).source_event_id for m in consumer)
+        assert worker.poll() is None, log.read_text(errors="replace")[-3000:]
+    return paired
+
+
+def wait_until_ready(log: Path, worker: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 180
+    while "Worker ready" not in log.read_text(errors="replace") and time.monotonic() < deadline:
+        assert worker.poll() is None, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+
+
+def wait_for_stall_report(log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not stall_reports(log.read_text(errors="replace").splitlines()):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.5)
+
+
 def stop_aggregators(workers: dict[str, subprocess.Popen[bytes]]) -> None:
     for worker in workers.values():
         if worker.poll() is None:
@@ -422,15 +448,11 @@ def test_the_seek_after_a_rebalance_runs_with_the_inputs_paused(
     logs, workers = start_aggregators(settings, tmp_path, stagger_s=0.0, names="a", program=("-c", SEEK_SPY))
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     consumer = pair_consumer(settings)
-    paired: set[str] = set()
     try:
         event = bracket_query(ids, datetime.now(UTC))
         send_session(producer, settings, event)
         producer.flush()
-        deadline = time.monotonic() + 180
-        while event.event_id not in paired and time.monotonic() < deadline:
-            paired.update(decode(PreferencePair, m.value).source_event_id for m in consumer)
-            assert workers["a"].poll() is None, logs["a"].read_text(errors="replace")[-3000:]
+        paired = read_until_paired(consumer, event.event_id, logs["a"], workers["a"])
     finally:
         consumer.close()
         producer.close()
@@ -483,18 +505,12 @@ def test_a_worker_that_stops_handling_its_records_fails_healthz_and_its_successo
     producer = KafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all")
     event = bracket_query(ids, datetime.now(UTC))
     try:
-        deadline = time.monotonic() + 180
-        while "Worker ready" not in logs["a"].read_text(errors="replace") and time.monotonic() < deadline:
-            assert workers["a"].poll() is None, logs["a"].read_text(errors="replace")[-3000:]
-            time.sleep(0.5)
+        wait_until_ready(logs["a"], workers["a"])
         time.sleep(8)  # twice the stall limit with nothing waiting
         quiet_status, _ = get(f"http://127.0.0.1:{port}/healthz")
         send_session(producer, settings, event, partition=1)
         producer.flush()
-        deadline = time.monotonic() + 60
-        while not stall_reports(logs["a"].read_text(errors="replace").splitlines()):
-            assert time.monotonic() < deadline, "no stall reported within a minute"
-            time.sleep(0.5)
+        wait_for_stall_report(logs["a"], timeout_s=60)
         time.sleep(3)  # past the heartbeat's 2 s
         wedged_status, wedged_body = get(f"http://127.0.0.1:{port}/healthz")
     finally:
@@ -512,12 +528,8 @@ def test_a_worker_that_stops_handling_its_records_fails_healthz_and_its_successo
 
     consumer = pair_consumer(settings)
     logs, workers = start_aggregators(settings, tmp_path / "successor", stagger_s=0.0, names="b")
-    paired: set[str] = set()
     try:
-        deadline = time.monotonic() + 180
-        while event.event_id not in paired and time.monotonic() < deadline:
-            paired.update(decode(PreferencePair, m.value).source_event_id for m in consumer)
-            assert workers["b"].poll() is None, logs["b"].read_text(errors="replace")[-3000:]
+        paired = read_until_paired(consumer, event.event_id, logs["b"], workers["b"])
     finally:
         consumer.close()
         producer.close()
@@ -566,16 +578,10 @@ def test_a_worker_whose_rebalance_never_ends_reports_it_and_fails_healthz(
     )
     joined: dict[str, subprocess.Popen[bytes]] = {}
     try:
-        deadline = time.monotonic() + 180
-        while "Worker ready" not in logs["a"].read_text(errors="replace") and time.monotonic() < deadline:
-            assert workers["a"].poll() is None, logs["a"].read_text(errors="replace")[-3000:]
-            time.sleep(0.5)
+        wait_until_ready(logs["a"], workers["a"])
         ready_status, _ = get(f"http://127.0.0.1:{port}/healthz")
         _, joined = start_aggregators(settings, tmp_path / "joining", stagger_s=0.0, names="b")
-        deadline = time.monotonic() + 180
-        while not stall_reports(logs["a"].read_text(errors="replace").splitlines()):
-            assert time.monotonic() < deadline, logs["a"].read_text(errors="replace")[-3000:]
-            time.sleep(0.5)
+        wait_for_stall_report(logs["a"], timeout_s=180)
         time.sleep(3)  # past the heartbeat's 2 s
         status, body = get(f"http://127.0.0.1:{port}/healthz")
     finally:

@@ -56,7 +56,7 @@ def test_a_rebalance_forgets_and_unassigned_partitions_are_dropped() -> None:
     assert (progress.handled, progress.waiting_since, progress.stalled) == ({}, {}, {})
     assert progress.observe(61.0, {"q0": 60}, {"q0": 55}, STALL_S) == {}, "its clock starts at 61 s"
     assert progress.waiting_since == {"q0": 61.0}, "q1 is no longer assigned: forgotten"
-    progress.restart(["q0"])
+    progress.restart()
     assert progress.waiting_since == {}
 
 
