@@ -160,9 +160,9 @@ def test_title_pairs_name_the_judged_products_a_query_misses_and_only_those(
     searched: list[str] = []
     shows = {q["cd"]: ["p1", "p9"], q["hm"]: ["p4"]}  # dc and pd show nothing they are judged relevant to
 
-    def search(query: str) -> list[str]:
+    def search(query: str, k: int) -> list[str]:
         searched.append(query)
-        return shows.get(query, [])
+        return shows.get(query, [])[:k]
 
     edges = q2q.relevant_edges(frame, min_grade=2.67)  # cd: p1 p2; dc: p1 p2 p3; pd: p2; hm: p4
     pairs = q2q.title_pairs(edges, titles, search, words=6, per_query=2)
@@ -179,6 +179,65 @@ def test_title_pairs_name_the_judged_products_a_query_misses_and_only_those(
     assert {(p.source, p.target, p.origin) for p in directed} == {
         (a, b, "title") for a, b in zip(pairs["query_a"], pairs["query_b"], strict=True)
     }, "title pairs go one way only, towards the title"
+
+
+def test_expansion_terms_are_the_titles_common_words_the_query_does_not_say() -> None:
+    titles = [
+        "Ryobi Cordless Drills Kit",
+        "DEWALT Cordless Drill and Case",
+        "Cordless Drill Set",
+        "Drill Bit",
+    ]
+    # "drill" is said (in the other number too); "and" and "set" name nothing; "cordless" is in three titles,
+    # then one-title words in the order the titles use them
+    assert q2q.expansion_terms("Drill 0", titles, n=4) == ["cordless", "ryobi", "kit", "dewalt"]
+    assert q2q.expansion_terms("cordless drills", titles, n=2) == ["ryobi", "kit"]
+
+
+def test_expansion_pairs_add_the_words_that_find_the_judged_products_a_query_misses() -> None:
+    drill, hammer, held = _query("drill", False), _query("hammer", False), _query("drill", True)
+    edges = pd.DataFrame(
+        {
+            "query": [drill, drill, drill, hammer, held],
+            "product_id": ["p1", "p2", "p5", "p3", "p1"],
+        }
+    )
+    titles = {
+        "p1": "Ryobi Cordless Drill Kit",
+        "p2": "DEWALT Cordless Drill",
+        "p3": "Hammer Drill Bits",
+        "p4": "Drill Press",
+        "p5": "Ryobi Drill Case",
+    }
+    results = {
+        drill: ["p3", "p4", "p1", "p2", "p5"],  # shows p3 and p4 in its top 2; p1, p2 and p5 are judged
+        hammer: ["p3", "p4"],  # shows its only judged product: nothing to add
+        f"{drill} cordless": ["p1", "p2"],  # adds two judged products
+        f"{drill} ryobi": ["p1", "p4"],  # adds one
+        f"{drill} kit": ["p5", "p3"],  # adds one, but "ryobi" comes first among the ties
+        f"{drill} hammer": ["p3", "p4"],  # adds nothing
+    }
+    searched: list[str] = []
+
+    def search(query: str, k: int) -> list[str]:
+        searched.append(query)
+        return results.get(query, [])[:k]
+
+    pairs = q2q.expansion_pairs(edges, titles, search, depth=5, terms=6, per_query=2, top_k=2)
+
+    assert list(zip(pairs["query_a"], pairs["query_b"], strict=True)) == [
+        (drill, f"{drill} cordless"),
+        (drill, f"{drill} ryobi"),
+    ]
+    assert held not in searched and not any(q.startswith(f"{hammer} ") for q in searched)
+    expansions = {q for q in searched if q.startswith(f"{drill} ")}
+    assert expansions == {f"{drill} {w}" for w in ("cordless", "ryobi", "hammer", "bits", "press", "kit")}
+    no_graph = pd.DataFrame(columns=["query_a", "query_b", "shared"])
+    directed = q2q.directed_pairs(no_graph, no_graph, 0.5, expansions=pairs)
+    assert {(p.source, p.target, p.origin) for p in directed} == {
+        (drill, f"{drill} cordless", "expansion"),
+        (drill, f"{drill} ryobi", "expansion"),
+    }, "expansion pairs go one way only, towards the expansion"
 
 
 def test_relevance_verifier_checks_the_partners_other_products() -> None:
@@ -401,7 +460,7 @@ def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
     assert offline_policy_version(settings) is None, "an empty store has no offline policy"
 
     # A search engine that shows nothing: every judged-relevant product of a training query is "missed".
-    version_id = warm_start(settings, steps=2, batch_size=2, base_dir=tiny, search=lambda _query: [])
+    version_id = warm_start(settings, steps=2, batch_size=2, base_dir=tiny, search=lambda _query, _k: [])
 
     assert offline_policy_version(settings) == version_id
     crowdflower = settings.model_copy(update={"dataset": "crowdflower"})

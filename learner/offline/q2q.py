@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -53,11 +55,23 @@ M1_THRESHOLD = 0.7
 # original's), few enough to read as a query.
 TITLE_WORDS = 6
 
+# Where an expansion pair looks for its terms: the titles of the query's own top 30, whose ranks 11-30 hold
+# 1.65x the judged-relevant products of its top 10 (bench_headroom's "deeper" row); the 10 words those titles
+# use most that the query does not already say are the candidates (on 80 held-out Home Depot queries the best
+# two of them by the labels took the recall to 1.41x the original's; README, "Expansion pairs").
+EXPANSION_DEPTH = 30
+EXPANSION_TERMS = 10
+# Words many titles share that name no product: an expansion by one of them moves the ranking by chance.
+_FILLER_WORDS = frozenset(
+    ["and", "the", "for", "with", "from", "into", "per", "pack", "set", "piece", "pieces"]
+)
+_WORD = re.compile(r"[a-z][a-z0-9'-]+")
+
 # verifier(source, target) -> keep the pair?
 Verifier = Callable[[str, str], bool]
-# search(query) -> product ids, best first (the search engine's ranking; the caller's, so that this module
-# needs no search engine of its own)
-Search = Callable[[str], Sequence[str]]
+# search(query, k) -> at most k product ids, best first (the search engine's ranking; the caller's, so that
+# this module needs no search engine of its own)
+Search = Callable[[str, int], Sequence[str]]
 # score(query, product_texts) -> M1 scores in [0, 1], the shape of qrloop.relevance.RelevanceModel.score
 Scorer = Callable[[str, Sequence[str]], np.ndarray]
 
@@ -68,8 +82,8 @@ class QueryPair:
 
     source: str
     target: str
-    origin: str  # "graph", "spelling" or "title"
-    shared: int  # relevant products the two queries share (0 for spelling pairs, 1 for title pairs)
+    origin: str  # "graph", "spelling", "title" or "expansion"
+    shared: int  # relevant products the two queries share (0 for spelling pairs, 1 for title and expansion)
     split: str  # "train" or "eval"
 
 
@@ -161,11 +175,63 @@ def title_pairs(
     for query, products in edges.groupby("query", sort=True)["product_id"]:
         if is_heldout(query):
             continue
-        shown = {str(p) for p in search(query)[:top_k]}
+        shown = {str(p) for p in search(query, top_k)[:top_k]}
         for product in sorted({str(p) for p in products} - shown)[:per_query]:
             target = title_prefix(titles.get(product, ""), words).lower()
             if target:
                 rows.append((query, target))
+    return pd.DataFrame(rows, columns=["query_a", "query_b"]).drop_duplicates().reset_index(drop=True)
+
+
+def expansion_terms(query: str, titles: Iterable[str], n: int = EXPANSION_TERMS) -> list[str]:
+    """The ``n`` words most of ``titles`` use (one count per title, ties by first use) that ``query`` does not
+    already say, in either number: pseudo-relevance feedback over the query's own results, as RM3 does."""
+    said = {w.lower().rstrip("s") for w in query.split()}
+    counts: Counter[str] = Counter()
+    for title in titles:
+        counts.update(dict.fromkeys(_WORD.findall(title.lower()), 1))
+    return [
+        word
+        for word, _ in counts.most_common()
+        if len(word) > 2 and word not in _FILLER_WORDS and word.rstrip("s") not in said
+    ][:n]
+
+
+def expansion_pairs(
+    edges: pd.DataFrame,
+    titles: Mapping[str, str],
+    search: Search,
+    *,
+    depth: int = EXPANSION_DEPTH,
+    terms: int = EXPANSION_TERMS,
+    per_query: int = 2,
+    top_k: int = 10,
+) -> pd.DataFrame:
+    """(``query_a``, ``query_b`` = ``query_a`` + one word): the expansions of each training query by one of
+    its :func:`expansion_terms` (from the titles of its top ``depth``) whose top ``top_k`` shows the most
+    products judged relevant to it that its own top ``top_k`` misses (at least one); at most ``per_query`` per
+    query, the most such products first (ties by term order). Held-out queries are skipped (and never
+    searched).
+
+    A title pair names one judged product in six words of its title; an expansion keeps the shopper's words
+    and adds the one the engine needs, so the policy learns to write it from the query's own words.
+    """
+    rows: list[tuple[str, str]] = []
+    for query, products in edges.groupby("query", sort=True)["product_id"]:
+        if is_heldout(query):
+            continue
+        judged = {str(p) for p in products}
+        results = [str(p) for p in search(query, depth)[:depth]]
+        shown = set(results[:top_k])
+        if not judged - shown:
+            continue
+        scored = []
+        for rank, term in enumerate(expansion_terms(query, (titles.get(p, "") for p in results), terms)):
+            expanded = f"{query} {term}"
+            added = len(judged & ({str(p) for p in search(expanded, top_k)[:top_k]} - shown))
+            if added:
+                scored.append((-added, rank, expanded.lower()))
+        rows.extend((query, expanded) for _, _, expanded in sorted(scored)[:per_query])
     return pd.DataFrame(rows, columns=["query_a", "query_b"]).drop_duplicates().reset_index(drop=True)
 
 
@@ -257,10 +323,11 @@ def directed_pairs(
     spelling: pd.DataFrame,
     eval_fraction: float = EVAL_FRACTION,
     titles: pd.DataFrame | None = None,
+    expansions: pd.DataFrame | None = None,
 ) -> list[QueryPair]:
-    """Graph pairs in both directions, spelling and title pairs towards the correction or the title; one row
-    per normalised (source, target), graph first (a spelling pair that the graph also found keeps its shared
-    count)."""
+    """Graph pairs in both directions; spelling, title and expansion pairs one way, towards the correction,
+    the title or the expansion; one row per normalised (source, target), graph first (a spelling pair that the
+    graph also found keeps its shared count)."""
     rows: list[QueryPair] = []
     for a, b, shared in zip(graph["query_a"], graph["query_b"], graph["shared"], strict=True):
         split = pair_split(a, b, eval_fraction)
@@ -271,6 +338,9 @@ def directed_pairs(
     if titles is not None:
         for a, b in zip(titles["query_a"], titles["query_b"], strict=True):
             rows.append(QueryPair(a, b, "title", 1, pair_split(a, b, eval_fraction)))
+    if expansions is not None:
+        for a, b in zip(expansions["query_a"], expansions["query_b"], strict=True):
+            rows.append(QueryPair(a, b, "expansion", 1, pair_split(a, b, eval_fraction)))
     seen: set[tuple[str, str]] = set()
     unique = []
     for pair in rows:
@@ -349,6 +419,8 @@ def build_q2q(
     llm_verifier: Verifier | None = None,
     spelling_file: Path | None = None,
     search: Search | None = None,
+    titles: bool = True,
+    expansions: bool = False,
     title_words: int = TITLE_WORDS,
     eval_fraction: float = EVAL_FRACTION,
     out_dir: Path | None = None,
@@ -359,7 +431,8 @@ def build_q2q(
     ``min_grade``/``min_relevance`` default to the data set's rule (HD: grade ≥ 2.67). ``scorer`` defaults to
     ``RelevanceModel.load(settings).score`` (M1). ``llm_verifier``, when given, checks every pair (graph and
     spelling) after M1, as the paper's 70B model did. ``search``, when given, adds title pairs
-    (:func:`title_pairs`: the judged products each training query's own results miss).
+    (:func:`title_pairs`: the judged products each training query's own results miss) unless ``titles`` is
+    false, and expansion pairs (:func:`expansion_pairs`) where ``expansions`` is true.
     ``progress(stage, done, total)`` reports the slow part.
     """
     name, triples, products = _triples(settings)
@@ -375,7 +448,8 @@ def build_q2q(
         m1_threshold=m1_threshold,
         m1_max_products=m1_max_products,
         llm=llm_verifier is not None,
-        title_words=title_words if search is not None else None,
+        title_words=title_words if search is not None and titles else None,
+        expansions=search is not None and expansions,
         eval_fraction=eval_fraction,
     )
 
@@ -410,14 +484,19 @@ def build_q2q(
         report.stages["graph: verified by LLM"] = len(graph)
         report.stages["spelling: verified by LLM"] = len(spelling)
 
-    titles = None
-    if search is not None:
-        titles = title_pairs(edges, _titles(products), search, words=title_words)
-        report.stages["title pairs (judged products the query's top 10 misses)"] = len(titles)
-        titles = drop_identical(drop_heldout(titles))
-        report.stages["title: no held-out query, not identical"] = len(titles)
+    named = expanded = None
+    if search is not None and titles:
+        named = title_pairs(edges, _titles(products), search, words=title_words)
+        report.stages["title pairs (judged products the query's top 10 misses)"] = len(named)
+        named = drop_identical(drop_heldout(named))
+        report.stages["title: no held-out query, not identical"] = len(named)
+    if search is not None and expansions:
+        expanded = expansion_pairs(edges, _titles(products), search)
+        report.stages["expansion pairs (query + a word of its results' titles)"] = len(expanded)
+        expanded = drop_identical(drop_heldout(expanded))
+        report.stages["expansion: no held-out query, not identical"] = len(expanded)
 
-    pairs = directed_pairs(graph, spelling, eval_fraction, titles)
+    pairs = directed_pairs(graph, spelling, eval_fraction, named, expanded)
     report.stages["directed pairs"] = len(pairs)
     out = out_dir or q2q_dir(settings)
     report.train = write_pairs((p for p in pairs if p.split == "train"), out / "train.jsonl")
