@@ -10,6 +10,9 @@ be added, on the same held-out queries and the same search engine, so that a mis
 - ``deeper``: the original's own top 30, as many products as the original and two rewrites show, no rewriting;
 - ``oracle titles``: two rewrites written from relevant labelled products the original's top 10 misses (the
   first ``--title-words`` words of each title): what two rewrites that name a judged product could reach;
+- ``expansions``: the query and one more word, for each of the words its top 30's titles use most
+  (``learner.offline.q2q.expansion_terms``, what the warm start's expansion pairs are made of), two kept: the
+  two the reward ranks highest and the two that recall the most by the labels;
 - the version's own samples, ``--samples`` per query at the serving temperature (distinct, not echoes), of
   which two are kept: the first two (what serving keeps), the two the learner's reward would rank highest
   (relevance-weighted novelty, the M1 part of the gain; engagement is the simulated shopper's and random), and
@@ -33,7 +36,7 @@ import torch
 from bench_online import bare_generate, heldout_setup, load_average, run_settings, set_threads
 
 from learner import evaluate_online as ev
-from learner.offline.q2q import title_prefix
+from learner.offline.q2q import expansion_terms, title_prefix
 from qrloop import rewards
 from qrloop.relevance_threshold import relevant_above
 from qrloop.runs import open_store
@@ -55,12 +58,18 @@ class Query:
     samples: list[str]
     sample_lists: Lists
     novelty: list[float]
+    expansion_lists: Lists
+    expansion_novelty: list[float]
 
 
-def sample_texts(policy: LoadedPolicy, query: str, n: int, settings: Settings, seed: int) -> list[str]:
-    """Up to ``n`` distinct rewrites of ``query`` that are neither empty nor echoes, in draw order."""
+def sample_texts(
+    policy: LoadedPolicy, query: str, n: int, settings: Settings, seed: int, prompt: str | None = None
+) -> list[str]:
+    """Up to ``n`` distinct rewrites of ``query`` that are neither empty nor echoes, in draw order; sampled
+    from ``prompt``'s text where given (``bench_hints.py``: the query with its results' words), else the
+    query's."""
     torch.manual_seed(seed)
-    texts = bare_generate(policy, query, settings.rewriter, n)
+    texts = bare_generate(policy, prompt or query, settings.rewriter, n)
     drawn = [Sampled(" ".join(t.split()), 0.0) for t in texts]  # the log-probabilities are not needed here
     return [s.text for s in useful_distinct(query, drawn)]
 
@@ -92,10 +101,23 @@ def variants(q: Query) -> dict[str, Lists]:
         "samples: first two (as served)": q.sample_lists[:2],
         "samples: best two by reward": by_reward,
         "samples: best two by labels": by_labels,
+        "expansions: best two by reward": best_pair(
+            q, q.expansion_lists, lambda ij: sum(q.expansion_novelty[i] for i in ij)
+        ),
+        "expansions: best two by labels": best_pair(
+            q, q.expansion_lists, lambda ij: union_recall(q, [q.expansion_lists[i] for i in ij])
+        ),
     }
 
 
-def collect(settings: Settings, policy: LoadedPolicy, args: argparse.Namespace) -> list[Query]:
+def collect(
+    settings: Settings,
+    policy: LoadedPolicy,
+    args: argparse.Namespace,
+    prompt_of: Callable[[str, Sequence[str]], str] | None = None,
+) -> list[Query]:
+    """The held-out queries with what each variant adds; ``prompt_of(query, titles of its top 30)``, where
+    given, is the text the policy samples from instead of the query."""
     setup = heldout_setup(settings, args)
     catalog, m1, search = setup.evaluator.catalog, setup.evaluator.m1, setup.search
     threshold = relevant_above(settings, m1, catalog.dataset)
@@ -115,13 +137,29 @@ def collect(settings: Settings, policy: LoadedPolicy, args: argparse.Namespace) 
             search(t)[:k]
             for t in oracle_rewrites([catalog.product(p).title for p in missed], args.title_words)
         ]
-        texts = sample_texts(policy, query, args.samples, settings, args.seed + i)
+        deeper = search(query, 3 * k)[: 3 * k]
+        titles = [catalog.product(p).title for p in deeper]
+        prompt = prompt_of(query, titles) if prompt_of else None
+        texts = sample_texts(policy, query, args.samples, settings, args.seed + i, prompt)
         lists = [search(t)[:k] for t in texts]
 
         # What best-of-N serving ranks by (rewriter.samples > 2).
         novelty = rewards.list_novelties(query, original, lists, relevance, threshold)
+        terms = expansion_terms(query, titles)
+        expanded = [search(f"{query} {term}")[:k] for term in terms]
         out.append(
-            Query(query, relevant, original, search(query, 3 * k)[: 3 * k], oracle, texts, lists, novelty)
+            Query(
+                query,
+                relevant,
+                original,
+                deeper,
+                oracle,
+                texts,
+                lists,
+                novelty,
+                expanded,
+                rewards.list_novelties(query, original, expanded, relevance, threshold) if expanded else [],
+            )
         )
     return out
 

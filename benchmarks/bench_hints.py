@@ -1,0 +1,127 @@
+"""Would the policy write what search needs if its prompt showed the words of the query's results? (issue #12)
+
+    .venv/bin/python benchmarks/bench_hints.py [--steps 100] [--no-expansions] [--queries 60] [--samples 8]
+        [--datasets homedepot,crowdflower] [--threads 2] [--out DIR]
+
+``bench_headroom.py`` found the policy's *support* to be what holds the human-label recall back: the engine's
+ranks 11-30 hold 1.65x the judged-relevant products of the original's top 10, and the query plus one word its
+results' titles use often (pseudo-relevance feedback, the "expansions" rows) reaches 1.32x when the learner's
+reward picks two of ten; the policy's own samples, which cannot see the catalog, append numbers instead.
+This trains two warm starts side by side on the same pairs, for the same steps from the same base policy, and
+measures both as ``bench_headroom.py`` does (same held-out queries and seeds):
+
+- **plain**: the prompt the rewriter serves today (the query);
+- **hinted**: the query followed by one line, ``Words in its results: w1, w2, ...``: the ten words the titles
+  of its top 30 use most that it does not already say (``learner.offline.q2q.expansion_terms``).
+
+The pairs are the warm start's (graph, spelling and title pairs) plus, unless ``--no-expansions``, expansion
+pairs (each training query and the one word that finds the most judged-relevant products it misses). Nothing
+here is served: the rewriter, the query events and the learner still build the plain prompt, so a hinted
+policy is a measurement, not a version. About 25 minutes at 2 threads (two SFTs of 8 minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench_headroom import collect, report
+from bench_online import load_average, set_threads
+
+from learner.offline.build import OfflineConfig
+from learner.offline.q2q import QueryPair, build_q2q, expansion_terms, read_pairs
+from learner.offline.sft import train_sft
+from qrloop.catalog import Catalog
+from qrloop.models import require_policy
+from qrloop.serving import load_version
+from qrloop.settings import Settings, get_settings
+from simulators.search import SearchEngine
+
+HINT_LINE = "Words in its results: "
+# How many results' titles the words come from (the bench's "deeper" row: as many products as the original and
+# two rewrites show).
+HINT_DEPTH = 30
+
+
+def hinted(query: str, titles: Sequence[str]) -> str:
+    """The text a hinted policy sees: the query, then the words its results' titles use most."""
+    return f"{query}\n{HINT_LINE}{', '.join(expansion_terms(query, titles))}"
+
+
+def warm_start_pairs(settings: Settings, expansions: bool, out: Path) -> list[QueryPair]:
+    """The warm start's unverified training pairs with title pairs, plus expansion pairs where asked."""
+    search = SearchEngine.open(settings).search
+    build_q2q(settings, use_m1=False, search=search, expansions=expansions, out_dir=out / "q2q")
+    return read_pairs(out / "q2q" / "train.jsonl")
+
+
+def hint_pairs(settings: Settings, pairs: Sequence[QueryPair]) -> list[QueryPair]:
+    """``pairs`` with each source hinted by its own results (one search per distinct source)."""
+    engine, catalog = SearchEngine.open(settings), Catalog.open(settings)
+    sources: dict[str, str] = {}
+    for pair in pairs:
+        if pair.source not in sources:
+            titles = [catalog.product(p).title for p in engine.search(pair.source, HINT_DEPTH)]
+            sources[pair.source] = hinted(pair.source, titles)
+    return [QueryPair(sources[p.source], p.target, p.origin, p.shared, p.split) for p in pairs]
+
+
+def train(settings: Settings, pairs: Sequence[QueryPair], out: Path, steps: int) -> Path:
+    started = time.perf_counter()
+    result = train_sft(
+        require_policy(settings),
+        pairs,
+        out,
+        max_steps=steps,
+        learning_rate=OfflineConfig.learning_rate,
+        seed=settings.seed,
+    )
+    print(
+        f"{out.name}: {result.steps} SFT steps, loss {result.losses[0]:.2f} → {result.losses[-1]:.2f}, "
+        f"{time.perf_counter() - started:.0f} s; {load_average()}"
+    )
+    return out
+
+
+def main() -> None:
+    root = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    root.add_argument(
+        "--steps", type=int, default=100, help="SFT steps of each warm start (the --titles one's)"
+    )
+    root.add_argument("--no-expansions", action="store_true", help="the warm start's pairs only")
+    root.add_argument("--queries", type=int, default=60, help="labelled held-out queries per data set")
+    root.add_argument("--samples", type=int, default=8, help="rewrites sampled per query")
+    root.add_argument("--title-words", type=int, default=6, help="words of a judged title an oracle keeps")
+    root.add_argument("--datasets", default="homedepot,crowdflower")
+    root.add_argument("--profiles", type=int, default=1, help="(unused here; heldout_setup builds a judge)")
+    root.add_argument("--m1-threshold", type=float, default=0.5)
+    root.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
+    root.add_argument("--seed", type=int, default=1234)
+    root.add_argument("--out", help="where the two policies are kept; default: a temporary directory")
+    args = root.parse_args()
+    started = time.perf_counter()
+    base = get_settings()  # the training catalog: the configured data set (Home Depot by default)
+    set_threads(args.threads)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="qrloop-hints-"))
+    pairs = warm_start_pairs(base, not args.no_expansions, out)
+    print(f"{len(pairs)} training pairs of {base.dataset} (expansions: {not args.no_expansions}); {out}")
+    policies = {
+        "plain": train(base, pairs, out / "plain", args.steps),
+        "hinted": train(base, hint_pairs(base, pairs), out / "hinted", args.steps),
+    }
+    for dataset in args.datasets.split(","):
+        settings = base.model_copy(update={"dataset": dataset})
+        for name, path in policies.items():
+            policy = load_version(path, None)
+            report(
+                f"{dataset}, {name} prompt",
+                collect(settings, policy, args, hinted if name == "hinted" else None),
+            )
+    print(f"\ntotal {time.perf_counter() - started:.0f} s wall; {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
