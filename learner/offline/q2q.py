@@ -57,8 +57,9 @@ TITLE_WORDS = 6
 
 # Where an expansion pair looks for its terms: the titles of the query's own top 30, whose ranks 11-30 hold
 # 1.65x the judged-relevant products of its top 10 (bench_headroom's "deeper" row); the 10 words those titles
-# use most that the query does not already say are the candidates (on 80 held-out Home Depot queries the best
-# two of them by the labels took the recall to 1.41x the original's; README, "Expansion pairs").
+# use most that the query does not already say are the candidates (on 50 held-out Home Depot queries the best
+# two of them took the recall to 1.32x the original's when the learner's reward chose them, 1.72x when the
+# labels did: bench_headroom's "expansions" rows).
 EXPANSION_DEPTH = 30
 EXPANSION_TERMS = 10
 # Words many titles share that name no product: an expansion by one of them moves the ranking by chance.
@@ -214,7 +215,9 @@ def expansion_pairs(
     searched).
 
     A title pair names one judged product in six words of its title; an expansion keeps the shopper's words
-    and adds the one the engine needs, so the policy learns to write it from the query's own words.
+    and adds the one the engine needs. A policy that sees only the query cannot know that word (a warm start
+    with these pairs did worse than without them); one whose prompt lists its results' words can
+    (``benchmarks/bench_hints.py``).
     """
     rows: list[tuple[str, str]] = []
     for query, products in edges.groupby("query", sort=True)["product_id"]:
