@@ -91,22 +91,24 @@ def best_pair(q: Query, lists: Lists, value: Callable[[tuple[int, ...]], float])
     return [lists[i] for i in pair]
 
 
+def best_by_reward(q: Query, lists: Lists, novelty: Sequence[float]) -> Lists:
+    return best_pair(q, lists, lambda ij: sum(novelty[i] for i in ij))
+
+
+def best_by_labels(q: Query, lists: Lists) -> Lists:
+    return best_pair(q, lists, lambda ij: union_recall(q, [lists[i] for i in ij]))
+
+
 def variants(q: Query) -> dict[str, Lists]:
     """Each way of adding (at most) two lists to the original, by name."""
-    by_labels = best_pair(q, q.sample_lists, lambda ij: union_recall(q, [q.sample_lists[i] for i in ij]))
-    by_reward = best_pair(q, q.sample_lists, lambda ij: sum(q.novelty[i] for i in ij))
     return {
         "deeper (top 30, no rewrite)": [q.deeper],
         "oracle titles": q.oracle,
         "samples: first two (as served)": q.sample_lists[:2],
-        "samples: best two by reward": by_reward,
-        "samples: best two by labels": by_labels,
-        "expansions: best two by reward": best_pair(
-            q, q.expansion_lists, lambda ij: sum(q.expansion_novelty[i] for i in ij)
-        ),
-        "expansions: best two by labels": best_pair(
-            q, q.expansion_lists, lambda ij: union_recall(q, [q.expansion_lists[i] for i in ij])
-        ),
+        "samples: best two by reward": best_by_reward(q, q.sample_lists, q.novelty),
+        "samples: best two by labels": best_by_labels(q, q.sample_lists),
+        "expansions: best two by reward": best_by_reward(q, q.expansion_lists, q.expansion_novelty),
+        "expansions: best two by labels": best_by_labels(q, q.expansion_lists),
     }
 
 

@@ -23,6 +23,7 @@ policy is a measurement, not a version. About 25 minutes at 2 threads (two SFTs 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from collections.abc import Sequence
@@ -32,7 +33,7 @@ from bench_headroom import collect, report
 from bench_online import load_average, set_threads
 
 from learner.offline.build import OfflineConfig
-from learner.offline.q2q import QueryPair, build_q2q, expansion_terms, read_pairs
+from learner.offline.q2q import EXPANSION_DEPTH, QueryPair, build_q2q, expansion_terms, read_pairs
 from learner.offline.sft import train_sft
 from qrloop.catalog import Catalog
 from qrloop.models import require_policy
@@ -41,9 +42,6 @@ from qrloop.settings import Settings, get_settings
 from simulators.search import SearchEngine
 
 HINT_LINE = "Words in its results: "
-# How many results' titles the words come from (the bench's "deeper" row: as many products as the original and
-# two rewrites show).
-HINT_DEPTH = 30
 
 
 def hinted(query: str, titles: Sequence[str]) -> str:
@@ -51,22 +49,24 @@ def hinted(query: str, titles: Sequence[str]) -> str:
     return f"{query}\n{HINT_LINE}{', '.join(expansion_terms(query, titles))}"
 
 
-def warm_start_pairs(settings: Settings, expansions: bool, out: Path) -> list[QueryPair]:
+def warm_start_pairs(
+    settings: Settings, engine: SearchEngine, expansions: bool, out: Path
+) -> list[QueryPair]:
     """The warm start's unverified training pairs with title pairs, plus expansion pairs where asked."""
-    search = SearchEngine.open(settings).search
-    build_q2q(settings, use_m1=False, search=search, expansions=expansions, out_dir=out / "q2q")
+    build_q2q(settings, use_m1=False, search=engine.search, expansions=expansions, out_dir=out / "q2q")
     return read_pairs(out / "q2q" / "train.jsonl")
 
 
-def hint_pairs(settings: Settings, pairs: Sequence[QueryPair]) -> list[QueryPair]:
-    """``pairs`` with each source hinted by its own results (one search per distinct source)."""
-    engine, catalog = SearchEngine.open(settings), Catalog.open(settings)
+def hint_pairs(settings: Settings, engine: SearchEngine, pairs: Sequence[QueryPair]) -> list[QueryPair]:
+    """``pairs`` with each source hinted by the titles of its own top 30, as expansion pairs look (one
+    search per distinct source)."""
+    catalog = Catalog.open(settings)
     sources: dict[str, str] = {}
     for pair in pairs:
         if pair.source not in sources:
-            titles = [catalog.product(p).title for p in engine.search(pair.source, HINT_DEPTH)]
+            titles = [catalog.product(p).title for p in engine.search(pair.source, EXPANSION_DEPTH)]
             sources[pair.source] = hinted(pair.source, titles)
-    return [QueryPair(sources[p.source], p.target, p.origin, p.shared, p.split) for p in pairs]
+    return [dataclasses.replace(p, source=sources[p.source]) for p in pairs]
 
 
 def train(settings: Settings, pairs: Sequence[QueryPair], out: Path, steps: int) -> Path:
@@ -106,11 +106,12 @@ def main() -> None:
     base = get_settings()  # the training catalog: the configured data set (Home Depot by default)
     set_threads(args.threads)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="qrloop-hints-"))
-    pairs = warm_start_pairs(base, not args.no_expansions, out)
+    engine = SearchEngine.open(base)  # one index for the pairs and their hints
+    pairs = warm_start_pairs(base, engine, not args.no_expansions, out)
     print(f"{len(pairs)} training pairs of {base.dataset} (expansions: {not args.no_expansions}); {out}")
     policies = {
         "plain": train(base, pairs, out / "plain", args.steps),
-        "hinted": train(base, hint_pairs(base, pairs), out / "hinted", args.steps),
+        "hinted": train(base, hint_pairs(base, engine, pairs), out / "hinted", args.steps),
     }
     for dataset in args.datasets.split(","):
         settings = base.model_copy(update={"dataset": dataset})
