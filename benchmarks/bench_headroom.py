@@ -11,7 +11,7 @@ be added, on the same held-out queries and the same search engine, so that a mis
 - ``oracle titles``: two rewrites written from relevant labelled products the original's top 10 misses (the
   first ``--title-words`` words of each title): what two rewrites that name a judged product could reach;
 - ``expansions``: the query and one more word, for each of the words its top 30's titles use most
-  (``learner.offline.q2q.expansion_terms``, what the warm start's expansion pairs are made of), two kept: the
+  (``qrloop.prompting.result_words``, what the warm start's expansion pairs are made of), two kept: the
   two the reward ranks highest and the two that recall the most by the labels;
 - the version's own samples, ``--samples`` per query at the serving temperature (distinct, not echoes), of
   which two are kept: the first two (what serving keeps), the two the learner's reward would rank highest
@@ -36,8 +36,9 @@ import torch
 from bench_online import bare_generate, heldout_setup, load_average, run_settings, set_threads
 
 from learner import evaluate_online as ev
-from learner.offline.q2q import expansion_terms, title_prefix
+from learner.offline.q2q import title_prefix
 from qrloop import rewards
+from qrloop.prompting import result_words
 from qrloop.relevance_threshold import relevant_above
 from qrloop.runs import open_store
 from qrloop.serving import LoadedPolicy, Sampled, load_stored_version, useful_distinct
@@ -147,7 +148,7 @@ def collect(
 
         # What best-of-N serving ranks by (rewriter.samples > 2).
         novelty = rewards.list_novelties(query, original, lists, relevance, threshold)
-        terms = expansion_terms(query, titles)
+        terms = result_words(query, titles)
         expanded = [search(f"{query} {term}")[:k] for term in terms]
         out.append(
             Query(

@@ -10,20 +10,19 @@ reward picks two of ten; the policy's own samples, which cannot see the catalog,
 This trains two warm starts side by side on the same pairs, for the same steps from the same base policy, and
 measures both as ``bench_headroom.py`` does (same held-out queries and seeds):
 
-- **plain**: the prompt the rewriter serves today (the query);
+- **plain**: the query alone (a policy warm-started without ``--hints``);
 - **hinted**: the query followed by one line, ``Words in its results: w1, w2, ...``: the ten words the titles
-  of its top 30 use most that it does not already say (``learner.offline.q2q.expansion_terms``).
+  of its top 30 use most that it does not already say (``qrloop.prompting.result_words``).
 
 The pairs are the warm start's (graph, spelling and title pairs) plus, unless ``--no-expansions``, expansion
-pairs (each training query and the one word that finds the most judged-relevant products it misses). Nothing
-here is served: the rewriter, the query events and the learner still build the plain prompt, so a hinted
-policy is a measurement, not a version. About 25 minutes at 2 threads (two SFTs of 8 minutes).
+pairs (each training query and the one word that finds the most judged-relevant products it misses). The
+hinted policy is trained as ``qrloop offline warm-start --titles --expansions --hints`` trains it. About 25
+minutes at 2 threads (two SFTs of 8 minutes).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import tempfile
 import time
 from collections.abc import Sequence
@@ -32,21 +31,20 @@ from pathlib import Path
 from bench_headroom import collect, report
 from bench_online import load_average, set_threads
 
-from learner.offline.build import OfflineConfig
-from learner.offline.q2q import EXPANSION_DEPTH, QueryPair, build_q2q, expansion_terms, read_pairs
+from learner.offline.build import OfflineConfig, hinted_pairs
+from learner.offline.q2q import QueryPair, build_q2q, read_pairs
 from learner.offline.sft import train_sft
 from qrloop.catalog import Catalog
 from qrloop.models import require_policy
+from qrloop.prompting import result_words, results_hints, user_message
 from qrloop.serving import load_version
 from qrloop.settings import Settings, get_settings
 from simulators.search import SearchEngine
 
-HINT_LINE = "Words in its results: "
-
 
 def hinted(query: str, titles: Sequence[str]) -> str:
-    """The text a hinted policy sees: the query, then the words its results' titles use most."""
-    return f"{query}\n{HINT_LINE}{', '.join(expansion_terms(query, titles))}"
+    """The user message a hinted policy sees: the query, then the words its results' titles use most."""
+    return user_message(query, result_words(query, titles))
 
 
 def warm_start_pairs(
@@ -58,15 +56,9 @@ def warm_start_pairs(
 
 
 def hint_pairs(settings: Settings, engine: SearchEngine, pairs: Sequence[QueryPair]) -> list[QueryPair]:
-    """``pairs`` with each source hinted by the titles of its own top 30, as expansion pairs look (one
-    search per distinct source)."""
+    """``pairs`` with each source hinted by the words of its own results, as the hinted warm start trains."""
     catalog = Catalog.open(settings)
-    sources: dict[str, str] = {}
-    for pair in pairs:
-        if pair.source not in sources:
-            titles = [catalog.product(p).title for p in engine.search(pair.source, EXPANSION_DEPTH)]
-            sources[pair.source] = hinted(pair.source, titles)
-    return [dataclasses.replace(p, source=sources[p.source]) for p in pairs]
+    return hinted_pairs(pairs, results_hints(engine.search, lambda product: catalog.product(product).title))
 
 
 def train(settings: Settings, pairs: Sequence[QueryPair], out: Path, steps: int) -> Path:

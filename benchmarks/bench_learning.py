@@ -54,9 +54,11 @@ from learner import evaluate_online as ev
 from learner.offline.evaluate import generate_rewrites
 from learner.offline.q2q import SPELLING_FILE, dataset_spelling_pairs
 from policy_store import PolicyStore
+from qrloop.cli.main import novelty_ranker
 from qrloop.data import is_heldout, normalise_query, source_folder
+from qrloop.prompting import Hints, user_message
 from qrloop.runs import open_store
-from qrloop.serving import LoadedPolicy, Rewriter, load_stored_version
+from qrloop.serving import LoadedPolicy, Ranker, Rewriter, load_stored_version
 from qrloop.settings import Settings, get_settings
 
 
@@ -130,10 +132,13 @@ def pick_two(store: PolicyStore, spec: str | None) -> tuple[int, int]:
     return ids[0], ids[-1]
 
 
-def greedy(policy: LoadedPolicy, queries: Sequence[str], max_new_tokens: int) -> list[str]:
-    """One greedy rewrite per query; one prompt per call, so no padding can change a rewrite."""
+def greedy(rewriter: Rewriter, queries: Sequence[str], max_new_tokens: int) -> list[str]:
+    """One greedy rewrite per query, under the prompt the version is served with; one prompt per call, so no
+    padding can change a rewrite."""
+    policy = rewriter.policy
+    messages = [user_message(q, rewriter.hints_for(policy, q)) for q in queries]
     texts, _lengths = generate_rewrites(
-        policy.model, policy.tokenizer, list(queries), max_new_tokens=max_new_tokens, batch_size=1
+        policy.model, policy.tokenizer, messages, max_new_tokens=max_new_tokens, batch_size=1
     )
     return [" ".join(t.split()) for t in texts]
 
@@ -141,7 +146,8 @@ def greedy(policy: LoadedPolicy, queries: Sequence[str], max_new_tokens: int) ->
 def sampled(rewriter: Rewriter, query: str, seed: int) -> list[str]:
     """The two rewrites the version would serve for ``query`` (torch seeded), without the searches."""
     torch.manual_seed(seed)
-    return [s.text for s in rewriter.sample_rewrites(rewriter.policy, query)]
+    hints = rewriter.hints_for(rewriter.policy, query)
+    return [s.text for s in rewriter.sample_rewrites(rewriter.policy, query, hints=hints)]
 
 
 def evaluate_version(
@@ -152,13 +158,16 @@ def evaluate_version(
     misspellings: Sequence[tuple[str, str]],
     search: Callable[[str], list[str]],
     evaluator: Evaluator | None,
+    hints: Hints | None = None,
+    rank: Ranker | None = None,
 ) -> VersionRun:
-    """``evaluator`` None: no Table 3 scores (only the human-label, echo and spelling figures; cheaper)."""
-    rewriter = Rewriter(policy, search, settings.rewriter, settings.seed)
+    """``evaluator`` None: no Table 3 scores (only the human-label, echo and spelling figures; cheaper).
+    ``hints``, ``rank``: as the rewriter's (a hinted version needs ``hints``; best-of-N, ``rank``)."""
+    rewriter = Rewriter(policy, search, settings.rewriter, settings.seed, rank, hints=hints)
     k = settings.rewriter.top_k_products
     run = VersionRun(version, PolicyRun(version))
     started, cpu_started = time.perf_counter(), time.process_time()
-    greedy_texts = greedy(policy, queries, settings.rewriter.max_new_tokens)
+    greedy_texts = greedy(rewriter, queries, settings.rewriter.max_new_tokens)
     for i, (query, best) in enumerate(zip(queries, greedy_texts, strict=True)):
         event = serve_seeded(rewriter, query, settings.seed + i)
         if evaluator is not None:
@@ -174,7 +183,7 @@ def evaluate_version(
             )
         )
     wrong = [w for w, _right in misspellings]
-    run.spelling_greedy = [[t] for t in greedy(policy, wrong, settings.rewriter.max_new_tokens)]
+    run.spelling_greedy = [[t] for t in greedy(rewriter, wrong, settings.rewriter.max_new_tokens)]
     run.spelling_sampled = [sampled(rewriter, w, settings.seed + 10_000 + i) for i, w in enumerate(wrong)]
     run.table3.seconds = time.perf_counter() - started
     run.cpu_seconds = time.process_time() - cpu_started
@@ -288,6 +297,8 @@ def bench_dataset(args: argparse.Namespace, base: Settings, dataset: str) -> Non
             f"{len(queries)} labelled held-out queries, {len(misspellings)} held-out misspellings "
             f"(seed {args.seed}); {load_average()}"
         )
+        # Best-of-N as `qrloop serve` runs it (QRLOOP_REWRITER__SAMPLES > 2): M1's novelty picks the two.
+        rank = novelty_ranker(settings) if settings.rewriter.samples > 2 else None
         runs = []
         for version in dict.fromkeys((first, last)):
             runs.append(
@@ -299,6 +310,8 @@ def bench_dataset(args: argparse.Namespace, base: Settings, dataset: str) -> Non
                     misspellings,
                     setup.search,
                     setup.evaluator,
+                    setup.hints,
+                    rank,
                 )
             )
             done, n = runs[-1], len(queries) + len(misspellings)

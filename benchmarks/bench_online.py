@@ -85,6 +85,7 @@ import numpy as np
 from learner.evaluate_online import paired_ratio_stats, paired_stats
 from qrloop.cli.demo import run_settings
 from qrloop.cli.supervisor import Spawner, Supervised, Supervisor, spawn_command, spawn_qrloop
+from qrloop.prompting import Hints, results_hints
 from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import Settings, get_settings
 from qrloop.topics import make_producer
@@ -326,6 +327,7 @@ class HeldoutSetup:
     search: Any
     m1_kind: str
     catalog_texts: list[str]  # the products' texts and the training queries: never a held-out query
+    hints: Hints  # what a hinted policy's prompt shows, from the same engine and catalog
 
 
 def heldout_setup(settings: Settings, args: argparse.Namespace) -> HeldoutSetup:
@@ -345,7 +347,8 @@ def heldout_setup(settings: Settings, args: argparse.Namespace) -> HeldoutSetup:
     evaluator = Evaluator(settings, catalog, m1, judge, pool.profiles, rule)
     engine = SearchEngine.open(settings, dataset=catalog.dataset)
     texts = [*catalog.dataset.products["text"], *catalog.dataset.train_queries["query"]]
-    return HeldoutSetup(list(queries), evaluator, engine.search, m1.kind, texts)
+    hints = results_hints(engine.search, lambda product: catalog.product(product).title)
+    return HeldoutSetup(list(queries), evaluator, engine.search, m1.kind, texts, hints)
 
 
 def cmd_table3(args: argparse.Namespace) -> None:

@@ -30,7 +30,7 @@ import torch
 
 from learner.dpo import sequence_logprobs, tokenize_pairs
 from qrloop.events import QueryEvent
-from qrloop.prompting import build_prompt, end_of_turn
+from qrloop.prompting import build_prompt, end_of_turn, user_message
 
 Z_95 = 1.959963984540054
 
@@ -200,8 +200,8 @@ def model_scorer(model: Any, tokenizer: Any, max_new_tokens: int, batch_size: in
     """
     eos = end_of_turn(tokenizer, getattr(model, "generation_config", None))
 
-    def cut_off(query: str, text: str) -> bool:
-        prompt = build_prompt(tokenizer, query)
+    def cut_off(message: str, text: str) -> bool:
+        prompt = build_prompt(tokenizer, message)
         added = len(tokenizer(prompt + text)["input_ids"]) - len(tokenizer(prompt)["input_ids"])
         return added >= max_new_tokens
 
@@ -216,7 +216,8 @@ def model_scorer(model: Any, tokenizer: Any, max_new_tokens: int, batch_size: in
         return scores
 
     def score(events: Sequence[QueryEvent]) -> list[tuple[float, float]]:
-        rows = [(e.query, r.text) for e in events for r in e.rewrites]
+        # Under the prompt each rewrite was sampled from: a hinted policy's shows the event's hints too.
+        rows = [(user_message(e.query, e.hints), r.text) for e in events for r in e.rewrites]
         ended = [i for i, (q, t) in enumerate(rows) if not cut_off(q, t)]
         cut = [i for i in range(len(rows)) if i not in set(ended)]
         flat = [0.0] * len(rows)

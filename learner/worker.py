@@ -60,6 +60,7 @@ from qrloop import health, logs, metrics
 from qrloop.data import dataset_name
 from qrloop.events import PolicyAnnouncement, PreferencePair, SchemaError, check_event_time, decode, encode
 from qrloop.models import adapter_base
+from qrloop.prompting import user_message
 from qrloop.reload import reload_on_sighup
 from qrloop.rewards import is_echo
 from qrloop.runs import open_store
@@ -72,9 +73,15 @@ CoreFactory = Callable[..., Any]
 LEARNER_TAG = "learner"
 
 
+def asked(pair: PreferencePair) -> str:
+    """The user message the pair's rewrites were sampled for: the query, and the result words a hinted
+    policy's prompt showed (DPO must score them under that prompt, not the query alone)."""
+    return user_message(pair.prompt, pair.hints)
+
+
 def triple(pair: PreferencePair) -> Pair:
-    """What a DPO step trains on: (query, chosen rewrite, rejected rewrite)."""
-    return (pair.prompt, pair.chosen, pair.rejected)
+    """What a DPO step trains on: (the user message, chosen rewrite, rejected rewrite)."""
+    return (asked(pair), pair.chosen, pair.rejected)
 
 
 def beats_the_echo(pair: PreferencePair) -> bool:
@@ -93,7 +100,7 @@ def training_triples(pairs: Sequence[PreferencePair], echo_rejected: bool) -> li
     """What one DPO step trains on: each pair, then (with ``dpo.echo_rejected``) the echo pairs it implies."""
     triples = [triple(p) for p in pairs]
     if echo_rejected:
-        triples += [(p.prompt, p.chosen, p.prompt) for p in pairs if beats_the_echo(p)]
+        triples += [(asked(p), p.chosen, p.prompt) for p in pairs if beats_the_echo(p)]
     return triples
 
 

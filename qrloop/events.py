@@ -71,6 +71,10 @@ class Event(BaseModel):
         raise NotImplementedError
 
 
+def _empty(value: list[str]) -> bool:
+    return not value
+
+
 class Rewrite(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
@@ -101,6 +105,15 @@ class QueryEvent(Event):
     policy_version: int | None = Field(description="Version that wrote the rewrites; None: the base model.")
     arm: Arm = "production"
     original_products: list[str] = Field(description="Product ids for the query itself, in rank order.")
+    # Left out of the JSON when empty, so a plain policy's events are byte for byte what they were before
+    # hinted prompts existed (consumers of that schema forbid unknown fields).
+    hints: list[str] = Field(
+        default_factory=list,
+        exclude_if=_empty,
+        description="The words of the query's results its policy's prompt showed beside the query (a hinted "
+        "policy, qrloop.prompting); empty: the prompt was the query alone. Logged so that the learner and "
+        "off-policy evaluation score each rewrite under the prompt it was sampled from.",
+    )
     rewrites: list[Rewrite] = Field(
         min_length=2, max_length=2, description="Exactly the two sampled rewrites."
     )
@@ -153,6 +166,11 @@ class PreferencePair(Event):
     type: Literal["pair"] = "pair"
     pair_id: NonEmpty = Field(description="pair_id_for(source_event_id): stable across re-emissions.")
     prompt: str = Field(min_length=1, description="The shopper's original query (not the templated prompt).")
+    hints: list[str] = Field(
+        default_factory=list,
+        exclude_if=_empty,
+        description="The query event's hints: the result words its prompt showed.",
+    )
     chosen: str
     rejected: str
     chosen_reward: float

@@ -37,8 +37,8 @@ from policy_store import PolicyStore, PolicyVersion
 from qrloop import health, logs, metrics
 from qrloop.canary_job import canary_share
 from qrloop.events import Arm, PolicyAnnouncement, QueryEvent, Rewrite, SchemaError, decode, encode
-from qrloop.models import load_policy, load_stored_policy
-from qrloop.prompting import build_prompt, end_of_turn
+from qrloop.models import ModelLoadError, load_policy, load_stored_policy
+from qrloop.prompting import Hints, build_prompt, end_of_turn, hint_words
 from qrloop.reload import reload_on_sighup
 from qrloop.rewards import is_echo, same_text
 from qrloop.settings import CanarySettings, RewriterSettings, Settings
@@ -152,8 +152,12 @@ class Rewriter:
         seed: int = 0,
         rank: Ranker | None = None,
         vocabulary: Sequence[int] | None = None,
+        hints: Hints | None = None,
     ) -> None:
         self.vocabulary = vocabulary  # token ids every policy served here is restricted to (None: all)
+        # The words of a query's results, for a hinted policy's prompt (None: this rewriter serves plain
+        # policies only, and refuses a hinted one rather than serve it a prompt it was not trained on).
+        self.hints = hints
         self._policy = self._restricted(policy)
         self._lock = threading.Lock()
         self.search = search
@@ -176,6 +180,11 @@ class Rewriter:
             self._policy = policy
 
     def _restricted(self, policy: LoadedPolicy) -> LoadedPolicy:
+        if hint_words(policy.model) and self.hints is None:
+            raise ModelLoadError(
+                f"version {policy.version} was trained on a prompt that shows its results' words, and this "
+                "rewriter has no catalog to take them from"
+            )
         if self.vocabulary is not None:
             restrict_output_vocabulary(policy.model, self.vocabulary)
         return policy
@@ -185,11 +194,23 @@ class Rewriter:
         with self._lock:
             self.config = config
 
+    def hints_for(self, policy: LoadedPolicy, query: str) -> list[str]:
+        """What ``policy``'s prompt shows beside ``query``: its results' words if hinted, else nothing."""
+        words = hint_words(policy.model)
+        if not words or self.hints is None:
+            return []
+        return self.hints(query)[:words]
+
     def _sample(
-        self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None, draw: int = 1
+        self,
+        policy: LoadedPolicy,
+        query: str,
+        reference: LoadedPolicy | None = None,
+        draw: int = 1,
+        hints: Sequence[str] = (),
     ) -> list[Sampled]:
         tokenizer = policy.tokenizer
-        inputs = tokenizer(build_prompt(tokenizer, query), return_tensors="pt")
+        inputs = tokenizer(build_prompt(tokenizer, query, hints), return_tensors="pt")
         with torch.no_grad():
             out = policy.model.generate(
                 **inputs,
@@ -219,6 +240,7 @@ class Rewriter:
         query: str,
         reference: LoadedPolicy | None = None,
         products: SearchFn | None = None,
+        hints: Sequence[str] = (),
     ) -> list[Sampled]:
         """Two rewrites that differ from each other and from the query, resampling a bounded number of times.
 
@@ -236,10 +258,11 @@ class Rewriter:
         and the two useful, distinct ones that ``rank`` scores highest are served. Sampled rewrites mostly
         find what the original shows; the reward's novelty picks those that add products M1 finds relevant
         (bench_headroom: 1.075 → 1.136 human-label recall ratio from the title-pairs start, N = 8).
+        ``hints``: the result words a hinted policy's prompt shows (:meth:`hints_for`).
         """
         candidates: list[Sampled] = []
         for draw in range(1, self.config.max_resamples + 2):
-            candidates += self._sample(policy, query, reference, draw)
+            candidates += self._sample(policy, query, reference, draw, hints)
             useful = useful_distinct(query, candidates)
             if len(useful) > 2 and self.rank is not None and products is not None:
                 lists = [products(c.text) for c in useful]
@@ -271,7 +294,8 @@ class Rewriter:
 
         with self._lock:
             policy = policy or self._policy
-            rewrites = self.sample_rewrites(policy, query, reference, products)
+            hints = self.hints_for(policy, query)
+            rewrites = self.sample_rewrites(policy, query, reference, products, hints)
         return QueryEvent(
             event_id=str(uuid.uuid4()),
             event_time=event_time or datetime.now(UTC),
@@ -281,6 +305,7 @@ class Rewriter:
             policy_version=policy.version,
             arm=arm,
             original_products=products(query),
+            hints=hints,
             rewrites=[
                 Rewrite(
                     rewrite_id=f"r{i + 1}",
@@ -454,7 +479,9 @@ class ArmedRewriter:
         with self._lock:
             if self.canary is None:
                 p = self.production
-                self.canary = Rewriter(policy, p.search, p.config, p._generator_seed, p.rank, p.vocabulary)
+                self.canary = Rewriter(
+                    policy, p.search, p.config, p._generator_seed, p.rank, p.vocabulary, p.hints
+                )
             else:
                 self.canary.swap(policy)
             self._share = share
@@ -871,17 +898,18 @@ def run(
     alias: str = "production",
     rank: Ranker | None = None,
     vocabulary_texts: Sequence[str] | None = None,
+    hints: Hints | None = None,
 ) -> None:
     """``qrloop serve``: the rewriter service until SIGTERM, over ``search`` (the root passes the search
-    engine in: the kernel does not know which one runs), for best-of-N serving ``rank``, and with
-    ``vocabulary_texts`` every served policy writes only the tokens those texts use; closes ``store`` when
-    it stops."""
+    engine in: the kernel does not know which one runs), for best-of-N serving ``rank``, with
+    ``vocabulary_texts`` every served policy writes only the tokens those texts use, and with ``hints`` it
+    can serve a hinted policy; closes ``store`` when it stops."""
     version = store.resolve(alias)
     loaded = load_stored_version(store, version)
     vocabulary = None if vocabulary_texts is None else output_vocabulary(loaded.tokenizer, vocabulary_texts)
     if vocabulary is not None:
         log.info("output vocabulary: %d of %d tokens", len(vocabulary), len(loaded.tokenizer))
-    production = Rewriter(loaded, search, settings.rewriter, settings.seed, rank, vocabulary)
+    production = Rewriter(loaded, search, settings.rewriter, settings.seed, rank, vocabulary, hints)
     metrics.ALIAS_VERSION.labels(alias).set(version.id)
     producer = KafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap_servers, enable_idempotence=True, acks="all", linger_ms=5

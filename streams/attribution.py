@@ -256,6 +256,7 @@ def score(state: State, relevance: RelevanceFn, weights: RewardSettings) -> Scor
         pair = PreferencePair(
             pair_id=pair_id_for(event.event_id),
             prompt=event.query,
+            hints=event.hints,
             chosen=chosen.text,
             rejected=rejected.text,
             chosen_reward=chosen_r,

@@ -181,19 +181,6 @@ def test_title_pairs_name_the_judged_products_a_query_misses_and_only_those(
     }, "title pairs go one way only, towards the title"
 
 
-def test_expansion_terms_are_the_titles_common_words_the_query_does_not_say() -> None:
-    titles = [
-        "Ryobi Cordless Drills Kit",
-        "DEWALT Cordless Drill and Case",
-        "Cordless Drill Set",
-        "Drill Bit",
-    ]
-    # "drill" is said (in the other number too); "and" and "set" name nothing; "cordless" is in three titles,
-    # then one-title words in the order the titles use them
-    assert q2q.expansion_terms("Drill 0", titles, n=4) == ["cordless", "ryobi", "kit", "dewalt"]
-    assert q2q.expansion_terms("cordless drills", titles, n=2) == ["ryobi", "kit"]
-
-
 def test_expansion_pairs_add_the_words_that_find_the_judged_products_a_query_misses() -> None:
     drill, hammer, held = _query("drill", False), _query("hammer", False), _query("drill", True)
     edges = pd.DataFrame(
@@ -486,6 +473,51 @@ def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
     assert offline_policy_version(settings) == version_id, "the newest Home Depot offline version"
     pairs = q2q.read_pairs(tmp_path / "offline" / "warm-start" / "homedepot" / "q2q" / "train.jsonl")
     assert pairs and not any(is_heldout(p.source) or is_heldout(p.target) for p in pairs)
+
+
+def test_a_hinted_warm_start_trains_on_its_queries_results_words_and_says_so(
+    tiny: Path, tmp_path: Path, sqlite_url: str
+) -> None:
+    from learner.offline.build import hinted_pairs, warm_start, warm_start_student
+    from policy_store import db
+    from qrloop.models import load_stored_policy
+    from qrloop.prompting import RESULT_WORDS, hint_words
+
+    asked: list[str] = []
+
+    def hints(query: str) -> list[str]:
+        asked.append(query)
+        return [f"w{len(query)}"]
+
+    pairs = [
+        q2q.QueryPair("drill", "cordless drill", "graph", 2, "train"),
+        q2q.QueryPair("drill", "drill bit", "title", 1, "train"),
+    ]
+    hinted = hinted_pairs(pairs, hints)
+    assert [p.source for p in hinted] == ["drill\nWords in its results: w5"] * 2
+    assert [(p.target, p.origin) for p in hinted] == [(p.target, p.origin) for p in pairs]
+    assert asked == ["drill"], "one search per distinct query"
+
+    base = Settings()
+    settings = base.model_copy(
+        update={"cache_dir": tmp_path, "database_url": sqlite_url, "blob_dir": tmp_path / "blobs"}
+    )
+    (tmp_path / "data").symlink_to(base.cache_dir / "data")  # the prepared data set, read only
+    db.upgrade(sqlite_url)
+    asked.clear()
+    version_id = warm_start(settings, steps=1, batch_size=2, base_dir=tiny, hints=hints)
+    training = q2q.read_pairs(tmp_path / "offline" / "warm-start" / "homedepot" / "q2q" / "train.jsonl")
+    assert len(asked) == len({p.source for p in training}), "one search for words per training query"
+    store = open_store(settings)
+    try:
+        version = store.get(version_id)
+        assert version.tags["prompt"] == "hinted"
+        model, _tokenizer = load_stored_policy(store, version)
+    finally:
+        store.close()
+    assert hint_words(model) == RESULT_WORDS, "the published weights say which prompt they were trained on"
+    with pytest.raises(ValueError, match="hinted"):
+        warm_start_student(settings)
 
 
 def test_the_warm_starts_student_is_cut_trained_measured_and_published_as_production(

@@ -121,9 +121,14 @@ class EchoingRewriter(Rewriter):
     rounds: list[list[Sampled]]
 
     def _sample(
-        self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None, draw: int = 1
+        self,
+        policy: LoadedPolicy,
+        query: str,
+        reference: LoadedPolicy | None = None,
+        draw: int = 1,
+        hints: Sequence[str] = (),
     ) -> list[Sampled]:
-        out = super()._sample(policy, query, reference, draw)
+        out = super()._sample(policy, query, reference, draw, hints)
         if draw == 1:
             out[0] = out[0]._replace(text=query.upper())
         self.rounds.append(out)
@@ -156,9 +161,14 @@ class RecordingRewriter(Rewriter):
     rounds: list[list[Sampled]]
 
     def _sample(
-        self, policy: LoadedPolicy, query: str, reference: LoadedPolicy | None = None, draw: int = 1
+        self,
+        policy: LoadedPolicy,
+        query: str,
+        reference: LoadedPolicy | None = None,
+        draw: int = 1,
+        hints: Sequence[str] = (),
     ) -> list[Sampled]:
-        out = super()._sample(policy, query, reference, draw)
+        out = super()._sample(policy, query, reference, draw, hints)
         self.rounds.append(out)
         return out
 

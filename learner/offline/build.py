@@ -17,10 +17,11 @@ them, is ``student_from="vanilla"``. Either way the "S V" row of Table 2 is the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from learner.offline.q2q import QueryPair, build_q2q, read_pairs
 from learner.offline.sft import quiet_libraries, sample_pairs, train_sft
 from qrloop.data import dataset_name
 from qrloop.models import require_policy
+from qrloop.prompting import HINT_WORDS_KEY, RESULT_WORDS, Hints, user_message
 from qrloop.runs import open_store
 from qrloop.settings import Settings
 
@@ -422,12 +424,18 @@ def warm_start(
     batch_size: int = 8,
     base_dir: Path | None = None,
     search: q2q_mod.Search | None = None,
+    expansions: bool = False,
+    hints: Hints | None = None,
     progress: ProgressLike | None = None,
 ) -> int:
     """A quick stand-in for the full build, for a machine that has none yet: SFT the base policy on the
-    unverified Q2Q pairs (graph + spelling, and title pairs where ``search`` is given; no M1 pass: that pass
-    alone takes minutes) for ``steps`` steps and publish it as ``production``. ``base_dir`` defaults to the
-    prepared SmolLM2. Returns the version id.
+    unverified Q2Q pairs (graph + spelling, and title pairs where ``search`` is given, expansion pairs too
+    with ``expansions``; no M1 pass: that pass alone takes minutes) for ``steps`` steps and publish it as
+    ``production``. ``base_dir`` defaults to the prepared SmolLM2. Returns the version id.
+
+    With ``hints`` the policy is *hinted*: each training query's prompt also shows ``hints(query)``, the words
+    of its results (``qrloop.prompting``), and the policy's config says so, so that every rewriter serving it
+    and every learner training it builds the same prompt.
 
     Vanilla SmolLM2 answers a query like a chat ("Sure! Here are..."); a few dozen SFT steps are enough to
     teach it the format (a short query back), which is what the online loop needs to start from. The full
@@ -435,8 +443,10 @@ def warm_start(
     """
     out = warm_start_dir(settings)
     with quiet_libraries():
-        report = build_q2q(settings, use_m1=False, search=search, out_dir=out / "q2q")
+        report = build_q2q(settings, use_m1=False, search=search, expansions=expansions, out_dir=out / "q2q")
         train = read_pairs(out / "q2q" / "train.jsonl")
+        if hints is not None:
+            train = hinted_pairs(train, hints)
         with _bar("warm start: SFT", progress, steps) as advance:
             result = train_sft(
                 base_dir or require_policy(settings),
@@ -448,6 +458,8 @@ def warm_start(
                 seed=settings.seed,
                 progress=advance,
             )
+    if hints is not None:
+        mark_hinted(out / "policy", RESULT_WORDS)
     losses = result.losses
     metrics = {"sft/first_loss": round(losses[0], 5), "sft/last_loss": round(losses[-1], 5)} if losses else {}
     tags = {
@@ -456,10 +468,33 @@ def warm_start(
         "dataset": report.dataset,
         "q2q_train_pairs": report.train,
         "title_pairs": search is not None,
+        "expansion_pairs": search is not None and expansions,
+        "prompt": "hinted" if hints is not None else "query",
     }
     pairs = "unverified Q2Q and title pairs" if search is not None else "unverified Q2Q pairs"
+    if hints is not None:
+        pairs += ", hinted with their results' words"
     reason = f"{WARM_START_TAG}: {result.steps} SFT steps on {pairs} (no offline build yet)"
     return _publish_as(settings, out / "policy", "production", result.steps, metrics, tags, reason)
+
+
+def hinted_pairs(pairs: Sequence[QueryPair], hints: Hints) -> list[QueryPair]:
+    """``pairs`` with each source as a hinted policy is asked it: the query and the words of its results
+    (one ``hints`` call per distinct source)."""
+    messages: dict[str, str] = {}
+    for pair in pairs:
+        if pair.source not in messages:
+            messages[pair.source] = user_message(pair.source, hints(pair.source))
+    return [dataclasses.replace(p, source=messages[p.source]) for p in pairs]
+
+
+def mark_hinted(policy_dir: Path, words: int) -> None:
+    """Record in the checkpoint's config.json that its prompt shows ``words`` result words: the config travels
+    with the weights into every version trained from them, and stock ``transformers`` keeps unknown keys."""
+    path = policy_dir / "config.json"
+    config = json.loads(path.read_text())
+    config[HINT_WORDS_KEY] = words
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 STUDENT_TAG = "student"
@@ -521,7 +556,7 @@ def warm_start_student(
     warm start's student"): after the SFT the student was 22% behind the teacher; 200 steps of token-level
     reverse KL on the Q2Q pairs took that to 20%, 200 steps on the teacher's own rewrites to 8.5%. The
     online reward scores what the policy *samples*, and the teacher's samples are what it serves.
-    Raises ``FileNotFoundError`` without a warm start for this data set.
+    Raises ``FileNotFoundError`` without a warm start for this data set, ``ValueError`` for a hinted one.
     """
     source = warm_start_dir(settings)
     teacher_dir = source / "policy"
@@ -529,6 +564,10 @@ def warm_start_student(
         raise FileNotFoundError(
             f"no warm start for {dataset_name(settings)} in {source}; run `qrloop offline warm-start` first"
         )
+    if json.loads((teacher_dir / "config.json").read_text()).get(HINT_WORDS_KEY):
+        # The student trains and is measured on the warm start's plain pairs: it would learn a prompt its
+        # hinted config would then tell every rewriter not to build.
+        raise ValueError(f"the warm start in {source} is hinted; a hinted student is not built (issue #12)")
     config = config or StudentConfig()
     train = read_pairs(source / "q2q" / "train.jsonl")
     evaluation = sample_pairs(read_pairs(source / "q2q" / "eval.jsonl"), config.eval_pairs, settings.seed)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
-from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from qrloop.data import is_heldout, load_prepared, normalise_query, source_folder
+from qrloop.prompting import RESULT_DEPTH, RESULT_WORDS, result_words
 from qrloop.relevance import RelevanceModel
 from qrloop.settings import Settings
 
@@ -55,18 +54,12 @@ M1_THRESHOLD = 0.7
 # original's), few enough to read as a query.
 TITLE_WORDS = 6
 
-# Where an expansion pair looks for its terms: the titles of the query's own top 30, whose ranks 11-30 hold
-# 1.65x the judged-relevant products of its top 10 (bench_headroom's "deeper" row); the 10 words those titles
-# use most that the query does not already say are the candidates (on 50 held-out Home Depot queries the best
-# two of them took the recall to 1.32x the original's when the learner's reward chose them, 1.72x when the
-# labels did: bench_headroom's "expansions" rows).
-EXPANSION_DEPTH = 30
-EXPANSION_TERMS = 10
-# Words many titles share that name no product: an expansion by one of them moves the ranking by chance.
-_FILLER_WORDS = frozenset(
-    ["and", "the", "for", "with", "from", "into", "per", "pack", "set", "piece", "pieces"]
-)
-_WORD = re.compile(r"[a-z][a-z0-9'-]+")
+# Where an expansion pair looks for its terms: the words a hinted prompt shows (qrloop.prompting), from the
+# titles of the query's own top 30; on 50 held-out Home Depot queries the best two expansions took the recall
+# to 1.32x the original's when the learner's reward chose them, 1.72x when the labels did (bench_headroom's
+# "expansions" rows).
+EXPANSION_DEPTH = RESULT_DEPTH
+EXPANSION_TERMS = RESULT_WORDS
 
 # verifier(source, target) -> keep the pair?
 Verifier = Callable[[str, str], bool]
@@ -184,20 +177,6 @@ def title_pairs(
     return pd.DataFrame(rows, columns=["query_a", "query_b"]).drop_duplicates().reset_index(drop=True)
 
 
-def expansion_terms(query: str, titles: Iterable[str], n: int = EXPANSION_TERMS) -> list[str]:
-    """The ``n`` words most of ``titles`` use (one count per title, ties by first use) that ``query`` does not
-    already say, in either number: pseudo-relevance feedback over the query's own results, as RM3 does."""
-    said = {w.lower().rstrip("s") for w in query.split()}
-    counts: Counter[str] = Counter()
-    for title in titles:
-        counts.update(dict.fromkeys(_WORD.findall(title.lower()), 1))
-    return [
-        word
-        for word, _ in counts.most_common()
-        if len(word) > 2 and word not in _FILLER_WORDS and word.rstrip("s") not in said
-    ][:n]
-
-
 def expansion_pairs(
     edges: pd.DataFrame,
     titles: Mapping[str, str],
@@ -209,10 +188,10 @@ def expansion_pairs(
     top_k: int = 10,
 ) -> pd.DataFrame:
     """(``query_a``, ``query_b`` = ``query_a`` + one word): the expansions of each training query by one of
-    its :func:`expansion_terms` (from the titles of its top ``depth``) whose top ``top_k`` shows the most
-    products judged relevant to it that its own top ``top_k`` misses (at least one); at most ``per_query`` per
-    query, the most such products first (ties by term order). Held-out queries are skipped (and never
-    searched).
+    its result words (``qrloop.prompting.result_words``, from the titles of its top ``depth``) whose top
+    ``top_k`` shows the most products judged relevant to it that its own top ``top_k`` misses (at least
+    one); at most ``per_query`` per query, the most such products first (ties by term order). Held-out
+    queries are skipped (and never searched).
 
     A title pair names one judged product in six words of its title; an expansion keeps the shopper's words
     and adds the one the engine needs. A policy that sees only the query cannot know that word (a warm start
@@ -229,7 +208,7 @@ def expansion_pairs(
         if not judged - shown:
             continue
         scored = []
-        for rank, term in enumerate(expansion_terms(query, (titles.get(p, "") for p in results), terms)):
+        for rank, term in enumerate(result_words(query, (titles.get(p, "") for p in results), terms)):
             expanded = f"{query} {term}"
             added = len(judged & ({str(p) for p in search(expanded, top_k)[:top_k]} - shown))
             if added:

@@ -30,6 +30,7 @@ from qrloop.cli import daemon
 from qrloop.cli.canary import app as canary_app
 from qrloop.cli.daemon import retention_defaults
 from qrloop.cli.ui import commands as ui_commands
+from qrloop.prompting import Hints, results_hints
 from qrloop.runs import open_migrated_store, open_store
 from qrloop.settings import REPO_ROOT, Settings, get_settings
 from qrloop.topics import ensure_topics, grow_topics
@@ -37,6 +38,7 @@ from simulators.cli import app as sim_app
 
 if TYPE_CHECKING:
     from qrloop.serving import Ranker  # torch: a type only
+    from simulators.search import SearchEngine  # tantivy: a type only
 
 console = Console()
 err = Console(stderr=True)
@@ -296,9 +298,27 @@ def serve(
     _logging()
     settings = get_settings()
     # The rewriter searches with whatever engine the root gives it; here, the simulated one over the catalog.
-    search = SearchEngine.open(settings).search
+    engine = SearchEngine.open(settings)
     rank = novelty_ranker(settings) if settings.rewriter.samples > 2 else None
-    run(settings, open_store(settings), search, port, alias, rank, served_vocabulary_texts(settings))
+    vocabulary = served_vocabulary_texts(settings)
+    run(
+        settings,
+        open_store(settings),
+        engine.search,
+        port,
+        alias,
+        rank,
+        vocabulary,
+        catalog_hints(settings, engine),
+    )
+
+
+def catalog_hints(settings: Settings, engine: SearchEngine) -> Hints:
+    """What a hinted policy's prompt shows: the words of the titles of the query's results in ``engine``."""
+    from qrloop.catalog import Catalog  # pandas
+
+    catalog = Catalog.open(settings)
+    return results_hints(engine.search, lambda product: catalog.product(product).title)
 
 
 def served_vocabulary_texts(settings: Settings) -> list[str] | None:
@@ -378,17 +398,33 @@ def offline_warm_start(
         help="Add title pairs: each training query → the first words of a judged-relevant product its own "
         "results miss (learner.offline.q2q.title_pairs; README, 'How far two rewrites could go').",
     ),
+    expansions: bool = typer.Option(
+        False,
+        "--expansions",
+        help="With --titles, add expansion pairs too: each training query plus the one word of its results' "
+        "titles that finds the most judged-relevant products it misses (q2q.expansion_pairs).",
+    ),
+    hints: bool = typer.Option(
+        False,
+        "--hints",
+        help="A hinted policy: its prompt shows the query's results' words (qrloop.prompting; README, 'What "
+        "the policy cannot know'); every rewriter and learner then builds that prompt for it.",
+    ),
 ) -> None:
     """The demo's quick warm start, run on purpose: SFT on the unverified Q2Q pairs, published as
     `production` for the configured data set (declared here, not in learner/, because only the composition
-    root may hand the learner the simulated search engine that title pairs need)."""
+    root may hand the learner the simulated search engine that title pairs and hints need)."""
     from learner.offline.build import warm_start
     from simulators.search import SearchEngine
 
+    if expansions and not titles:
+        raise typer.BadParameter("--expansions needs --titles (both search the catalog)")
     settings = get_settings()
     db.upgrade(settings.db_url)
-    search = SearchEngine.open(settings).search if titles else None
-    version = warm_start(settings, steps=steps, search=search)
+    engine = SearchEngine.open(settings) if titles or hints else None
+    search = engine.search if engine is not None and titles else None
+    hinted = catalog_hints(settings, engine) if engine is not None and hints else None
+    version = warm_start(settings, steps=steps, search=search, expansions=expansions, hints=hinted)
     console.print(f"warm start published as version {version} ('production') in {settings.db_url}")
 
 
