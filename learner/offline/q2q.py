@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from qrloop.data import is_heldout, load_prepared, normalise_query, source_folder
-from qrloop.prompting import RESULT_DEPTH, RESULT_WORDS, result_words
+from qrloop.prompting import RESULT_DEPTH, RESULT_WORDS, DeepSearch, result_words
 from qrloop.relevance import RelevanceModel
 from qrloop.settings import Settings
 
@@ -64,8 +64,8 @@ EXPANSION_TERMS = RESULT_WORDS
 # verifier(source, target) -> keep the pair?
 Verifier = Callable[[str, str], bool]
 # search(query, k) -> at most k product ids, best first (the search engine's ranking; the caller's, so that
-# this module needs no search engine of its own)
-Search = Callable[[str, int], Sequence[str]]
+# this module needs no search engine of its own): the shape a hinted prompt's words are searched with too
+Search = DeepSearch
 # score(query, product_texts) -> M1 scores in [0, 1], the shape of qrloop.relevance.RelevanceModel.score
 Scorer = Callable[[str, Sequence[str]], np.ndarray]
 
