@@ -305,7 +305,9 @@ def main() -> None:
         for number, (name, path, steps) in enumerate(dirs):
             t0 = time.perf_counter()
             policy = load_version(path, number)
-            run = evaluate_version(base, policy, number, queries, misspellings, setup.search, None)
+            run = evaluate_version(
+                base, policy, number, queries, misspellings, setup.search, None, setup.hints
+            )
             variants.append(
                 Variant(
                     name,

@@ -243,12 +243,18 @@ def serve_seeded(rewriter: Any, query: str, seed: int) -> Any:
 
 
 def evaluate_policy(
-    settings: Settings, store: Any, version: int, queries: Sequence[str], search: Any, evaluator: Evaluator
+    settings: Settings,
+    store: Any,
+    version: int,
+    queries: Sequence[str],
+    search: Any,
+    evaluator: Evaluator,
+    hints: Hints | None = None,
 ) -> PolicyRun:
     from qrloop.serving import load_stored_version
 
     policy = load_stored_version(store, store.get(version))
-    return evaluate_loaded(settings, policy, version, queries, search, evaluator)
+    return evaluate_loaded(settings, policy, version, queries, search, evaluator, hints)
 
 
 def evaluate_loaded(
@@ -258,10 +264,12 @@ def evaluate_loaded(
     queries: Sequence[str],
     search: Any,
     evaluator: Evaluator,
+    hints: Hints | None = None,
 ) -> PolicyRun:
+    """``hints``: what a hinted policy's prompt shows (without them a hinted policy is refused)."""
     from qrloop.serving import Rewriter
 
-    rewriter = Rewriter(policy, search, settings.rewriter, settings.seed)
+    rewriter = Rewriter(policy, search, settings.rewriter, settings.seed, hints=hints)
     run = PolicyRun(name)
     started = time.perf_counter()
     for i, query in enumerate(queries):
@@ -367,7 +375,9 @@ def cmd_table3(args: argparse.Namespace) -> None:
     print(load_average())
     runs = []
     for version in versions:
-        runs.append(evaluate_policy(settings, store, version, queries, setup.search, setup.evaluator))
+        runs.append(
+            evaluate_policy(settings, store, version, queries, setup.search, setup.evaluator, setup.hints)
+        )
         print(f"v{version}: {runs[-1].seconds:.1f} s ({runs[-1].seconds / len(queries):.2f} s / query)")
     print_table3(runs)
     print_table4(runs)
@@ -399,7 +409,7 @@ def cmd_offline(args: argparse.Namespace) -> None:
         policy = load_version(folder if folder.is_absolute() else offline / folder, None)
         if name in restricted:
             restrict_to_catalog(policy, setup.catalog_texts)
-        run = evaluate_loaded(settings, policy, name, queries, setup.search, setup.evaluator)
+        run = evaluate_loaded(settings, policy, name, queries, setup.search, setup.evaluator, setup.hints)
         cells = " ".join(f"{run.mean(m):>{max(7, len(m))}.4f}" for m in METRICS)
         print(
             f"{name:<8} {cells} {run.combined().mean():>8.4f} {run.coverage():>8.2f}"

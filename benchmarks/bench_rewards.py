@@ -41,6 +41,7 @@ from qrloop import rewards
 from qrloop.catalog import Catalog
 from qrloop.data import is_heldout, source_folder
 from qrloop.events import QueryEvent
+from qrloop.prompting import results_hints
 from qrloop.relevance import RelevanceModel
 from qrloop.relevance_threshold import calibration, relevant_above
 from qrloop.runs import open_store
@@ -138,11 +139,13 @@ def policy_rewrites(
     from bench_online import run_settings
 
     store = open_store(run_settings(settings, run_dir))
+    catalog = Catalog.open(settings)
+    hints = results_hints(engine.search, lambda product: catalog.product(product).title)
     out: dict[str, list[str]] = {}
     try:
         for version in dict.fromkeys(pick_two(store, versions)):
             policy = load_stored_version(store, store.get(version))
-            rewriter = Rewriter(policy, engine.search, settings.rewriter, settings.seed)
+            rewriter = Rewriter(policy, engine.search, settings.rewriter, settings.seed, hints=hints)
             out[f"v{version}"] = [sampled(rewriter, q, settings.seed + i)[0] for i, q in enumerate(queries)]
             print(f"  v{version}: rewrites sampled", flush=True)
     finally:
