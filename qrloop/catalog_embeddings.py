@@ -48,11 +48,24 @@ Encode = Callable[[list[str]], np.ndarray]
 PADDED_LENGTHS = (8, 16, 32, 64, 128, 256, 512)
 """Word-piece lengths a text is padded to: the shortest that holds it (a query of 5 word pieces costs 8)."""
 
-ROWS_PER_FORWARD = 64  # texts of one padded length encoded together: a forward reads all weights once
+# Word pieces in one forward (rows × padded length): texts of one padded length share forwards of exactly
+# this many rows, filled up with copies of the first, so every forward of a length has the same shape.
+TOKENS_PER_FORWARD = 64
 
-ENCODING = f"each text padded to {'/'.join(map(str, PADDED_LENGTHS))} word pieces"
-"""How :func:`encode_texts` encodes, recorded with a matrix: padded otherwise, the last bits differ (how many
-texts share a forward does not change them)."""
+
+def rows_per_forward(length: int) -> int:
+    """Rows in every forward of texts padded to ``length``: one shape per length, whatever is encoded."""
+    return max(1, TOKENS_PER_FORWARD // length)
+
+
+ROWS_PER_FORWARD = rows_per_forward(PADDED_LENGTHS[0])  # the most texts one forward holds
+
+ENCODING = (
+    f"each text padded to {'/'.join(map(str, PADDED_LENGTHS))} word pieces, "
+    f"{TOKENS_PER_FORWARD} word pieces a forward"
+)
+"""How :func:`encode_texts` encodes, recorded with a matrix: padded or batched otherwise, the last bits
+differ."""
 
 
 def padded_length(word_pieces: int, max_seq_length: int) -> int:
@@ -69,22 +82,28 @@ def encode_texts(encoder: Any, texts: Sequence[str]) -> np.ndarray:
     of one log (which interleave partitions differently) would not give bit-identical rewards. Encoded alone
     it does not, but every text then pays a forward that reads all of the encoder's weights for a few tokens:
     15 ms for a query, most of an M1-scoring aggregator's time (issue #17). Here each text is padded to
-    :func:`padded_length` of its own length and texts of one length share forwards (up to
-    ``ROWS_PER_FORWARD``): a row's bits then do not depend on which or how many rows share its forward
-    (``tests/test_catalog_embeddings.py`` checks that on the machine it runs on). The scorer and
-    ``embed-catalog`` both call this, so their vectors are identical."""
+    :func:`padded_length` of its own length and texts of one length share forwards of exactly
+    :func:`rows_per_forward` rows (the last one filled up with copies): a row's bits then depend on its own
+    text alone. The row count must not vary: torch 2.15's CPU matrix products give a row other bits when
+    64-192 rows of word pieces share a product than when fewer or more do (measured here: a text encoded
+    with 3 to 11 others of 16 word pieces differed from the same text encoded alone), so a forward of
+    however many texts were at hand is not enough (``tests/test_catalog_embeddings.py`` checks the bits on
+    the machine it runs on). The scorer and ``embed-catalog`` both call this, so their vectors are
+    identical."""
     import torch
 
     out = np.empty((len(texts), encoder.get_embedding_dimension()), dtype=np.float32)
     for length, rows in rows_by_padded_length(encoder, texts).items():
-        for start in range(0, len(rows), ROWS_PER_FORWARD):
-            chunk = rows[start : start + ROWS_PER_FORWARD]
+        per_forward = rows_per_forward(length)
+        for start in range(0, len(rows), per_forward):
+            chunk = rows[start : start + per_forward]
+            batch = [texts[i] for i in chunk]
+            batch += batch[:1] * (per_forward - len(batch))  # the forward's shape never varies
             features = encoder.preprocess(
-                [texts[i] for i in chunk],
-                processing_kwargs={"text": {"padding": "max_length", "max_length": length}},
+                batch, processing_kwargs={"text": {"padding": "max_length", "max_length": length}}
             )
             with torch.inference_mode():
-                embedded = encoder(features)["sentence_embedding"]
+                embedded = encoder(features)["sentence_embedding"][: len(chunk)]
                 out[chunk] = torch.nn.functional.normalize(embedded, p=2, dim=1).numpy()
     return out
 
