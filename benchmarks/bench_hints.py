@@ -58,7 +58,7 @@ def warm_start_pairs(
 def hint_pairs(settings: Settings, engine: SearchEngine, pairs: Sequence[QueryPair]) -> list[QueryPair]:
     """``pairs`` with each source hinted by the words of its own results, as the hinted warm start trains."""
     catalog = Catalog.open(settings)
-    return hinted_pairs(pairs, results_hints(engine.search, lambda product: catalog.product(product).title))
+    return hinted_pairs(pairs, results_hints(engine.search, catalog.title))
 
 
 def train(settings: Settings, pairs: Sequence[QueryPair], out: Path, steps: int) -> Path:

@@ -355,7 +355,7 @@ def heldout_setup(settings: Settings, args: argparse.Namespace) -> HeldoutSetup:
     evaluator = Evaluator(settings, catalog, m1, judge, pool.profiles, rule)
     engine = SearchEngine.open(settings, dataset=catalog.dataset)
     texts = [*catalog.dataset.products["text"], *catalog.dataset.train_queries["query"]]
-    hints = results_hints(engine.search, lambda product: catalog.product(product).title)
+    hints = results_hints(engine.search, catalog.title)
     return HeldoutSetup(list(queries), evaluator, engine.search, m1.kind, texts, hints)
 
 

@@ -140,7 +140,7 @@ def policy_rewrites(
 
     store = open_store(run_settings(settings, run_dir))
     catalog = Catalog.open(settings)
-    hints = results_hints(engine.search, lambda product: catalog.product(product).title)
+    hints = results_hints(engine.search, catalog.title)
     out: dict[str, list[str]] = {}
     try:
         for version in dict.fromkeys(pick_two(store, versions)):

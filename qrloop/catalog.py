@@ -67,6 +67,9 @@ class Catalog:
     def text(self, product_id: str) -> str:
         return self._products[product_id].text
 
+    def title(self, product_id: str) -> str:
+        return self._products[product_id].title
+
     def grade(self, query: str, product_id: str) -> float | None:
         """Human relevance in [0, 1] where raters judged this (query, product) pair, else None."""
         return self._labels.get(normalise_query(query), {}).get(product_id)

@@ -114,9 +114,8 @@ def test_useful_candidates_skip_echoes_empties_and_repeats_in_draw_order() -> No
     assert best_two("drill", [a, a]) == [a, a], "two identical draws are still two rewrites"
 
 
-class EchoingRewriter(Rewriter):
-    """The real rewriter and model, except that the first rewrite of the first round echoes the query (what a
-    collapsing policy does); it remembers every round it served from."""
+class RecordingRewriter(Rewriter):
+    """The real rewriter and model; it remembers every round it drew (as :meth:`altered` leaves it)."""
 
     rounds: list[list[Sampled]]
 
@@ -128,11 +127,22 @@ class EchoingRewriter(Rewriter):
         draw: int = 1,
         hints: Sequence[str] = (),
     ) -> list[Sampled]:
-        out = super()._sample(policy, query, reference, draw, hints)
-        if draw == 1:
-            out[0] = out[0]._replace(text=query.upper())
+        out = self.altered(query, draw, super()._sample(policy, query, reference, draw, hints))
         self.rounds.append(out)
         return out
+
+    def altered(self, query: str, draw: int, drawn: list[Sampled]) -> list[Sampled]:
+        return drawn
+
+
+class EchoingRewriter(RecordingRewriter):
+    """The real rewriter and model, except that the first rewrite of the first round echoes the query (what a
+    collapsing policy does); it remembers every round it served from."""
+
+    def altered(self, query: str, draw: int, drawn: list[Sampled]) -> list[Sampled]:
+        if draw == 1:
+            drawn[0] = drawn[0]._replace(text=query.upper())
+        return drawn
 
 
 def test_resamples_an_echo_and_logs_each_served_rewrite_with_its_own_round(
@@ -153,24 +163,6 @@ def test_resamples_an_echo_and_logs_each_served_rewrite_with_its_own_round(
     assert all(c.draw == number for number, rnd in enumerate(rewriter.rounds, 1) for c in rnd)
     assert {(r.text, r.logprob, r.draw) for r in event.rewrites} <= drawn
     assert max(r.draw for r in event.rewrites) >= 2, "the second rewrite came from a later round"
-
-
-class RecordingRewriter(Rewriter):
-    """The real rewriter and model; it remembers every round it drew."""
-
-    rounds: list[list[Sampled]]
-
-    def _sample(
-        self,
-        policy: LoadedPolicy,
-        query: str,
-        reference: LoadedPolicy | None = None,
-        draw: int = 1,
-        hints: Sequence[str] = (),
-    ) -> list[Sampled]:
-        out = super()._sample(policy, query, reference, draw, hints)
-        self.rounds.append(out)
-        return out
 
 
 def test_best_of_n_serves_the_two_candidates_the_ranker_scores_highest(tiny_dirs: tuple[Path, Path]) -> None:

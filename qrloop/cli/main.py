@@ -318,7 +318,7 @@ def catalog_hints(settings: Settings, engine: SearchEngine) -> Hints:
     from qrloop.catalog import Catalog  # pandas
 
     catalog = Catalog.open(settings)
-    return results_hints(engine.search, lambda product: catalog.product(product).title)
+    return results_hints(engine.search, catalog.title)
 
 
 def served_vocabulary_texts(settings: Settings) -> list[str] | None:
