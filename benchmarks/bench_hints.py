@@ -36,7 +36,7 @@ from learner.offline.q2q import QueryPair, build_q2q, read_pairs
 from learner.offline.sft import train_sft
 from qrloop.catalog import Catalog
 from qrloop.models import require_policy
-from qrloop.prompting import result_words, results_hints, user_message
+from qrloop.prompting import result_words, user_message
 from qrloop.serving import load_version
 from qrloop.settings import Settings, get_settings
 from simulators.search import SearchEngine
@@ -58,7 +58,7 @@ def warm_start_pairs(
 def hint_pairs(settings: Settings, engine: SearchEngine, pairs: Sequence[QueryPair]) -> list[QueryPair]:
     """``pairs`` with each source hinted by the words of its own results, as the hinted warm start trains."""
     catalog = Catalog.open(settings)
-    return hinted_pairs(pairs, results_hints(engine.search, catalog.title))
+    return hinted_pairs(pairs, catalog.hints(engine.search))
 
 
 def train(settings: Settings, pairs: Sequence[QueryPair], out: Path, steps: int) -> Path:

@@ -85,7 +85,7 @@ import numpy as np
 from learner.evaluate_online import paired_ratio_stats, paired_stats
 from qrloop.cli.demo import run_settings
 from qrloop.cli.supervisor import Spawner, Supervised, Supervisor, spawn_command, spawn_qrloop
-from qrloop.prompting import Hints, results_hints
+from qrloop.prompting import Hints
 from qrloop.runs import isolate, open_store, run_env
 from qrloop.settings import Settings, get_settings
 from qrloop.topics import make_producer
@@ -355,7 +355,7 @@ def heldout_setup(settings: Settings, args: argparse.Namespace) -> HeldoutSetup:
     evaluator = Evaluator(settings, catalog, m1, judge, pool.profiles, rule)
     engine = SearchEngine.open(settings, dataset=catalog.dataset)
     texts = [*catalog.dataset.products["text"], *catalog.dataset.train_queries["query"]]
-    hints = results_hints(engine.search, catalog.title)
+    hints = catalog.hints(engine.search)
     return HeldoutSetup(list(queries), evaluator, engine.search, m1.kind, texts, hints)
 
 

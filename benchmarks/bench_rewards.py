@@ -41,7 +41,6 @@ from qrloop import rewards
 from qrloop.catalog import Catalog
 from qrloop.data import is_heldout, source_folder
 from qrloop.events import QueryEvent
-from qrloop.prompting import results_hints
 from qrloop.relevance import RelevanceModel
 from qrloop.relevance_threshold import calibration, relevant_above
 from qrloop.runs import open_store
@@ -140,7 +139,7 @@ def policy_rewrites(
 
     store = open_store(run_settings(settings, run_dir))
     catalog = Catalog.open(settings)
-    hints = results_hints(engine.search, catalog.title)
+    hints = catalog.hints(engine.search)
     out: dict[str, list[str]] = {}
     try:
         for version in dict.fromkeys(pick_two(store, versions)):

@@ -10,9 +10,12 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from qrloop.data import Dataset, load_prepared, normalise_query
+from qrloop.prompting import DeepSearch, Hints, results_hints
 from qrloop.settings import Settings
+from qrloop.spelling import CatalogSpeller
 
 # A brand token is a word (letters, digits inside, '&', '-', "'"), not a size like "12" or "1/2".
 _BRANDLIKE = re.compile(r"^[a-z][a-z0-9&'-]+$")
@@ -69,6 +72,16 @@ class Catalog:
 
     def title(self, product_id: str) -> str:
         return self._products[product_id].title
+
+    @cached_property
+    def speller(self) -> CatalogSpeller:
+        """The catalog's spelling, over its titles (built on first use: a quarter of a second)."""
+        return CatalogSpeller(product.title for product in self._products.values())
+
+    def hints(self, search: DeepSearch) -> Hints:
+        """What a hinted policy's prompt shows for a query: its results' words in ``search`` over this
+        catalog, the query searched as the catalog spells it (:func:`qrloop.prompting.results_hints`)."""
+        return results_hints(search, self.title, correct=self.speller.correct)
 
     def grade(self, query: str, product_id: str) -> float | None:
         """Human relevance in [0, 1] where raters judged this (query, product) pair, else None."""

@@ -11,6 +11,10 @@ eight samples of the same warm start found 1.21x (Home Depot) and 1.36x (CrowdFl
 products of the original's top 10, against 1.09x and 1.14x with the query alone (``bench_hints.py``). Which
 prompt a policy was trained on is part of its weights' meaning, so it travels in its ``config.json``
 (:data:`HINT_WORDS_KEY`), which every DPO step and every version copies with the weights.
+
+The query is searched for its words as the catalog spells it (:mod:`qrloop.spelling`), and a correction's
+words lead the line: a misspelled word matches no title, so without it the results (and their words) are
+those of the query's other words.
 """
 
 from __future__ import annotations
@@ -57,9 +61,28 @@ def result_words(query: str, titles: Iterable[str], n: int = RESULT_WORDS) -> li
     ][:n]
 
 
-def results_hints(search: DeepSearch, title_of: Callable[[str], str], n: int = RESULT_WORDS) -> Hints:
-    """``hints(query)``: the :func:`result_words` of the titles of the query's top :data:`RESULT_DEPTH`."""
-    return lambda query: result_words(query, (title_of(p) for p in search(query, RESULT_DEPTH)), n)
+def results_hints(
+    search: DeepSearch,
+    title_of: Callable[[str], str],
+    n: int = RESULT_WORDS,
+    correct: Callable[[str], str] | None = None,
+) -> Hints:
+    """``hints(query)``: the :func:`result_words` of the titles of the query's top :data:`RESULT_DEPTH`.
+
+    With ``correct`` (the catalog's spelling, :class:`qrloop.spelling.CatalogSpeller`), a query it changes is
+    searched as corrected, and the words the correction brought come first: a misspelled word matches no
+    title, so the typed query's results hold the words of its *other* words, and a policy shown them has
+    nothing to correct towards.
+    """
+
+    def hints(query: str) -> list[str]:
+        fixed = correct(query) if correct is not None else query
+        typed = set(query.lower().split())
+        fixes = list(dict.fromkeys(w for w in fixed.split() if w not in typed))
+        words = result_words(fixed, (title_of(p) for p in search(fixed, RESULT_DEPTH)), n)
+        return [*fixes, *(w for w in words if w not in fixes)][:n]
+
+    return hints
 
 
 def user_message(query: str, hints: Sequence[str] = ()) -> str:

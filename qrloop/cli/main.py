@@ -30,7 +30,7 @@ from qrloop.cli import daemon
 from qrloop.cli.canary import app as canary_app
 from qrloop.cli.daemon import retention_defaults
 from qrloop.cli.ui import commands as ui_commands
-from qrloop.prompting import Hints, results_hints
+from qrloop.prompting import Hints
 from qrloop.runs import open_migrated_store, open_store
 from qrloop.settings import REPO_ROOT, Settings, get_settings
 from qrloop.topics import ensure_topics, grow_topics
@@ -318,7 +318,7 @@ def catalog_hints(settings: Settings, engine: SearchEngine) -> Hints:
     from qrloop.catalog import Catalog  # pandas
 
     catalog = Catalog.open(settings)
-    return results_hints(engine.search, catalog.title)
+    return catalog.hints(engine.search)
 
 
 def served_vocabulary_texts(settings: Settings) -> list[str] | None:
