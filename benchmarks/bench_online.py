@@ -501,11 +501,12 @@ def bench_rewriter(settings: Settings, policy_dir: str | None, n: int, seed: int
     policy = production_policy(settings, policy_dir)
     catalog = Catalog.open(settings)
     engine = SearchEngine.open(settings, dataset=catalog.dataset)
-    rewriter = Rewriter(policy, engine.search, settings.rewriter, seed)
+    hints = catalog.hints(engine.search)  # a hinted policy pays for its words, as `qrloop serve` does
+    rewriter = Rewriter(policy, engine.search, settings.rewriter, seed, hints=hints)
     ranked = None
     if best_of > 2:  # what `qrloop serve` runs with rewriter.samples = best_of
         config = settings.rewriter.model_copy(update={"samples": best_of})
-        ranked = Rewriter(policy, engine.search, config, seed, novelty_ranker(settings))
+        ranked = Rewriter(policy, engine.search, config, seed, novelty_ranker(settings), hints=hints)
     pool = [q for _, q in training_queries(catalog, 5)]
     queries = [pool[i] for i in np.random.default_rng(seed).choice(len(pool), size=n + 2, replace=False)]
     serve_s: list[float] = []

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from qrloop.cli.demo import run_settings
+from qrloop.prompting import Hints
 from qrloop.runs import open_store
 from qrloop.settings import Settings, get_settings
 
@@ -99,6 +100,7 @@ def live_rewards(
     relevance: Callable[[str, Sequence[str]], Sequence[float]],
     search: Callable[[str], list[str]],
     seed: int,
+    hints: Hints | None = None,
 ) -> LiveRun:
     """Serve each logged query by ``version`` live; the same shopper reacts; rewards as the aggregator's."""
     import torch
@@ -109,7 +111,7 @@ def live_rewards(
     from simulators.shoppers import ShopperTraffic
     from streams import attribution
 
-    rewriter = Rewriter(policy, search, settings.rewriter, seed)
+    rewriter = Rewriter(policy, search, settings.rewriter, seed, hints=hints)
     profiles = {p.shopper_id: p for p in shoppers.pool.profiles}
     window_s = settings.streams.attribution_window_s
     run = LiveRun(version, [], [])
@@ -193,10 +195,13 @@ def main() -> None:
     shoppers = ShopperTraffic(
         settings, catalog, ClickModelJudge.default(settings, catalog), seed=settings.seed
     )
-    search = SearchEngine.open(settings).search
+    engine = SearchEngine.open(settings)
+    hints = catalog.hints(engine.search)  # a hinted version is served hinted, as `qrloop serve` does
     versions = [candidate] if args.no_control else [candidate, 1]
     live = {
-        v: live_rewards(settings, queries, policies[v], v, shoppers, relevance, search, args.seed)
+        v: live_rewards(
+            settings, queries, policies[v], v, shoppers, relevance, engine.search, args.seed, hints
+        )
         for v in versions
     }
 
