@@ -6,9 +6,10 @@ import pytest
 
 from learner import evaluate_online as ev
 from qrloop.catalog import Catalog
-from qrloop.prompting import RESULT_DEPTH, results_hints
+from qrloop.prompting import RESULT_DEPTH, result_words, results_hints
 from qrloop.settings import Settings
 from qrloop.spelling import CatalogSpeller, edits1
+from simulators.search import SearchEngine
 
 TITLES = [
     *["Ryobi 18-Volt Cordless Drill"] * 3,
@@ -63,7 +64,8 @@ def test_hints_search_the_corrected_query_and_lead_with_the_correction(speller: 
 
 def test_the_real_catalog_corrects_known_home_depot_misspellings(base_settings: Settings) -> None:
     # Real pairs from hd_query_spell_corrections.csv, each corrected by one edit the titles' counts decide
-    speller = Catalog.open(base_settings).speller
+    catalog = Catalog.open(base_settings)
+    speller = catalog.speller
     cases = [
         ("1 1/4 galvenized steel pipe fittings", "1 1/4 galvanized steel pipe fittings"),
         ("30 gal electirc water heater", "30 gal electric water heater"),
@@ -74,3 +76,11 @@ def test_the_real_catalog_corrects_known_home_depot_misspellings(base_settings: 
         fixed = speller.correct(wrong)
         assert ev.corrects(wrong, right, fixed), (wrong, fixed)
     assert speller.corrections("cordless drill") == {}
+    # The hint line a hinted policy is shown for the typo leads with the correction, and the rest are the
+    # words of the corrected query's results (the typed query's top 30 are whatever "4" finds)
+    engine = SearchEngine.open(base_settings, dataset=catalog.dataset)
+    typed = catalog.hints(engine.search)("4 flourescent")
+    assert typed[0] == "fluorescent"
+    assert (
+        typed[1:] == result_words("4 fluorescent", map(catalog.title, engine.search("4 fluorescent", 30)))[:9]
+    )
