@@ -1,13 +1,14 @@
 """Catalog spelling: the catalog's own word for a query word its titles (almost) never use.
 
-A misspelled query ("cordles drill") retrieves on its other words, so the words of its results, which a hinted
-prompt shows (:mod:`qrloop.prompting`), are often off-target, and a 135M policy corrected 19-23% of held-out
-known misspellings however its warm start was mixed (README, "Spelling"). Search engines correct against
-their own index; so does this: a word at most ``min_count - 1`` titles use is replaced by the word one edit
-away (two for words of five letters or more) that most titles use *together with the query's other words*,
-then by the one most titles use at all. The context is what turns "chase lounge" into "chaise lounge" rather
-than "case lounge". Only alphabetic words of three letters or more are looked at: sizes, model numbers and
-units ("20x8", "1/2", "40ft") are left as typed, because an edit of a number is another product, not a typo.
+A misspelled query ("cordles drill") retrieves on its other words, so the words of its results, which a
+hinted prompt shows (:mod:`qrloop.prompting`), are often off-target, and a 135M policy corrected 19-23% of
+held-out known misspellings however its warm start was mixed (README, "The catalog's spelling"). Search
+engines correct against their own index; so does this: a word fewer than ``min_count`` titles use (in either
+number) is replaced by the word one edit away (two for words of five letters or more, where none is one
+away) that most titles use *together with the query's other words*, then by the one most titles use at all.
+The context is what turns "chase lounge" into "chaise lounge" rather than "case lounge". Only alphabetic
+words of three letters or more are looked at: sizes, model numbers and units ("20x8", "1/2", "40ft") are left
+as typed, because an edit of a number is another product, not a typo.
 
 Pure: built from the titles alone (never from queries, so held-out queries cannot leak into it).
 """

@@ -227,6 +227,41 @@ def test_expansion_pairs_add_the_words_that_find_the_judged_products_a_query_mis
     }, "expansion pairs go one way only, towards the expansion"
 
 
+def test_a_misspelled_query_is_expanded_as_the_catalog_spells_it() -> None:
+    typo = _query("drils", False)
+    fixed = typo.replace("drils", "drill")
+    edges = pd.DataFrame({"query": [typo, typo], "product_id": ["p1", "p2"]})
+    titles = {"p1": "Ryobi Cordless Drill Kit", "p2": "DEWALT Cordless Drill", "p4": "Drill Press"}
+    results = {
+        typo: ["p4"],  # the typo finds what its other characters do: neither judged product
+        fixed: [
+            "p4",
+            "p1",
+            "p2",
+        ],  # the corrected query's top 1 misses them too; its deeper results hold them
+        f"{fixed} cordless": ["p1", "p2"],
+        f"{fixed} ryobi": ["p1"],
+    }
+    searched: list[str] = []
+
+    def search(query: str, k: int) -> list[str]:
+        searched.append(query)
+        return results.get(query, [])[:k]
+
+    def correct(query: str) -> str:
+        return query.replace("drils", "drill")
+
+    pairs = q2q.expansion_pairs(edges, titles, search, depth=3, terms=3, top_k=1, correct=correct)
+    # the targets start from the correction; what they add is counted against the typed query's top 1
+    assert list(zip(pairs["query_a"], pairs["query_b"], strict=True)) == [
+        (typo, f"{fixed} cordless"),
+        (typo, f"{fixed} ryobi"),
+    ]
+    assert searched[:2] == [fixed, typo]
+    unspelled = q2q.expansion_pairs(edges, titles, search, depth=3, terms=3, top_k=1)
+    assert unspelled.empty  # the typo's own results have no word that finds a judged product
+
+
 def test_relevance_verifier_checks_the_partners_other_products() -> None:
     products = {"drill": ["cordless drill kit", "drill bits"], "driver": ["drill bits", "impact driver"]}
 

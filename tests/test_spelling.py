@@ -48,7 +48,7 @@ def test_known_words_numbers_and_sizes_are_left_as_typed(speller: CatalogSpeller
     assert speller.corrections("qwzx drill") == {}  # nothing the catalog uses is near it
 
 
-def test_hints_search_the_corrected_query_and_lead_with_the_correction(speller: CatalogSpeller) -> None:
+def test_hints_search_the_corrected_query_and_lead_with_it(speller: CatalogSpeller) -> None:
     asked: list[str] = []
 
     def search(query: str, k: int) -> list[str]:
@@ -57,9 +57,10 @@ def test_hints_search_the_corrected_query_and_lead_with_the_correction(speller: 
         return [str(i) for i in range(3)]  # the Ryobi titles
 
     hints = results_hints(search, lambda product: TITLES[int(product)], n=3, correct=speller.correct)
-    assert hints("cordles drill") == ["cordless", "ryobi", "volt"]
+    assert hints("Cordles  drill") == ["cordless drill", "ryobi", "volt"]
     assert hints("drill") == ["ryobi", "volt", "cordless"]  # nothing to correct: the results' words alone
-    assert asked == ["cordless drill", "drill"]
+    assert hints("Cordless drill") == ["ryobi", "volt"]  # only case and spacing differ: nothing corrected
+    assert asked == ["cordless drill", "drill", "cordless drill"]
 
 
 def test_the_real_catalog_corrects_known_home_depot_misspellings(base_settings: Settings) -> None:
@@ -76,11 +77,10 @@ def test_the_real_catalog_corrects_known_home_depot_misspellings(base_settings: 
         fixed = speller.correct(wrong)
         assert ev.corrects(wrong, right, fixed), (wrong, fixed)
     assert speller.corrections("cordless drill") == {}
-    # The hint line a hinted policy is shown for the typo leads with the correction, and the rest are the
+    # The hint line a hinted policy is shown for the typo leads with the corrected query, and the rest are the
     # words of the corrected query's results (the typed query's top 30 are whatever "4" finds)
     engine = SearchEngine.open(base_settings, dataset=catalog.dataset)
     typed = catalog.hints(engine.search)("4 flourescent")
-    assert typed[0] == "fluorescent"
-    assert (
-        typed[1:] == result_words("4 fluorescent", map(catalog.title, engine.search("4 fluorescent", 30)))[:9]
-    )
+    assert typed[0] == "4 fluorescent"
+    fixed_results = map(catalog.title, engine.search("4 fluorescent", RESULT_DEPTH))
+    assert typed[1:] == result_words("4 fluorescent", fixed_results)[:9]

@@ -426,6 +426,7 @@ def warm_start(
     search: q2q_mod.Search | None = None,
     expansions: bool = False,
     hints: Hints | None = None,
+    correct: Callable[[str], str] | None = None,
     progress: ProgressLike | None = None,
 ) -> int:
     """A quick stand-in for the full build, for a machine that has none yet: SFT the base policy on the
@@ -435,7 +436,8 @@ def warm_start(
 
     With ``hints`` the policy is *hinted*: each training query's prompt also shows ``hints(query)``, the words
     of its results (``qrloop.prompting``), and the policy's config says so, so that every rewriter serving it
-    and every learner training it builds the same prompt.
+    and every learner training it builds the same prompt. ``correct`` (the catalog's spelling, which the
+    hints also apply) makes each expansion pair start from the query as corrected.
 
     Vanilla SmolLM2 answers a query like a chat ("Sure! Here are..."); a few dozen SFT steps are enough to
     teach it the format (a short query back), which is what the online loop needs to start from. The full
@@ -443,7 +445,9 @@ def warm_start(
     """
     out = warm_start_dir(settings)
     with quiet_libraries():
-        report = build_q2q(settings, use_m1=False, search=search, expansions=expansions, out_dir=out / "q2q")
+        report = build_q2q(
+            settings, use_m1=False, search=search, expansions=expansions, correct=correct, out_dir=out / "q2q"
+        )
         train = read_pairs(out / "q2q" / "train.jsonl")
         if hints is not None:
             train = hinted_pairs(train, hints)

@@ -155,6 +155,7 @@ def title_pairs(
     words: int = TITLE_WORDS,
     per_query: int = 2,
     top_k: int = 10,
+    correct: Callable[[str], str] | None = None,
 ) -> pd.DataFrame:
     """(``query_a``, ``query_b``): ``query_b`` the first ``words`` words (lower-cased) of the title of a
     product judged relevant to ``query_a`` that ``query_a``'s own top ``top_k`` misses; at most ``per_query``
@@ -186,6 +187,7 @@ def expansion_pairs(
     terms: int = EXPANSION_TERMS,
     per_query: int = 2,
     top_k: int = 10,
+    correct: Callable[[str], str] | None = None,
 ) -> pd.DataFrame:
     """(``query_a``, ``query_b`` = ``query_a`` + one word): the expansions of each training query by one of
     its result words (``qrloop.prompting.result_words``, from the titles of its top ``depth``) whose top
@@ -197,19 +199,25 @@ def expansion_pairs(
     and adds the one the engine needs. A policy that sees only the query cannot know that word (a warm start
     with these pairs did worse than without them); one whose prompt lists its results' words can
     (``benchmarks/bench_hints.py``).
+
+    With ``correct`` (the catalog's spelling) a misspelled query is expanded as corrected, from the words of
+    the corrected query's results, as a hinted prompt shows them (``qrloop.prompting.results_hints``): an
+    expansion that kept the typo would teach the policy to copy it past the correction its prompt shows.
     """
     rows: list[tuple[str, str]] = []
     for query, products in edges.groupby("query", sort=True)["product_id"]:
         if is_heldout(query):
             continue
         judged = {str(p) for p in products}
-        results = [str(p) for p in search(query, depth)[:depth]]
-        shown = set(results[:top_k])
+        base = correct(query) if correct is not None else query
+        results = [str(p) for p in search(base, depth)[:depth]]
+        # what a rewrite adds to: the typed query's own top k (the corrected query's are a rewrite's)
+        shown = set(results[:top_k] if base == query else search(query, top_k)[:top_k])
         if not judged - shown:
             continue
         scored = []
-        for rank, term in enumerate(result_words(query, (titles.get(p, "") for p in results), terms)):
-            expanded = f"{query} {term}"
+        for rank, term in enumerate(result_words(base, (titles.get(p, "") for p in results), terms)):
+            expanded = f"{base} {term}"
             added = len(judged & ({str(p) for p in search(expanded, top_k)[:top_k]} - shown))
             if added:
                 scored.append((-added, rank, expanded.lower()))
@@ -403,6 +411,7 @@ def build_q2q(
     search: Search | None = None,
     titles: bool = True,
     expansions: bool = False,
+    correct: Callable[[str], str] | None = None,
     title_words: int = TITLE_WORDS,
     eval_fraction: float = EVAL_FRACTION,
     out_dir: Path | None = None,
@@ -414,8 +423,8 @@ def build_q2q(
     ``RelevanceModel.load(settings).score`` (M1). ``llm_verifier``, when given, checks every pair (graph and
     spelling) after M1, as the paper's 70B model did. ``search``, when given, adds title pairs
     (:func:`title_pairs`: the judged products each training query's own results miss) unless ``titles`` is
-    false, and expansion pairs (:func:`expansion_pairs`) where ``expansions`` is true.
-    ``progress(stage, done, total)`` reports the slow part.
+    false, and expansion pairs (:func:`expansion_pairs`, of each query as ``correct`` spells it) where
+    ``expansions`` is true. ``progress(stage, done, total)`` reports the slow part.
     """
     name, triples, products = _triples(settings)
     if min_grade is None and min_relevance is None:
@@ -433,6 +442,8 @@ def build_q2q(
         title_words=title_words if search is not None and titles else None,
         expansions=search is not None and expansions,
         eval_fraction=eval_fraction,
+        # only where true, so that a build cached before the option still matches its own parameters
+        **({"spelled_expansions": True} if search is not None and expansions and correct else {}),
     )
 
     graph = shared_product_pairs(edges, k)
@@ -473,7 +484,7 @@ def build_q2q(
         named = drop_identical(drop_heldout(named))
         report.stages["title: no held-out query, not identical"] = len(named)
     if search is not None and expansions:
-        expanded = expansion_pairs(edges, _titles(products), search)
+        expanded = expansion_pairs(edges, _titles(products), search, correct=correct)
         report.stages["expansion pairs (query + a word of its results' titles)"] = len(expanded)
         expanded = drop_identical(drop_heldout(expanded))
         report.stages["expansion: no held-out query, not identical"] = len(expanded)

@@ -423,8 +423,16 @@ def offline_warm_start(
     db.upgrade(settings.db_url)
     engine = SearchEngine.open(settings) if titles or hints else None
     search = engine.search if engine is not None and titles else None
-    hinted = catalog_hints(settings, engine) if engine is not None and hints else None
-    version = warm_start(settings, steps=steps, search=search, expansions=expansions, hints=hinted)
+    hinted = correct = None
+    if engine is not None and hints:
+        from qrloop.catalog import Catalog  # pandas
+
+        catalog = Catalog.open(settings)
+        # the hints search a query as the catalog spells it; so do the expansions they are shown with
+        hinted, correct = catalog.hints(engine.search), catalog.speller.correct
+    version = warm_start(
+        settings, steps=steps, search=search, expansions=expansions, hints=hinted, correct=correct
+    )
     console.print(f"warm start published as version {version} ('production') in {settings.db_url}")
 
 
