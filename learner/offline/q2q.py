@@ -155,7 +155,6 @@ def title_pairs(
     words: int = TITLE_WORDS,
     per_query: int = 2,
     top_k: int = 10,
-    correct: Callable[[str], str] | None = None,
 ) -> pd.DataFrame:
     """(``query_a``, ``query_b``): ``query_b`` the first ``words`` words (lower-cased) of the title of a
     product judged relevant to ``query_a`` that ``query_a``'s own top ``top_k`` misses; at most ``per_query``
