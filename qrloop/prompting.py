@@ -24,6 +24,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from qrloop.data import normalise_query
+
 SYSTEM = "Rewrite the shopping query for a product search engine. Reply with the query only."
 HINT_LINE = "Words in its results: "
 # How deep a hinted prompt looks and how many words it shows: the original's ranks 11-30 hold 1.65x the
@@ -47,13 +49,19 @@ Hints = Callable[[str], list[str]]
 DeepSearch = Callable[[str, int], Sequence[str]]
 
 
+def title_words(title: str) -> list[str]:
+    """The words of a title as the hints count them (and the catalog's spelling knows them): lower case,
+    starting with a letter, so sizes ("1/2", "20x8") are not words."""
+    return _WORD.findall(title.lower())
+
+
 def result_words(query: str, titles: Iterable[str], n: int = RESULT_WORDS) -> list[str]:
     """The ``n`` words most of ``titles`` use (one count per title, ties by first use) that ``query`` does not
     already say, in either number: pseudo-relevance feedback over the query's own results."""
     said = {w.lower().rstrip("s") for w in query.split()}
     counts: Counter[str] = Counter()
     for title in titles:
-        counts.update(dict.fromkeys(_WORD.findall(title.lower()), 1))
+        counts.update(dict.fromkeys(title_words(title), 1))
     return [
         word
         for word, _ in counts.most_common()
@@ -79,7 +87,7 @@ def results_hints(
     def hints(query: str) -> list[str]:
         fixed = correct(query) if correct is not None else query
         words = result_words(fixed, (title_of(p) for p in search(fixed, RESULT_DEPTH)), n)
-        return ([fixed, *words] if fixed != " ".join(query.lower().split()) else words)[:n]
+        return ([fixed, *words] if fixed != normalise_query(query) else words)[:n]
 
     return hints
 

@@ -15,12 +15,12 @@ Pure: built from the titles alone (never from queries, so held-out queries canno
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 
 import numpy as np
 
-_WORD = re.compile(r"[a-z][a-z0-9'-]+")
+from qrloop.prompting import title_words
+
 _LETTERS = "abcdefghijklmnopqrstuvwxyz"
 # A word fewer titles use than this is a candidate typo; a correction must be used at least this often.
 MIN_COUNT = 3
@@ -56,7 +56,7 @@ class CatalogSpeller:
     def __init__(self, titles: Iterable[str], min_count: int = MIN_COUNT) -> None:
         postings: dict[str, list[int]] = {}
         for i, title in enumerate(titles):
-            for word in dict.fromkeys(_WORD.findall(title.lower())):
+            for word in dict.fromkeys(title_words(title)):
                 postings.setdefault(word, []).append(i)
         # Sorted title ids per word: the co-occurrence count of a candidate is one intersection.
         self._titles = {w: np.asarray(ids, dtype=np.int32) for w, ids in postings.items()}
