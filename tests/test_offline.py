@@ -547,6 +547,7 @@ def test_a_hinted_warm_start_trains_on_its_queries_results_words_and_says_so(
     try:
         version = store.get(version_id)
         assert version.tags["prompt"] == "hinted"
+        assert version.tags["catalog_spelling"] is False, "no speller was given: the tag says so"
         model, _tokenizer = load_stored_policy(store, version)
     finally:
         store.close()

@@ -474,6 +474,9 @@ def warm_start(
         "title_pairs": search is not None,
         "expansion_pairs": search is not None and expansions,
         "prompt": "hinted" if hints is not None else "query",
+        # The serving root always spells a hinted prompt's query by the catalog; a version trained without
+        # the speller (before it existed) says so here rather than passing as the same start.
+        "catalog_spelling": correct is not None,
     }
     pairs = "unverified Q2Q and title pairs" if search is not None else "unverified Q2Q pairs"
     if hints is not None:
