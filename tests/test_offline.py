@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from learner.offline import q2q
+from learner.offline.build import StudentConfig
 from learner.offline.distill import (
     choose_block,
     compare_with_gkd,
@@ -34,7 +35,7 @@ from learner.offline.q2q import QueryPair
 from learner.offline.sft import collate, completion_loss, prompt_completion_rows, train_sft
 from qrloop.data import is_heldout
 from qrloop.models import build_tiny_policy, load_policy, require_policy
-from qrloop.prompting import end_of_turn
+from qrloop.prompting import RESULT_WORDS, end_of_turn, hint_words
 from qrloop.runs import open_store
 from qrloop.settings import Settings
 
@@ -516,7 +517,6 @@ def test_a_hinted_warm_start_trains_on_its_queries_results_words_and_says_so(
     from learner.offline.build import hinted_pairs, warm_start, warm_start_student
     from policy_store import db
     from qrloop.models import load_stored_policy
-    from qrloop.prompting import RESULT_WORDS, hint_words
 
     asked: list[str] = []
 
@@ -556,12 +556,35 @@ def test_a_hinted_warm_start_trains_on_its_queries_results_words_and_says_so(
         warm_start_student(settings)
 
 
+def _five_layers(tiny: Path, tmp_path: Path) -> Path:
+    """A random five-layer model of the tiny policy's shape: deep enough for a three-layer student."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(str(tiny))
+    config.num_hidden_layers = 5
+    torch.manual_seed(3)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "five")
+    AutoTokenizer.from_pretrained(str(tiny)).save_pretrained(tmp_path / "five")
+    return tmp_path / "five"
+
+
+def _small_student() -> StudentConfig:
+    return StudentConfig(
+        layers=3,
+        steps=2,
+        distill_steps=1,
+        teacher_queries=3,
+        batch_size=2,
+        calibration_pairs=4,
+        eval_pairs=4,
+        serving_queries=2,
+    )
+
+
 def test_the_warm_starts_student_is_cut_trained_measured_and_published_as_production(
     tiny: Path, tmp_path: Path, sqlite_url: str
 ) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from learner.offline.build import STUDENT_TAG, StudentConfig, warm_start, warm_start_student
+    from learner.offline.build import STUDENT_TAG, warm_start, warm_start_student
     from policy_store import db
 
     base = Settings()
@@ -572,24 +595,11 @@ def test_the_warm_starts_student_is_cut_trained_measured_and_published_as_produc
     db.upgrade(sqlite_url)
     with pytest.raises(FileNotFoundError, match="qrloop offline warm-start"):
         warm_start_student(settings)
-    config = AutoConfig.from_pretrained(str(tiny))
-    config.num_hidden_layers = 5
-    torch.manual_seed(3)
-    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path / "five")
-    AutoTokenizer.from_pretrained(str(tiny)).save_pretrained(tmp_path / "five")
-    teacher_version = warm_start(settings, steps=1, batch_size=2, base_dir=tmp_path / "five")
+    teacher_version = warm_start(settings, steps=1, batch_size=2, base_dir=_five_layers(tiny, tmp_path))
+    with pytest.raises(ValueError, match="plain: its student takes no hints"):
+        warm_start_student(settings, _small_student(), hints=lambda _query: ["drill"])
 
-    small = StudentConfig(
-        layers=3,
-        steps=2,
-        distill_steps=1,
-        teacher_queries=3,
-        batch_size=2,
-        calibration_pairs=4,
-        eval_pairs=4,
-        serving_queries=2,
-    )
-    report = warm_start_student(settings, small)
+    report = warm_start_student(settings, _small_student())
 
     assert sorted(report.cut_xentropy) == [1, 2], "both 3-layer cuts that keep the first and last layer"
     cheapest = min(report.cut_xentropy, key=lambda first: report.cut_xentropy[first])
@@ -607,3 +617,43 @@ def test_the_warm_starts_student_is_cut_trained_measured_and_published_as_produc
         store.close()
     served, _ = load_policy(tmp_path / "offline" / "warm-start" / "homedepot" / "student" / "policy")
     assert served.config.num_hidden_layers == 3
+    assert production.tags["prompt"] == "query" and hint_words(served) == 0
+
+
+def test_a_hinted_warm_starts_student_learns_and_is_measured_on_the_hinted_prompt(
+    tiny: Path, tmp_path: Path, sqlite_url: str
+) -> None:
+    from learner.offline.build import warm_start, warm_start_student
+    from policy_store import db
+
+    asked: set[str] = set()
+
+    def hints(query: str) -> list[str]:
+        asked.add(query)
+        return ["drill"]
+
+    base = Settings()
+    settings = base.model_copy(
+        update={"cache_dir": tmp_path, "database_url": sqlite_url, "blob_dir": tmp_path / "blobs"}
+    )
+    (tmp_path / "data").symlink_to(base.cache_dir / "data")  # the prepared data set, read only
+    db.upgrade(sqlite_url)
+    warm_start(settings, steps=1, batch_size=2, base_dir=_five_layers(tiny, tmp_path), hints=hints)
+    with pytest.raises(ValueError, match="hinted: its student needs the catalog's hints"):
+        warm_start_student(settings, _small_student())
+    asked.clear()
+
+    report = warm_start_student(settings, _small_student(), hints=hints)
+
+    source = tmp_path / "offline" / "warm-start" / "homedepot"
+    evaluated = {p.source for p in q2q.read_pairs(source / "q2q" / "eval.jsonl")} & asked
+    assert evaluated, "Table 2 is measured on the hinted prompt (held-out pairs' queries were hinted)"
+    assert {p.source for p in q2q.read_pairs(source / "q2q" / "train.jsonl")} <= asked
+    assert report.hinted and set(report.table2) == {"T/P", "S/cut", "S/P", "T→S/P"}
+    served, _ = load_policy(source / "student" / "policy")
+    assert hint_words(served) == RESULT_WORDS, "the student keeps its teacher's hint mark"
+    store = open_store(settings)
+    try:
+        assert store.resolve("production").tags["prompt"] == "hinted"
+    finally:
+        store.close()

@@ -495,6 +495,11 @@ def hinted_pairs(pairs: Sequence[QueryPair], hints: Hints) -> list[QueryPair]:
     return [dataclasses.replace(p, source=messages[p.source]) for p in pairs]
 
 
+def is_hinted(policy_dir: Path) -> bool:
+    """Whether the checkpoint in ``policy_dir`` was trained on the hinted prompt (:func:`mark_hinted`)."""
+    return bool(json.loads((policy_dir / "config.json").read_text()).get(HINT_WORDS_KEY))
+
+
 def mark_hinted(policy_dir: Path, words: int) -> None:
     """Record in the checkpoint's config.json that its prompt shows ``words`` result words: the config travels
     with the weights into every version trained from them, and stock ``transformers`` keeps unknown keys."""
@@ -537,6 +542,7 @@ class StudentReport:
     table2: dict[str, dict[str, float]] = field(default_factory=dict)  # "T/P", "S/cut", "S/P", "T→S/P"
     serving: dict[str, dict[str, float]] = field(default_factory=dict)  # "T"/"S" → median_s, tokens
     version: int | None = None
+    hinted: bool = False  # trained and measured on the hinted prompt (its teacher's)
 
     def serving_ratio(self) -> float:
         """The student's median serving time over the teacher's (the issue's goal: ≤ 0.6)."""
@@ -549,7 +555,10 @@ class StudentReport:
 
 
 def warm_start_student(
-    settings: Settings, config: StudentConfig | None = None, progress: ProgressLike | None = None
+    settings: Settings,
+    config: StudentConfig | None = None,
+    progress: ProgressLike | None = None,
+    hints: Hints | None = None,
 ) -> StudentReport:
     """The student of the data set's warm start (issue #12, item 6): cut the warm-started teacher to
     ``config.layers`` decoder layers by dropping the one contiguous block whose loss hurts its training pairs
@@ -563,7 +572,12 @@ def warm_start_student(
     warm start's student"): after the SFT the student was 22% behind the teacher; 200 steps of token-level
     reverse KL on the Q2Q pairs took that to 20%, 200 steps on the teacher's own rewrites to 8.5%. The
     online reward scores what the policy *samples*, and the teacher's samples are what it serves.
-    Raises ``FileNotFoundError`` without a warm start for this data set, ``ValueError`` for a hinted one.
+
+    A hinted warm start's student needs ``hints`` (the catalog's, as the root serves them): it is calibrated,
+    trained, distilled, measured and timed on the hinted prompt its teacher was trained on and is served
+    with, and its config keeps the teacher's hint mark, so every rewriter builds that prompt for it too.
+    Raises ``FileNotFoundError`` without a warm start for this data set, ``ValueError`` when ``hints`` are
+    missing for a hinted one or given for a plain one.
     """
     source = warm_start_dir(settings)
     teacher_dir = source / "policy"
@@ -571,13 +585,16 @@ def warm_start_student(
         raise FileNotFoundError(
             f"no warm start for {dataset_name(settings)} in {source}; run `qrloop offline warm-start` first"
         )
-    if json.loads((teacher_dir / "config.json").read_text()).get(HINT_WORDS_KEY):
-        # The student trains and is measured on the warm start's plain pairs: it would learn a prompt its
-        # hinted config would then tell every rewriter not to build.
-        raise ValueError(f"the warm start in {source} is hinted; a hinted student is not built (issue #12)")
+    hinted = is_hinted(teacher_dir)
+    if hinted != (hints is not None):
+        # A student trained on the other prompt would learn one its config tells every rewriter not to build.
+        kind, needs = ("hinted", "needs the catalog's hints") if hinted else ("plain", "takes no hints")
+        raise ValueError(f"the warm start in {source} is {kind}: its student {needs}")
     config = config or StudentConfig()
     train = read_pairs(source / "q2q" / "train.jsonl")
     evaluation = sample_pairs(read_pairs(source / "q2q" / "eval.jsonl"), config.eval_pairs, settings.seed)
+    if hints is not None:
+        train, evaluation = hinted_pairs(train, hints), hinted_pairs(evaluation, hints)
     out = source / "student"
     with quiet_libraries():
         calibration = sample_pairs(train, config.calibration_pairs, settings.seed)
@@ -588,6 +605,7 @@ def warm_start_student(
             choice.kept,
             _layers(teacher_dir),
             {first: round(nll, 4) for first, nll in choice.nll_by_first_dropped.items()},
+            hinted=hinted,
         )
         rows = _train_student(settings, config, report, train, out, progress)
         report.table2 = {name: evaluate_model(path, evaluation).as_dict() for name, path in rows.items()}
@@ -670,6 +688,7 @@ def publish_student(settings: Settings, student_dir: Path, report: StudentReport
         "teacher_layers": report.teacher_layers,
         "student_layers": len(report.kept_layers),
         "kept_layers": report.kept_layers,
+        "prompt": "hinted" if report.hinted else "query",
     }
     sft_steps, kd_steps = (int(report.training.get(m, {}).get("steps", 0)) for m in ("S", "T→S"))
     reason = (

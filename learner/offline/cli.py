@@ -23,7 +23,7 @@ app = typer.Typer(
 console = Console()
 
 
-def _progress() -> Progress:
+def progress_bars() -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -53,7 +53,7 @@ def q2q(
     from learner.offline.q2q import build_q2q
     from learner.offline.sft import quiet_libraries
 
-    with _progress() as progress, quiet_libraries():
+    with progress_bars() as progress, quiet_libraries():
         task = progress.add_task("M1 verification", total=None)
         report = build_q2q(
             get_settings(),
@@ -114,7 +114,7 @@ def build(
         alias=alias,
         teacher_dir=teacher_dir,
     )
-    with _progress() as progress:
+    with progress_bars() as progress:
         report = build_minielm(get_settings(), config=config, progress=progress)
     console.print(_stage_table(report.q2q["stages"]))
     console.print(report.table(), soft_wrap=True)
@@ -127,44 +127,6 @@ def build(
     if report.version is not None:
         console.print(f"[green]published[/] {report.published} as version {report.version} ('{alias}')")
     console.print_json(json.dumps({"stages_s": report.stages_s, "training": report.training}))
-
-
-@app.command("student")
-def student(
-    layers: int = typer.Option(15, help="Decoder layers the student keeps (the teacher has 30)."),
-    steps: int = typer.Option(300, help="SFT steps of the cut student on the warm start's pairs."),
-    distill_steps: int = typer.Option(
-        500, help="Steps of SFT on the teacher's own sampled rewrites after the SFT on pairs (0: none)."
-    ),
-    teacher_queries: int = typer.Option(1200, help="Training queries the teacher rewrites (two each)."),
-    publish: bool = typer.Option(True, help="Publish the student as 'production' (else only measure)."),
-) -> None:
-    """The warm start's student: drop the contiguous block of the warm-started teacher's layers that costs
-    least, SFT the cut on the same pairs, distil the teacher into it, print Table 2 and serving time, publish
-    it as 'production'."""
-    from learner.offline.build import StudentConfig, warm_start_student
-
-    config = StudentConfig(
-        layers=layers,
-        steps=steps,
-        distill_steps=distill_steps,
-        teacher_queries=teacher_queries,
-        publish=publish,
-    )
-    with _progress() as progress:
-        report = warm_start_student(get_settings(), config, progress)
-    console.print(f"kept layers {report.kept_layers} of the teacher's {report.teacher_layers}")
-    console.print(
-        "Table 2 (T P: the warm-started teacher; S V: the untrained cut; S P: after SFT; T→S P: distilled)"
-    )
-    console.print(report.table(), soft_wrap=True)
-    serving = report.serving
-    console.print(
-        f"serving: T {serving['T']['median_s'] * 1000:.0f} ms, S {serving['S']['median_s'] * 1000:.0f} ms "
-        f"per query (S/T {report.serving_ratio():.2f})"
-    )
-    if report.version is not None:
-        console.print(f"[green]published[/] the student as version {report.version} ('production')")
 
 
 @app.command("publish")

@@ -436,6 +436,52 @@ def offline_warm_start(
     console.print(f"warm start published as version {version} ('production') in {settings.db_url}")
 
 
+@offline_app.command("student")
+def offline_student(
+    layers: int = typer.Option(15, help="Decoder layers the student keeps (the teacher has 30)."),
+    steps: int = typer.Option(300, help="SFT steps of the cut student on the warm start's pairs."),
+    distill_steps: int = typer.Option(
+        500, help="Steps of SFT on the teacher's own sampled rewrites after the SFT on pairs (0: none)."
+    ),
+    teacher_queries: int = typer.Option(1200, help="Training queries the teacher rewrites (two each)."),
+    publish: bool = typer.Option(True, help="Publish the student as 'production' (else only measure)."),
+) -> None:
+    """The warm start's student: drop the contiguous block of the warm-started teacher's layers that costs
+    least, SFT the cut on the same pairs, distil the teacher into it, print Table 2 and serving time, publish
+    it as 'production' (declared here, like warm-start: a hinted teacher's student needs the catalog's
+    hints, which only the composition root may build)."""
+    from learner.offline.build import StudentConfig, is_hinted, warm_start_dir, warm_start_student
+    from learner.offline.cli import progress_bars
+    from simulators.search import SearchEngine
+
+    settings = get_settings()
+    config = StudentConfig(
+        layers=layers,
+        steps=steps,
+        distill_steps=distill_steps,
+        teacher_queries=teacher_queries,
+        publish=publish,
+    )
+    teacher = warm_start_dir(settings) / "policy"
+    hinted = (teacher / "config.json").is_file() and is_hinted(teacher)
+    hints = catalog_hints(settings, SearchEngine.open(settings)) if hinted else None
+    with progress_bars() as progress:
+        report = warm_start_student(settings, config, progress, hints)
+    console.print(f"kept layers {report.kept_layers} of the teacher's {report.teacher_layers}")
+    console.print(
+        "Table 2 (T P: the warm-started teacher; S V: the untrained cut; S P: after SFT; T→S P: distilled"
+        + (", all on the hinted prompt)" if report.hinted else ")")
+    )
+    console.print(report.table(), soft_wrap=True)
+    serving = report.serving
+    console.print(
+        f"serving: T {serving['T']['median_s'] * 1000:.0f} ms, S {serving['S']['median_s'] * 1000:.0f} ms "
+        f"per query (S/T {report.serving_ratio():.2f})"
+    )
+    if report.version is not None:
+        console.print(f"[green]published[/] the student as version {report.version} ('production')")
+
+
 @app.command()
 def demo(
     queries: int = typer.Option(320, help="Simulated queries to run through the loop."),
