@@ -463,23 +463,27 @@ def test_publish_existing_publishes_the_chosen_directory_and_moves_the_alias(
     assert json.loads((out / "report.json").read_text())["published"] == "T/P"
 
 
+def _offline_settings(tmp_path: Path, sqlite_url: str) -> Settings:
+    """Settings whose cache, store and blobs are ``tmp_path``'s, over the prepared data set (read only), with
+    the store migrated."""
+    from policy_store import db
+
+    base = Settings()
+    settings = base.model_copy(
+        update={"cache_dir": tmp_path, "database_url": sqlite_url, "blob_dir": tmp_path / "blobs"}
+    )
+    (tmp_path / "data").symlink_to(base.cache_dir / "data")
+    db.upgrade(sqlite_url)
+    return settings
+
+
 def test_warm_start_sfts_on_unverified_pairs_and_publishes_production(
     tiny: Path, tmp_path: Path, sqlite_url: str
 ) -> None:
     from learner.offline.build import WARM_START_TAG, warm_start
-    from policy_store import db
     from qrloop.cli.demo import offline_policy_version
 
-    base = Settings()
-    settings = base.model_copy(
-        update={
-            "cache_dir": tmp_path,
-            "database_url": sqlite_url,
-            "blob_dir": tmp_path / "blobs",
-        }
-    )
-    (tmp_path / "data").symlink_to(base.cache_dir / "data")  # the prepared data set, read only
-    db.upgrade(sqlite_url)
+    settings = _offline_settings(tmp_path, sqlite_url)
     assert offline_policy_version(settings) is None, "an empty store has no offline policy"
 
     # A search engine that shows nothing: every judged-relevant product of a training query is "missed".
@@ -515,7 +519,6 @@ def test_a_hinted_warm_start_trains_on_its_queries_results_words_and_says_so(
     tiny: Path, tmp_path: Path, sqlite_url: str
 ) -> None:
     from learner.offline.build import hinted_pairs, warm_start, warm_start_student
-    from policy_store import db
     from qrloop.models import load_stored_policy
 
     asked: list[str] = []
@@ -533,12 +536,7 @@ def test_a_hinted_warm_start_trains_on_its_queries_results_words_and_says_so(
     assert [(p.target, p.origin) for p in hinted] == [(p.target, p.origin) for p in pairs]
     assert asked == ["drill"], "one search per distinct query"
 
-    base = Settings()
-    settings = base.model_copy(
-        update={"cache_dir": tmp_path, "database_url": sqlite_url, "blob_dir": tmp_path / "blobs"}
-    )
-    (tmp_path / "data").symlink_to(base.cache_dir / "data")  # the prepared data set, read only
-    db.upgrade(sqlite_url)
+    settings = _offline_settings(tmp_path, sqlite_url)
     asked.clear()
     version_id = warm_start(settings, steps=1, batch_size=2, base_dir=tiny, hints=hints)
     training = q2q.read_pairs(tmp_path / "offline" / "warm-start" / "homedepot" / "q2q" / "train.jsonl")
@@ -585,14 +583,8 @@ def test_the_warm_starts_student_is_cut_trained_measured_and_published_as_produc
     tiny: Path, tmp_path: Path, sqlite_url: str
 ) -> None:
     from learner.offline.build import STUDENT_TAG, warm_start, warm_start_student
-    from policy_store import db
 
-    base = Settings()
-    settings = base.model_copy(
-        update={"cache_dir": tmp_path, "database_url": sqlite_url, "blob_dir": tmp_path / "blobs"}
-    )
-    (tmp_path / "data").symlink_to(base.cache_dir / "data")  # the prepared data set, read only
-    db.upgrade(sqlite_url)
+    settings = _offline_settings(tmp_path, sqlite_url)
     with pytest.raises(FileNotFoundError, match="qrloop offline warm-start"):
         warm_start_student(settings)
     teacher_version = warm_start(settings, steps=1, batch_size=2, base_dir=_five_layers(tiny, tmp_path))
@@ -624,7 +616,6 @@ def test_a_hinted_warm_starts_student_learns_and_is_measured_on_the_hinted_promp
     tiny: Path, tmp_path: Path, sqlite_url: str
 ) -> None:
     from learner.offline.build import warm_start, warm_start_student
-    from policy_store import db
 
     asked: set[str] = set()
 
@@ -632,12 +623,7 @@ def test_a_hinted_warm_starts_student_learns_and_is_measured_on_the_hinted_promp
         asked.add(query)
         return ["drill"]
 
-    base = Settings()
-    settings = base.model_copy(
-        update={"cache_dir": tmp_path, "database_url": sqlite_url, "blob_dir": tmp_path / "blobs"}
-    )
-    (tmp_path / "data").symlink_to(base.cache_dir / "data")  # the prepared data set, read only
-    db.upgrade(sqlite_url)
+    settings = _offline_settings(tmp_path, sqlite_url)
     warm_start(settings, steps=1, batch_size=2, base_dir=_five_layers(tiny, tmp_path), hints=hints)
     with pytest.raises(ValueError, match="hinted: its student needs the catalog's hints"):
         warm_start_student(settings, _small_student())

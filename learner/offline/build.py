@@ -500,6 +500,13 @@ def is_hinted(policy_dir: Path) -> bool:
     return bool(json.loads((policy_dir / "config.json").read_text()).get(HINT_WORDS_KEY))
 
 
+def warm_start_is_hinted(settings: Settings) -> bool:
+    """Whether the data set's warm start (if any) is hinted: what the root asks before building the hints
+    its student needs."""
+    teacher_dir = warm_start_dir(settings) / "policy"
+    return (teacher_dir / "config.json").is_file() and is_hinted(teacher_dir)
+
+
 def mark_hinted(policy_dir: Path, words: int) -> None:
     """Record in the checkpoint's config.json that its prompt shows ``words`` result words: the config travels
     with the weights into every version trained from them, and stock ``transformers`` keeps unknown keys."""

@@ -450,7 +450,7 @@ def offline_student(
     least, SFT the cut on the same pairs, distil the teacher into it, print Table 2 and serving time, publish
     it as 'production' (declared here, like warm-start: a hinted teacher's student needs the catalog's
     hints, which only the composition root may build)."""
-    from learner.offline.build import StudentConfig, is_hinted, warm_start_dir, warm_start_student
+    from learner.offline.build import StudentConfig, warm_start_is_hinted, warm_start_student
     from learner.offline.cli import progress_bars
     from simulators.search import SearchEngine
 
@@ -462,9 +462,7 @@ def offline_student(
         teacher_queries=teacher_queries,
         publish=publish,
     )
-    teacher = warm_start_dir(settings) / "policy"
-    hinted = (teacher / "config.json").is_file() and is_hinted(teacher)
-    hints = catalog_hints(settings, SearchEngine.open(settings)) if hinted else None
+    hints = catalog_hints(settings, SearchEngine.open(settings)) if warm_start_is_hinted(settings) else None
     with progress_bars() as progress:
         report = warm_start_student(settings, config, progress, hints)
     console.print(f"kept layers {report.kept_layers} of the teacher's {report.teacher_layers}")
