@@ -42,6 +42,19 @@ the query (issue #12). RPO adds the negative log-likelihood of the chosen comple
 the token mean over every chosen completion token of the batch, exactly TRL's ``loss_type=["sigmoid", "sft"],
 loss_weights=[1.0, α]`` (TRL ≤ 0.x called it ``rpo_alpha``). α = 0 is the plain loss above, bit for bit.
 
+**Against length drift: LD-DPO** (``ld_alpha``, Liu et al. 2024, "Length Desensitization in Direct Preference
+Optimization"). A completion's log-probability is a sum over its tokens, so DPO's margin moves with the
+rewrites' lengths, and an online run drifts towards longer ones (the served rewrites grew from 3.7 to 6.6
+words over a 1,000-query run, a third of the added words units and numbers that retrieve nothing new). LD-DPO
+splits each pair's completions at the shorter one's length ℓ and counts the longer one's tokens past ℓ α
+times, in the policy's and the reference's terms alike:
+
+    log π(y) → Σ_{t ≤ ℓ} log π(y_t | ·) + α Σ_{t > ℓ} log π(y_t | ·)
+
+exactly TRL's ``ld_alpha`` (``loss_type=["sigmoid"]``). Unset (or α = 1) is the plain loss, bit for bit. It
+is a per-pair weighting of tokens (:func:`completion_weights`), so every layout and chunking below applies it
+unchanged. Not with RPO: its term is the chosen rewrites' likelihood over all their tokens.
+
 Only the completion positions need the vocabulary projection, so :func:`sequence_logprobs` asks the model for
 logits from the first completion position on (``logits_to_keep``); prompts are most of a step's tokens.
 By default (``DPOConfig.prompt_tree``, the ``dpo.prompt_tree`` setting) the step goes further and computes
@@ -96,6 +109,7 @@ class DPOConfig:
     learning_rate: float = field(default=_default("learning_rate"), metadata={"help": _help("learning_rate")})
     max_grad_norm: float = field(default=_default("max_grad_norm"), metadata={"help": _help("max_grad_norm")})
     rpo_alpha: float = field(default=_default("rpo_alpha"), metadata={"help": _help("rpo_alpha")})
+    ld_alpha: float | None = field(default=_default("ld_alpha"), metadata={"help": _help("ld_alpha")})
     max_length: int | None = field(
         default=128,
         metadata={
@@ -119,6 +133,10 @@ class DPOConfig:
         default=("q_proj", "k_proj", "v_proj", "o_proj"), metadata={"help": "Modules that get an adapter."}
     )
 
+    def __post_init__(self) -> None:
+        # The same rules as DPOSettings', for a config built directly (benchmarks, tests).
+        DPOSettings(rpo_alpha=self.rpo_alpha, ld_alpha=self.ld_alpha)
+
     @classmethod
     def from_settings(cls, dpo: DPOSettings, **overrides: Any) -> DPOConfig:
         values = {
@@ -127,6 +145,7 @@ class DPOConfig:
             "max_grad_norm": dpo.max_grad_norm,
             "prompt_tree": dpo.prompt_tree,
             "rpo_alpha": dpo.rpo_alpha,
+            "ld_alpha": dpo.ld_alpha,
             "lora_r": dpo.lora_r,
             "batch_size": dpo.batch_size,
             "reference_batching": dpo.reference_batching,
@@ -213,16 +232,36 @@ def pad_right(
 # -- model: log-probabilities of the completions ------------------------------------------------------------
 
 
-def sequence_logprobs(model: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_weights(completion_mask: torch.Tensor, ld_alpha: float | None = None) -> torch.Tensor:
+    """How much each position's log-probability counts in its row's sum: 1 on completion tokens, 0 elsewhere;
+    with ``ld_alpha`` (LD-DPO), α on the completion tokens past the shorter completion of the row's pair.
+
+    ``completion_mask``: (2B, T) with every chosen row, then every rejected row (TRL's layout), so row i and
+    row i + B are one pair; positions may be shifted (targets) as long as both rows are shifted alike.
+    """
+    weights = completion_mask.float()
+    if ld_alpha is None:
+        return weights
+    position = completion_mask.cumsum(dim=1)  # 1, 2, … along each row's completion
+    chosen_len, rejected_len = completion_mask.sum(dim=1).chunk(2, dim=0)
+    shared = torch.minimum(chosen_len, rejected_len).repeat(2).unsqueeze(1)
+    past_shared = completion_mask.bool() & (position > shared)
+    return weights.masked_fill(past_shared, ld_alpha)
+
+
+def sequence_logprobs(
+    model: Any, batch: Batch, ld_alpha: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probabilities of each row's completion tokens → (chosen (B,), rejected (B,)).
 
-    One forward over chosen and rejected together, like TRL's concatenated forward.
+    One forward over chosen and rejected together, like TRL's concatenated forward; ``ld_alpha``: LD-DPO's
+    weighting of each pair's tokens past its shorter completion (see the module docstring).
     """
-    chosen, rejected = completion_logprobs(model, batch).chunk(2, dim=0)
+    chosen, rejected = completion_logprobs(model, batch, ld_alpha).chunk(2, dim=0)
     return chosen, rejected
 
 
-def completion_logprobs(model: Any, batch: Batch) -> torch.Tensor:
+def completion_logprobs(model: Any, batch: Batch, ld_alpha: float | None = None) -> torch.Tensor:
     """Summed log-probabilities of each row's completion tokens (rows,), teacher-forced, in one forward: the
     DPO step, the off-policy scorer and the offline evaluation's cross-entropy all score completions with it.
 
@@ -243,12 +282,17 @@ def completion_logprobs(model: Any, batch: Batch) -> torch.Tensor:
         logits_to_keep=torch.arange(start, width - 1, device=input_ids.device),
     ).logits  # (2B, width − 1 − start, V): predictions for tokens start + 1 .. width − 1
     targets = input_ids[:, start + 1 :]
-    mask = completion_mask[:, start + 1 :].bool()
+    weights = completion_weights(completion_mask[:, start + 1 :], ld_alpha)
     # log softmax at the target only: logit − logsumexp, without materialising the full log-softmax tensor.
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
-    # Selected, not multiplied by the mask: a prompt or pad token outside a served policy's output vocabulary
-    # (``qrloop.vocabulary``) has log-probability −inf, and −inf × 0 would make the whole row NaN.
-    return token_logps.masked_fill(~mask, 0.0).sum(dim=1)
+    return weighted_sum(token_logps, weights)
+
+
+def weighted_sum(token_logps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ weight × log-probability per row. Positions of weight 0 are selected out before the product: a
+    prompt or pad token outside a served policy's output vocabulary (``qrloop.vocabulary``) has
+    log-probability −inf, and −inf × 0 would make the whole row NaN."""
+    return (token_logps.masked_fill(weights == 0, 0.0) * weights.to(token_logps.dtype)).sum(dim=1)
 
 
 # -- the same log-probabilities with every prompt token computed once ---------------------------------------
@@ -361,7 +405,7 @@ def _prefix_layers(
 
 
 def tree_logprobs(
-    model: Any, tree: PromptTree, known: KnownPrefix | None = None
+    model: Any, tree: PromptTree, known: KnownPrefix | None = None, ld_alpha: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`sequence_logprobs` of the same pairs, each prompt token computed once (see :class:`PromptTree`).
 
@@ -371,6 +415,7 @@ def tree_logprobs(
     keeps every token's view of its own prompt exactly as in the plain layout. ``known``: a cache of the
     prefix's first tokens under this same model, kept from an earlier call (a frozen reference's system
     message), so that those tokens are not computed again; never for a model that is being trained.
+    ``ld_alpha``: as for :func:`sequence_logprobs`.
     """
     pairs, shared = tree.rest_ids.shape[0], tree.prefix_ids.shape[1]
     layers: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -405,7 +450,8 @@ def tree_logprobs(
     ).logits  # (2B, C − 1, V): predictions for tail tokens 1 .. C − 1
     targets = tree.tail_ids[:, 1:]
     token_logps = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
-    chosen, rejected = (token_logps * tree.target_mask.to(logits.dtype)).sum(dim=1).chunk(2, dim=0)
+    weights = completion_weights(tree.target_mask, ld_alpha)
+    chosen, rejected = weighted_sum(token_logps, weights).chunk(2, dim=0)
     return chosen, rejected
 
 
@@ -670,7 +716,7 @@ class DPOLearnerCore:
     @torch.no_grad()
     def reference_logprobs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         with self._reference_model() as model:
-            return tree_logprobs(model, prompt_tree(batch), self._system_prefix(model))
+            return tree_logprobs(model, prompt_tree(batch), self._system_prefix(model), self.config.ld_alpha)
 
     def _system_prefix(self, reference: Any) -> KnownPrefix:
         """The reference's cache of the tokens every prompt starts with (the system message, ~27 of a
@@ -819,9 +865,9 @@ class DPOLearnerCore:
         :func:`prompt_tree` if the caller has it already."""
         if self.config.prompt_tree:
             tree = tree if tree is not None else prompt_tree(batch)
-            policy_chosen, policy_rejected = tree_logprobs(self.policy, tree)
+            policy_chosen, policy_rejected = tree_logprobs(self.policy, tree, ld_alpha=self.config.ld_alpha)
         else:
-            policy_chosen, policy_rejected = sequence_logprobs(self.policy, batch)
+            policy_chosen, policy_rejected = sequence_logprobs(self.policy, batch, self.config.ld_alpha)
         ref_chosen, ref_rejected = reference if reference is not None else self.reference_logprobs(batch)
         return dpo_loss(
             policy_chosen,

@@ -104,6 +104,12 @@ def test_config_defaults_come_from_the_settings() -> None:
     # The learner lays its steps out as a prompt tree unless the setting says otherwise.
     assert config.prompt_tree and settings.prompt_tree
     assert not DPOConfig.from_settings(DPOSettings(prompt_tree=False)).prompt_tree
+    # LD-DPO is off unless asked for, and cannot be combined with RPO (each redefines the chosen likelihood).
+    assert config.ld_alpha is None and DPOConfig.from_settings(DPOSettings(ld_alpha=0.5)).ld_alpha == 0.5
+    with pytest.raises(ValueError, match="cannot be combined"):
+        DPOConfig(rpo_alpha=1.0, ld_alpha=0.5)
+    with pytest.raises(ValueError):
+        DPOSettings(ld_alpha=1.5)
 
 
 # -- tokenisation and log-probs ------------------------------------------------------------------------------
@@ -648,3 +654,47 @@ def test_rpo_keeps_the_chosen_likelihood_up(tiny_dir: Path) -> None:
         assert stats.nll > 0
     assert chosen[1.0] > chosen[0.0]
     assert chosen[1.0] > 0, "with the term the chosen rewrites become more likely than under the reference"
+
+
+# -- LD-DPO: the tokens past a pair's shorter rewrite count α times ----------------------------------------
+
+
+def test_ld_alpha_weights_only_the_tokens_past_the_shorter_rewrite(tiny_dir: Path) -> None:
+    """At α = 0 the chosen rewrite's words past the rejected one's length do not count (two chosen rewrites
+    that differ only there score the same, where plain sums differ); the shorter rewrite is counted whole;
+    in between, the tail counts α times."""
+    model, tokenizer = load_policy(tiny_dir)
+
+    def logprobs(chosen: str, ld_alpha: float | None) -> tuple[float, float]:
+        batch = tokenize_pairs(tokenizer, [("cordless drill", chosen, "drill")], None, eos_token=END)
+        with torch.no_grad():
+            chosen_lp, rejected_lp = sequence_logprobs(model, batch, ld_alpha)
+        return float(chosen_lp[0]), float(rejected_lp[0])
+
+    short, longer = "20v cordless drill driver kit", "20v cordless drill driver kit with two batteries"
+    assert logprobs(short, 0.0)[0] == pytest.approx(logprobs(longer, 0.0)[0], abs=1e-6)
+    assert abs(logprobs(short, None)[0] - logprobs(longer, None)[0]) > 1e-2
+    assert logprobs(longer, 0.0)[1] == pytest.approx(logprobs(longer, None)[1], abs=1e-6)
+    full, shared = logprobs(longer, None)[0], logprobs(longer, 0.0)[0]
+    assert logprobs(longer, 0.5)[0] == pytest.approx(shared + 0.5 * (full - shared), rel=1e-5)
+
+
+@pytest.mark.parametrize(("ld_alpha", "prompt_tree"), [(0.5, True), (0.0, False)])
+def test_ld_alpha_equals_trls_ld_dpo(
+    tiny_dir: Path, tmp_path: Path, ld_alpha: float, prompt_tree: bool
+) -> None:
+    """``ld_alpha`` is TRL's ``ld_alpha`` (LD-DPO) in either layout: same loss and gradients after two steps
+    (policy ≠ reference), and the weighting is really there (plain DPO's loss on the same weights differs)."""
+    core, batch, ours = loss_after_two_steps(tiny_dir, ld_alpha=ld_alpha, prompt_tree=prompt_tree)
+    with torch.no_grad():
+        plain = dpo_loss(
+            *sequence_logprobs(core.policy, batch),
+            *sequence_logprobs(core.reference, batch),
+            beta=0.1,
+        )
+    assert abs(float(ours.loss.detach()) - float(plain.loss.detach())) > 1e-4
+
+    trainer = trl_trainer(tiny_dir, tmp_path, core, loss_type=["sigmoid"], ld_alpha=ld_alpha)
+    _, theirs = trl_loss_with_gradients(trainer)
+    assert float(ours.loss.detach()) == pytest.approx(float(theirs.detach()), rel=1e-5)
+    assert_same_gradients(core, trainer)
