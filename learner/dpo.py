@@ -137,6 +137,16 @@ class DPOConfig:
         # The same rules as DPOSettings', for a config built directly (benchmarks, tests).
         DPOSettings(rpo_alpha=self.rpo_alpha, ld_alpha=self.ld_alpha)
 
+    def loss_summary(self) -> str:
+        """The loss and update in one line, for the learner's start-up log (what a run trained with)."""
+        parts = [f"DPO β {self.beta:g}", f"lr {self.learning_rate:g}"]
+        parts.append(f"LoRA r {self.lora_r}" if self.lora_r else "full fine-tuning")
+        if self.rpo_alpha:
+            parts.append(f"RPO α {self.rpo_alpha:g}")
+        if self.ld_alpha is not None:
+            parts.append(f"LD-DPO α {self.ld_alpha:g}")
+        return ", ".join(parts)
+
     @classmethod
     def from_settings(cls, dpo: DPOSettings, **overrides: Any) -> DPOConfig:
         values = {

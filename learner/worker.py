@@ -673,10 +673,11 @@ def train_while_holding(
         signal.signal(sig, lambda *_: learner.request_stop(learner.settings.dpo.stop_deadline_s))
     reload_on_sighup("learner", learner.reload)
     log.info(
-        "learner resuming at version %d (reference %d, step %d)",
+        "learner resuming at version %d (reference %d, step %d): %s",
         learner.state.version,
         learner.state.reference_version,
         learner.state.steps,
+        learner.core.config.loss_summary(),
     )
     learner.run()
     learner.consumer.close()
