@@ -107,7 +107,8 @@ def test_config_defaults_come_from_the_settings() -> None:
     # LD-DPO is off unless asked for, and cannot be combined with RPO (each redefines the chosen likelihood).
     assert config.ld_alpha is None and DPOConfig.from_settings(DPOSettings(ld_alpha=0.5)).ld_alpha == 0.5
     assert "LD-DPO" not in config.loss_summary()
-    assert DPOConfig(ld_alpha=0.3, lora_r=16).loss_summary() == "DPO β 0.1, lr 5e-06, LoRA r 16, LD-DPO α 0.3"
+    summary = DPOConfig(beta=0.1, learning_rate=1e-3, ld_alpha=0.3, lora_r=16).loss_summary()
+    assert summary == "DPO β 0.1, lr 0.001, LoRA r 16, LD-DPO α 0.3"
     with pytest.raises(ValueError, match="cannot be combined"):
         DPOConfig(rpo_alpha=1.0, ld_alpha=0.5)
     with pytest.raises(ValueError):
