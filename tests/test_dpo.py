@@ -675,10 +675,12 @@ def test_ld_alpha_weights_only_the_tokens_past_the_shorter_rewrite(tiny_dir: Pat
         return float(chosen_lp[0]), float(rejected_lp[0])
 
     short, longer = "20v cordless drill driver kit", "20v cordless drill driver kit with two batteries"
-    assert logprobs(short, 0.0)[0] == pytest.approx(logprobs(longer, 0.0)[0], abs=1e-6)
-    assert abs(logprobs(short, None)[0] - logprobs(longer, None)[0]) > 1e-2
-    assert logprobs(longer, 0.0)[1] == pytest.approx(logprobs(longer, None)[1], abs=1e-6)
-    full, shared = logprobs(longer, None)[0], logprobs(longer, 0.0)[0]
+    short_plain, short_shared = logprobs(short, None), logprobs(short, 0.0)
+    longer_plain, longer_shared = logprobs(longer, None), logprobs(longer, 0.0)
+    assert short_shared[0] == pytest.approx(longer_shared[0], abs=1e-6)
+    assert abs(short_plain[0] - longer_plain[0]) > 1e-2
+    assert longer_shared[1] == pytest.approx(longer_plain[1], abs=1e-6)
+    full, shared = longer_plain[0], longer_shared[0]
     assert logprobs(longer, 0.5)[0] == pytest.approx(shared + 0.5 * (full - shared), rel=1e-5)
 
 
