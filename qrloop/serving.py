@@ -111,6 +111,13 @@ def adds_nothing(query: str, text: str) -> bool:
     return not text.strip() or is_echo(query, text)
 
 
+def round_temperature(config: RewriterSettings, draw: int) -> float:
+    """The sampling temperature of round ``draw`` (1: the first): ``temperature``, each resample hotter by
+    ``resample_heat``. Only the sampling is heated: the logged log-probabilities stay π's own at
+    temperature 1."""
+    return config.temperature * config.resample_heat ** (draw - 1)
+
+
 def useful_distinct(query: str, candidates: Sequence[Sampled]) -> list[Sampled]:
     """The candidates (in draw order) that differ from each other and from the query."""
     kept: list[Sampled] = []
@@ -215,7 +222,7 @@ class Rewriter:
             out = policy.model.generate(
                 **inputs,
                 do_sample=True,
-                temperature=self.config.temperature,
+                temperature=round_temperature(self.config, draw),
                 top_p=self.config.top_p,
                 max_new_tokens=self.config.max_new_tokens,
                 num_return_sequences=self.config.samples,
@@ -246,10 +253,13 @@ class Rewriter:
 
         Identical rewrites make no pair and an echo adds nothing, so serving them wastes the query's
         exploration; left alone, a policy drifting towards echoing the query serves ever fewer useful pairs
-        (the collapse issue #12 measured). Each round draws ``samples`` more (two by default); after
-        ``max_resamples`` extra rounds the best available pair is served. Every served rewrite keeps the
-        log-probability of its *own* tokens from the round that drew it (log π(y | x) at temperature 1, as
-        always), so what is logged is exactly what was served. The behaviour distribution is then π
+        (the collapse issue #12 measured). Each round draws ``samples`` more (two by default), each hotter
+        than the last by ``resample_heat``: a policy that has collapsed onto one rewrite draws that rewrite
+        again at the same temperature however often it is asked (on CrowdFlower, 24 draws at temperature 1
+        gave one text for 41 of the last 250 queries). After ``max_resamples`` extra rounds the best available
+        pair is served. Every served rewrite keeps the log-probability of its *own* tokens from the round that
+        drew it (log π(y | x) at temperature 1, however hot the round), so what is logged is exactly what was
+        served. The behaviour distribution is then π
         conditioned on being accepted, not π itself: the importance weights of off-policy evaluation treat it
         as π (the rejected mass is reported per version through ``Rewrite.draw``); DPO recomputes
         log-probabilities and is unaffected.
@@ -708,7 +718,7 @@ def _json_response(
 # The HTTP limits are not reloaded either: the server's handler class and semaphore are built with them;
 # nor ``samples``: best-of-N's ranker (M1) is built, or not, when the rewriter starts; nor ``vocabulary``:
 # its token ids are computed from the catalog once, at start.
-RELOADABLE = ("temperature", "top_p", "max_new_tokens", "max_resamples")
+RELOADABLE = ("temperature", "top_p", "max_new_tokens", "max_resamples", "resample_heat")
 
 
 class _RewriterHttpServer(ThreadingHTTPServer):

@@ -230,6 +230,14 @@ class RewriterSettings(Group):
         description="Extra sampling rounds (two rewrites each) while the two rewrites are the same text or "
         "one echoes the query; after that the best available pair is served.",
     )
+    resample_heat: float = Field(
+        1.5,
+        ge=1,
+        le=10,
+        description="Each resampling round draws at the previous round's temperature times this (1: every "
+        "round at `temperature`). A policy that has collapsed onto one rewrite draws it again at the same "
+        "temperature however often it is asked; a hotter round finds its second choice.",
+    )
     samples: int = Field(
         2,
         ge=2,

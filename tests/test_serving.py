@@ -28,6 +28,7 @@ from qrloop.serving import (
     _completion_logprobs,
     best_two,
     load_version,
+    round_temperature,
     top_two,
     useful_distinct,
 )
@@ -163,6 +164,33 @@ def test_resamples_an_echo_and_logs_each_served_rewrite_with_its_own_round(
     assert all(c.draw == number for number, rnd in enumerate(rewriter.rounds, 1) for c in rnd)
     assert {(r.text, r.logprob, r.draw) for r in event.rewrites} <= drawn
     assert max(r.draw for r in event.rewrites) >= 2, "the second rewrite came from a later round"
+
+
+def test_a_collapsed_policy_is_resampled_hotter_and_logged_at_its_own_temperature(
+    tiny_dirs: tuple[Path, Path],
+) -> None:
+    # Near-greedy, the tiny model always ends at once: one text (empty) whatever the seed, a collapse.
+    policy = load_version(tiny_dirs[0], 1)
+    served: dict[float, list[list[Sampled]]] = {}
+    for heat in (1.0, 10.0):
+        config = RewriterSettings(max_new_tokens=6, temperature=0.05, max_resamples=2, resample_heat=heat)
+        assert [round_temperature(config, draw) for draw in (1, 2)] == pytest.approx([0.05, 0.05 * heat])
+        rewriter = RecordingRewriter(policy, fake_search, config)
+        rewriter.rounds = []
+        torch.manual_seed(0)
+        served[heat] = [rewriter.sample_rewrites(policy, "angle bracket", reference=policy), *rewriter.rounds]
+
+    unheated, *rounds = served[1.0]
+    assert len(rounds) == 3 and all(c.text == "" for rnd in rounds for c in rnd), "the same text every round"
+    assert [c.text for c in unheated] == ["", ""], "at one temperature the collapse is served"
+    heated, first, *_ = served[10.0]
+    assert all(c.text == "" for c in first)
+    assert len(useful_distinct("angle bracket", heated)) == 2 and all(c.draw >= 2 for c in heated)
+    # What is logged is log π(y | x) at temperature 1 (the same completion scored by a forward pass), not the
+    # heated round's sampling distribution, so off-policy estimates and DPO see the policy itself.
+    for c in heated:
+        assert c.reference_logprob is not None
+        assert c.logprob == pytest.approx(c.reference_logprob, abs=1e-3)
 
 
 def test_best_of_n_serves_the_two_candidates_the_ranker_scores_highest(tiny_dirs: tuple[Path, Path]) -> None:
