@@ -259,10 +259,10 @@ class Rewriter:
         gave one text for 41 of the last 250 queries). After ``max_resamples`` extra rounds the best available
         pair is served. Every served rewrite keeps the log-probability of its *own* tokens from the round that
         drew it (log π(y | x) at temperature 1, however hot the round), so what is logged is exactly what was
-        served. The behaviour distribution is then π
-        conditioned on being accepted, not π itself: the importance weights of off-policy evaluation treat it
-        as π (the rejected mass is reported per version through ``Rewrite.draw``); DPO recomputes
-        log-probabilities and is unaffected.
+        served. The behaviour distribution is then π conditioned on being accepted (and heated where it was
+        resampled), not π itself: the importance weights of off-policy evaluation treat it as π (the rejected
+        mass is reported per version through ``Rewrite.draw``); DPO recomputes log-probabilities and is
+        unaffected.
 
         Best-of-N (``rewriter.samples`` > 2, with a ``rank`` and the query's ``products``): each round draws N
         and the two useful, distinct ones that ``rank`` scores highest are served. Sampled rewrites mostly
