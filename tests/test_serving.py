@@ -171,19 +171,19 @@ def test_a_collapsed_policy_is_resampled_hotter_and_logged_at_its_own_temperatur
 ) -> None:
     # Near-greedy, the tiny model always ends at once: one text (empty) whatever the seed, a collapse.
     policy = load_version(tiny_dirs[0], 1)
-    served: dict[float, list[list[Sampled]]] = {}
-    for heat in (1.0, 10.0):
+
+    def served_and_rounds(heat: float) -> tuple[list[Sampled], list[list[Sampled]]]:
         config = RewriterSettings(max_new_tokens=6, temperature=0.05, max_resamples=2, resample_heat=heat)
         assert [round_temperature(config, draw) for draw in (1, 2)] == pytest.approx([0.05, 0.05 * heat])
         rewriter = RecordingRewriter(policy, fake_search, config)
         rewriter.rounds = []
         torch.manual_seed(0)
-        served[heat] = [rewriter.sample_rewrites(policy, "angle bracket", reference=policy), *rewriter.rounds]
+        return rewriter.sample_rewrites(policy, "angle bracket", reference=policy), rewriter.rounds
 
-    unheated, *rounds = served[1.0]
+    unheated, rounds = served_and_rounds(1.0)
     assert len(rounds) == 3 and all(c.text == "" for rnd in rounds for c in rnd), "the same text every round"
     assert [c.text for c in unheated] == ["", ""], "at one temperature the collapse is served"
-    heated, first, *_ = served[10.0]
+    heated, (first, *_) = served_and_rounds(10.0)
     assert all(c.text == "" for c in first)
     assert len(useful_distinct("angle bracket", heated)) == 2 and all(c.draw >= 2 for c in heated)
     # What is logged is log π(y | x) at temperature 1 (the same completion scored by a forward pass), not the
