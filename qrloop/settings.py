@@ -247,6 +247,12 @@ class RewriterSettings(Group):
         "of N generations, searches and M1 scorings per query; the logged log-probabilities stay π's own, "
         "so off-policy estimates treat best-of-N traffic as π's.",
     )
+    pick: Literal["top", "complementary"] = Field(
+        "top",
+        description="How best-of-N picks its two (`samples` > 2): `top`, the two the novelty ranks highest; "
+        "`complementary`, the highest, then the one that adds the most relevant products beyond the original "
+        "and that first rewrite (two rewrites that find the same new products add them once).",
+    )
     reconcile_s: float = Field(
         1.0,
         gt=0,

@@ -27,6 +27,7 @@ from qrloop.serving import (
     Sampled,
     _completion_logprobs,
     best_two,
+    complementary_two,
     load_version,
     round_temperature,
     top_two,
@@ -224,6 +225,53 @@ def test_best_of_n_serves_the_two_candidates_the_ranker_scores_highest(tiny_dirs
     assert served == [c.text for c in useful if c.text in served], "in draw order"
     assert [r.products for r in event.rewrites] == [fake_search(t) for t in served]
     assert sorted(searched) == sorted({"angle bracket", *(c.text for c in useful)}), "each text searched once"
+
+
+def new_relevant(query: str, original: Sequence[str], lists: Sequence[Sequence[str]]) -> list[float]:
+    """A ranker like the novelty's: the relevant products ("r…") a list adds beyond ``original``."""
+    return [float(len({p for p in ps if p.startswith("r")} - set(original))) for ps in lists]
+
+
+def test_complementary_pick_serves_what_adds_most_beyond_the_first() -> None:
+    b, c, d, e = (Sampled(t, -1.0) for t in ("drill kit", "cordless drill", "drill set", "drill driver"))
+    original = ["r0", "x1"]
+    lists = [["r1", "x2"], ["r2", "r3", "r4", "r0"], ["r2", "r3", "r4", "x3"], ["r5", "r6", "x4"]]
+    assert new_relevant("drill", original, lists) == [1.0, 3.0, 3.0, 2.0]
+    # Ranked on their own, c and d are the best two; together they add r2-r4 once (3 products).
+    assert top_two([b, c, d, e], new_relevant("drill", original, lists)) == [c, d]
+    # Complementary: c, then e, which adds r5 and r6 beyond the original and c (5 products), in draw order.
+    assert complementary_two("drill", [b, c, d, e], original, lists, new_relevant) == [c, e]
+    # Nothing adds beyond the first: the second goes to the first ranking's next best, then the earlier draw.
+    same = [["r2"], ["r2", "r3"], ["r3"], ["r2", "x5"]]
+    assert complementary_two("drill", [b, c, d, e], original, same, new_relevant) == [b, c]
+
+
+def test_best_of_n_complementary_ranks_the_rest_against_the_original_and_the_first(
+    tiny_dirs: tuple[Path, Path],
+) -> None:
+    ranked: list[tuple[list[str], list[list[str]]]] = []
+
+    def rank(query: str, original: Sequence[str], lists: Sequence[Sequence[str]]) -> list[float]:
+        ranked.append((list(original), [list(ps) for ps in lists]))
+        return [float(len(set(ps) - set(original))) + 0.01 * len(ps) for ps in lists]
+
+    config = RewriterSettings(max_new_tokens=6, samples=8, pick="complementary")
+    rewriter = RecordingRewriter(load_version(tiny_dirs[0], 1), fake_search, config, rank=rank)
+    rewriter.rounds = []
+    torch.manual_seed(3)
+    event = rewriter.serve("angle bracket", shopper_id="s", session_id="x")
+
+    useful = useful_distinct("angle bracket", [c for rnd in rewriter.rounds for c in rnd])
+    assert len(useful) > 2 and len(ranked) == 2, "ranked against the original, then the rest beyond the first"
+    (original, lists), (shown, rest) = ranked
+    scores, beyond = rank("", original, lists), rank("", shown, rest)
+    first = max(range(len(useful)), key=lambda i: (scores[i], -i))
+    assert shown == list(dict.fromkeys([*original, *lists[first]]))
+    assert rest == [ps for i, ps in enumerate(lists) if i != first]
+    others = [i for i in range(len(useful)) if i != first]
+    second = others[max(range(len(others)), key=lambda j: (beyond[j], scores[others[j]], -j))]
+    served = [r.text for r in event.rewrites]
+    assert served == [useful[i].text for i in sorted((first, second))], "the first, then the most beyond it"
 
 
 def test_swap_waits_for_the_query_in_flight(tiny_dirs: tuple[Path, Path]) -> None:
