@@ -22,6 +22,10 @@ Reported side by side, first version vs last, with the per-query difference's pa
 - spelling (where the data set ships a list of corrections, Home Depot's ``hd_query_spell_corrections.csv``):
   the share of its *held-out* misspelled queries that at least one rewrite corrects (sampled; greedy).
 
+``--picks A,B`` serves the first version with ``rewriter.pick`` A and the last with B (best-of-N,
+``QRLOOP_REWRITER__SAMPLES`` > 2): with ``--versions V,V`` it is the paired A/B of a serving choice on one
+version (``--versions 1,1 --picks top,complementary``).
+
 Nothing here is a reward the learner is paid by: human labels, known corrections and plain counts. The metric
 functions are ``learner.evaluate_online`` (unit-tested on hand-made data).
 """
@@ -59,7 +63,7 @@ from qrloop.data import is_heldout, normalise_query, source_folder
 from qrloop.prompting import Hints, user_message
 from qrloop.runs import open_store
 from qrloop.serving import LoadedPolicy, Ranker, Rewriter, load_stored_version
-from qrloop.settings import Settings, get_settings
+from qrloop.settings import RewriterSettings, Settings, get_settings
 
 
 @dataclass
@@ -130,6 +134,12 @@ def pick_two(store: PolicyStore, spec: str | None) -> tuple[int, int]:
     if not ids:
         raise SystemExit("the store holds no version: nothing to evaluate")
     return ids[0], ids[-1]
+
+
+def with_pick(settings: Settings, pick: str) -> Settings:
+    """``settings`` with best-of-N picking its two rewrites by ``pick`` (validated as the setting is)."""
+    rewriter = RewriterSettings.model_validate({**settings.rewriter.model_dump(), "pick": pick})
+    return settings.model_copy(update={"rewriter": rewriter})
 
 
 def greedy(rewriter: Rewriter, queries: Sequence[str], max_new_tokens: int) -> list[str]:
@@ -299,11 +309,15 @@ def bench_dataset(args: argparse.Namespace, base: Settings, dataset: str) -> Non
         )
         # Best-of-N as `qrloop serve` runs it (QRLOOP_REWRITER__SAMPLES > 2): M1's novelty picks the two.
         rank = novelty_ranker(settings) if settings.rewriter.samples > 2 else None
+        picks = (args.picks or f"{settings.rewriter.pick},{settings.rewriter.pick}").split(",")
+        if len(picks) != 2:
+            raise SystemExit(f"--picks takes FIRST,LAST, not {args.picks!r}")
+        print(f"best-of-N picks: first {picks[0]}, last {picks[1]} (samples {settings.rewriter.samples})")
         runs = []
-        for version in dict.fromkeys((first, last)):
+        for version, pick in dict.fromkeys(zip((first, last), picks, strict=True)):
             runs.append(
                 evaluate_version(
-                    settings,
+                    with_pick(settings, pick),
                     load_stored_version(store, store.get(version)),
                     version,
                     queries,
@@ -319,8 +333,8 @@ def bench_dataset(args: argparse.Namespace, base: Settings, dataset: str) -> Non
                 f"v{version}: {done.table3.seconds:.1f} s wall, {done.cpu_seconds:.1f} s CPU "
                 f"({done.table3.seconds / n:.2f} s wall / query, held-out and misspelled)"
             )
-        if first == last:
-            # Same weights, same seeds: the second pass would repeat the first bit for bit (differences 0).
+        if len(runs) == 1:
+            # Same weights, pick and seeds: a second pass would repeat the first bit for bit (differences 0).
             print("one version against itself: evaluated once; the paired differences are 0 by construction")
             runs.append(runs[0])
     finally:
@@ -344,6 +358,7 @@ def parser() -> argparse.ArgumentParser:
         "--run", help="a demo run's directory (~/.cache/qrloop/runs/<id>); default: the default store"
     )
     root.add_argument("--versions", help="FIRST,LAST: ids or aliases (default: the store's first and last)")
+    root.add_argument("--picks", help="FIRST,LAST: rewriter.pick of each (default: the settings', both)")
     root.add_argument("--queries", type=int, default=100, help="labelled held-out queries per data set")
     root.add_argument("--spelling", type=int, default=100, help="held-out misspellings (0: skip)")
     root.add_argument("--datasets", default="homedepot,crowdflower")
