@@ -146,11 +146,11 @@ def complementary_two(
     same new products, and a product shown twice is found once: the shopper (and the coverage of Table 4)
     gains from what the second adds beyond the first. Ties go to the first ranking, then the earlier draw."""
     scores = rank(query, original, lists)
-    first = min(range(len(candidates)), key=lambda i: -scores[i])  # min() keeps the earliest of equals
+    first = max(range(len(candidates)), key=lambda i: scores[i])  # max() keeps the earliest of equals
     rest = [i for i in range(len(candidates)) if i != first]
     shown = list(dict.fromkeys([*original, *lists[first]]))
-    beyond = rank(query, shown, [lists[i] for i in rest])
-    second = rest[min(range(len(rest)), key=lambda j: (-beyond[j], -scores[rest[j]]))]
+    beyond = dict(zip(rest, rank(query, shown, [lists[i] for i in rest]), strict=True))
+    second = max(rest, key=lambda i: (beyond[i], scores[i]))
     return [candidates[i] for i in sorted((first, second))]
 
 
