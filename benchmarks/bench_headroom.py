@@ -38,10 +38,10 @@ from bench_online import bare_generate, heldout_setup, load_average, run_setting
 from learner import evaluate_online as ev
 from learner.offline.q2q import title_prefix
 from qrloop import rewards
-from qrloop.prompting import result_words
+from qrloop.prompting import result_words, user_message
 from qrloop.relevance_threshold import relevant_above
 from qrloop.runs import open_store
-from qrloop.serving import LoadedPolicy, Sampled, load_stored_version, useful_distinct
+from qrloop.serving import LoadedPolicy, Rewriter, Sampled, load_stored_version, useful_distinct
 from qrloop.settings import Settings, get_settings
 
 Lists = list[list[str]]
@@ -129,6 +129,7 @@ def collect(
     def relevance(q: str, ps: Sequence[str]) -> list[float]:
         return [float(s) for s in m1.score(q, [catalog.text(p) for p in ps])]
 
+    served = Rewriter(policy, search, settings.rewriter, settings.seed, hints=setup.hints)
     out: list[Query] = []
     for i, query in enumerate(setup.queries):
         relevant = ev.relevant_products(catalog.labelled(query))
@@ -142,7 +143,11 @@ def collect(
         ]
         deeper = search(query, 3 * k)[: 3 * k]
         titles = [catalog.product(p).title for p in deeper]
-        prompt = prompt_of(query, titles) if prompt_of else None
+        # A hinted version is sampled from the prompt it is served with (the query and its results'
+        # words); from the bare query it would be measured on a prompt it never sees.
+        prompt = (
+            prompt_of(query, titles) if prompt_of else user_message(query, served.hints_for(policy, query))
+        )
         texts = sample_texts(policy, query, args.samples, settings, args.seed + i, prompt)
         lists = [search(t)[:k] for t in texts]
 
