@@ -22,9 +22,9 @@ Reported side by side, first version vs last, with the per-query difference's pa
 - spelling (where the data set ships a list of corrections, Home Depot's ``hd_query_spell_corrections.csv``):
   the share of its *held-out* misspelled queries that at least one rewrite corrects (sampled; greedy).
 
-``--picks A,B`` serves the first version with ``rewriter.pick`` A and the last with B (best-of-N,
-``QRLOOP_REWRITER__SAMPLES`` > 2): with ``--versions V,V`` it is the paired A/B of a serving choice on one
-version (``--versions 1,1 --picks top,complementary``).
+``--first-serves KEY=VALUE`` and ``--last-serves KEY=VALUE`` (repeatable) override rewriter settings for
+the first or the last version only: with ``--versions V,V`` it is the paired A/B of a serving choice on one
+version (``--versions 1,1 --last-serves pick=complementary``; ``--last-serves samples=16``).
 
 Nothing here is a reward the learner is paid by: human labels, known corrections and plain counts. The metric
 functions are ``learner.evaluate_online`` (unit-tested on hand-made data).
@@ -136,9 +136,24 @@ def pick_two(store: PolicyStore, spec: str | None) -> tuple[int, int]:
     return ids[0], ids[-1]
 
 
-def with_pick(settings: Settings, pick: str) -> Settings:
-    """``settings`` with best-of-N picking its two rewrites by ``pick`` (validated as the setting is)."""
-    rewriter = RewriterSettings.model_validate({**settings.rewriter.model_dump(), "pick": pick})
+def serving_overrides(pairs: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` arguments as a dict of rewriter settings (validated when applied)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"a serving override is KEY=VALUE (a rewriter setting), not {pair!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def with_rewriter(settings: Settings, overrides: dict[str, str]) -> Settings:
+    """``settings`` with these rewriter settings replaced, validated as the settings are (a typo is an error,
+    not a silent default)."""
+    unknown = set(overrides) - set(RewriterSettings.model_fields)
+    if unknown:
+        raise SystemExit(f"not rewriter settings: {', '.join(sorted(unknown))}")
+    rewriter = RewriterSettings.model_validate({**settings.rewriter.model_dump(), **overrides})
     return settings.model_copy(update={"rewriter": rewriter})
 
 
@@ -307,17 +322,26 @@ def bench_dataset(args: argparse.Namespace, base: Settings, dataset: str) -> Non
             f"{len(queries)} labelled held-out queries, {len(misspellings)} held-out misspellings "
             f"(seed {args.seed}); {load_average()}"
         )
-        # Best-of-N as `qrloop serve` runs it (QRLOOP_REWRITER__SAMPLES > 2): M1's novelty picks the two.
-        rank = novelty_ranker(settings) if settings.rewriter.samples > 2 else None
-        picks = (args.picks or f"{settings.rewriter.pick},{settings.rewriter.pick}").split(",")
-        if len(picks) != 2:
-            raise SystemExit(f"--picks takes FIRST,LAST, not {args.picks!r}")
-        print(f"best-of-N picks: first {picks[0]}, last {picks[1]} (samples {settings.rewriter.samples})")
+        arms = [
+            with_rewriter(settings, serving_overrides(args.first_serves)),
+            with_rewriter(settings, serving_overrides(args.last_serves)),
+        ]
+        for name, arm in zip(("first", "last"), arms, strict=True):
+            r = arm.rewriter
+            print(f"{name} serves: samples {r.samples}, pick {r.pick}, temperature {r.temperature}")
+        # Best-of-N as `qrloop serve` runs it (samples > 2): M1's novelty picks the two. One ranker (one M1)
+        # for both arms: it does not depend on the rewriter settings.
+        ranker = novelty_ranker(settings) if any(a.rewriter.samples > 2 for a in arms) else None
+        served = [(first, arms[0]), (last, arms[1])]
+        if served[0] == served[1]:
+            served = served[
+                :1
+            ]  # the same weights, settings and seeds: the second pass would repeat the first
         runs = []
-        for version, pick in dict.fromkeys(zip((first, last), picks, strict=True)):
+        for version, arm in served:
             runs.append(
                 evaluate_version(
-                    with_pick(settings, pick),
+                    arm,
                     load_stored_version(store, store.get(version)),
                     version,
                     queries,
@@ -325,7 +349,7 @@ def bench_dataset(args: argparse.Namespace, base: Settings, dataset: str) -> Non
                     setup.search,
                     setup.evaluator,
                     setup.hints,
-                    rank,
+                    ranker if arm.rewriter.samples > 2 else None,
                 )
             )
             done, n = runs[-1], len(queries) + len(misspellings)
@@ -334,7 +358,6 @@ def bench_dataset(args: argparse.Namespace, base: Settings, dataset: str) -> Non
                 f"({done.table3.seconds / n:.2f} s wall / query, held-out and misspelled)"
             )
         if len(runs) == 1:
-            # Same weights, pick and seeds: a second pass would repeat the first bit for bit (differences 0).
             print("one version against itself: evaluated once; the paired differences are 0 by construction")
             runs.append(runs[0])
     finally:
@@ -358,7 +381,14 @@ def parser() -> argparse.ArgumentParser:
         "--run", help="a demo run's directory (~/.cache/qrloop/runs/<id>); default: the default store"
     )
     root.add_argument("--versions", help="FIRST,LAST: ids or aliases (default: the store's first and last)")
-    root.add_argument("--picks", help="FIRST,LAST: rewriter.pick of each (default: the settings', both)")
+    for which in ("first", "last"):
+        root.add_argument(
+            f"--{which}-serves",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help=f"a rewriter setting for the {which} version only (repeatable), e.g. samples=16",
+        )
     root.add_argument("--queries", type=int, default=100, help="labelled held-out queries per data set")
     root.add_argument("--spelling", type=int, default=100, help="held-out misspellings (0: skip)")
     root.add_argument("--datasets", default="homedepot,crowdflower")
