@@ -334,9 +334,8 @@ def bench_dataset(args: argparse.Namespace, base: Settings, dataset: str) -> Non
         ranker = novelty_ranker(settings) if any(a.rewriter.samples > 2 for a in arms) else None
         served = [(first, arms[0]), (last, arms[1])]
         if served[0] == served[1]:
-            served = served[
-                :1
-            ]  # the same weights, settings and seeds: the second pass would repeat the first
+            # The same weights, settings and seeds: a second pass would repeat the first bit for bit.
+            served = served[:1]
         runs = []
         for version, arm in served:
             runs.append(
