@@ -129,7 +129,7 @@ def collect(
     def relevance(q: str, ps: Sequence[str]) -> list[float]:
         return [float(s) for s in m1.score(q, [catalog.text(p) for p in ps])]
 
-    served = Rewriter(policy, search, settings.rewriter, settings.seed, hints=setup.hints)
+    rewriter = Rewriter(policy, search, settings.rewriter, settings.seed, hints=setup.hints)
     out: list[Query] = []
     for i, query in enumerate(setup.queries):
         relevant = ev.relevant_products(catalog.labelled(query))
@@ -146,7 +146,7 @@ def collect(
         # A hinted version is sampled from the prompt it is served with (the query and its results'
         # words); from the bare query it would be measured on a prompt it never sees.
         prompt = (
-            prompt_of(query, titles) if prompt_of else user_message(query, served.hints_for(policy, query))
+            prompt_of(query, titles) if prompt_of else user_message(query, rewriter.hints_for(policy, query))
         )
         texts = sample_texts(policy, query, args.samples, settings, args.seed + i, prompt)
         lists = [search(t)[:k] for t in texts]

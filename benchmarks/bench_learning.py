@@ -53,6 +53,7 @@ from bench_online import (
     run_settings,
     serve_seeded,
 )
+from pydantic import ValidationError
 
 from learner import evaluate_online as ev
 from learner.offline.evaluate import generate_rewrites
@@ -136,24 +137,17 @@ def pick_two(store: PolicyStore, spec: str | None) -> tuple[int, int]:
     return ids[0], ids[-1]
 
 
-def serving_overrides(pairs: Sequence[str]) -> dict[str, str]:
-    """``KEY=VALUE`` arguments as a dict of rewriter settings (validated when applied)."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"a serving override is KEY=VALUE (a rewriter setting), not {pair!r}")
-        overrides[key.strip()] = value.strip()
-    return overrides
-
-
-def with_rewriter(settings: Settings, overrides: dict[str, str]) -> Settings:
-    """``settings`` with these rewriter settings replaced, validated as the settings are (a typo is an error,
-    not a silent default)."""
-    unknown = set(overrides) - set(RewriterSettings.model_fields)
-    if unknown:
-        raise SystemExit(f"not rewriter settings: {', '.join(sorted(unknown))}")
-    rewriter = RewriterSettings.model_validate({**settings.rewriter.model_dump(), **overrides})
+def with_rewriter(settings: Settings, overrides: Sequence[str]) -> Settings:
+    """``settings`` with these ``KEY=VALUE`` rewriter settings replaced. The settings' own validation refuses
+    an unknown key or a bad value (``Group`` forbids extra keys), so a typo is an error, not a default."""
+    pairs = [o.partition("=") for o in overrides]
+    if any(not key or not sep for key, sep, _ in pairs):
+        raise SystemExit(f"a serving override is KEY=VALUE (a rewriter setting), not {list(overrides)}")
+    update = {key.strip(): value.strip() for key, _, value in pairs}
+    try:
+        rewriter = RewriterSettings.model_validate({**settings.rewriter.model_dump(), **update})
+    except ValidationError as error:
+        raise SystemExit(f"serving overrides {update}: {error}") from error
     return settings.model_copy(update={"rewriter": rewriter})
 
 
@@ -323,8 +317,8 @@ def bench_dataset(args: argparse.Namespace, base: Settings, dataset: str) -> Non
             f"(seed {args.seed}); {load_average()}"
         )
         arms = [
-            with_rewriter(settings, serving_overrides(args.first_serves)),
-            with_rewriter(settings, serving_overrides(args.last_serves)),
+            with_rewriter(settings, args.first_serves),
+            with_rewriter(settings, args.last_serves),
         ]
         for name, arm in zip(("first", "last"), arms, strict=True):
             r = arm.rewriter
