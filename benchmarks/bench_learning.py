@@ -20,7 +20,8 @@ Reported side by side, first version vs last, with the per-query difference's pa
   human grade of the labelled products each list shows, and how many labelled products it shows;
 - the echo rate (rewrites that normalise to the query), distinct rewrites per query, mean length in words;
 - spelling (where the data set ships a list of corrections, Home Depot's ``hd_query_spell_corrections.csv``):
-  the share of its *held-out* misspelled queries that at least one rewrite corrects (sampled; greedy).
+  the share of its *held-out* misspelled queries that at least one rewrite corrects (the two served, best-of-N
+  included; greedy).
 
 ``--first-serves KEY=VALUE`` and ``--last-serves KEY=VALUE`` (repeatable) override rewriter settings for
 the first or the last version only: with ``--versions V,V`` it is the paired A/B of a serving choice on one
@@ -40,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from bench_online import (
     METRICS,
     Evaluator,
@@ -163,10 +163,9 @@ def greedy(rewriter: Rewriter, queries: Sequence[str], max_new_tokens: int) -> l
 
 
 def sampled(rewriter: Rewriter, query: str, seed: int) -> list[str]:
-    """The two rewrites the version would serve for ``query`` (torch seeded), without the searches."""
-    torch.manual_seed(seed)
-    hints = rewriter.hints_for(rewriter.policy, query)
-    return [s.text for s in rewriter.sample_rewrites(rewriter.policy, query, hints=hints)]
+    """The two rewrites the version serves for ``query`` (torch seeded). Served, searches included: with
+    best-of-N the two are the ranker's pick of N, not the first two drawn."""
+    return [r.text for r in serve_seeded(rewriter, query, seed).rewrites]
 
 
 def evaluate_version(
